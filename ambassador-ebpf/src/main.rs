@@ -1,0 +1,483 @@
+//! The ambassador's kernel side: cgroup programs that send a Pod's outbound TCP
+//! connects to the userspace proxy and let the proxy learn where they were going.
+//!
+//! - `connect4`/`connect6`: decide per connect (bypass, refuse, pass, redirect),
+//!   remember the original destination by socket cookie, rewrite to the proxy.
+//! - `sockops` (active established): re-key the original destination by the
+//!   connection's 4-tuple, which is what the proxy's accepted socket can name;
+//!   forget both entries when the app's socket closes.
+//! - `getsockopt`: answer `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the
+//!   proxy's accepted socket from that table, exactly as netfilter would.
+//! - `getpeername4/6`: the app sees the original destination as its peer.
+#![no_std]
+#![no_main]
+
+use ambassador_common::{
+    AF_INET, AF_INET6, Config, ConnKey, DEFAULT_TABLE_SIZE, NO_UID, OrigDst, SO_ORIGINAL_DST,
+    SOL_IP, SOL_IPV6, counter, maps as m,
+};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock, bpf_sock_tuple,
+    },
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+use aya_log_ebpf::debug;
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+const TCP_CLOSE: u32 = 7;
+
+#[map(name = "AMB_CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map(name = "AMB_EXCL_PORTS")]
+static EXCLUDE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(m::MAX_EXCLUDED_PORTS, 0);
+#[map(name = "AMB_EXCL_V4")]
+static EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(m::MAX_EXCLUDED_CIDRS, 0);
+#[map(name = "AMB_EXCL_V6")]
+static EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(m::MAX_EXCLUDED_CIDRS, 0);
+/// socket cookie -> original destination, from connect until the app's socket closes.
+#[map(name = "AMB_COOKIES")]
+static COOKIES: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+/// (app addr, app port, proxy port) -> original destination, from established until close.
+#[map(name = "AMB_CONNS")]
+static CONNS: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+#[map(name = "AMB_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, programs do not migrate mid-run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<Config> {
+    let cfg = *CONFIG.get(0)?;
+    if cfg.proxy_port == 0 { None } else { Some(cfg) }
+}
+
+#[inline(always)]
+fn is_proxy_process(cfg: &Config) -> bool {
+    let uid = bpf_get_current_uid_gid() as u32;
+    cfg.proxy_uid != NO_UID && uid == cfg.proxy_uid
+}
+
+#[inline(always)]
+fn cookie_of<C>(ctx: *mut C) -> u64 {
+    // SAFETY: ctx is the program's context pointer, valid for this helper.
+    unsafe { bpf_get_socket_cookie(ctx.cast()) }
+}
+
+/// The listener is looked up at every connect (no cached "proxy is up" state),
+/// so a proxy that starts late or restarts is used from its first accept on.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
+    // SAFETY: a zeroed tuple is a valid value of this plain-data union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v4 {
+        tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes([127, 0, 0, 1]);
+        tuple.__bindgen_anon_1.ipv4.dport = port.to_be();
+        core::mem::size_of::<u32>() * 2 + core::mem::size_of::<u16>() * 2
+    } else {
+        tuple.__bindgen_anon_1.ipv6.daddr = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        tuple.__bindgen_anon_1.ipv6.dport = port.to_be();
+        core::mem::size_of::<[u32; 4]>() * 2 + core::mem::size_of::<u16>() * 2
+    };
+    // SAFETY: ctx is valid; tuple lives on the stack for the call; a returned
+    // socket is released right away as the verifier requires.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            false
+        } else {
+            bpf_sk_release(sk.cast());
+            true
+        }
+    }
+}
+
+enum Verdict {
+    Redirect,
+    Bypass,
+    Refuse,
+    Pass,
+}
+
+/// The decision shared by connect4 and connect6, once the destination is known
+/// in IPv4 or IPv6 form.
+#[inline(always)]
+fn decide(
+    ctx: &SockAddrContext,
+    cfg: &Config,
+    cookie: u64,
+    orig: &OrigDst,
+    loopback: bool,
+) -> Verdict {
+    if loopback && orig.port == cfg.proxy_port {
+        // Already rewritten by us (a second copy of this program during an
+        // in-place upgrade): leave it. Otherwise the app dialled the proxy port
+        // itself, which would loop or bypass policy.
+        // SAFETY: plain map lookup, value not held.
+        return if unsafe { COOKIES.get(&cookie) }.is_some() {
+            Verdict::Bypass
+        } else {
+            Verdict::Refuse
+        };
+    }
+    if loopback && cfg.loopback == 0 {
+        return Verdict::Bypass;
+    }
+    // SAFETY: plain map lookup, value not held.
+    if unsafe { EXCLUDE_PORTS.get(&orig.port) }.is_some() {
+        return Verdict::Bypass;
+    }
+    let excluded = if orig.family == AF_INET {
+        EXCLUDE_V4
+            .get(&Key::new(32, orig.addr[0].to_ne_bytes()))
+            .is_some()
+    } else {
+        EXCLUDE_V6
+            .get(&Key::new(128, words_to_bytes(&orig.addr)))
+            .is_some()
+    };
+    if excluded {
+        return Verdict::Bypass;
+    }
+    if !proxy_listening(ctx, orig.family == AF_INET, cfg.proxy_port) {
+        return if cfg.fail_open != 0 {
+            Verdict::Pass
+        } else {
+            Verdict::Refuse
+        };
+    }
+    Verdict::Redirect
+}
+
+#[inline(always)]
+fn words_to_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+fn is_v4_mapped(w: &[u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[inline(always)]
+fn finish(ctx: &SockAddrContext, verdict: Verdict, cookie: u64, orig: &OrigDst) -> i32 {
+    match verdict {
+        Verdict::Bypass => {
+            count(counter::BYPASSED);
+            ALLOW
+        }
+        Verdict::Pass => {
+            count(counter::PASSED);
+            ALLOW
+        }
+        Verdict::Refuse => {
+            count(counter::REFUSED);
+            debug!(ctx, "refused connect to port {}", orig.port);
+            DENY
+        }
+        Verdict::Redirect => {
+            if COOKIES.insert(&cookie, orig, 0).is_err() {
+                // Without a record the proxy could not route it: refuse rather
+                // than send it somewhere unknown.
+                count(counter::REFUSED);
+                return DENY;
+            }
+            count(counter::REDIRECTED);
+            debug!(ctx, "redirected connect to port {}", orig.port);
+            ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some(cfg) = config() else { return ALLOW };
+    if is_proxy_process(&cfg) {
+        return ALLOW;
+    }
+    let orig = OrigDst {
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+    };
+    let cookie = cookie_of(ctx.sock_addr);
+    let loopback = sa.user_ip4.to_ne_bytes()[0] == 127;
+    let verdict = decide(&ctx, &cfg, cookie, &orig, loopback);
+    if let Verdict::Redirect = verdict {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        sa.user_port = cfg.proxy_port.to_be() as u32;
+    }
+    finish(&ctx, verdict, cookie, &orig)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some(cfg) = config() else { return ALLOW };
+    if is_proxy_process(&cfg) {
+        return ALLOW;
+    }
+    let ip6 = sa.user_ip6;
+    let port = u16::from_be(sa.user_port as u16);
+    let cookie = cookie_of(ctx.sock_addr);
+    // A dual-stack socket dialling ::ffff:a.b.c.d is an IPv4 connection: treat
+    // it as one (exclusions, loopback, the v4 listener, a v4 original dst).
+    let mapped = is_v4_mapped(&ip6);
+    let (orig, loopback) = if mapped {
+        (
+            OrigDst {
+                addr: [ip6[3], 0, 0, 0],
+                port,
+                family: AF_INET,
+            },
+            ip6[3].to_ne_bytes()[0] == 127,
+        )
+    } else {
+        let lo =
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+        (
+            OrigDst {
+                addr: ip6,
+                port,
+                family: AF_INET6,
+            },
+            lo,
+        )
+    };
+    let verdict = decide(&ctx, &cfg, cookie, &orig, loopback);
+    if let Verdict::Redirect = verdict {
+        sa.user_ip6 = if mapped {
+            [
+                0,
+                0,
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                u32::from_ne_bytes([127, 0, 0, 1]),
+            ]
+        } else {
+            [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+        };
+        sa.user_port = cfg.proxy_port.to_be() as u32;
+    }
+    finish(&ctx, verdict, cookie, &orig)
+}
+
+/// The key of the app's side of a redirected connection, as the proxy's
+/// accepted socket will name it: (app address, app port, proxy port).
+#[inline(always)]
+fn key_from_ops(ctx: &SockOpsContext) -> ConnKey {
+    let local6 = ctx.local_ip6();
+    let (family, app_addr) = if ctx.family() == AF_INET as u32 {
+        (AF_INET, [ctx.local_ip4(), 0, 0, 0])
+    } else if is_v4_mapped(&local6) {
+        (AF_INET, [local6[3], 0, 0, 0])
+    } else {
+        (AF_INET6, local6)
+    };
+    ConnKey {
+        app_addr,
+        app_port: ctx.local_port() as u16,
+        // remote_port is a be16 in the upper half of the u32.
+        proxy_port: u32::from_be(ctx.remote_port()) as u16,
+        family,
+        _pad: 0,
+    }
+}
+
+#[sock_ops]
+pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let cookie = cookie_of(ctx.ops);
+            // SAFETY: copied out at once, not held across other map operations.
+            let Some(orig) = (unsafe { COOKIES.get(&cookie) }).copied() else {
+                return 1;
+            };
+            let key = key_from_ops(&ctx);
+            if CONNS.insert(&key, &orig, 0).is_ok() {
+                // Ask for state changes so both entries go when the socket closes.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let key = key_from_ops(&ctx);
+            let _ = CONNS.remove(&key);
+            let _ = COOKIES.remove(&cookie_of(ctx.ops));
+        }
+        _ => {}
+    }
+    1
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: [u32; 4],
+    scope_id: u32,
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn ambassador_getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sockopt for the program's lifetime.
+    let so = unsafe { &mut *ctx.sockopt };
+    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
+        return ALLOW;
+    }
+    // SAFETY: union field read; sk is always set for sockopt programs.
+    let sk: *mut bpf_sock = unsafe { so.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: sk checked non-null; the verifier tracks it as a socket pointer.
+    let (family, src_port, dst_port, dst4, dst6) = unsafe {
+        (
+            (*sk).family as u16,
+            (*sk).src_port as u16,
+            u16::from_be((*sk).dst_port),
+            (*sk).dst_ip4,
+            (*sk).dst_ip6,
+        )
+    };
+    let (kfam, app_addr) = if family == AF_INET {
+        (AF_INET, [dst4, 0, 0, 0])
+    } else if is_v4_mapped(&dst6) {
+        (AF_INET, [dst6[3], 0, 0, 0])
+    } else {
+        (AF_INET6, dst6)
+    };
+    let key = ConnKey {
+        app_addr,
+        app_port: dst_port,
+        proxy_port: src_port,
+        family: kfam,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { CONNS.get(&key) }).copied() else {
+        return ALLOW;
+    };
+    // SAFETY: union field reads of the kernel buffer bounds.
+    let (start, end) = unsafe {
+        (
+            so.__bindgen_anon_2.optval as usize,
+            so.__bindgen_anon_3.optval_end as usize,
+        )
+    };
+    if orig.family == AF_INET {
+        let len = core::mem::size_of::<SockaddrIn>();
+        if start + len > end {
+            return ALLOW;
+        }
+        let v = SockaddrIn {
+            family: AF_INET,
+            port: orig.port.to_be(),
+            addr: orig.addr[0],
+            zero: [0; 8],
+        };
+        // SAFETY: bounds checked against optval_end just above.
+        unsafe { (start as *mut SockaddrIn).write_unaligned(v) };
+        so.optlen = len as i32;
+    } else {
+        let len = core::mem::size_of::<SockaddrIn6>();
+        if start + len > end {
+            return ALLOW;
+        }
+        let v = SockaddrIn6 {
+            family: AF_INET6,
+            port: orig.port.to_be(),
+            flowinfo: 0,
+            addr: orig.addr,
+            scope_id: 0,
+        };
+        // SAFETY: bounds checked against optval_end just above.
+        unsafe { (start as *mut SockaddrIn6).write_unaligned(v) };
+        so.optlen = len as i32;
+    }
+    so.retval = 0;
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ambassador_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: copied out at once.
+    if let Some(orig) = (unsafe { COOKIES.get(&cookie_of(ctx.sock_addr)) }).copied() {
+        if orig.family == AF_INET {
+            sa.user_ip4 = orig.addr[0];
+            sa.user_port = orig.port.to_be() as u32;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ambassador_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: copied out at once.
+    if let Some(orig) = (unsafe { COOKIES.get(&cookie_of(ctx.sock_addr)) }).copied() {
+        sa.user_ip6 = if orig.family == AF_INET {
+            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), orig.addr[0]]
+        } else {
+            orig.addr
+        };
+        sa.user_port = orig.port.to_be() as u32;
+    }
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,296 @@
+//! Interception: loading the eBPF programs, configuring their maps, attaching
+//! them to a Pod's cgroup, pinning what must outlive `init`, and taking it all
+//! away again.
+
+pub mod cgroup;
+pub mod link;
+pub mod pins;
+
+use std::{
+    fs::File,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use ambassador_common::{
+    Config as KernelConfig, ConnKey, NO_UID, OrigDst, counter, maps as m, programs as p,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::Program,
+};
+use ipnet::IpNet;
+
+use crate::config::{Config, FailMode};
+
+/// The compiled programs, built by `cargo xtask build` and embedded.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AMBASSADOR_BPF_OBJECT"));
+
+/// Minimum kernel: cgroup getpeername hooks and CAP_BPF arrived in 5.8.
+const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// What went wrong on the kernel side. Never retryable by the proxy; each
+/// message says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error(
+        "must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs"
+    )]
+    NotRoot,
+    #[error(
+        "cgroup v2 is not mounted (no cgroup2 entry in /proc/mounts): is the node on cgroup v2?"
+    )]
+    NoCgroup2,
+    #[error("cgroup {0} does not exist: pass the Pod's cgroup directory under the cgroup2 mount")]
+    NoSuchCgroup(PathBuf),
+    #[error("{0} is not in a cgroup v2 hierarchy: is the Pod's cgroup v2 mounted there?")]
+    NotCgroup2(PathBuf),
+    #[error("kernel {found} is too old: ambassador needs Linux 5.8 or newer")]
+    KernelTooOld { found: String },
+    #[error("{what}: {source}")]
+    Environment {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the eBPF object: {0} (does the kernel have CONFIG_CGROUP_BPF and BTF?)")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl InterceptError {
+    fn program(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        move |e| InterceptError::Program {
+            name,
+            source: Box::new(e),
+        }
+    }
+    fn map(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |e| InterceptError::Map {
+            name,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// Checks what every loading command needs, with a message naming what is missing.
+pub fn check_environment() -> Result<(), InterceptError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(InterceptError::NotRoot);
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < MIN_KERNEL {
+        return Err(InterceptError::KernelTooOld {
+            found: release.to_string(),
+        });
+    }
+    cgroup::cgroup2_mount()?;
+    Ok(())
+}
+
+/// How the programs are loaded.
+pub struct LoadOptions<'a> {
+    /// Pin (or reuse pinned) maps here; `None` keeps them private to this process.
+    pub pin_dir: Option<&'a Path>,
+    pub table_size: u32,
+    /// aya-log level for the programs (0 off .. 5 trace); fixed at load.
+    pub log_level: u8,
+}
+
+/// Loads the object: maps created (or reopened from pins), programs verified,
+/// nothing attached yet.
+pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(m::COOKIES, opts.table_size)
+        .map_max_entries(m::CONNS, opts.table_size)
+        .override_global(aya_log::LEVEL, &opts.log_level, false);
+    let pin_paths: Vec<(&'static str, PathBuf)> = match opts.pin_dir {
+        Some(dir) => m::PINNED.iter().map(|n| (*n, dir.join(n))).collect(),
+        None => Vec::new(),
+    };
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut bpf = loader
+        .load(OBJECT)
+        .map_err(|e| InterceptError::Load(Box::new(e)))?;
+    for name in p::ALL {
+        let prog = bpf
+            .program_mut(name)
+            .ok_or_else(|| InterceptError::Program {
+                name,
+                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+            })?;
+        match prog {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSockopt(p) => p.load(),
+            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
+        }
+        .map_err(InterceptError::program(name))?;
+    }
+    Ok(bpf)
+}
+
+/// Writes the config map and the exclusion maps; entries no longer configured
+/// are removed, so this also updates pinned maps in place.
+pub fn configure(
+    bpf: &mut Ebpf,
+    cfg: &Config,
+    proxy_port: u16,
+    proxy_uid: Option<u32>,
+) -> Result<(), InterceptError> {
+    let kcfg = KernelConfig {
+        proxy_port,
+        fail_open: u8::from(cfg.intercept.fail == FailMode::Open),
+        loopback: u8::from(cfg.intercept.loopback),
+        proxy_uid: proxy_uid.unwrap_or(NO_UID),
+    };
+    let mut ports: HashMap<_, u16, u8> = map_mut(bpf, m::EXCLUDE_PORTS)?;
+    let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        ports
+            .remove(&k)
+            .map_err(InterceptError::map(m::EXCLUDE_PORTS))?;
+    }
+    for port in &cfg.intercept.exclude_ports {
+        ports
+            .insert(port, 1, 0)
+            .map_err(InterceptError::map(m::EXCLUDE_PORTS))?;
+    }
+    let mut v4: LpmTrie<_, [u8; 4], u8> = map_mut(bpf, m::EXCLUDE_V4)?;
+    let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        v4.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V4))?;
+    }
+    for c in &cfg.intercept.exclude_cidrs {
+        if let IpNet::V4(n) = c.0 {
+            v4.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
+                .map_err(InterceptError::map(m::EXCLUDE_V4))?;
+        }
+    }
+    let mut v6: LpmTrie<_, [u8; 16], u8> = map_mut(bpf, m::EXCLUDE_V6)?;
+    let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        v6.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V6))?;
+    }
+    for c in &cfg.intercept.exclude_cidrs {
+        if let IpNet::V6(n) = c.0 {
+            v6.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
+                .map_err(InterceptError::map(m::EXCLUDE_V6))?;
+        }
+    }
+    // The config entry goes last: until it is written the programs touch nothing.
+    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
+    conf.set(0, kcfg, 0)
+        .map_err(InterceptError::map(m::CONFIG))?;
+    Ok(())
+}
+
+fn map_mut<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<T, InterceptError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = bpf.map_mut(name).ok_or_else(|| InterceptError::Map {
+        name,
+        source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
+    })?;
+    T::try_from(map).map_err(InterceptError::map(name))
+}
+
+/// Attaches every program to `cgroup` and returns the links: dropping one
+/// detaches it, pinning it keeps it. bpf_links coexist with other cgroup
+/// programs (Cilium's, say) on the same hooks.
+pub fn attach(
+    bpf: &mut Ebpf,
+    cgroup: &File,
+) -> Result<Vec<(&'static str, OwnedFd)>, InterceptError> {
+    use link::AttachType as A;
+    let hooks = [
+        (p::CONNECT4, A::Inet4Connect),
+        (p::CONNECT6, A::Inet6Connect),
+        (p::SOCKOPS, A::SockOps),
+        (p::GETSOCKOPT, A::GetSockopt),
+        (p::GETPEERNAME4, A::Inet4GetPeerName),
+        (p::GETPEERNAME6, A::Inet6GetPeerName),
+    ];
+    let mut links = Vec::with_capacity(hooks.len());
+    for (name, at) in hooks {
+        let prog = bpf.program(name).ok_or(InterceptError::Program {
+            name,
+            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+        })?;
+        let fd = prog.fd().map_err(InterceptError::program(name))?;
+        let l = link::create(fd.as_fd(), cgroup.as_fd(), at).map_err(|source| {
+            InterceptError::Environment {
+                what: format!(
+                    "cannot attach {name} to the cgroup (is cgroup BPF enabled in this kernel?)"
+                ),
+                source,
+            }
+        })?;
+        links.push((name, l));
+    }
+    Ok(links)
+}
+
+/// Sums the per-CPU counters: (name, value) in `counter::NAMES` order.
+pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
+    (0..counter::COUNT)
+        .map(|i| {
+            let total = map.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+            (counter::NAMES[i as usize], total)
+        })
+        .collect()
+}
+
+/// The original-destination table as the proxy reads it when it owns the maps
+/// (`ambassador run`), instead of asking the kernel through getsockopt.
+pub type ConnTable = HashMap<MapData, ConnKey, OrigDst>;
+
+/// Takes the counters and the connection table out of a loaded object.
+pub fn take_tables(
+    bpf: &mut Ebpf,
+) -> Result<(PerCpuArray<MapData, u64>, ConnTable), InterceptError> {
+    let counters = bpf.take_map(m::COUNTERS).ok_or(InterceptError::Map {
+        name: m::COUNTERS,
+        source: Box::new(aya::maps::MapError::InvalidName {
+            name: m::COUNTERS.into(),
+        }),
+    })?;
+    let conns = bpf.take_map(m::CONNS).ok_or(InterceptError::Map {
+        name: m::CONNS,
+        source: Box::new(aya::maps::MapError::InvalidName {
+            name: m::CONNS.into(),
+        }),
+    })?;
+    Ok((
+        PerCpuArray::try_from(counters).map_err(InterceptError::map(m::COUNTERS))?,
+        ConnTable::try_from(conns).map_err(InterceptError::map(m::CONNS))?,
+    ))
+}

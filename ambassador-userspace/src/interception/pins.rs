@@ -1,0 +1,221 @@
+//! What `init` leaves in bpffs so the programs outlive it, and how `status` and
+//! `uninstall` find it again.
+//!
+//! Layout: `/sys/fs/bpf/ambassador/cgroup-<id>/` holds the maps (by their names)
+//! and one `link_<program>` per attachment. One directory per Pod cgroup, so
+//! Pods on a node never share state.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use ambassador_common::{Config as KernelConfig, ConnKey, OrigDst, maps as m, programs as p};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+
+use super::{InterceptError, LoadOptions, attach, cgroup, configure, link, load, read_counters};
+use crate::config::Config;
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+pub fn root() -> PathBuf {
+    Path::new(BPFFS).join("ambassador")
+}
+
+pub fn dir_for(cgroup_id: u64) -> PathBuf {
+    root().join(format!("cgroup-{cgroup_id}"))
+}
+
+fn link_path(dir: &Path, prog: &str) -> PathBuf {
+    dir.join(format!("link_{prog}"))
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless something already is.
+pub fn ensure_bpffs() -> Result<(), InterceptError> {
+    let target = std::ffi::CString::new(BPFFS).expect("static path");
+    // SAFETY: valid path; st is plain data written by the kernel.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::statfs(target.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let src = std::ffi::CString::new("bpf").expect("static");
+    let mode = std::ffi::CString::new("mode=0700").expect("static");
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            mode.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(InterceptError::Environment {
+            what: format!("cannot mount bpffs at {BPFFS} (is /sys writable in this container?)"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// What `init` did.
+#[derive(Debug)]
+pub struct Installed {
+    pub dir: PathBuf,
+    /// True when an earlier install was replaced in place.
+    pub upgraded: bool,
+}
+
+/// Loads, configures and attaches at `cgroup_path`, then pins links and maps.
+/// Re-running upgrades in place: new links are attached and pinned before the
+/// old ones are removed, so interception never lapses and never doubles up.
+pub fn install(
+    cgroup_path: &Path,
+    cfg: &Config,
+    log_level: u8,
+) -> Result<Installed, InterceptError> {
+    cgroup::check_cgroup2(cgroup_path)?;
+    let id = cgroup::cgroup_id(cgroup_path)?;
+    ensure_bpffs()?;
+    let dir = dir_for(id);
+    fs::create_dir_all(&dir).map_err(|source| InterceptError::Pin {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut bpf = load(&LoadOptions {
+        pin_dir: Some(&dir),
+        table_size: cfg.intercept.table_size,
+        log_level,
+    })?;
+    configure(&mut bpf, cfg, cfg.proxy.port, Some(cfg.proxy.uid))?;
+    let cg =
+        File::open(cgroup_path).map_err(|_| InterceptError::NoSuchCgroup(cgroup_path.into()))?;
+    let links = attach(&mut bpf, &cg)?;
+    let mut upgraded = false;
+    for (name, link) in links {
+        let final_path = link_path(&dir, name);
+        let new_path = dir.join(format!("link_{name}.new"));
+        let pin_err = |source| InterceptError::Pin {
+            path: new_path.clone(),
+            source,
+        };
+        let _ = fs::remove_file(&new_path);
+        link::pin(&link, &new_path).map_err(pin_err)?;
+        // Removing the old pin drops the last reference to the old link, which
+        // detaches it; the new one is already in place.
+        match fs::remove_file(&final_path) {
+            Ok(()) => upgraded = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(InterceptError::Pin {
+                    path: final_path,
+                    source,
+                });
+            }
+        }
+        fs::rename(&new_path, &final_path).map_err(pin_err)?;
+    }
+    Ok(Installed { dir, upgraded })
+}
+
+/// Detaches and unpins everything for `cgroup_path`. Returns false when there
+/// was nothing to remove.
+pub fn uninstall(cgroup_path: &Path) -> Result<bool, InterceptError> {
+    let id = cgroup::cgroup_id(cgroup_path)?;
+    remove_dir(&dir_for(id))
+}
+
+/// Removes one install directory: links first (detaching), then maps.
+pub fn remove_dir(dir: &Path) -> Result<bool, InterceptError> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let entries = fs::read_dir(dir).map_err(|source| InterceptError::Pin {
+        path: dir.into(),
+        source,
+    })?;
+    let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    // Links before maps, so no program runs against a half-removed state.
+    names.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for path in names {
+        fs::remove_file(&path).map_err(|source| InterceptError::Pin {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    fs::remove_dir(dir).map_err(|source| InterceptError::Pin {
+        path: dir.into(),
+        source,
+    })?;
+    let _ = fs::remove_dir(root()); // only succeeds once the last Pod is gone
+    Ok(true)
+}
+
+/// One install as `status` shows it.
+#[derive(Debug)]
+pub struct InstallStatus {
+    pub dir: PathBuf,
+    pub cgroup_id: u64,
+    pub cgroup: Option<PathBuf>,
+    /// (program, pinned link present and openable)
+    pub links: Vec<(&'static str, bool)>,
+    pub config: Option<KernelConfig>,
+    pub counters: Vec<(&'static str, u64)>,
+    /// Connections currently in the original-destination table.
+    pub tracked: usize,
+}
+
+/// Every install on this host.
+pub fn list() -> Vec<InstallStatus> {
+    let mount = cgroup::cgroup2_mount().ok();
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(root()) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_prefix("cgroup-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let dir = e.path();
+        let links = p::ALL
+            .iter()
+            .map(|prog| {
+                let present = link::open_pinned(&link_path(&dir, prog)).ok().flatten();
+                (*prog, present.is_some())
+            })
+            .collect();
+        let open = |name: &str| MapData::from_pin(dir.join(name)).ok();
+        let config = open(m::CONFIG)
+            .and_then(|d| Array::<_, KernelConfig>::try_from(Map::Array(d)).ok())
+            .and_then(|a| a.get(&0, 0).ok());
+        let counters = open(m::COUNTERS)
+            .and_then(|d| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(d)).ok())
+            .map(|a| read_counters(&a))
+            .unwrap_or_default();
+        let tracked = open(m::CONNS)
+            .and_then(|d| HashMap::<_, ConnKey, OrigDst>::try_from(Map::LruHashMap(d)).ok())
+            .map(|h| h.keys().count())
+            .unwrap_or(0);
+        out.push(InstallStatus {
+            cgroup: mount.as_deref().and_then(|m| cgroup::find_by_id(m, id)),
+            dir,
+            cgroup_id: id,
+            links,
+            config,
+            counters,
+            tracked,
+        });
+    }
+    out.sort_by_key(|s| s.cgroup_id);
+    out
+}

@@ -1,0 +1,13 @@
+//! ambassador: an eBPF-accelerated transparent ambassador sidecar.
+//!
+//! The tree follows the data path: [`interception`] (kernel programs, maps,
+//! cgroups, pins) sends an app's connects to the [`proxy`], which asks
+//! [`original_dst`] where each was going and relays it there. [`config`] is the
+//! one file all commands read; [`run`] puts it together for one command.
+
+pub mod config;
+pub mod interception;
+pub mod original_dst;
+pub mod proxy;
+pub mod run;
+pub mod status;

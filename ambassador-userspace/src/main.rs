@@ -1,0 +1,215 @@
+//! The `ambassador` binary: the one place errors become exit codes.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+
+use ambassador_userspace::{
+    config::Config,
+    interception::{self, pins},
+    original_dst::OriginalDst,
+    proxy::{self, Listeners, Settings},
+    run::{self, RunOptions},
+    status,
+};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "ambassador",
+    version,
+    about = "eBPF-accelerated transparent ambassador sidecar"
+)]
+struct Cli {
+    /// Process log filter (tracing syntax: `info`, `ambassador_userspace=debug`).
+    /// Default: `warn` for `run` (it shares the terminal with the command), `info` otherwise.
+    #[arg(long, global = true, env = "AMBASSADOR_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+enum BpfLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the eBPF programs, attach them to a Pod's cgroup and pin them (init container).
+    Init {
+        /// The Pod's cgroup: the parent of every container's cgroup.
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Log level of the kernel programs (aya-log), fixed at load.
+        #[arg(long, value_enum, default_value_t)]
+        bpf_log: BpfLog,
+    },
+    /// Run the proxy for connections redirected by `init` (sidecar; needs no privileges).
+    Proxy {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show what is attached where, the counters and the pins.
+    Status,
+    /// Detach and unpin everything `init` left for a cgroup.
+    Uninstall {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// Run one command with its connections intercepted and proxied.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the kernel counters to stderr when the command ends.
+        #[arg(long)]
+        summary: bool,
+        #[arg(long, value_enum, default_value_t)]
+        bpf_log: BpfLog,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<OsString>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = if workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+    } else {
+        workers
+    };
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Run { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
+        .unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the chain of causes, outermost first.
+            eprintln!("ambassador: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init {
+            cgroup,
+            config,
+            bpf_log,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            interception::check_environment()?;
+            let done = pins::install(&cgroup, &cfg, bpf_log as u8)?;
+            println!(
+                "ambassador: {} interception at {} (pins in {})",
+                if done.upgraded {
+                    "upgraded"
+                } else {
+                    "installed"
+                },
+                cgroup.display(),
+                done.dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Proxy { config } => {
+            let cfg = load_config(config.as_ref())?;
+            let rt = runtime(cfg.proxy.workers)?;
+            rt.block_on(async {
+                let listeners = Listeners::bind(cfg.proxy.port)?;
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let (Ok(mut term), Ok(mut int)) = (
+                        signal(SignalKind::terminate()),
+                        signal(SignalKind::interrupt()),
+                    ) else {
+                        return;
+                    };
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                    let _ = tx.send(true);
+                });
+                let settings = Settings {
+                    connect_timeout: cfg.proxy.connect_timeout,
+                    idle_timeout: cfg.proxy.idle_timeout,
+                };
+                proxy::serve(
+                    listeners,
+                    OriginalDst::SocketOption,
+                    settings,
+                    rx,
+                    Duration::from_secs(5),
+                )
+                .await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            interception::check_environment()?;
+            print!("{}", status::render(&pins::list()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall { cgroup } => {
+            interception::check_environment()?;
+            if pins::uninstall(&cgroup)? {
+                println!("ambassador: removed interception from {}", cgroup.display());
+            } else {
+                println!("ambassador: nothing installed at {}", cgroup.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            summary,
+            bpf_log,
+            command,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            let rt = runtime(cfg.proxy.workers)?;
+            let code = rt
+                .block_on(run::run(
+                    cfg,
+                    RunOptions {
+                        command,
+                        summary,
+                        bpf_log_level: bpf_log as u8,
+                    },
+                ))
+                .context("ambassador run")?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The userspace proxy: accepts redirected connections on 127.0.0.1 and ::1,
+//! recovers each one's original destination, connects there and relays.
+
+pub mod relay;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
+
+use crate::original_dst::OriginalDst;
+
+/// A connection-level failure, classified by where it came from and whether
+/// trying again could help.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("connection was not redirected by ambassador (no original destination): refusing it")]
+    NotRedirected,
+    #[error("original destination {0} is the proxy itself: refusing the loop")]
+    Loop(SocketAddr),
+    #[error(
+        "cannot read the original destination: {0} (is the getsockopt program attached to an ancestor of the proxy's cgroup?)"
+    )]
+    OriginalDst(#[source] io::Error),
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connect to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+}
+
+/// Where a failure originated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    App,
+    Upstream,
+    Internal,
+}
+
+impl ProxyError {
+    pub fn origin(&self) -> Origin {
+        match self {
+            ProxyError::NotRedirected | ProxyError::Loop(_) => Origin::App,
+            ProxyError::OriginalDst(_) => Origin::Internal,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_) => Origin::Upstream,
+        }
+    }
+
+    /// Whether the same request could succeed on another attempt (no byte of it
+    /// has reached anyone yet).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_)
+        )
+    }
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(
+        "port {port} on {ip} is in use (is another ambassador or program listening there? set proxy.port)"
+    )]
+    InUse { ip: IpAddr, port: u16 },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The listeners of one proxy: 127.0.0.1:port always, [::1]:port when the host
+/// has IPv6.
+pub struct Listeners {
+    pub v4: TcpListener,
+    pub v6: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds both loopback listeners on `port`; port 0 picks a free port (the
+    /// same one on both families).
+    pub fn bind(port: u16) -> Result<Listeners, ListenError> {
+        for _ in 0..16 {
+            let v4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+            let actual = v4.local_addr().map(|a| a.port()).unwrap_or(port);
+            match listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), actual)) {
+                Ok(v6) => return Ok(Listeners { v4, v6: Some(v6) }),
+                // Picked a port that is taken on ::1 only: try another.
+                Err(ListenError::InUse { .. }) if port == 0 => continue,
+                Err(ListenError::Bind { source, .. })
+                    if source.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                        || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                {
+                    warn!("IPv6 loopback unavailable: listening on 127.0.0.1 only");
+                    return Ok(Listeners { v4, v6: None });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ListenError::InUse {
+            ip: Ipv6Addr::LOCALHOST.into(),
+            port,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.v4.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let bind_err = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            ListenError::InUse {
+                ip: addr.ip(),
+                port: addr.port(),
+            }
+        } else {
+            ListenError::Bind { addr, source }
+        }
+    };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    sock.set_reuseaddr(true).map_err(bind_err)?;
+    if addr.is_ipv6() {
+        socket2::SockRef::from(&sock)
+            .set_only_v6(true)
+            .map_err(bind_err)?;
+    }
+    sock.bind(addr).map_err(bind_err)?;
+    sock.listen(1024).map_err(bind_err)
+}
+
+/// Runs the proxy until `shutdown` turns true, then stops accepting and lets
+/// live connections finish (up to `drain`).
+pub async fn serve(
+    listeners: Listeners,
+    original_dst: OriginalDst,
+    settings: Settings,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let port = listeners.port();
+    let ctx = Arc::new(Ctx {
+        original_dst,
+        settings,
+        port,
+    });
+    let mut conns = JoinSet::new();
+    let v6 = listeners.v6;
+    let v4 = listeners.v4;
+    info!(port, ipv6 = v6.is_some(), "proxy listening");
+    loop {
+        let accepted = tokio::select! {
+            r = v4.accept() => r,
+            r = accept_opt(v6.as_ref()) => r,
+            _ = shutdown.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                conns.spawn(async move { ctx.handle(stream, peer).await });
+            }
+            Err(e) => {
+                // Out of fds or memory: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop((v4, v6));
+    if !conns.is_empty() {
+        info!(connections = conns.len(), "draining");
+        let _ =
+            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    }
+}
+
+async fn accept_opt(l: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Ctx {
+    original_dst: OriginalDst,
+    settings: Settings,
+    port: u16,
+}
+
+impl Ctx {
+    async fn handle(&self, app: TcpStream, peer: SocketAddr) {
+        match self.open_upstream(&app).await {
+            Ok((upstream, dst)) => {
+                let _ = app.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let (outcome, totals) =
+                    relay::relay(&app, &upstream, self.settings.idle_timeout).await;
+                debug!(%peer, %dst, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
+                if outcome == relay::Outcome::Idle {
+                    info!(%peer, %dst, timeout = ?self.settings.idle_timeout, "idle timeout fired: closing");
+                }
+            }
+            Err(e) => {
+                match e.origin() {
+                    Origin::App => warn!(%peer, "{e}"),
+                    Origin::Upstream => info!(%peer, "{e}"),
+                    Origin::Internal => warn!(%peer, "{e}"),
+                }
+                // The app learns at once, not after its own timeout.
+                relay::reset(&app);
+            }
+        }
+    }
+
+    async fn open_upstream(&self, app: &TcpStream) -> Result<(TcpStream, SocketAddr), ProxyError> {
+        let dst = self
+            .original_dst
+            .lookup(app)
+            .map_err(ProxyError::OriginalDst)?
+            .ok_or(ProxyError::NotRedirected)?;
+        if dst.port() == self.port && dst.ip().is_loopback() {
+            return Err(ProxyError::Loop(dst));
+        }
+        let sock = if dst.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|source| ProxyError::Connect { addr: dst, source })?;
+        match tokio::time::timeout(self.settings.connect_timeout, sock.connect(dst)).await {
+            Ok(Ok(s)) => Ok((s, dst)),
+            Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
+            Err(_) => Err(ProxyError::ConnectTimeout(dst)),
+        }
+    }
+}
