@@ -153,7 +153,25 @@ impl Config {
         let cfg: Config = if value.is_null() {
             Config::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&e))?
+            serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(
+                |e| {
+                    let path = e.path().to_string();
+                    let inner = yaml_error(e.inner());
+                    // Put the full field path after the line, where serde_yaml_ng's
+                    // own (shorter) path would have been.
+                    match inner.split_once(": ") {
+                        Some((line, rest)) if line.starts_with("line ") && path != "." => {
+                            let rest = rest.strip_prefix(&format!("{path}: ")).unwrap_or(rest);
+                            let rest = match rest.split_once(": ") {
+                                Some((p, r)) if path.starts_with(p) => r,
+                                _ => rest,
+                            };
+                            format!("{line}: {path}: {rest}")
+                        }
+                        _ => inner,
+                    }
+                },
+            )?
         };
         cfg.validate(text)?;
         Ok(cfg)

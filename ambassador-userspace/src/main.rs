@@ -111,15 +111,32 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of causes, outermost first.
-            eprintln!("ambassador: error: {e:#}");
+            eprintln!("ambassador: error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The chain of causes on one line, outermost first, skipping a cause whose
+/// text its parent already quoted.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out.replace('\n', " ")
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {

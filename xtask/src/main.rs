@@ -1,1 +1,149 @@
-fn main() {}
+//! `cargo xtask build|run|test|bench`: everything from a fresh machine to a
+//! tested binary, installing what is missing on the way (idempotently: a second
+//! run checks, finds everything, and says nothing).
+
+mod demo;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the BPF toolchain if missing, build the eBPF programs and the `ambassador` binary.
+    Build {
+        /// Build the userspace binary in debug mode (the eBPF object is always optimised).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Demo: a local upstream, an unmodified curl under `ambassador run`, the redirect and counters.
+    Run,
+    /// The whole test suite: fmt, clippy (warnings denied), unit and simulated-Pod tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (a filter, `--nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Build { debug } => build(!debug).map(|_| ()),
+        Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
+        Cmd::Test { args } => test(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the eBPF object and the binary; returns the binary's path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let bpf = toolchain::ensure_bpf()?;
+    let root = root();
+    let mut ebpf = bpf.cargo();
+    ebpf.current_dir(root.join("ambassador-ebpf"))
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env("CARGO_TARGET_DIR", root.join("target/bpf"))
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+    run_cmd(&mut ebpf).context("building the eBPF programs")?;
+
+    let mut user = Command::new(cargo());
+    user.current_dir(&root)
+        .args(["build", "--package", "ambassador-userspace"]);
+    if release {
+        user.arg("--release");
+    }
+    run_cmd(&mut user).context("building ambassador")?;
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("ambassador"))
+}
+
+/// The cargo that runs xtask (rustup's stable), for host builds.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the test suite attaches eBPF programs to cgroups and creates network namespaces: run it as root"
+        );
+    }
+    let bin = build(false)?;
+    toolchain::ensure_test_tools()?;
+    let root = root();
+    run_cmd(
+        Command::new(cargo())
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]),
+    )
+    .context("formatting (run `cargo fmt --all`)")?;
+    run_cmd(
+        Command::new(cargo())
+            .current_dir(root.join("ambassador-ebpf"))
+            .args(["fmt", "--check"]),
+    )
+    .context("formatting of ambassador-ebpf (run `cargo fmt` there)")?;
+    run_cmd(Command::new(cargo()).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy")?;
+    run_cmd(
+        Command::new(cargo())
+            .current_dir(&root)
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env("AMBASSADOR_BIN", &bin),
+    )
+    .context("tests")?;
+    Ok(())
+}

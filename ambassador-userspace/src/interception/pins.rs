@@ -97,7 +97,8 @@ pub fn install(
     let mut upgraded = false;
     for (name, link) in links {
         let final_path = link_path(&dir, name);
-        let new_path = dir.join(format!("link_{name}.new"));
+        // bpffs refuses names with dots.
+        let new_path = dir.join(format!("next_{name}"));
         let pin_err = |source| InterceptError::Pin {
             path: new_path.clone(),
             source,

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""An ordinary TCP client, run unmodified inside the simulated Pod's app container.
+
+It knows nothing about ambassador: it connects to the address it is given with
+the plain socket module, and reports what it saw so the tests can assert on it.
+"""
+import errno
+import resource
+import socket
+import sys
+import time
+
+
+def addr_family(host, family):
+    if family == "mapped":
+        return socket.AF_INET6, "::ffff:" + host
+    if ":" in host:
+        return socket.AF_INET6, host
+    return socket.AF_INET, host
+
+
+def connect(host, port, family="auto", timeout=10):
+    fam, h = addr_family(host, family)
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect((h, int(port)))
+    return s
+
+
+def readline(s):
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def fail(e, started):
+    name = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+    print(f"ERROR {name} after {time.monotonic() - started:.3f}s")
+    sys.exit(1)
+
+
+def main():
+    mode, host, port = sys.argv[1], sys.argv[2], sys.argv[3]
+    rest = sys.argv[4:]
+    started = time.monotonic()
+    if mode == "greet":
+        family = rest[0] if rest else "auto"
+        try:
+            s = connect(host, port, family)
+        except OSError as e:
+            fail(e, started)
+        peer = s.getpeername()
+        greeting = readline(s)
+        s.sendall(b"ping\n")
+        echo = readline(s)
+        print(f"PEER {peer[0]} {peer[1]}")
+        print(f"GREETING {greeting}")
+        print(f"ECHO {echo}")
+    elif mode == "halfclose":
+        s = connect(host, port)
+        s.sendall(b"x" * int(rest[0]))
+        s.shutdown(socket.SHUT_WR)
+        print(f"REPLY {readline(s)}")
+        print("EOF" if s.recv(1) == b"" else "MORE")
+    elif mode == "readfirst":
+        s = connect(host, port)
+        got = readline(s)
+        eof = s.recv(1) == b""
+        s.sendall(b"after-fin")
+        s.close()
+        print(f"READ {got} EOF {eof}")
+    elif mode == "rst":
+        s = connect(host, port)
+        s.sendall(b"x")
+        time.sleep(0.2)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+        print("SENT RST")
+    elif mode == "expect-rst":
+        s = connect(host, port)
+        try:
+            s.sendall(b"x")
+            data = s.recv(16)
+            print("EOF" if data == b"" else f"DATA {data!r}")
+        except (ConnectionResetError, BrokenPipeError):
+            print("RESET")
+    elif mode == "many":
+        ports = [int(p) for p in port.split(",")]
+        count, batch = int(rest[0]), int(rest[1])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        held, ok, misrouted, failed = [], 0, 0, 0
+        for start in range(0, count, batch):
+            opened = []
+            for i in range(start, min(start + batch, count)):
+                want = ports[i % len(ports)]
+                try:
+                    opened.append((connect(host, want), want))
+                except OSError:
+                    failed += 1
+            for s, want in opened:
+                try:
+                    greeting = readline(s)
+                    got = int(greeting.split()[1].rsplit(":", 1)[1])
+                    if got == want:
+                        ok += 1
+                    else:
+                        misrouted += 1
+                except (OSError, IndexError, ValueError):
+                    failed += 1
+                held.append(s)
+        print(f"ok {ok} misrouted {misrouted} failed {failed} open {len(held)}")
+    else:
+        sys.exit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main()

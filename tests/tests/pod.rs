@@ -1,0 +1,336 @@
+//! End-to-end interception in a simulated Pod: real programs on a real cgroup,
+//! the real proxy as uid 1337, unmodified curl and python as the app.
+
+use std::time::{Duration, Instant};
+
+use ambassador_tests::*;
+
+const DEFAULTS: &str = "";
+
+fn lines(out: &std::process::Output) -> String {
+    format!("{}{}", stdout(out), stderr(out))
+}
+
+#[test]
+fn ipv4_and_ipv6_original_destinations_are_recovered() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    let v4 = pod.server(SERVER_V4, 7001, Behaviour::Greet);
+    let v6 = pod.server(SERVER_V6, 7001, Behaviour::Greet);
+
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let text = stdout(&out);
+    // The server says which of its addresses was dialled: the original one.
+    assert!(
+        text.contains(&format!("GREETING HELLO {SERVER_V4}:7001 {POD_V4}:")),
+        "{text}"
+    );
+    assert!(text.contains("ECHO ping"), "{text}");
+    // getpeername4 hands the app the original destination, not 127.0.0.1:15001.
+    assert!(text.contains(&format!("PEER {SERVER_V4} 7001")), "{text}");
+
+    let out = pod.client(&["greet", SERVER_V6, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("GREETING HELLO [{SERVER_V6}]:7001 [{POD_V6}]:")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("PEER {SERVER_V6} 7001")), "{text}");
+
+    // A dual-stack socket dialling an IPv4-mapped address is an IPv4 connection.
+    let out = pod.client(&["greet", SERVER_V4, "7001", "mapped"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("GREETING HELLO {SERVER_V4}:7001")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("PEER ::ffff:{SERVER_V4} 7001")),
+        "{text}"
+    );
+
+    // All three went through the proxy: the kernel counted them, the proxy
+    // logged their original destinations.
+    assert_eq!(pod.counters().redirected, 3);
+    assert_eq!(v4.accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(v6.accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(
+        pod.wait_log(&format!("dst={SERVER_V4}:7001")),
+        "{}",
+        pod.proxy_log()
+    );
+    assert!(
+        pod.wait_log(&format!("dst=[{SERVER_V6}]:7001")),
+        "{}",
+        pod.proxy_log()
+    );
+}
+
+#[test]
+fn unmodified_curl_goes_through_the_proxy() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    let _http = pod.server(SERVER_V4, 8080, Behaviour::Http);
+    let out = pod
+        .app("curl")
+        .args(["-sS", "--noproxy", "*", "--max-time", "10"])
+        .arg(format!("http://{SERVER_V4}:8080/"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out), format!("served by {SERVER_V4}:8080\n"));
+    assert_eq!(pod.counters().redirected, 1);
+    assert!(
+        pod.wait_log(&format!("dst={SERVER_V4}:8080")),
+        "{}",
+        pod.proxy_log()
+    );
+}
+
+#[test]
+fn excluded_ports_and_cidrs_bypass_the_proxy() {
+    let pod = Pod::new(&format!(
+        "intercept:\n  exclude_ports: [7002]\n  exclude_cidrs: [{SERVER2_V4}/32]\n"
+    ));
+    // No proxy at all, fail-closed: only what is excluded can connect.
+    let _a = pod.server(SERVER_V4, 7002, Behaviour::Greet);
+    let _b = pod.server(SERVER2_V4, 7003, Behaviour::Greet);
+    let _c = pod.server(SERVER_V4, 7003, Behaviour::Greet);
+
+    let out = pod.client(&["greet", SERVER_V4, "7002"]);
+    assert!(out.status.success(), "excluded port: {}", lines(&out));
+    let out = pod.client(&["greet", SERVER2_V4, "7003"]);
+    assert!(out.status.success(), "excluded CIDR: {}", lines(&out));
+    let out = pod.client(&["greet", SERVER_V4, "7003"]);
+    assert!(
+        !out.status.success(),
+        "not excluded, proxy down: must be refused"
+    );
+    assert!(stdout(&out).contains("ERROR EPERM"), "{}", lines(&out));
+
+    let c = pod.counters();
+    assert_eq!((c.bypassed, c.refused, c.redirected), (2, 1, 0), "{c:?}");
+}
+
+#[test]
+fn no_loop_and_the_proxy_port_is_refused_to_the_app() {
+    // Loopback interception on: the hardest case for loops.
+    let mut pod = Pod::new("intercept:\n  loopback: true\n");
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7001, Behaviour::Greet);
+    // The proxy (uid 1337) connects on to the original destination itself; were
+    // that connect redirected, it would come back to the proxy and fail.
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(!pod.proxy_log().contains("refusing the loop"));
+
+    // The app dialling the proxy port directly is refused at connect().
+    for host in ["127.0.0.1", "::1"] {
+        let out = pod.client(&["greet", host, &PROXY_PORT.to_string()]);
+        assert!(!out.status.success(), "{host}: {}", lines(&out));
+        assert!(
+            stdout(&out).contains("ERROR EPERM"),
+            "{host}: {}",
+            lines(&out)
+        );
+    }
+    let c = pod.counters();
+    assert_eq!((c.redirected, c.refused), (1, 2), "{c:?}");
+}
+
+#[test]
+fn fail_closed_refuses_within_a_second_when_the_proxy_dies() {
+    let mut pod = Pod::new("intercept:\n  fail: closed\n");
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7001, Behaviour::Greet);
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+
+    pod.kill_proxy();
+    let started = Instant::now();
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(
+        !out.status.success(),
+        "must not connect with the proxy gone"
+    );
+    assert!(stdout(&out).contains("ERROR EPERM"), "{}", lines(&out));
+    // python's own start-up is most of this; the connect itself fails at once.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The proxy comes back: the next connect uses it (decided per connect).
+    pod.start_proxy();
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let c = pod.counters();
+    assert_eq!((c.redirected, c.refused), (2, 1), "{c:?}");
+}
+
+#[test]
+fn fail_open_goes_direct_when_the_proxy_is_absent() {
+    let mut pod = Pod::new("intercept:\n  fail: open\n");
+    let s = pod.server(SERVER_V4, 7001, Behaviour::Greet);
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    // Direct: the server saw the app's own connection.
+    assert!(stdout(&out).contains(&format!("PEER {SERVER_V4} 7001")));
+    let c = pod.counters();
+    assert_eq!((c.passed, c.redirected), (1, 0), "{c:?}");
+
+    pod.start_proxy();
+    let out = pod.client(&["greet", SERVER_V4, "7001"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(pod.counters().redirected, 1);
+    assert_eq!(s.accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn uninstall_leaves_nothing_attached_or_pinned() {
+    let pod = Pod::new(DEFAULTS);
+    let attached = attached_programs(&pod.cgroup);
+    for kind in [
+        "connect4",
+        "connect6",
+        "sock_ops",
+        "getsockopt",
+        "getpeername4",
+        "getpeername6",
+    ] {
+        assert!(attached.contains(kind), "{kind} missing:\n{attached}");
+    }
+    let status = pod.ambassador(&["status"], None);
+    let text = stdout(&status);
+    assert!(text.contains(&pod.cgroup.display().to_string()), "{text}");
+    assert!(text.contains("redirected 0"), "{text}");
+
+    // Re-running init upgrades in place: still exactly one of each.
+    let again = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
+    assert!(again.status.success(), "{}", lines(&again));
+    assert!(stdout(&again).contains("upgraded"), "{}", lines(&again));
+    let attached = attached_programs(&pod.cgroup);
+    assert_eq!(attached.matches("connect4").count(), 1, "{attached}");
+
+    let out = pod.ambassador(&["uninstall", "--cgroup"], Some(&pod.cgroup));
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(
+        !pod.pin_dir().exists(),
+        "pins left in {}",
+        pod.pin_dir().display()
+    );
+    let attached = attached_programs(&pod.cgroup);
+    assert!(
+        !attached.contains("ambassador"),
+        "still attached:\n{attached}"
+    );
+    for kind in ["connect4", "sock_ops", "getsockopt"] {
+        assert!(
+            !attached.contains(kind),
+            "{kind} still attached:\n{attached}"
+        );
+    }
+    // Uninstalling again is harmless and says so.
+    let out = pod.ambassador(&["uninstall", "--cgroup"], Some(&pod.cgroup));
+    assert!(out.status.success() && stdout(&out).contains("nothing installed"));
+}
+
+#[test]
+fn two_thousand_connections_through_a_small_table_are_never_misrouted() {
+    let mut pod = Pod::new("intercept:\n  table_size: 1024\n");
+    pod.start_proxy();
+    let ports: Vec<u16> = (7100..7110).collect();
+    let _servers: Vec<Server> = ports
+        .iter()
+        .map(|p| pod.server(SERVER_V4, *p, Behaviour::Greet))
+        .collect();
+    let list = ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // 2,000 connections held open at once, opened 100 at a time.
+    let out = pod.client(&["many", SERVER_V4, &list, "2000", "100"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "ok 2000 misrouted 0 failed 0 open 2000",
+        "{}",
+        lines(&out)
+    );
+    assert_eq!(pod.counters().redirected, 2000);
+}
+
+#[test]
+fn fin_propagates_both_ways() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    // App half-closes after sending: the upstream sees EOF, answers, the app
+    // reads the answer and then EOF.
+    let s = pod.server(SERVER_V4, 7201, Behaviour::ReadAll);
+    let out = pod.client(&["halfclose", SERVER_V4, "7201", "100000"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out), "REPLY got 100000\nEOF\n");
+    assert!(
+        s.wait_event("eof after 100000 bytes", Duration::from_secs(5))
+            .is_some()
+    );
+
+    // Upstream half-closes first: the app reads EOF and can still send.
+    let s = pod.server(SERVER_V4, 7202, Behaviour::CloseFirst);
+    let out = pod.client(&["readfirst", SERVER_V4, "7202"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out), "READ bye EOF True\n");
+    let ev = s.wait_event("then read", Duration::from_secs(5));
+    assert_eq!(
+        ev.as_deref(),
+        Some("then read \"after-fin\""),
+        "{:?}",
+        s.events()
+    );
+}
+
+#[test]
+fn rst_propagates_both_ways() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    // App resets: the upstream's read fails with a reset, not a clean EOF.
+    let s = pod.server(SERVER_V4, 7301, Behaviour::ReadAll);
+    let out = pod.client(&["rst", SERVER_V4, "7301"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let ev = s.wait_event("error", Duration::from_secs(5));
+    assert_eq!(
+        ev.as_deref(),
+        Some("error ConnectionReset"),
+        "{:?}",
+        s.events()
+    );
+
+    // Upstream resets: the app sees a reset.
+    let _r = pod.server(SERVER_V4, 7302, Behaviour::Reset);
+    let out = pod.client(&["expect-rst", SERVER_V4, "7302"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out), "RESET\n");
+}
+
+#[test]
+fn upstream_refusing_resets_the_app_at_once() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    // Nothing listens on 7401: the proxy's connect is refused and the app's
+    // connection is reset right away rather than left hanging.
+    let started = Instant::now();
+    let out = pod.client(&["expect-rst", SERVER_V4, "7401"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out), "RESET\n");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        pod.wait_log("connect to 198.18.0.2:7401 failed"),
+        "{}",
+        pod.proxy_log()
+    );
+}

@@ -1,0 +1,193 @@
+//! Finding or installing what the eBPF build and the tests need.
+//!
+//! The eBPF crate needs `-Z build-std=core` for `bpfel-unknown-none`, hence a
+//! compiler with its standard library source: a rustup nightly with rust-src
+//! where one exists (the usual developer laptop), otherwise Debian's
+//! `rustc-web` + `rust-web-src` with RUSTC_BOOTSTRAP. The linker is
+//! `bpf-linker` built against Debian's LLVM 22.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::run_cmd;
+
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const DEBIAN_RUST_SRC: &str = "/usr/lib/rustlib/src/rust/library/core";
+const LLVM_MAJOR: &str = "22";
+
+/// How to invoke cargo for the eBPF crate.
+pub enum BpfToolchain {
+    Nightly,
+    Debian,
+}
+
+impl BpfToolchain {
+    pub fn cargo(&self) -> Command {
+        let mut c = Command::new("cargo");
+        // Flags meant for host builds must not leak into the BPF build.
+        for v in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTC",
+            "RUSTDOC",
+        ] {
+            c.env_remove(v);
+        }
+        match self {
+            BpfToolchain::Nightly => {
+                c.env("RUSTUP_TOOLCHAIN", "nightly");
+            }
+            BpfToolchain::Debian => {
+                c.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
+            }
+        }
+        c
+    }
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn nightly_with_src() -> bool {
+    let Some(sysroot) = output(
+        Command::new("rustc")
+            .env("RUSTUP_TOOLCHAIN", "nightly")
+            .args(["--print", "sysroot"]),
+    ) else {
+        return false;
+    };
+    Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .is_dir()
+}
+
+fn debian_ready() -> bool {
+    Path::new(DEBIAN_RUSTC).exists() && Path::new(DEBIAN_RUST_SRC).is_dir()
+}
+
+static APT_UPDATED: std::sync::Once = std::sync::Once::new();
+
+/// Installs Debian packages that are not installed yet.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (apt-get)", missing.join(" "));
+    let mut update = Ok(());
+    APT_UPDATED.call_once(|| {
+        update = run_cmd(Command::new("apt-get").args(["update", "-qq"]));
+    });
+    update.context("apt-get update")?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {}", missing.join(" ")))
+}
+
+/// The directory bpf-linker's build wants as LLVM_PREFIX: `lib/libLLVM.so`
+/// pointing at Debian's shared LLVM.
+fn llvm_prefix() -> anyhow::Result<PathBuf> {
+    let libdir = Path::new("/usr/lib/x86_64-linux-gnu");
+    let lib = std::fs::read_dir(libdir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{LLVM_MAJOR}")))
+        })
+        .min()
+        .with_context(|| format!("no libLLVM.so.{LLVM_MAJOR}* in {}", libdir.display()))?;
+    let prefix = crate::root().join("target/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&lib, &link)?;
+    Ok(prefix)
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
+    home.join("bin").join(name)
+}
+
+fn bpf_linker_ok() -> bool {
+    quiet_ok(Command::new("bpf-linker").arg("--version"))
+        || quiet_ok(Command::new(cargo_bin("bpf-linker")).arg("--version"))
+}
+
+/// Makes sure the eBPF crate can be built; installs what is missing.
+pub fn ensure_bpf() -> anyhow::Result<BpfToolchain> {
+    let tc = if nightly_with_src() {
+        BpfToolchain::Nightly
+    } else {
+        if !debian_ready() {
+            apt_install(&["rustc-web", "rust-web-src"])?;
+            if !debian_ready() {
+                bail!("rustc-web / rust-web-src installed but {DEBIAN_RUST_SRC} is missing");
+            }
+        }
+        BpfToolchain::Debian
+    };
+    if !bpf_linker_ok() {
+        apt_install(&[&format!("libllvm{LLVM_MAJOR}")])?;
+        let prefix = llvm_prefix()?;
+        eprintln!(
+            "xtask: installing bpf-linker 0.13 against LLVM {LLVM_MAJOR} (cargo install, a few minutes)"
+        );
+        run_cmd(
+            Command::new(crate::cargo())
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    "^0.13",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    &format!("llvm-{LLVM_MAJOR}"),
+                ])
+                .env("LLVM_PREFIX", &prefix),
+        )
+        .context("installing bpf-linker")?;
+    }
+    Ok(tc)
+}
+
+/// What the simulated-Pod tests and the demo drive: unmodified clients and
+/// network tools.
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    apt_install(&["curl", "python3", "iproute2", "util-linux", "bpftool"])
+}
