@@ -163,6 +163,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Proxy { config } => {
             let cfg = load_config(config.as_ref())?;
+            proxy::raise_fd_limit();
             let rt = runtime(cfg.proxy.workers)?;
             rt.block_on(async {
                 let listeners = Listeners::bind(cfg.proxy.port)?;

@@ -42,9 +42,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         .split_first()
         .context("no command given: usage is `ambassador run [OPTIONS] -- CMD [ARGS...]`")?;
 
+    let fd_limit = proxy::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
     let mount = cgroup::cgroup2_mount()?;
+    cgroup::sweep_stale_runs(&mount);
     let cg = cgroup::TransientCgroup::create(
         mount.join(format!("ambassador-run-{}", std::process::id())),
     )?;
@@ -93,6 +95,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
             // If ambassador dies, the command must not carry on unintercepted.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The command gets the open-files limit it would have had.
+            if let Some(lim) = fd_limit.as_ref() {
+                libc::setrlimit(libc::RLIMIT_NOFILE, lim);
             }
             Ok(())
         });

@@ -391,7 +391,7 @@ impl Pod {
         .parse()
         .expect("address");
         let listener = self.servers.enter(move || TcpListener::bind(sa));
-        Server::start(listener.expect("bind server"), behaviour)
+        Server::start_on(listener.expect("bind server"), behaviour)
     }
 }
 
@@ -449,7 +449,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(listener: TcpListener, behaviour: Behaviour) -> Server {
+    pub fn start_on(listener: TcpListener, behaviour: Behaviour) -> Server {
         let addr = listener.local_addr().expect("addr");
         let events = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicUsize::new(0));

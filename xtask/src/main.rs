@@ -137,13 +137,52 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         "warnings",
     ]))
     .context("clippy")?;
-    run_cmd(
-        Command::new(cargo())
-            .current_dir(&root)
-            .args(["test", "--workspace"])
-            .args(extra)
-            .env("AMBASSADOR_BIN", &bin),
-    )
-    .context("tests")?;
+    let mut cargo_test = Command::new(cargo());
+    cargo_test
+        .current_dir(&root)
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("AMBASSADOR_BIN", &bin);
+    let (passed, failed, ignored) = run_counting(&mut cargo_test).context("tests")?;
+    // cargo prints one result line per test binary, the last often "0 passed"
+    // (doc-tests): close with the total.
+    println!("xtask: {passed} passed, {failed} failed, {ignored} skipped");
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its result lines.
+fn run_counting(cmd: &mut Command) -> anyhow::Result<(u64, u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut w = part.split_whitespace();
+                if let (Some(n), Some(what)) = (w.next(), w.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("{shown} failed ({status})");
+    }
+    Ok((passed, failed, ignored))
 }

@@ -96,6 +96,27 @@ pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
+/// Removes `ambassador-run-<pid>` cgroups whose ambassador is gone (killed
+/// with SIGKILL, so it could not clean up) and that are empty.
+pub fn sweep_stale_runs(mount: &Path) {
+    let Ok(entries) = fs::read_dir(mount) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ambassador-run-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && procs(&e.path()).is_empty() {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// A cgroup this process created and removes again.
 #[derive(Debug)]
 pub struct TransientCgroup {

@@ -155,6 +155,29 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     sock.listen(1024).map_err(bind_err)
 }
 
+/// Raises the soft open-files limit to the hard one (each proxied connection
+/// costs two fds; 1024 is a common default soft limit). Returns the old limit
+/// so a spawned command can be given back what it would have had.
+pub fn raise_fd_limit() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let old = lim;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: lim is a valid, initialised rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            warn!("could not raise the open-files limit");
+        }
+    }
+    Some(old)
+}
+
 /// Runs the proxy until `shutdown` turns true, then stops accepting and lets
 /// live connections finish (up to `drain`).
 pub async fn serve(

@@ -1,0 +1,236 @@
+//! `ambassador run -- CMD` on the host, and the CLI's answers to bad input.
+
+use std::{
+    net::TcpListener,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::*;
+
+/// Loopback servers stand in for remote ones, so intercept loopback.
+fn loopback_config() -> PathBuf {
+    let p = std::env::temp_dir().join(format!("amb-run-test-{}.yaml", std::process::id()));
+    std::fs::write(&p, "intercept:\n  loopback: true\n").unwrap();
+    p
+}
+
+fn greet_server() -> (Server, u16) {
+    // Servers here run in the test process, outside any intercepted cgroup.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (Server::start_on(l, Behaviour::Greet), port)
+}
+
+fn run_cmd(config: &PathBuf) -> Command {
+    let mut c = Command::new(bin());
+    c.args(["run", "--summary", "--config"])
+        .arg(config)
+        .arg("--");
+    c
+}
+
+#[test]
+fn run_redirects_a_command_and_reports_counters() {
+    require_root();
+    let cfg = loopback_config();
+    let (server, port) = greet_server();
+    let out = run_cmd(&cfg)
+        .arg("python3")
+        .arg(client_py())
+        .args(["greet", "127.0.0.1", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("GREETING HELLO 127.0.0.1:{port} 127.0.0.1:")),
+        "{text}"
+    );
+    // getpeername shows the app the original destination.
+    assert!(text.contains(&format!("PEER 127.0.0.1 {port}")), "{text}");
+    assert!(stderr(&out).contains("redirected=1 "), "{}", stderr(&out));
+    assert_eq!(
+        server.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn run_passes_on_the_exit_code() {
+    require_root();
+    let cfg = loopback_config();
+    let out = run_cmd(&cfg).args(["sh", "-c", "exit 7"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let out = run_cmd(&cfg)
+        .args(["sh", "-c", "kill -TERM $$"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let out = run_cmd(&cfg).arg("/nonexistent/cmd").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot start /nonexistent/cmd"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn two_runs_at_once_do_not_interfere() {
+    require_root();
+    let cfg = loopback_config();
+    let (_s, port) = greet_server();
+    // Each run holds its interception for a while, overlapping the other's.
+    let script = format!(
+        "import socket,time\n\
+         for i in range(5):\n\
+         \x20   s=socket.create_connection(('127.0.0.1',{port}));assert s.recv(64).startswith(b'HELLO');s.close();time.sleep(0.1)\n"
+    );
+    let spawn = || {
+        run_cmd(&cfg)
+            .args(["python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        // Each run counts its own five connects only.
+        assert!(stderr(&out).contains("redirected=5 "), "{}", stderr(&out));
+    }
+}
+
+fn run_cgroup_of(pid: u32) -> PathBuf {
+    cgroup2_mount().join(format!("ambassador-run-{pid}"))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctrl_c_and_sigterm_clean_everything_up() {
+    require_root();
+    let cfg = loopback_config();
+    // Ctrl-C: the terminal signals the whole foreground group.
+    let mut child = run_cmd(&cfg)
+        .args(["sleep", "30"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let cg = run_cgroup_of(pid);
+    wait_for("the transient cgroup", || {
+        cg.join("cgroup.procs").exists() && procs(&cg) > 0
+    });
+    // SAFETY: signalling the process group we just created.
+    unsafe { libc::kill(-(pid as i32), libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(!cg.exists(), "transient cgroup left behind");
+
+    // SIGTERM to ambassador alone is passed on to the command.
+    let mut child = run_cmd(&cfg).args(["sleep", "30"]).spawn().unwrap();
+    let pid = child.id();
+    let cg = run_cgroup_of(pid);
+    wait_for("the transient cgroup", || {
+        cg.join("cgroup.procs").exists() && procs(&cg) > 0
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(!cg.exists(), "transient cgroup left behind");
+}
+
+fn procs(cg: &std::path::Path) -> usize {
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "must fail: {}", stdout(out));
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "one line expected:\n{err}");
+    err
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_nonzero_exit() {
+    require_root();
+    let bad = std::env::temp_dir().join(format!("amb-bad-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bad,
+        "proxy:\n  port: 15001\nintercept:\n  fail: sometimes\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["proxy", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("line 4") && err.contains("intercept.fail"),
+        "{err}"
+    );
+
+    let out = Command::new(bin())
+        .args(["init", "--cgroup", "/sys/fs/cgroup/unified/does-not-exist"])
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("does not exist"), "{err}");
+
+    let out = Command::new(bin())
+        .args(["init", "--cgroup", "/tmp"])
+        .output()
+        .unwrap();
+    assert!(one_line_error(&out).contains("not in a cgroup v2 hierarchy"));
+
+    // Not root.
+    let mut cmd = Command::new(bin());
+    cmd.args(["init", "--cgroup"]).arg(cgroup2_mount());
+    // SAFETY: only setgid/setuid between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let err = one_line_error(&cmd.output().unwrap());
+    assert!(err.contains("must run as root"), "{err}");
+
+    // Port in use.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::fs::write(&bad, format!("proxy:\n  port: {port}\n")).unwrap();
+    let out = Command::new(bin())
+        .args(["proxy", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(&format!("port {port} on 127.0.0.1 is in use")),
+        "{err}"
+    );
+
+    let out = Command::new(bin()).args(["run"]).output().unwrap();
+    assert!(!out.status.success());
+    let _ = std::fs::remove_file(&bad);
+}
