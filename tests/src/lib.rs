@@ -282,6 +282,11 @@ impl Pod {
     /// Starts `ambassador proxy` as uid 1337 in the proxy container and waits
     /// until it listens.
     pub fn start_proxy(&mut self) {
+        self.start_proxy_logging("ambassador_userspace=debug");
+    }
+
+    /// As `start_proxy`, with a log filter (the benchmark keeps it quiet).
+    pub fn start_proxy_logging(&mut self, filter: &str) {
         assert!(self.proxy.is_none(), "proxy already running");
         let mut cmd = placed(
             bin(),
@@ -293,7 +298,7 @@ impl Pod {
         );
         cmd.args(["proxy", "--config"])
             .arg(&self.config)
-            .env("AMBASSADOR_LOG", "ambassador_userspace=debug")
+            .env("AMBASSADOR_LOG", filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start proxy");

@@ -2,6 +2,7 @@
 //! tested binary, installing what is missing on the way (idempotently: a second
 //! run checks, finds everything, and says nothing).
 
+mod bench;
 mod demo;
 mod toolchain;
 
@@ -36,6 +37,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput; ratios.
+    Bench,
+    #[command(name = "__echo", hide = true)]
+    Echo { addr: String, threads: usize },
+    #[command(name = "__connect", hide = true)]
+    Connect {
+        addr: String,
+        each: usize,
+        threads: usize,
+    },
 }
 
 fn main() {
@@ -44,6 +55,13 @@ fn main() {
         Cmd::Build { debug } => build(!debug).map(|_| ()),
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench => build(true).and_then(|bin| bench::run(&bin)),
+        Cmd::Echo { addr, threads } => bench::echo_server(&addr, threads),
+        Cmd::Connect {
+            addr,
+            each,
+            threads,
+        } => bench::connect_client(&addr, each, threads),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
