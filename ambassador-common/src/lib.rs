@@ -93,6 +93,9 @@ pub struct Config {
     pub loopback: u8,
     /// Sockets created by this uid are never redirected; `NO_UID` for none.
     pub proxy_uid: u32,
+    /// Sockets carrying this SO_MARK are never redirected; 0 for none.
+    pub proxy_mark: u32,
+    pub _pad: u32,
 }
 
 /// Where the app meant to go.
@@ -227,7 +230,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(core::mem::size_of::<Config>(), 8);
+        assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 20);
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
     }

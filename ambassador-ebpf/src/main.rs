@@ -64,10 +64,23 @@ fn config() -> Option<Config> {
     if cfg.proxy_port == 0 { None } else { Some(cfg) }
 }
 
+/// The proxy's own sockets: by the uid that creates them, or by the SO_MARK
+/// the proxy sets on its upstream sockets before connecting.
 #[inline(always)]
-fn is_proxy_process(cfg: &Config) -> bool {
+fn is_proxy_socket(ctx: &SockAddrContext, cfg: &Config) -> bool {
     let uid = bpf_get_current_uid_gid() as u32;
-    cfg.proxy_uid != NO_UID && uid == cfg.proxy_uid
+    if cfg.proxy_uid != NO_UID && uid == cfg.proxy_uid {
+        return true;
+    }
+    if cfg.proxy_mark != 0 {
+        // SAFETY: ctx is valid; sk is always set for connect hooks.
+        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+        // SAFETY: sk checked non-null; `mark` is a readable bpf_sock field.
+        if !sk.is_null() && unsafe { (*sk).mark } == cfg.proxy_mark {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -224,7 +237,7 @@ pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let Some(cfg) = config() else { return ALLOW };
-    if is_proxy_process(&cfg) {
+    if is_proxy_socket(&ctx, &cfg) {
         return ALLOW;
     }
     let orig = OrigDst {
@@ -250,7 +263,7 @@ pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     let Some(cfg) = config() else { return ALLOW };
-    if is_proxy_process(&cfg) {
+    if is_proxy_socket(&ctx, &cfg) {
         return ALLOW;
     }
     let ip6 = sa.user_ip6;

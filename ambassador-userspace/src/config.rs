@@ -37,6 +37,9 @@ pub struct ProxyConfig {
     pub port: u16,
     /// The proxy's own uid; sockets it creates are never redirected.
     pub uid: u32,
+    /// Also recognise the proxy's upstream sockets by this SO_MARK (the proxy
+    /// sets it; needs CAP_NET_ADMIN). For proxies that cannot have their own uid.
+    pub mark: Option<u32>,
     /// Give up on an upstream that has not accepted the connection by then.
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
@@ -52,6 +55,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             port: DEFAULT_PROXY_PORT,
             uid: DEFAULT_PROXY_UID,
+            mark: None,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             workers: 0,
@@ -182,6 +186,9 @@ impl Config {
             Some(l) => format!("line {l}: "),
             None => String::new(),
         };
+        if self.proxy.mark == Some(0) {
+            return Err(format!("{}proxy.mark: must not be 0 (0 means unmarked)", at("mark")));
+        }
         if self.proxy.port == 0 {
             return Err(format!("{}proxy.port: must be 1-65535", at("port")));
         }

@@ -163,6 +163,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Proxy { config } => {
             let cfg = load_config(config.as_ref())?;
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if euid != cfg.proxy.uid && cfg.proxy.mark.is_none() {
+                anyhow::bail!(
+                    "ambassador proxy runs as uid {euid} but proxy.uid is {}: its own connections would be \
+                     redirected back to it; run it as uid {} (securityContext.runAsUser) or set proxy.mark",
+                    cfg.proxy.uid,
+                    cfg.proxy.uid
+                );
+            }
             proxy::raise_fd_limit();
             let rt = runtime(cfg.proxy.workers)?;
             rt.block_on(async {
@@ -179,10 +189,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                     let _ = tx.send(true);
                 });
-                let settings = Settings {
-                    connect_timeout: cfg.proxy.connect_timeout,
-                    idle_timeout: cfg.proxy.idle_timeout,
-                };
+                let settings = Settings::from_config(&cfg.proxy);
+                settings.check()?;
                 proxy::serve(
                     listeners,
                     OriginalDst::SocketOption,

@@ -65,10 +65,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     debug!(port, cgroup = %cg_path.display(), "interception attached");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let settings = Settings {
-        connect_timeout: cfg.proxy.connect_timeout,
-        idle_timeout: cfg.proxy.idle_timeout,
-    };
+    let settings = Settings::from_config(&cfg.proxy);
+                settings.check()?;
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(conns)),

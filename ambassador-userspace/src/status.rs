@@ -59,13 +59,18 @@ pub fn render(installs: &[InstallStatus]) -> String {
             };
             let _ = writeln!(
                 out,
-                "  proxy    127.0.0.1:{0} and [::1]:{0}, own uid {uid}, fail-{1}, loopback {2}",
+                "  proxy    127.0.0.1:{0} and [::1]:{0}, own uid {uid}{3}, fail-{1}, loopback {2}",
                 c.proxy_port,
                 if c.fail_open != 0 { "open" } else { "closed" },
                 if c.loopback != 0 {
                     "intercepted"
                 } else {
                     "bypassed"
+                },
+                if c.proxy_mark != 0 {
+                    format!(", own mark {}", c.proxy_mark)
+                } else {
+                    String::new()
                 },
             );
         }

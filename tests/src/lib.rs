@@ -287,13 +287,18 @@ impl Pod {
 
     /// As `start_proxy`, with a log filter (the benchmark keeps it quiet).
     pub fn start_proxy_logging(&mut self, filter: &str) {
+        self.start_proxy_as(Some(PROXY_UID), filter);
+    }
+
+    /// Starts the proxy as `uid` (`None`: root).
+    pub fn start_proxy_as(&mut self, uid: Option<u32>, filter: &str) {
         assert!(self.proxy.is_none(), "proxy already running");
         let mut cmd = placed(
             bin(),
             &Placement {
                 netns: &self.netns,
                 cgroup: &self.proxy_cgroup,
-                uid: Some(PROXY_UID),
+                uid,
             },
         );
         cmd.args(["proxy", "--config"])

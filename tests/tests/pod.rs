@@ -334,3 +334,32 @@ fn upstream_refusing_resets_the_app_at_once() {
         pod.proxy_log()
     );
 }
+
+#[test]
+fn the_proxy_can_be_recognised_by_its_socket_mark() {
+    // The proxy runs as root here, so the uid rule does not cover it: only the
+    // mark on its upstream sockets keeps them from coming back to it.
+    let mut pod = Pod::new("proxy:\n  uid: 4242\n  mark: 1337\n");
+    pod.start_proxy_as(None, "ambassador_userspace=debug");
+    let _s = pod.server(SERVER_V4, 7501, Behaviour::Greet);
+    let out = pod.client(&["greet", SERVER_V4, "7501"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(stdout(&out).contains(&format!("GREETING HELLO {SERVER_V4}:7501")));
+    let c = pod.counters();
+    assert_eq!((c.redirected, c.refused), (1, 0), "{c:?}");
+    let status = stdout(&pod.ambassador(&["status"], None));
+    assert!(status.contains("own uid 4242, own mark 1337"), "{status}");
+}
+
+#[test]
+fn a_proxy_under_the_wrong_uid_refuses_to_start() {
+    let mut pod = Pod::new("proxy:\n  uid: 4242\n");
+    let mut cmd = placed(
+        bin(),
+        &Placement { netns: &pod.netns, cgroup: &pod.proxy_cgroup, uid: Some(PROXY_UID) },
+    );
+    let out = cmd.args(["proxy", "--config"]).arg(&pod.config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("runs as uid 1337 but proxy.uid is 4242"), "{}", lines(&out));
+    pod.kill_proxy();
+}

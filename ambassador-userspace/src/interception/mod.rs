@@ -170,6 +170,8 @@ pub fn configure(
         fail_open: u8::from(cfg.intercept.fail == FailMode::Open),
         loopback: u8::from(cfg.intercept.loopback),
         proxy_uid: proxy_uid.unwrap_or(NO_UID),
+        proxy_mark: cfg.proxy.mark.unwrap_or(0),
+        _pad: 0,
     };
     let mut ports: HashMap<_, u16, u8> = map_mut(bpf, m::EXCLUDE_PORTS)?;
     let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();

@@ -39,6 +39,8 @@ pub enum ProxyError {
     },
     #[error("connect to {0} timed out")]
     ConnectTimeout(SocketAddr),
+    #[error("the proxy's own connection to {0} was intercepted: is proxy.uid the uid the proxy runs as (or proxy.mark set)?")]
+    Intercepted(SocketAddr),
 }
 
 /// Where a failure originated.
@@ -53,7 +55,7 @@ impl ProxyError {
     pub fn origin(&self) -> Origin {
         match self {
             ProxyError::NotRedirected | ProxyError::Loop(_) => Origin::App,
-            ProxyError::OriginalDst(_) => Origin::Internal,
+            ProxyError::OriginalDst(_) | ProxyError::Intercepted(_) => Origin::Internal,
             ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_) => Origin::Upstream,
         }
     }
@@ -75,6 +77,12 @@ pub enum ListenError {
         "port {port} on {ip} is in use (is another ambassador or program listening there? set proxy.port)"
     )]
     InUse { ip: IpAddr, port: u16 },
+    #[error("cannot set proxy.mark {mark} on sockets: {source} (the proxy needs CAP_NET_ADMIN for a mark; or use proxy.uid)")]
+    Mark {
+        mark: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -87,6 +95,30 @@ pub enum ListenError {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// SO_MARK for upstream sockets, so the kernel programs skip them.
+    pub mark: Option<u32>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &crate::config::ProxyConfig) -> Settings {
+        Settings {
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            mark: cfg.mark,
+        }
+    }
+
+    /// Fails at start-up, not on the first connection, when the mark cannot be set.
+    pub fn check(&self) -> Result<(), ListenError> {
+        if let Some(mark) = self.mark {
+            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .and_then(|s| s.set_mark(mark));
+            if let Err(source) = probe {
+                return Err(ListenError::Mark { mark, source });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The listeners of one proxy: 127.0.0.1:port always, [::1]:port when the host
@@ -277,7 +309,20 @@ impl Ctx {
             TcpSocket::new_v6()
         }
         .map_err(|source| ProxyError::Connect { addr: dst, source })?;
+        if let Some(mark) = self.settings.mark {
+            socket2::SockRef::from(&sock)
+                .set_mark(mark)
+                .map_err(|source| ProxyError::Connect { addr: dst, source })?;
+        }
         match tokio::time::timeout(self.settings.connect_timeout, sock.connect(dst)).await {
+            // A non-loopback destination reached from a loopback address means
+            // the kernel sent our own connect back to us: stop the loop here.
+            Ok(Ok(s)) if !dst.ip().is_loopback()
+                && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
+            {
+                relay::reset(&s);
+                Err(ProxyError::Intercepted(dst))
+            }
             Ok(Ok(s)) => Ok((s, dst)),
             Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
             Err(_) => Err(ProxyError::ConnectTimeout(dst)),
