@@ -212,7 +212,7 @@ fn finish(ctx: &SockAddrContext, verdict: Verdict, cookie: u64, orig: &OrigDst) 
         }
         Verdict::Refuse => {
             count(counter::REFUSED);
-            debug!(ctx, "refused connect to port {}", orig.port);
+            log_dst(ctx, "refused", orig);
             DENY
         }
         Verdict::Redirect => {
@@ -223,9 +223,30 @@ fn finish(ctx: &SockAddrContext, verdict: Verdict, cookie: u64, orig: &OrigDst) 
                 return DENY;
             }
             count(counter::REDIRECTED);
-            debug!(ctx, "redirected connect to port {}", orig.port);
+            log_dst(ctx, "redirected", orig);
             ALLOW
         }
+    }
+}
+
+#[inline(always)]
+fn log_dst(ctx: &SockAddrContext, what: &str, orig: &OrigDst) {
+    if orig.family == AF_INET {
+        debug!(
+            ctx,
+            "{} connect to {:i}:{}",
+            what,
+            u32::from_be(orig.addr[0]),
+            orig.port
+        );
+    } else {
+        debug!(
+            ctx,
+            "{} connect to [{:i}]:{}",
+            what,
+            words_to_bytes(&orig.addr),
+            orig.port
+        );
     }
 }
 

@@ -187,7 +187,10 @@ impl Config {
             None => String::new(),
         };
         if self.proxy.mark == Some(0) {
-            return Err(format!("{}proxy.mark: must not be 0 (0 means unmarked)", at("mark")));
+            return Err(format!(
+                "{}proxy.mark: must not be 0 (0 means unmarked)",
+                at("mark")
+            ));
         }
         if self.proxy.port == 0 {
             return Err(format!("{}proxy.port: must be 1-65535", at("port")));

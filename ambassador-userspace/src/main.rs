@@ -60,6 +60,11 @@ enum Command {
     },
     /// Show what is attached where, the counters and the pins.
     Status,
+    /// Follow the kernel programs' log lines (needs `init --bpf-log LEVEL`).
+    BpfLog {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
     /// Detach and unpin everything `init` left for a cgroup.
     Uninstall {
         #[arg(long)]
@@ -101,10 +106,13 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Run { .. }) {
-        "warn"
-    } else {
-        "info"
+    let default_level = match &cli.command {
+        Command::Run { bpf_log, .. } if !matches!(bpf_log, BpfLog::Off) => {
+            "warn,ambassador_ebpf=trace"
+        }
+        Command::Run { .. } => "warn",
+        Command::BpfLog { .. } => "info,ambassador_ebpf=trace",
+        _ => "info",
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -206,6 +214,20 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => {
             interception::check_environment()?;
             print!("{}", status::render(&pins::list()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BpfLog { cgroup } => {
+            interception::check_environment()?;
+            let logger = interception::bpf_log::open_installed(&cgroup)?;
+            let rt = runtime(1)?;
+            rt.block_on(async {
+                let (stop, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    let _ = stop.send(true);
+                });
+                interception::bpf_log::forward(logger, stop_rx).await
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { cgroup } => {

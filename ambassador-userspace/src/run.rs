@@ -62,11 +62,21 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
     let links = interception::attach(&mut bpf, &cg_dir)?;
     let (counters, conns) = interception::take_tables(&mut bpf)?;
+    let (log_stop, log_stop_rx) = watch::channel(false);
+    let bpf_log = if opts.bpf_log_level > 0 {
+        let logger = interception::bpf_log::open_loaded(&mut bpf)?;
+        Some(tokio::spawn(interception::bpf_log::forward(
+            logger,
+            log_stop_rx,
+        )))
+    } else {
+        None
+    };
     debug!(port, cgroup = %cg_path.display(), "interception attached");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let settings = Settings::from_config(&cfg.proxy);
-                settings.check()?;
+    settings.check()?;
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(conns)),
@@ -111,6 +121,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     drop(links); // detach
+    if let Some(task) = bpf_log {
+        let _ = log_stop.send(true);
+        let _ = task.await;
+    }
     if opts.summary {
         let line: Vec<String> = interception::read_counters(&counters)
             .into_iter()

@@ -356,10 +356,66 @@ fn a_proxy_under_the_wrong_uid_refuses_to_start() {
     let mut pod = Pod::new("proxy:\n  uid: 4242\n");
     let mut cmd = placed(
         bin(),
-        &Placement { netns: &pod.netns, cgroup: &pod.proxy_cgroup, uid: Some(PROXY_UID) },
+        &Placement {
+            netns: &pod.netns,
+            cgroup: &pod.proxy_cgroup,
+            uid: Some(PROXY_UID),
+        },
     );
-    let out = cmd.args(["proxy", "--config"]).arg(&pod.config).output().unwrap();
+    let out = cmd
+        .args(["proxy", "--config"])
+        .arg(&pod.config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("runs as uid 1337 but proxy.uid is 4242"), "{}", lines(&out));
+    assert!(
+        stderr(&out).contains("runs as uid 1337 but proxy.uid is 4242"),
+        "{}",
+        lines(&out)
+    );
     pod.kill_proxy();
+}
+
+#[test]
+fn bpf_log_follows_the_installed_programs() {
+    use std::io::{BufRead, BufReader};
+    let mut pod = Pod::new(DEFAULTS);
+    // Re-run init with kernel logging on (an in-place upgrade).
+    let out = pod.ambassador(
+        &["init", "--bpf-log", "debug", "--cgroup"],
+        Some(&pod.cgroup.clone()),
+    );
+    assert!(out.status.success(), "{}", lines(&out));
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7601, Behaviour::Greet);
+    let mut follow = std::process::Command::new(bin())
+        .args(["bpf-log", "--cgroup"])
+        .arg(&pod.cgroup)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = follow.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let out = pod.client(&["greet", SERVER_V4, "7601"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let want = format!("redirected connect to {SERVER_V4}:7601");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            if line.contains(&want) {
+                break;
+            }
+            seen.push(line);
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(Instant::now() < deadline, "no {want:?} in {seen:?}");
 }

@@ -60,6 +60,25 @@ fn run_redirects_a_command_and_reports_counters() {
 }
 
 #[test]
+fn run_shows_the_kernel_programs_log_when_asked() {
+    require_root();
+    let cfg = loopback_config();
+    let (_server, port) = greet_server();
+    let out = Command::new(bin())
+        .args(["run", "--bpf-log", "debug", "--config"])
+        .arg(&cfg)
+        .arg("--")
+        .arg("python3")
+        .arg(client_py())
+        .args(["greet", "127.0.0.1", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = format!("ambassador_ebpf: redirected connect to 127.0.0.1:{port}");
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
+}
+
+#[test]
 fn run_passes_on_the_exit_code() {
     require_root();
     let cfg = loopback_config();
@@ -218,7 +237,7 @@ fn bad_input_gets_one_line_and_a_nonzero_exit() {
     // Port in use.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    std::fs::write(&bad, format!("proxy:\n  port: {port}\n")).unwrap();
+    std::fs::write(&bad, format!("proxy:\n  port: {port}\n  uid: 0\n")).unwrap();
     let out = Command::new(bin())
         .args(["proxy", "--config"])
         .arg(&bad)

@@ -112,3 +112,35 @@ pub fn open_pinned(path: &Path) -> io::Result<Option<OwnedFd>> {
         Err(e) => Err(e),
     }
 }
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoHead {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    _union: [u64; 4],
+}
+
+/// The id of the program a link runs.
+pub fn prog_id(link: impl AsFd) -> io::Result<u32> {
+    let mut info = LinkInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfoHead>() as u32,
+        info: &mut info as *mut LinkInfoHead as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.prog_id)
+}

@@ -2,6 +2,7 @@
 //! them to a Pod's cgroup, pinning what must outlive `init`, and taking it all
 //! away again.
 
+pub mod bpf_log;
 pub mod cgroup;
 pub mod link;
 pub mod pins;
@@ -46,6 +47,8 @@ pub enum InterceptError {
     NoSuchCgroup(PathBuf),
     #[error("{0} is not in a cgroup v2 hierarchy: is the Pod's cgroup v2 mounted there?")]
     NotCgroup2(PathBuf),
+    #[error("nothing is installed at {0}: run `ambassador init --cgroup` first")]
+    NotInstalled(PathBuf),
     #[error("kernel {found} is too old: ambassador needs Linux 5.8 or newer")]
     KernelTooOld { found: String },
     #[error("{what}: {source}")]

@@ -39,7 +39,9 @@ pub enum ProxyError {
     },
     #[error("connect to {0} timed out")]
     ConnectTimeout(SocketAddr),
-    #[error("the proxy's own connection to {0} was intercepted: is proxy.uid the uid the proxy runs as (or proxy.mark set)?")]
+    #[error(
+        "the proxy's own connection to {0} was intercepted: is proxy.uid the uid the proxy runs as (or proxy.mark set)?"
+    )]
     Intercepted(SocketAddr),
 }
 
@@ -77,7 +79,9 @@ pub enum ListenError {
         "port {port} on {ip} is in use (is another ambassador or program listening there? set proxy.port)"
     )]
     InUse { ip: IpAddr, port: u16 },
-    #[error("cannot set proxy.mark {mark} on sockets: {source} (the proxy needs CAP_NET_ADMIN for a mark; or use proxy.uid)")]
+    #[error(
+        "cannot set proxy.mark {mark} on sockets: {source} (the proxy needs CAP_NET_ADMIN for a mark; or use proxy.uid)"
+    )]
     Mark {
         mark: u32,
         #[source]
@@ -317,8 +321,9 @@ impl Ctx {
         match tokio::time::timeout(self.settings.connect_timeout, sock.connect(dst)).await {
             // A non-loopback destination reached from a loopback address means
             // the kernel sent our own connect back to us: stop the loop here.
-            Ok(Ok(s)) if !dst.ip().is_loopback()
-                && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
+            Ok(Ok(s))
+                if !dst.ip().is_loopback()
+                    && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
             {
                 relay::reset(&s);
                 Err(ProxyError::Intercepted(dst))
