@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::watch,
 };
 use tracing::{debug, warn};
@@ -37,6 +37,8 @@ pub struct RunOptions {
 /// (128+N when it died of signal N).
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     interception::check_environment()?;
+    // Handlers first: a Ctrl-C from now on must reach our clean-up, not kill us.
+    let signals = Signals::new()?;
     let (program, args) = opts
         .command
         .split_first()
@@ -116,7 +118,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         .with_context(|| format!("cannot start {}", program.to_string_lossy()))?;
     drop(procs);
 
-    let status = wait_forwarding_signals(&mut child).await?;
+    let status = signals.wait_forwarding(&mut child).await?;
 
     let _ = stop_tx.send(true);
     let _ = proxy.await;
@@ -136,27 +138,45 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     Ok(exit_code(status))
 }
 
-/// Waits for the child; SIGTERM, SIGHUP and SIGQUIT sent to ambassador are
-/// passed on. Ctrl-C needs no forwarding: the terminal sends SIGINT to the whole
-/// foreground group, the child included, and ambassador just keeps waiting.
-async fn wait_forwarding_signals(child: &mut tokio::process::Child) -> anyhow::Result<ExitStatus> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let pid = child
-        .id()
-        .context("child exited before it could be tracked")? as i32;
-    loop {
-        let sig = tokio::select! {
-            status = child.wait() => return Ok(status?),
-            _ = term.recv() => libc::SIGTERM,
-            _ = hup.recv() => libc::SIGHUP,
-            _ = quit.recv() => libc::SIGQUIT,
-            _ = int.recv() => continue,
-        };
-        // SAFETY: plain syscall on our own, not yet reaped, child.
-        unsafe { libc::kill(pid, sig) };
+/// The signals `run` handles, registered before the command starts.
+struct Signals {
+    term: Signal,
+    hup: Signal,
+    quit: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the child; SIGTERM, SIGHUP and SIGQUIT sent to ambassador are
+    /// passed on. Ctrl-C needs no forwarding: the terminal sends SIGINT to the
+    /// whole foreground group, the child included, and ambassador keeps waiting.
+    async fn wait_forwarding(
+        mut self,
+        child: &mut tokio::process::Child,
+    ) -> anyhow::Result<ExitStatus> {
+        let pid = child
+            .id()
+            .context("child exited before it could be tracked")? as i32;
+        loop {
+            let sig = tokio::select! {
+                status = child.wait() => return Ok(status?),
+                _ = self.term.recv() => libc::SIGTERM,
+                _ = self.hup.recv() => libc::SIGHUP,
+                _ = self.quit.recv() => libc::SIGQUIT,
+                _ = self.int.recv() => continue,
+            };
+            // SAFETY: plain syscall on our own, not yet reaped, child.
+            unsafe { libc::kill(pid, sig) };
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambassador_common::{counter, maps};
+use ambassador_common::{ConnKey, OrigDst, counter, maps};
 use aya::maps::{Map, MapData, PerCpuArray};
 
 pub const POD_V4: &str = "198.18.0.1";
@@ -389,6 +389,18 @@ impl Pod {
             refused: get(counter::REFUSED),
             passed: get(counter::PASSED),
         }
+    }
+
+    /// Entries in the original-destination tables (AMB_CONNS, AMB_COOKIES).
+    pub fn tracked(&self) -> (usize, usize) {
+        let open = |name: &str| {
+            Map::LruHashMap(MapData::from_pin(self.pin_dir().join(name)).expect("pinned table"))
+        };
+        let conns = aya::maps::HashMap::<_, ConnKey, OrigDst>::try_from(open(maps::CONNS))
+            .expect("connection table");
+        let cookies = aya::maps::HashMap::<_, u64, OrigDst>::try_from(open(maps::COOKIES))
+            .expect("cookie table");
+        (conns.keys().count(), cookies.keys().count())
     }
 
     /// A server in the servers' namespace.

@@ -292,6 +292,17 @@ fn fin_propagates_both_ways() {
         "{:?}",
         s.events()
     );
+
+    // Closed connections leave nothing behind in the kernel's tables.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.tracked() != (0, 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        pod.tracked(),
+        (0, 0),
+        "(connections, cookies) still tracked"
+    );
 }
 
 #[test]
