@@ -3,6 +3,8 @@
 //! Unknown keys, wrong types and bad values are errors naming the field path and
 //! the line; every key has a default, so an empty file is valid.
 
+pub mod service;
+
 use std::{fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
 
 use ambassador_common::{DEFAULT_PROXY_PORT, DEFAULT_PROXY_UID, DEFAULT_TABLE_SIZE, maps};
@@ -28,6 +30,9 @@ pub enum ConfigError {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub intercept: InterceptConfig,
+    /// For connections no service matches.
+    pub default: service::DefaultPolicy,
+    pub services: Vec<service::ServiceConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -182,7 +187,7 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
-        let at = |key: &str| match line_of(text, key) {
+        let at = |key: &str| match line_of(text, &format!("{key}:")) {
             Some(l) => format!("line {l}: "),
             None => String::new(),
         };
@@ -221,12 +226,72 @@ impl Config {
                 at("table_size")
             ));
         }
+        self.validate_services(text)?;
         for (name, d) in [
             ("connect_timeout", self.proxy.connect_timeout),
             ("idle_timeout", self.proxy.idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{}proxy.{name}: must be more than 0", at(name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks between services and fields that no single value can check.
+    fn validate_services(&self, text: &str) -> Result<(), String> {
+        use service::{Protocol, SourceKind};
+        let mut seen = std::collections::HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = match line_of(text, &format!("name: {}", s.name)) {
+                Some(l) => format!("line {l}: services[{i}]"),
+                None => format!("services[{i}]"),
+            };
+            if s.name.is_empty() {
+                return Err(format!("{at}.name: must not be empty"));
+            }
+            if !seen.insert(s.name.as_str()) {
+                return Err(format!("{at}.name: `{}` is used twice", s.name));
+            }
+            let has_policy =
+                !s.request.set_headers.is_empty() || !s.request.remove_headers.is_empty();
+            if s.protocol == Protocol::Tcp && has_policy {
+                return Err(format!(
+                    "{at}.request: header policy needs `protocol: http` (service `{}`)",
+                    s.name
+                ));
+            }
+            if s.protocol == Protocol::Tcp && s.matcher.host.is_some() && s.matcher.cidr.is_none() {
+                return Err(format!(
+                    "{at}.match: a tcp service is recognised by address: give `cidr` (matching \
+                     by the addresses a host name resolves to is not supported yet)"
+                ));
+            }
+            if let Some(tls) = &s.upstream.tls {
+                let named_endpoint = s
+                    .upstream
+                    .endpoints
+                    .iter()
+                    .any(|e| e.address.host.parse::<IpAddr>().is_err());
+                if tls.server_name.is_none() && !named_endpoint {
+                    return Err(format!(
+                        "{at}.upstream.tls.server_name: required when no endpoint is named by host \
+                         (the certificate is checked against it)"
+                    ));
+                }
+            }
+            for (name, src) in &s.request.set_headers {
+                if let SourceKind::OAuth2(o) = &src.kind {
+                    if !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
+                    {
+                        return Err(format!(
+                            "{at}.request.set_headers.{}.oauth2_client_credentials.token_url: must be an http(s) URL",
+                            name.0
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -247,11 +312,17 @@ fn yaml_error(e: &serde_yaml_ng::Error) -> String {
     }
 }
 
-/// The first line holding `key:`, for errors found after parsing.
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    let needle = format!("{key}:");
+/// The first line starting with `needle` (after indentation and a list dash),
+/// for errors found after parsing.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
     text.lines()
-        .position(|l| l.trim_start().starts_with(&needle))
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix("- ")
+                .unwrap_or(l)
+                .trim_start()
+                .starts_with(needle)
+        })
         .map(|i| i + 1)
 }
 
@@ -294,6 +365,93 @@ mod tests {
     }
 
     #[test]
+    fn http_egress_example_parses() {
+        use service::{DefaultPolicy, Protocol, SourceKind};
+        let text = include_str!("../../../examples/http-egress.yaml");
+        let cfg = Config::parse(text).unwrap();
+        assert_eq!(cfg.default, DefaultPolicy::Deny);
+        assert_eq!(cfg.services.len(), 2);
+        let pay = &cfg.services[0];
+        assert_eq!(pay.matcher.host.as_deref(), Some("payments.example.com"));
+        assert_eq!(pay.protocol, Protocol::Http);
+        assert_eq!(
+            pay.upstream.endpoints[0].address.to_string(),
+            "payments.example.com:443"
+        );
+        let tls = pay.upstream.tls.as_ref().unwrap();
+        assert_eq!(tls.alpn, ["h2", "http/1.1"]);
+        let auth = &pay.request.set_headers[&service::HeaderKey("authorization".into())];
+        assert_eq!(auth.prefix, "Bearer ");
+        assert!(matches!(auth.kind, SourceKind::File(_)));
+        let api = &cfg.services[1];
+        assert!(matches!(
+            api.request.set_headers.values().next().unwrap().kind,
+            SourceKind::OAuth2(_)
+        ));
+    }
+
+    #[test]
+    fn service_errors_name_field_and_line() {
+        let e = Config::parse("services:\n  - name: a\n    match: { port: 80 }\n").unwrap_err();
+        // The line is the service's (serde_yaml_ng marks the enclosing mapping).
+        assert!(
+            e.starts_with("line 2: ") && e.contains("services[0].match"),
+            "{e}"
+        );
+
+        let e = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n    protocol: http\n    request:\n      set_headers:\n        x-a: { value: a, env: B }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("line 7: ") && e.contains("set_headers.x-a"),
+            "{e}"
+        );
+        assert!(e.contains("exactly one of"), "{e}");
+
+        let e = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n    upstream:\n      endpoints:\n        - address: nope\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("line 6: ") && e.contains("endpoints[0].address"),
+            "{e}"
+        );
+
+        let e = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n    request: { remove_headers: [x-a] }\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("line 2: services[0].request") && e.contains("protocol: http"),
+            "{e}"
+        );
+
+        let e = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n    upstream: { tls: {} }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("server_name: required"), "{e}");
+
+        let e = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let cfg = Config::parse(
+            "services:\n  - name: a\n    match: { cidr: 10.0.0.0/8 }\n    protocol: http\n    request:\n      set_headers:\n        authorization: { value: s3cr3t-canary }\n",
+        )
+        .unwrap();
+        let dump = format!("{cfg:?}");
+        assert!(!dump.contains("s3cr3t-canary"), "{dump}");
+        assert!(dump.contains("<redacted>"));
+    }
+
+    #[test]
     fn errors_name_field_and_line() {
         let e = Config::parse("proxy:\n  port: 15001\n  prot: 1\n").unwrap_err();
         assert!(e.starts_with("line 3: "), "{e}");
@@ -317,7 +475,7 @@ mod tests {
         let e = Config::parse("proxy:\n  port: 0\n").unwrap_err();
         assert_eq!(e, "line 2: proxy.port: must be 1-65535");
 
-        let e = Config::parse("services: []\n").unwrap_err();
-        assert!(e.starts_with("line 1: ") && e.contains("services"), "{e}");
+        let e = Config::parse("service: []\n").unwrap_err();
+        assert!(e.starts_with("line 1: ") && e.contains("service"), "{e}");
     }
 }

@@ -1,0 +1,333 @@
+//! The `services` section: what to recognise, where it goes, and the policy on
+//! the way. Types validate themselves while they are read (`try_from`), so a
+//! bad value is reported with its line and field path like a syntax error.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf};
+
+use serde::Deserialize;
+
+use super::Cidr;
+
+/// What happens to a connection no service matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    /// Relay it as-is to where the app was going.
+    #[default]
+    Passthrough,
+    /// Refuse it: reset for TCP, 403 with the reason for HTTP.
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: MatchConfig,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub request: RequestPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.x or HTTP/2 (prior knowledge) from the app; policy per request.
+    Http,
+    /// Opaque bytes, relayed.
+    #[default]
+    Tcp,
+}
+
+/// How a service recognises its connections: by original destination
+/// (`cidr`, `port`) and/or by name (`host`: the HTTP Host header).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawMatch")]
+pub struct MatchConfig {
+    pub host: Option<String>,
+    pub cidr: Option<Cidr>,
+    pub port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    host: Option<String>,
+    cidr: Option<Cidr>,
+    port: Option<u16>,
+}
+
+impl TryFrom<RawMatch> for MatchConfig {
+    type Error = String;
+    fn try_from(r: RawMatch) -> Result<Self, String> {
+        if r.host.is_none() && r.cidr.is_none() {
+            return Err("a match needs `host` or `cidr` (and usually `port`)".into());
+        }
+        if r.port == Some(0) {
+            return Err("port 0 is not a port".into());
+        }
+        let host = match r.host {
+            Some(h) => Some(valid_host(&h)?),
+            None => None,
+        };
+        Ok(MatchConfig {
+            host,
+            cidr: r.cidr,
+            port: r.port,
+        })
+    }
+}
+
+/// A DNS name, lowercased; no port, no scheme.
+fn valid_host(h: &str) -> Result<String, String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(h.to_ascii_lowercase())
+    } else {
+        Err(format!("`{h}` is not a host name (like api.example.com)"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Where to send it; empty means the original destination.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Originate TLS to the upstream; absent means plain.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub address: HostPort,
+}
+
+/// `host:port` or `ip:port` (`[v6]:port`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not host:port (like api.example.com:443 or 10.0.0.5:8080)");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            v6.to_string()
+        } else if host.parse::<std::net::Ipv4Addr>().is_ok() {
+            host.to_string()
+        } else {
+            valid_host(host).map_err(|_| bad())?
+        };
+        Ok(HostPort { host, port })
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawTls")]
+pub struct TlsConfig {
+    /// SNI and the name the certificate must be valid for.
+    pub server_name: Option<String>,
+    /// PEM bundle added to the built-in (webpki) roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mTLS to the upstream.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub min_version: TlsVersion,
+    pub alpn: Vec<String>,
+    /// Accept any certificate. Named to be noticed; warned about at every start.
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    server_name: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default)]
+    min_version: TlsVersion,
+    alpn: Option<Vec<String>>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
+}
+
+impl TryFrom<RawTls> for TlsConfig {
+    type Error = String;
+    fn try_from(r: RawTls) -> Result<Self, String> {
+        if r.client_cert.is_some() != r.client_key.is_some() {
+            return Err("client_cert and client_key go together".into());
+        }
+        let alpn = r
+            .alpn
+            .unwrap_or_else(|| vec!["h2".into(), "http/1.1".into()]);
+        if let Some(bad) = alpn
+            .iter()
+            .find(|p| p.as_str() != "h2" && p.as_str() != "http/1.1")
+        {
+            return Err(format!("alpn `{bad}` is not supported (h2, http/1.1)"));
+        }
+        let server_name = match r.server_name {
+            Some(n) if n.parse::<std::net::IpAddr>().is_ok() => Some(n),
+            Some(n) => Some(valid_host(&n)?),
+            None => None,
+        };
+        Ok(TlsConfig {
+            server_name,
+            ca_file: r.ca_file,
+            client_cert: r.client_cert,
+            client_key: r.client_key,
+            min_version: r.min_version,
+            alpn,
+            insecure_skip_verify: r.insecure_skip_verify,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RequestPolicy {
+    /// Headers the ambassador sets; any inbound copy is removed first.
+    #[serde(default)]
+    pub set_headers: BTreeMap<HeaderKey, HeaderSource>,
+    #[serde(default)]
+    pub remove_headers: Vec<HeaderKey>,
+}
+
+/// A valid HTTP header name, lowercased.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HeaderKey(pub String);
+
+impl TryFrom<String> for HeaderKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        http::HeaderName::from_bytes(lower.as_bytes())
+            .map(|_| HeaderKey(lower))
+            .map_err(|_| format!("`{s}` is not an HTTP header name"))
+    }
+}
+
+/// Where a header value comes from. Exactly one of `value`, `env`, `file`,
+/// `oauth2_client_credentials`; `prefix` (such as `"Bearer "`) goes in front.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawHeaderSource")]
+pub struct HeaderSource {
+    pub kind: SourceKind,
+    pub prefix: String,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    Value(String),
+    Env(String),
+    File(PathBuf),
+    OAuth2(OAuth2Config),
+}
+
+// Values may be secrets: Debug shows where they come from, never what they are.
+impl fmt::Debug for HeaderSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            SourceKind::Value(_) => f.write_str("HeaderSource::Value(<redacted>)"),
+            SourceKind::Env(v) => write!(f, "HeaderSource::Env({v})"),
+            SourceKind::File(p) => write!(f, "HeaderSource::File({})", p.display()),
+            SourceKind::OAuth2(o) => write!(f, "HeaderSource::OAuth2({})", o.token_url),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderSource {
+    value: Option<String>,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    oauth2_client_credentials: Option<OAuth2Config>,
+    #[serde(default)]
+    prefix: String,
+}
+
+impl TryFrom<RawHeaderSource> for HeaderSource {
+    type Error = String;
+    fn try_from(r: RawHeaderSource) -> Result<Self, String> {
+        let mut kinds = Vec::new();
+        if let Some(v) = r.value {
+            kinds.push(SourceKind::Value(v));
+        }
+        if let Some(v) = r.env {
+            kinds.push(SourceKind::Env(v));
+        }
+        if let Some(v) = r.file {
+            kinds.push(SourceKind::File(v));
+        }
+        if let Some(v) = r.oauth2_client_credentials {
+            kinds.push(SourceKind::OAuth2(v));
+        }
+        if kinds.len() != 1 {
+            return Err(
+                "a header needs exactly one of value, env, file, oauth2_client_credentials".into(),
+            );
+        }
+        if http::HeaderValue::from_str(&r.prefix).is_err() {
+            return Err("prefix is not a valid header value".into());
+        }
+        Ok(HeaderSource {
+            kind: kinds.pop().expect("one"),
+            prefix: r.prefix,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret_file: PathBuf,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
