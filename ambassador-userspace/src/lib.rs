@@ -5,9 +5,14 @@
 //! [`original_dst`] where each was going and relays it there. [`config`] is the
 //! one file all commands read; [`run`] puts it together for one command.
 
+pub mod auth;
 pub mod config;
+pub mod files;
+pub mod http;
 pub mod interception;
 pub mod original_dst;
 pub mod proxy;
 pub mod run;
+pub mod service;
 pub mod status;
+pub mod tls;

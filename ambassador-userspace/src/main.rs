@@ -1,6 +1,6 @@
 //! The `ambassador` binary: the one place errors become exit codes.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use ambassador_userspace::{
     config::Config,
@@ -8,6 +8,7 @@ use ambassador_userspace::{
     original_dst::OriginalDst,
     proxy::{self, Listeners, Settings},
     run::{self, RunOptions},
+    service::ServiceTable,
     status,
 };
 use anyhow::Context as _;
@@ -183,6 +184,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             proxy::raise_fd_limit();
             let rt = runtime(cfg.proxy.workers)?;
+            let settings = Settings::from_config(&cfg.proxy);
+            settings.check()?;
+            let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
             rt.block_on(async {
                 let listeners = Listeners::bind(cfg.proxy.port)?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -197,12 +201,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                     let _ = tx.send(true);
                 });
-                let settings = Settings::from_config(&cfg.proxy);
-                settings.check()?;
                 proxy::serve(
                     listeners,
                     OriginalDst::SocketOption,
                     settings,
+                    services,
                     rx,
                     Duration::from_secs(5),
                 )

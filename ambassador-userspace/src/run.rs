@@ -25,6 +25,7 @@ use crate::{
     interception::{self, LoadOptions, cgroup},
     original_dst::OriginalDst,
     proxy::{self, Listeners, Settings},
+    service::ServiceTable,
 };
 
 pub struct RunOptions {
@@ -44,6 +45,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         .split_first()
         .context("no command given: usage is `ambassador run [OPTIONS] -- CMD [ARGS...]`")?;
 
+    // Everything the config names is read now: a bad file stops us here.
+    let settings = Settings::from_config(&cfg.proxy);
+    settings.check()?;
+    let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
     let fd_limit = proxy::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
@@ -77,12 +82,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     debug!(port, cgroup = %cg_path.display(), "interception attached");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let settings = Settings::from_config(&cfg.proxy);
-    settings.check()?;
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(conns)),
         settings,
+        services,
         stop_rx,
         Duration::from_secs(1),
     ));

@@ -51,6 +51,9 @@ pub struct ProxyConfig {
     /// Close a relayed connection after this long with no byte in either direction.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// Drop an HTTP client that has not sent a complete request head by then.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
     /// Runtime worker threads; 0 picks min(2, cores): a sidecar shares its Pod's CPU.
     pub workers: usize,
 }
@@ -63,6 +66,7 @@ impl Default for ProxyConfig {
             mark: None,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
+            header_read_timeout: Duration::from_secs(10),
             workers: 0,
         }
     }
@@ -230,6 +234,7 @@ impl Config {
         for (name, d) in [
             ("connect_timeout", self.proxy.connect_timeout),
             ("idle_timeout", self.proxy.idle_timeout),
+            ("header_read_timeout", self.proxy.header_read_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{}proxy.{name}: must be more than 0", at(name)));
@@ -283,8 +288,9 @@ impl Config {
                 }
             }
             for (name, src) in &s.request.set_headers {
-                if let SourceKind::OAuth2(o) = &src.kind {
-                    if !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
+                if let SourceKind::OAuth2(o) = &src.kind
+                    && !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
+                {
                     {
                         return Err(format!(
                             "{at}.request.set_headers.{}.oauth2_client_credentials.token_url: must be an http(s) URL",

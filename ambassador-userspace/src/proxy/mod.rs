@@ -17,7 +17,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::original_dst::OriginalDst;
+use crate::{
+    config::service::{DefaultPolicy, Protocol},
+    http,
+    original_dst::OriginalDst,
+    service::{Route, Service, ServiceTable},
+};
 
 /// A connection-level failure, classified by where it came from and whether
 /// trying again could help.
@@ -101,6 +106,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// SO_MARK for upstream sockets, so the kernel programs skip them.
     pub mark: Option<u32>,
+    /// An HTTP client that has not sent its request head by then is dropped.
+    pub header_read_timeout: Duration,
 }
 
 impl Settings {
@@ -109,6 +116,7 @@ impl Settings {
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
             mark: cfg.mark,
+            header_read_timeout: cfg.header_read_timeout,
         }
     }
 
@@ -220,6 +228,7 @@ pub async fn serve(
     listeners: Listeners,
     original_dst: OriginalDst,
     settings: Settings,
+    services: Arc<ServiceTable>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -228,6 +237,7 @@ pub async fn serve(
         original_dst,
         settings,
         port,
+        services,
     });
     let mut conns = JoinSet::new();
     let v6 = listeners.v6;
@@ -271,12 +281,52 @@ struct Ctx {
     original_dst: OriginalDst,
     settings: Settings,
     port: u16,
+    services: Arc<ServiceTable>,
 }
 
 impl Ctx {
     async fn handle(&self, app: TcpStream, peer: SocketAddr) {
-        match self.open_upstream(&app).await {
-            Ok((upstream, dst)) => {
+        let dst = match self.original_destination(&app) {
+            Ok(dst) => dst,
+            Err(e) => return self.refuse(&app, peer, &e),
+        };
+        let _ = app.set_nodelay(true);
+        let route = self.services.route(dst);
+        match &route {
+            Route::Service(svc) if svc.protocol == Protocol::Http => {
+                return http::serve(
+                    app,
+                    dst,
+                    route.clone(),
+                    self.services.clone(),
+                    &self.settings,
+                )
+                .await;
+            }
+            // Services here are named by Host: HTTP decides per request;
+            // anything else gets the default.
+            Route::ByHost if sniff_http(&app).await => {
+                return http::serve(app, dst, route, self.services.clone(), &self.settings).await;
+            }
+            _ => {}
+        }
+        let target = match &route {
+            Route::Service(svc) => Some(svc.clone()),
+            _ if self.services.default == DefaultPolicy::Deny => {
+                info!(%peer, %dst, "denied: no service matches and the default is deny");
+                relay::reset(&app);
+                return;
+            }
+            _ => None,
+        };
+        let upstream = match &target {
+            Some(svc) if !svc.endpoints.is_empty() || svc.tls.is_some() => {
+                return self.relay_to_service(app, peer, dst, svc).await;
+            }
+            _ => connect_upstream(dst, &self.settings).await,
+        };
+        match upstream {
+            Ok(upstream) => {
                 let _ = app.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
                 let (outcome, totals) =
@@ -286,19 +336,21 @@ impl Ctx {
                     info!(%peer, %dst, timeout = ?self.settings.idle_timeout, "idle timeout fired: closing");
                 }
             }
-            Err(e) => {
-                match e.origin() {
-                    Origin::App => warn!(%peer, "{e}"),
-                    Origin::Upstream => info!(%peer, "{e}"),
-                    Origin::Internal => warn!(%peer, "{e}"),
-                }
-                // The app learns at once, not after its own timeout.
-                relay::reset(&app);
-            }
+            Err(e) => self.refuse(&app, peer, &e),
         }
     }
 
-    async fn open_upstream(&self, app: &TcpStream) -> Result<(TcpStream, SocketAddr), ProxyError> {
+    fn refuse(&self, app: &TcpStream, peer: SocketAddr, e: &ProxyError) {
+        match e.origin() {
+            Origin::App => warn!(%peer, "{e}"),
+            Origin::Upstream => info!(%peer, "{e}"),
+            Origin::Internal => warn!(%peer, "{e}"),
+        }
+        // The app learns at once, not after its own timeout.
+        relay::reset(app);
+    }
+
+    fn original_destination(&self, app: &TcpStream) -> Result<SocketAddr, ProxyError> {
         let dst = self
             .original_dst
             .lookup(app)
@@ -307,18 +359,78 @@ impl Ctx {
         if dst.port() == self.port && dst.ip().is_loopback() {
             return Err(ProxyError::Loop(dst));
         }
+        Ok(dst)
+    }
+
+    /// A TCP service with its own endpoints and/or TLS origination.
+    async fn relay_to_service(
+        &self,
+        mut app: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        svc: &Service,
+    ) {
+        let (host, port) = svc.target(dst);
+        let addr = match tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(|mut a| a.next())
+        {
+            Ok(Some(a)) => a,
+            _ => {
+                warn!(service = %svc.name, %host, "cannot resolve the service's endpoint");
+                relay::reset(&app);
+                return;
+            }
+        };
+        let upstream = match connect_upstream(addr, &self.settings).await {
+            Ok(u) => u,
+            Err(e) => return self.refuse(&app, peer, &e),
+        };
+        let _ = upstream.set_nodelay(true);
+        match &svc.tls {
+            None => {
+                let (outcome, totals) =
+                    relay::relay(&app, &upstream, self.settings.idle_timeout).await;
+                debug!(%peer, %dst, service = %svc.name, upstream = %addr, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
+            }
+            Some(origin) => match origin.connect(upstream).await {
+                Ok(mut tls) => {
+                    // TLS needs a stream copy; small buffers keep idle cost low.
+                    let r = tokio::time::timeout(
+                        self.settings.idle_timeout,
+                        tokio::io::copy_bidirectional_with_sizes(&mut app, &mut tls, 8192, 8192),
+                    )
+                    .await;
+                    debug!(%peer, %dst, service = %svc.name, upstream = %addr, result = ?r.map(|r| r.map_err(|e| e.kind())), "tls connection closed");
+                }
+                Err(e) => {
+                    warn!(service = %svc.name, upstream = %addr, "TLS handshake failed: {}", crate::tls::reason(&e));
+                    relay::reset(&app);
+                }
+            },
+        }
+    }
+}
+
+/// Connects to an upstream from the proxy: its own socket (marked when
+/// configured), so the kernel programs let it through.
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    settings: &Settings,
+) -> Result<TcpStream, ProxyError> {
+    {
         let sock = if dst.is_ipv4() {
             TcpSocket::new_v4()
         } else {
             TcpSocket::new_v6()
         }
         .map_err(|source| ProxyError::Connect { addr: dst, source })?;
-        if let Some(mark) = self.settings.mark {
+        if let Some(mark) = settings.mark {
             socket2::SockRef::from(&sock)
                 .set_mark(mark)
                 .map_err(|source| ProxyError::Connect { addr: dst, source })?;
         }
-        match tokio::time::timeout(self.settings.connect_timeout, sock.connect(dst)).await {
+        match tokio::time::timeout(settings.connect_timeout, sock.connect(dst)).await {
             // A non-loopback destination reached from a loopback address means
             // the kernel sent our own connect back to us: stop the loop here.
             Ok(Ok(s))
@@ -328,9 +440,57 @@ impl Ctx {
                 relay::reset(&s);
                 Err(ProxyError::Intercepted(dst))
             }
-            Ok(Ok(s)) => Ok((s, dst)),
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
             Err(_) => Err(ProxyError::ConnectTimeout(dst)),
         }
     }
 }
+
+/// Does the app's first data look like HTTP (a request line, or the HTTP/2
+/// preface)? Waits briefly for it; a server-speaks-first protocol on the port
+/// just times out here and is treated as not HTTP.
+async fn sniff_http(app: &TcpStream) -> bool {
+    const METHODS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"PRI * HTTP/2",
+    ];
+    let mut buf = [0u8; 12];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 {
+            return false;
+        }
+        let seen = &buf[..n];
+        let mut undecided = false;
+        for m in METHODS {
+            let k = m.len().min(n);
+            if seen[..k] == m[..k] {
+                if n >= m.len() {
+                    return true;
+                }
+                undecided = true;
+            }
+        }
+        if !undecided {
+            return false;
+        }
+        // A prefix of a method so far: wait for more bytes.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long to wait for an app's first bytes on a port shared by HTTP services.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);

@@ -1,0 +1,306 @@
+//! The HTTP ambassador: hyper on the app side (HTTP/1.x and HTTP/2 prior
+//! knowledge), per-request service choice by Host, the service's request
+//! policy, and a pooled upstream client. Bodies stream both ways.
+
+pub mod upstream;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, HeaderName},
+    uri::{Authority, PathAndQuery, Scheme},
+};
+use http_body_util::{Either, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::service::DefaultPolicy,
+    proxy::Settings,
+    service::{Route, Service, ServiceTable},
+};
+
+use upstream::{ConnectError, HttpClient};
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// The header that tells the app why the ambassador answered itself.
+pub const ERROR_HEADER: &str = "x-ambassador-error";
+
+/// Serves one app connection until it closes.
+pub async fn serve(
+    app: TcpStream,
+    dst: SocketAddr,
+    route: Route,
+    table: Arc<ServiceTable>,
+    settings: &Settings,
+) {
+    let svc = service_fn(move |req| {
+        let (route, table) = (route.clone(), table.clone());
+        async move { Ok::<_, Infallible>(handle(req, dst, &route, &table).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
+    if let Err(e) = builder.serve_connection(TokioIo::new(app), svc).await {
+        debug!(%dst, error = %e, "app connection ended with an error");
+    }
+}
+
+/// The Host the request names, lowercased, without port.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req.uri().host().map(str::to_string).or_else(|| {
+        let h = req.headers().get(header::HOST)?.to_str().ok()?;
+        let h = h.parse::<Authority>().ok()?;
+        Some(h.host().to_string())
+    })?;
+    Some(raw.to_ascii_lowercase())
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    dst: SocketAddr,
+    route: &Route,
+    table: &ServiceTable,
+) -> Response<Body> {
+    let host = request_host(&req);
+    let svc = match route {
+        Route::Service(s) => match &s.host {
+            Some(h) if host.as_deref() != Some(h.as_str()) => None,
+            _ => Some(s.clone()),
+        },
+        Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
+        Route::Default => None,
+    };
+    match svc {
+        Some(svc) => forward(req, dst, &svc.client, Some(&svc)).await,
+        None => match table.default {
+            DefaultPolicy::Passthrough => forward(req, dst, &table.passthrough, None).await,
+            DefaultPolicy::Deny => {
+                let what = host.unwrap_or_else(|| dst.to_string());
+                info!(%dst, host = %what, "denied: no service matches and the default is deny");
+                error_response(
+                    StatusCode::FORBIDDEN,
+                    &format!("no service matches {what} and the default policy is deny"),
+                )
+            }
+        },
+    }
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    dst: SocketAddr,
+    client: &HttpClient,
+    svc: Option<&Arc<Service>>,
+) -> Response<Body> {
+    let name = svc.map_or("(default)", |s| s.name.as_str());
+    strip_hop_by_hop(req.headers_mut());
+    if let Some(svc) = svc
+        && let Err(e) = svc.rules.apply(req.headers_mut())
+    {
+        // Never send the request without the credentials the service needs.
+        warn!(service = name, "{e}");
+        return error_response(StatusCode::BAD_GATEWAY, &e.to_string());
+    }
+    let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.target(dst));
+    let tls = svc.is_some_and(|s| s.tls.is_some());
+    let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
+    let authority = match authority(&host, port, tls) {
+        Some(a) => a,
+        None => return error_response(StatusCode::BAD_GATEWAY, "bad upstream address"),
+    };
+    if rewrites_host || !req.headers().contains_key(header::HOST) {
+        // The upstream sees its own name, as if the app had called it.
+        let shown = display_authority(&host, port, tls);
+        if let Ok(v) = HeaderValue::from_str(&shown) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path);
+    *req.uri_mut() = match Uri::from_parts(parts) {
+        Ok(u) => u,
+        Err(_) => return error_response(StatusCode::BAD_GATEWAY, "bad upstream URI"),
+    };
+    // The upstream connection decides the wire version (ALPN); hyper upgrades
+    // an HTTP/1.1 request on an h2 connection by itself.
+    *req.version_mut() = Version::HTTP_11;
+    match client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(e) => {
+            let connect =
+                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ConnectError>());
+            let (status, reason) = match connect {
+                Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
+                Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
+                None => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("upstream request failed: {e}"),
+                ),
+            };
+            warn!(service = name, %dst, "{reason}");
+            error_response(status, &reason)
+        }
+    }
+}
+
+/// `host:port` for the request URI (IPv6 bracketed).
+fn authority(host: &str, port: u16, _tls: bool) -> Option<Authority> {
+    let s = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    s.parse().ok()
+}
+
+/// The Host header value: the port only when it is not the scheme's default.
+fn display_authority(host: &str, port: u16, tls: bool) -> String {
+    let h = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    if (tls && port == 443) || (!tls && port == 80) {
+        h
+    } else {
+        format!("{h}:{port}")
+    }
+}
+
+/// Removes the headers that describe one hop, as RFC 9110 §7.6.1 says: those
+/// named in `Connection`, and the standard hop-by-hop set. `TE: trailers` is
+/// end-to-end in practice (gRPC needs it) and is kept.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        if n != header::TE {
+            h.remove(n);
+        }
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    let trailers_only = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
+    if !trailers_only {
+        h.remove(header::TE);
+    }
+}
+
+/// A response the ambassador makes itself, with the reason in a header and
+/// the body.
+pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+        "ambassador: {reason}\n"
+    )))));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    // Header values must be visible ASCII: keep the reason readable anyway.
+    let clean: String = reason
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&clean) {
+        h.insert(HeaderName::from_static(ERROR_HEADER), v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_end_to_end_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("x-end") && h.contains_key(header::TE));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn host_shows_port_only_when_not_default() {
+        assert_eq!(
+            display_authority("api.example.com", 443, true),
+            "api.example.com"
+        );
+        assert_eq!(
+            display_authority("api.example.com", 443, false),
+            "api.example.com:443"
+        );
+        assert_eq!(display_authority("10.0.0.1", 80, false), "10.0.0.1");
+        assert_eq!(display_authority("fd00::1", 8080, false), "[fd00::1]:8080");
+    }
+}

@@ -1,0 +1,177 @@
+//! Services: what the ambassador recognises among intercepted connections and
+//! what it does with them. Built once from the config; looked up per
+//! connection (by original destination) and per HTTP request (by Host).
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use crate::{
+    auth::{AuthError, RequestRules},
+    config::{
+        Cidr, Config,
+        service::{DefaultPolicy, HostPort, Protocol, ServiceConfig},
+    },
+    http::upstream::{HttpClient, UpstreamConnector},
+    proxy::Settings,
+    tls::{TlsError, TlsOrigin},
+};
+
+/// A service that cannot be built (a file it names is missing, say).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("service {service}: TLS: {source}")]
+    Tls {
+        service: String,
+        #[source]
+        source: TlsError,
+    },
+    #[error("service {service}: {source}")]
+    Auth {
+        service: String,
+        #[source]
+        source: AuthError,
+    },
+}
+
+/// One configured service, ready for traffic.
+pub struct Service {
+    pub name: String,
+    pub protocol: Protocol,
+    /// Requests must also carry this Host (when matched by address too).
+    pub host: Option<String>,
+    /// Where to go; empty means the original destination.
+    pub endpoints: Vec<HostPort>,
+    pub tls: Option<Arc<TlsOrigin>>,
+    pub rules: RequestRules,
+    /// Pooled upstream connections (HTTP services).
+    pub client: HttpClient,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    fn new(cfg: &ServiceConfig, settings: &Settings) -> Result<Service, ServiceError> {
+        let default_name = cfg
+            .upstream
+            .endpoints
+            .first()
+            .map(|e| e.address.host.as_str());
+        let tls = match &cfg.upstream.tls {
+            Some(t) => Some(Arc::new(
+                TlsOrigin::new(&cfg.name, t, default_name).map_err(|source| ServiceError::Tls {
+                    service: cfg.name.clone(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        let rules = RequestRules::new(&cfg.request).map_err(|source| ServiceError::Auth {
+            service: cfg.name.clone(),
+            source,
+        })?;
+        Ok(Service {
+            name: cfg.name.clone(),
+            protocol: cfg.protocol,
+            host: cfg.matcher.host.clone(),
+            endpoints: cfg
+                .upstream
+                .endpoints
+                .iter()
+                .map(|e| e.address.clone())
+                .collect(),
+            client: UpstreamConnector::new(settings.clone(), tls.clone()).client(),
+            tls,
+            rules,
+        })
+    }
+
+    /// The upstream for a connection the app made to `dst`: (host, port).
+    /// Endpoint choice grows into load balancing with the resilience work;
+    /// for now the first endpoint.
+    pub fn target(&self, dst: SocketAddr) -> (String, u16) {
+        match self.endpoints.first() {
+            Some(e) => (e.host.clone(), e.port),
+            None => (dst.ip().to_string(), dst.port()),
+        }
+    }
+}
+
+/// How a connection is handled, from its original destination alone.
+#[derive(Debug, Clone)]
+pub enum Route {
+    Service(Arc<Service>),
+    /// HTTP services are named by Host on this port: decide per request.
+    ByHost,
+    Default,
+}
+
+/// Services named by host, with the port each one is limited to.
+type HostServices = HashMap<String, Vec<(Option<u16>, Arc<Service>)>>;
+
+pub struct ServiceTable {
+    by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
+    by_host: HostServices,
+    pub default: DefaultPolicy,
+    /// Plain client for HTTP requests no service claims, under `passthrough`.
+    pub passthrough: HttpClient,
+}
+
+impl ServiceTable {
+    pub fn new(cfg: &Config, settings: &Settings) -> Result<ServiceTable, ServiceError> {
+        let mut by_addr = Vec::new();
+        let mut by_host: HashMap<String, Vec<_>> = HashMap::new();
+        for sc in &cfg.services {
+            let svc = Arc::new(Service::new(sc, settings)?);
+            match (&sc.matcher.cidr, &sc.matcher.host) {
+                (Some(cidr), _) => by_addr.push((*cidr, sc.matcher.port, svc)),
+                (None, Some(host)) => by_host
+                    .entry(host.clone())
+                    .or_default()
+                    .push((sc.matcher.port, svc)),
+                (None, None) => unreachable!("validated: a match names host or cidr"),
+            }
+        }
+        Ok(ServiceTable {
+            by_addr,
+            by_host,
+            default: cfg.default,
+            passthrough: UpstreamConnector::new(settings.clone(), None).client(),
+        })
+    }
+
+    /// First service (in config order) whose address and port match; else
+    /// per-request routing when some service is named by host on that port.
+    pub fn route(&self, dst: SocketAddr) -> Route {
+        let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == dst.port());
+        if let Some((_, _, svc)) = self
+            .by_addr
+            .iter()
+            .find(|(c, p, _)| c.0.contains(&dst.ip()) && port_ok(p))
+        {
+            return Route::Service(svc.clone());
+        }
+        if self.by_host.values().flatten().any(|(p, _)| port_ok(p)) {
+            return Route::ByHost;
+        }
+        Route::Default
+    }
+
+    /// The service named by `host` for a connection to `port`.
+    pub fn by_host(&self, host: &str, port: u16) -> Option<Arc<Service>> {
+        self.by_host
+            .get(host)?
+            .iter()
+            .find(|(p, _)| p.is_none_or(|p| p == port))
+            .map(|(_, s)| s.clone())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty() && self.by_host.is_empty()
+    }
+}

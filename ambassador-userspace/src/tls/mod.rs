@@ -1,0 +1,267 @@
+//! TLS origination toward upstreams (rustls, ring provider).
+//!
+//! Verification is on by default against the webpki roots plus an optional CA
+//! bundle; SNI and the name checked come from the configured server name. The
+//! files a service names (CA bundle, client certificate and key) are re-read
+//! when they change on disk; connections already open keep the config they
+//! started with.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use rustls::{
+    ClientConfig, RootCertStore,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
+};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tracing::{info, warn};
+
+use crate::{
+    config::service::{TlsConfig, TlsVersion},
+    files::WatchedFiles,
+};
+
+/// A TLS configuration that could not be built from its files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM {expected}")]
+    Empty {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("TLS settings rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("`{0}` is not a valid TLS server name")]
+    ServerName(String),
+}
+
+/// One service's TLS client side.
+pub struct TlsOrigin {
+    settings: TlsConfig,
+    server_name: ServerName<'static>,
+    current: Mutex<Arc<ClientConfig>>,
+    files: WatchedFiles,
+}
+
+impl std::fmt::Debug for TlsOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOrigin")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsOrigin {
+    /// Builds the config now, so a missing or bad file stops start-up.
+    /// `default_name` is the endpoint's host when no `server_name` is set.
+    pub fn new(
+        service: &str,
+        settings: &TlsConfig,
+        default_name: Option<&str>,
+    ) -> Result<Self, TlsError> {
+        let name = settings
+            .server_name
+            .as_deref()
+            .or(default_name)
+            .ok_or_else(|| TlsError::ServerName(String::new()))?;
+        let server_name = ServerName::try_from(name.to_string())
+            .map_err(|_| TlsError::ServerName(name.into()))?;
+        if settings.insecure_skip_verify {
+            warn!(
+                service,
+                "upstream.tls.insecure_skip_verify is ON: certificates of this upstream are NOT verified"
+            );
+        }
+        let files = WatchedFiles::new(
+            [
+                &settings.ca_file,
+                &settings.client_cert,
+                &settings.client_key,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
+        let config = build(settings)?;
+        Ok(TlsOrigin {
+            settings: settings.clone(),
+            server_name,
+            current: Mutex::new(Arc::new(config)),
+            files,
+        })
+    }
+
+    /// The config for a new connection: rebuilt first if a file changed. A
+    /// file that became unreadable keeps the last good config (and says so).
+    fn config(&self) -> Arc<ClientConfig> {
+        if self.files.changed() {
+            match build(&self.settings) {
+                Ok(c) => {
+                    info!(server_name = ?self.server_name, "TLS files changed: reloaded");
+                    *self.current.lock().expect("tls config lock") = Arc::new(c);
+                }
+                Err(e) => {
+                    warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones")
+                }
+            }
+        }
+        self.current.lock().expect("tls config lock").clone()
+    }
+
+    /// Handshakes over `tcp`; the error keeps rustls' reason for [`reason`].
+    pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        TlsConnector::from(self.config())
+            .connect(self.server_name.clone(), tcp)
+            .await
+    }
+}
+
+fn build(s: &TlsConfig) -> Result<ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match s.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder =
+        ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
+    let builder = if s.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    } else {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(path) = &s.ca_file {
+            let certs = read_certs("CA file", path)?;
+            roots.add_parsable_certificates(certs);
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match (&s.client_cert, &s.client_key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs("client certificate", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+                what: "client key",
+                path: key.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(config)
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = std::fs::read(path).map_err(|source| TlsError::File {
+        what,
+        path: path.into(),
+        source,
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.into(),
+            expected: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Why a handshake failed, in a few words for the app and the log.
+pub fn reason(e: &io::Error) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => "connection closed during handshake".into(),
+            io::ErrorKind::ConnectionReset => "connection reset during handshake".into(),
+            _ => format!("handshake failed: {e}"),
+        };
+    };
+    match tls {
+        E::InvalidCertificate(c) => match c {
+            C::Expired | C::ExpiredContext { .. } => "certificate expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => "certificate not yet valid".into(),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "certificate not valid for the server name".into()
+            }
+            C::UnknownIssuer => "unknown certificate authority".into(),
+            C::Revoked => "certificate revoked".into(),
+            other => format!("invalid certificate ({other:?})"),
+        },
+        E::AlertReceived(A::ProtocolVersion) | E::PeerIncompatible(_) => {
+            "protocol version or parameters not supported by the upstream".into()
+        }
+        E::AlertReceived(a) => format!("upstream sent alert {a:?}"),
+        E::NoApplicationProtocol => "no common application protocol (ALPN)".into(),
+        other => format!("handshake failed: {other}"),
+    }
+}
+
+/// `insecure_skip_verify`: signatures are still checked (the handshake needs
+/// them), the certificate itself is not.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
