@@ -8,6 +8,8 @@
 //! the Pod is 198.18.0.1 / fd00:a5::1, the servers 198.18.0.2-.9 / fd00:a5::2.
 //! Everything is torn down on drop, panics included.
 
+pub mod upstream;
+
 use std::{
     ffi::CString,
     fs::{self, File, OpenOptions},
@@ -215,6 +217,8 @@ pub struct Pod {
     pub config: PathBuf,
     proxy: Option<Child>,
     proxy_log: Arc<Mutex<String>>,
+    /// Environment for the proxy process (set before `start_proxy`).
+    pub proxy_env: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -260,6 +264,7 @@ impl Pod {
             config,
             proxy: None,
             proxy_log: Arc::new(Mutex::new(String::new())),
+            proxy_env: Vec::new(),
         };
         let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
         assert!(out.status.success(), "init failed: {}", stderr(&out));
@@ -304,6 +309,7 @@ impl Pod {
         cmd.args(["proxy", "--config"])
             .arg(&self.config)
             .env("AMBASSADOR_LOG", filter)
+            .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start proxy");
@@ -403,6 +409,24 @@ impl Pod {
         (conns.keys().count(), cookies.keys().count())
     }
 
+    /// A listener in the servers' namespace, for the caller's own server.
+    pub fn server_listener(&self, addr: &str, port: u16) -> TcpListener {
+        let sa: SocketAddr = format!("{addr}:{port}").parse().expect("address");
+        self.servers
+            .enter(move || TcpListener::bind(sa))
+            .expect("bind server listener")
+    }
+
+    /// A directory the proxy (uid 1337) can read, removed with the Pod.
+    pub fn shared_dir(&self) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "{}-files",
+            self.cgroup.file_name().unwrap().to_string_lossy()
+        ));
+        fs::create_dir_all(&d).expect("create shared dir");
+        d
+    }
+
     /// A server in the servers' namespace.
     pub fn server(&self, addr: &str, port: u16, behaviour: Behaviour) -> Server {
         let sa: SocketAddr = if addr.contains(':') {
@@ -429,6 +453,10 @@ impl Drop for Pod {
             }
         }
         let _ = fs::remove_file(&self.config);
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(format!(
+            "{}-files",
+            self.cgroup.file_name().unwrap_or_default().to_string_lossy()
+        )));
     }
 }
 

@@ -115,13 +115,18 @@ async fn forward(
     let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.target(dst));
     let tls = svc.is_some_and(|s| s.tls.is_some());
     let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
-    let authority = match authority(&host, port, tls) {
+    // The upstream sees its own name (its TLS name when it has one) in Host
+    // and :authority, as if the app had called it directly; the connector
+    // knows which address that name stands for.
+    let name = svc
+        .and_then(|s| s.upstream_name.as_deref())
+        .unwrap_or(&host);
+    let authority = match authority(name, port) {
         Some(a) => a,
         None => return error_response(StatusCode::BAD_GATEWAY, "bad upstream address"),
     };
     if rewrites_host || !req.headers().contains_key(header::HOST) {
-        // The upstream sees its own name, as if the app had called it.
-        let shown = display_authority(&host, port, tls);
+        let shown = display_authority(name, port, tls);
         if let Ok(v) = HeaderValue::from_str(&shown) {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -166,7 +171,7 @@ async fn forward(
 }
 
 /// `host:port` for the request URI (IPv6 bracketed).
-fn authority(host: &str, port: u16, _tls: bool) -> Option<Authority> {
+fn authority(host: &str, port: u16) -> Option<Authority> {
     let s = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {

@@ -28,6 +28,7 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 
 use crate::{
+    config::service::HostPort,
     proxy::{ProxyError, Settings, connect_upstream},
     tls::{self, TlsOrigin},
 };
@@ -63,11 +64,22 @@ impl ConnectError {
 pub struct UpstreamConnector {
     settings: Settings,
     tls: Option<Arc<TlsOrigin>>,
+    /// Where to connect whatever the request URI names (the URI then carries
+    /// the upstream's own name, for `:authority`); `None`: the URI's host.
+    endpoint: Option<HostPort>,
 }
 
 impl UpstreamConnector {
-    pub fn new(settings: Settings, tls: Option<Arc<TlsOrigin>>) -> UpstreamConnector {
-        UpstreamConnector { settings, tls }
+    pub fn new(
+        settings: Settings,
+        tls: Option<Arc<TlsOrigin>>,
+        endpoint: Option<HostPort>,
+    ) -> UpstreamConnector {
+        UpstreamConnector {
+            settings,
+            tls,
+            endpoint,
+        }
     }
 
     pub fn client(self) -> HttpClient {
@@ -92,14 +104,19 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| ConnectError::NoHost(uri.clone()))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri
-                .port_u16()
-                .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
-            let addr = resolve(host, port).await?;
+            let addr = match &this.endpoint {
+                Some(ep) => resolve(&ep.host, ep.port).await?,
+                None => {
+                    let host = uri
+                        .host()
+                        .ok_or_else(|| ConnectError::NoHost(uri.clone()))?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let port = uri
+                        .port_u16()
+                        .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
+                    resolve(host, port).await?
+                }
+            };
             let tcp = connect_upstream(addr, &this.settings).await?;
             let _ = tcp.set_nodelay(true);
             match &this.tls {

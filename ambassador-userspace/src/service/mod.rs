@@ -41,6 +41,8 @@ pub struct Service {
     /// Where to go; empty means the original destination.
     pub endpoints: Vec<HostPort>,
     pub tls: Option<Arc<TlsOrigin>>,
+    /// The name the upstream knows itself by (TLS server name), for Host.
+    pub upstream_name: Option<String>,
     pub rules: RequestRules,
     /// Pooled upstream connections (HTTP services).
     pub client: HttpClient,
@@ -85,8 +87,18 @@ impl Service {
                 .iter()
                 .map(|e| e.address.clone())
                 .collect(),
-            client: UpstreamConnector::new(settings.clone(), tls.clone()).client(),
+            client: UpstreamConnector::new(
+                settings.clone(),
+                tls.clone(),
+                cfg.upstream.endpoints.first().map(|e| e.address.clone()),
+            )
+            .client(),
             tls,
+            upstream_name: cfg
+                .upstream
+                .tls
+                .as_ref()
+                .and_then(|t| t.server_name.clone()),
             rules,
         })
     }
@@ -141,7 +153,7 @@ impl ServiceTable {
             by_addr,
             by_host,
             default: cfg.default,
-            passthrough: UpstreamConnector::new(settings.clone(), None).client(),
+            passthrough: UpstreamConnector::new(settings.clone(), None, None).client(),
         })
     }
 

@@ -1,0 +1,283 @@
+//! The HTTP ambassador in a simulated Pod: an unmodified curl in the app
+//! container, real hyper upstreams (plain and TLS with certificates made here).
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    process::Output,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{
+    upstream::{CertKind, HttpUpstream, TestCa, TlsVersions},
+    *,
+};
+
+/// A name no resolver knows: the app reaches it only through the ambassador.
+const PAYMENTS: &str = "payments.example.test";
+/// The address the app "dials" for it (nothing there).
+const NOWHERE: &str = "198.18.0.99";
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// curl in the app container, as the app would call: plain HTTP, no proxy
+/// settings, no credentials.
+fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Reply {
+    let out: Output = pod
+        .app("curl")
+        .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl failed: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn write(dir: &Path, name: &str, content: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn headers_are_injected_from_value_env_and_rotating_file() {
+    let mut pod = Pod::new("");
+    let dir = pod.shared_dir();
+    let token = write(&dir, "token", "first-token\n");
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: api\n\
+             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
+             \x20   protocol: http\n\
+             \x20   request:\n\
+             \x20     set_headers:\n\
+             \x20       authorization: {{ file: {token}, prefix: \"Bearer \" }}\n\
+             \x20       x-tenant: {{ value: acme }}\n\
+             \x20       x-from-env: {{ env: AMB_TEST_KEY }}\n\
+             \x20     remove_headers: [x-debug]\n"
+        ),
+    )
+    .unwrap();
+    pod.proxy_env
+        .push(("AMB_TEST_KEY".into(), "env-value".into()));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+    let url = format!("http://{SERVER_V4}:8080/charge");
+
+    let r = curl(
+        &pod,
+        &url,
+        &[
+            "-H",
+            "authorization: Bearer spoofed",
+            "-H",
+            "x-debug: 1",
+            "-H",
+            "x-keep: yes",
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let req = &seen[0];
+    assert_eq!(req.header("authorization"), Some("Bearer first-token"));
+    assert_eq!(req.header("x-tenant"), Some("acme"));
+    assert_eq!(req.header("x-from-env"), Some("env-value"));
+    assert_eq!(
+        req.header("x-debug"),
+        None,
+        "removed header reached the upstream"
+    );
+    assert_eq!(req.header("x-keep"), Some("yes"));
+    // The spoofed copy is gone, not just shadowed.
+    let auths = req
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "authorization")
+        .count();
+    assert_eq!(auths, 1);
+
+    // A Secret rotation: the new file replaces the old one atomically.
+    let tmp = write(&dir, "token.new", "second-token");
+    std::fs::rename(tmp, &token).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        curl(&pod, &url, &[]);
+        let last = up.seen().pop().unwrap();
+        if last.header("authorization") == Some("Bearer second-token") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rotated token not picked up");
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Secrets never reach the logs.
+    assert!(!pod.proxy_log().contains("first-token"));
+    assert!(!pod.proxy_log().contains("second-token"));
+}
+
+/// A Pod whose config names `payments` by Host, sent over TLS to `upstream`.
+fn payments_pod(ca_file: &str, port: u16) -> String {
+    format!(
+        "default: deny\n\
+         services:\n\
+         \x20 - name: payments\n\
+         \x20   match: {{ host: {PAYMENTS}, port: 80 }}\n\
+         \x20   protocol: http\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - address: {SERVER_V4}:{port}\n\
+         \x20     tls:\n\
+         \x20       server_name: {PAYMENTS}\n\
+         \x20       ca_file: {ca_file}\n"
+    )
+}
+
+#[test]
+fn plain_http_is_upgraded_to_verified_https_and_http2() {
+    let mut pod = Pod::new("");
+    let ca = TestCa::new("payments-ca");
+    let ca_file = ca.write_ca_file(&pod.shared_dir());
+    std::fs::write(
+        &pod.config,
+        payments_pod(&ca_file.display().to_string(), 8443),
+    )
+    .unwrap();
+    pod.start_proxy();
+    let (cert, key) = ca.issue(CertKind::Valid, PAYMENTS, None);
+    let up = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 8443),
+        &cert,
+        &key,
+        &["h2", "http/1.1"],
+        TlsVersions::default(),
+    );
+
+    // The app calls plain http://payments.example.test/charge.
+    let r = curl(
+        &pod,
+        &format!("http://{NOWHERE}/charge"),
+        &["-H", &format!("Host: {PAYMENTS}")],
+    );
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
+    // HTTP/1.1 from the app, HTTP/2 over verified TLS to the upstream.
+    assert_eq!(
+        r.headers.get("x-upstream-version").map(String::as_str),
+        Some("HTTP/2.0")
+    );
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].version, "HTTP/2.0");
+    assert!(seen[0].uri.ends_with("/charge"), "{}", seen[0].uri);
+    assert!(seen[0].uri.contains(PAYMENTS), "authority: {}", seen[0].uri);
+
+    // Keep-alive toward the upstream: a second request reuses the connection.
+    let r = curl(
+        &pod,
+        &format!("http://{NOWHERE}/again"),
+        &["-H", &format!("Host: {PAYMENTS}")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(up.accepted(), 1, "the pooled connection was not reused");
+
+    // Any other host is denied, with the reason.
+    let r = curl(
+        &pod,
+        &format!("http://{NOWHERE}/"),
+        &["-H", "Host: elsewhere.example.test"],
+    );
+    assert_eq!(r.status, 403);
+    let reason = r
+        .headers
+        .get("x-ambassador-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(reason.contains("elsewhere.example.test"), "{reason}");
+    assert!(reason.contains("deny"), "{reason}");
+}
+
+#[test]
+fn bad_upstream_certificates_are_refused_with_the_reason_and_nothing_sent() {
+    let ca = TestCa::new("payments-ca");
+    let cases = [
+        (CertKind::Expired, "certificate expired"),
+        (CertKind::WrongName, "not valid for the server name"),
+        (CertKind::SelfSigned, "unknown certificate authority"),
+    ];
+    let mut pod = Pod::new("");
+    let ca_file = ca.write_ca_file(&pod.shared_dir());
+    // One service per case, each on its own port.
+    let mut config = String::from("default: deny\nservices:\n");
+    for (i, _) in cases.iter().enumerate() {
+        let port = 9443 + i as u16;
+        config.push_str(&format!(
+            "  - name: case{i}\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: {} }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream:\n\
+             \x20     endpoints: [{{ address: \"{SERVER_V4}:{port}\" }}]\n\
+             \x20     tls: {{ server_name: {PAYMENTS}, ca_file: {} }}\n",
+            8000 + i,
+            ca_file.display()
+        ));
+    }
+    std::fs::write(&pod.config, config).unwrap();
+    pod.start_proxy();
+    for (i, (kind, want)) in cases.iter().enumerate() {
+        let (cert, key) = ca.issue(*kind, PAYMENTS, None);
+        let up = HttpUpstream::tls(
+            pod.server_listener(SERVER_V4, 9443 + i as u16),
+            &cert,
+            &key,
+            &["h2", "http/1.1"],
+            TlsVersions::default(),
+        );
+        let r = curl(
+            &pod,
+            &format!("http://{NOWHERE}:{}/secret-path", 8000 + i),
+            &["-H", "x-canary: do-not-leak"],
+        );
+        assert_eq!(r.status, 502, "{kind:?}: {}", r.body);
+        let reason = r
+            .headers
+            .get("x-ambassador-error")
+            .cloned()
+            .unwrap_or_default();
+        assert!(reason.contains(want), "{kind:?}: {reason}");
+        assert!(up.seen().is_empty(), "{kind:?}: a request got through");
+        assert!(up.tcp_bytes() > 0, "{kind:?}: no handshake happened");
+        assert!(
+            !up.plaintext_leaked(b"secret-path") && !up.plaintext_leaked(b"do-not-leak"),
+            "{kind:?}: plaintext reached the upstream"
+        );
+        assert!(pod.wait_log(want), "{kind:?}: {}", pod.proxy_log());
+    }
+}
