@@ -115,6 +115,33 @@ def main():
                     failed += 1
                 held.append(s)
         print(f"ok {ok} misrouted {misrouted} failed {failed} open {len(held)}")
+    elif mode == "http-many":
+        # N concurrent plain HTTP GETs (one connection each), as a busy app would.
+        import http.client
+        import threading
+        count = int(rest[0])
+        statuses = []
+        lock = threading.Lock()
+
+        def get():
+            c = http.client.HTTPConnection(host, int(port), timeout=20)
+            try:
+                c.request("GET", "/")
+                st = c.getresponse().status
+            except OSError as e:
+                st = type(e).__name__
+            with lock:
+                statuses.append(st)
+
+        threads = [threading.Thread(target=get) for _ in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        by = {}
+        for st in statuses:
+            by[st] = by.get(st, 0) + 1
+        print(" ".join(f"{k}x{v}" for k, v in sorted(by.items(), key=str)))
     else:
         sys.exit(f"unknown mode {mode}")
 

@@ -281,3 +281,122 @@ fn bad_upstream_certificates_are_refused_with_the_reason_and_nothing_sent() {
         assert!(pod.wait_log(want), "{kind:?}: {}", pod.proxy_log());
     }
 }
+
+/// An OAuth2 token endpoint (client credentials): checks the client's Basic
+/// credentials, answers `tok-N` with a short lifetime, slowly enough that
+/// concurrent requests overlap its fetch.
+struct TokenEndpoint {
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenEndpoint {
+    fn start(listener: std::net::TcpListener, expires_in: u64) -> TokenEndpoint {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let (mut auth, mut len, mut line) = (String::new(), 0usize, String::new());
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    if let Some((name, value)) = line.trim().split_once(':') {
+                        match name.to_ascii_lowercase().as_str() {
+                            "authorization" => auth = value.trim().to_string(),
+                            "content-length" => len = value.trim().parse().unwrap_or(0),
+                            _ => {}
+                        }
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                // base64("app:s3cret") with RFC 6749 form encoding (no change here).
+                let ok = auth == "Basic YXBwOnMzY3JldA=="
+                    && String::from_utf8_lossy(&body).contains("grant_type=client_credentials");
+                let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+                thread::sleep(Duration::from_millis(300));
+                let (status, json) = if ok {
+                    (
+                        "200 OK",
+                        format!(
+                            "{{\"access_token\":\"tok-{n}\",\"token_type\":\"Bearer\",\"expires_in\":{expires_in}}}"
+                        ),
+                    )
+                } else {
+                    (
+                        "401 Unauthorized",
+                        "{\"error\":\"invalid_client\"}".to_string(),
+                    )
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
+                    json.len()
+                );
+            }
+        });
+        TokenEndpoint { hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn oauth2_tokens_are_fetched_once_cached_and_refreshed() {
+    let mut pod = Pod::new("");
+    let secret = write(&pod.shared_dir(), "client-secret", "s3cret\n");
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: internal-api\n\
+             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
+             \x20   protocol: http\n\
+             \x20   request:\n\
+             \x20     set_headers:\n\
+             \x20       authorization: {{ oauth2_client_credentials: {{ token_url: \"http://{SERVER_V4}:9000/token\", client_id: app, client_secret_file: {secret} }} }}\n"
+        ),
+    )
+    .unwrap();
+    pod.start_proxy();
+    // A 2 s lifetime: refreshed after 1.6 s.
+    let tokens = TokenEndpoint::start(pod.server_listener(SERVER_V4, 9000), 2);
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+
+    // 100 concurrent requests, one token fetch.
+    let out = pod.client(&["http-many", SERVER_V4, "8080", "100"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "200x100",
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(tokens.hits(), 1, "concurrent requests must share one fetch");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 100);
+    assert!(
+        seen.iter()
+            .all(|r| r.header("authorization") == Some("Bearer tok-1"))
+    );
+
+    // After the refresh point a new token is fetched and used.
+    thread::sleep(Duration::from_millis(2100));
+    let r = curl(&pod, &format!("http://{SERVER_V4}:8080/later"), &[]);
+    assert_eq!(r.status, 200);
+    assert_eq!(tokens.hits(), 2);
+    assert_eq!(
+        up.seen().pop().unwrap().header("authorization"),
+        Some("Bearer tok-2")
+    );
+    // The client secret and tokens stay out of the log.
+    let log = pod.proxy_log();
+    assert!(!log.contains("s3cret") && !log.contains("tok-"), "{log}");
+}

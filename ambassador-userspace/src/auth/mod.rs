@@ -1,9 +1,12 @@
 //! Credentials and other headers the ambassador adds to requests.
 //!
-//! Values come from a literal, an environment variable or a file (re-read when
-//! it changes: mounted Secrets and projected tokens rotate). Every value is
+//! Values come from a literal, an environment variable, a file (re-read when
+//! it changes: mounted Secrets and projected tokens rotate) or an OAuth2 token
+//! endpoint (`oauth2`). Every value is
 //! marked sensitive (never indexed by HPACK) and never appears in a log, an
 //! error or a `Debug` dump; errors say where a value should have come from.
+
+pub mod oauth2;
 
 use std::{path::PathBuf, sync::Mutex};
 
@@ -12,6 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::{
     config::service::{HeaderKey, HeaderSource, RequestPolicy, SourceKind},
     files::WatchedFiles,
+    proxy::Settings,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +31,8 @@ pub enum AuthError {
     },
     #[error("header {header}: the value from {from} is not a valid header value")]
     Invalid { header: String, from: String },
-    #[error("header {header}: {what} is not supported yet")]
-    Unsupported { header: String, what: &'static str },
+    #[error("header {header}: OAuth2: {reason}")]
+    OAuth2 { header: String, reason: String },
 }
 
 /// One header the ambassador sets.
@@ -39,6 +43,7 @@ pub struct Injector {
 
 enum Source {
     Fixed(HeaderValue),
+    OAuth2(Box<oauth2::OAuth2Source>),
     File {
         path: PathBuf,
         prefix: String,
@@ -51,6 +56,7 @@ impl std::fmt::Debug for Injector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let from = match &self.source {
             Source::Fixed(_) => "fixed".to_string(),
+            Source::OAuth2(_) => "oauth2".to_string(),
             Source::File { path, .. } => path.display().to_string(),
         };
         write!(f, "Injector({}, from {from}, value <redacted>)", self.name)
@@ -79,7 +85,11 @@ fn read_file(header: &str, path: &PathBuf, prefix: &str) -> Result<HeaderValue, 
 
 impl Injector {
     /// Reads the value now, so a missing variable or file stops start-up.
-    pub fn new(key: &HeaderKey, src: &HeaderSource) -> Result<Injector, AuthError> {
+    pub fn new(
+        key: &HeaderKey,
+        src: &HeaderSource,
+        settings: &Settings,
+    ) -> Result<Injector, AuthError> {
         let header = key.0.as_str();
         let name = HeaderName::from_bytes(header.as_bytes()).expect("validated at parse");
         let source = match &src.kind {
@@ -97,12 +107,12 @@ impl Injector {
                 path: path.clone(),
                 prefix: src.prefix.clone(),
             },
-            SourceKind::OAuth2(_) => {
-                return Err(AuthError::Unsupported {
-                    header: header.into(),
-                    what: "oauth2_client_credentials",
-                });
-            }
+            SourceKind::OAuth2(cfg) => Source::OAuth2(Box::new(oauth2::OAuth2Source::new(
+                header,
+                cfg,
+                &src.prefix,
+                settings,
+            )?)),
         };
         Ok(Injector { name, source })
     }
@@ -110,9 +120,10 @@ impl Injector {
     /// The current value. A rotated file is picked up within a second; if the
     /// new file cannot be read the last good value stays (a rotation briefly
     /// removes the file on some volume types).
-    pub fn value(&self) -> Result<HeaderValue, AuthError> {
+    pub async fn value(&self) -> Result<HeaderValue, AuthError> {
         match &self.source {
             Source::Fixed(v) => Ok(v.clone()),
+            Source::OAuth2(o) => o.value().await,
             Source::File {
                 path,
                 prefix,
@@ -140,11 +151,11 @@ pub struct RequestRules {
 }
 
 impl RequestRules {
-    pub fn new(policy: &RequestPolicy) -> Result<RequestRules, AuthError> {
+    pub fn new(policy: &RequestPolicy, settings: &Settings) -> Result<RequestRules, AuthError> {
         let set = policy
             .set_headers
             .iter()
-            .map(|(k, v)| Injector::new(k, v))
+            .map(|(k, v)| Injector::new(k, v, settings))
             .collect::<Result<_, _>>()?;
         let remove = policy
             .remove_headers
@@ -156,13 +167,13 @@ impl RequestRules {
 
     /// Removes what must go (including any inbound copy of a header we set, so
     /// the app can neither spoof nor read it) and sets ours.
-    pub fn apply(&self, headers: &mut HeaderMap) -> Result<(), AuthError> {
+    pub async fn apply(&self, headers: &mut HeaderMap) -> Result<(), AuthError> {
         for name in &self.remove {
             headers.remove(name);
         }
         for inj in &self.set {
             headers.remove(&inj.name);
-            headers.insert(inj.name.clone(), inj.value()?);
+            headers.insert(inj.name.clone(), inj.value().await?);
         }
         Ok(())
     }
@@ -179,21 +190,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn values_are_sensitive_and_inbound_copies_removed() {
+    fn settings() -> Settings {
+        Settings::from_config(&crate::config::ProxyConfig::default())
+    }
+
+    #[tokio::test]
+    async fn values_are_sensitive_and_inbound_copies_removed() {
         let mut policy = RequestPolicy::default();
         policy.set_headers.insert(
             HeaderKey("authorization".into()),
             source(SourceKind::Value("tok".into()), "Bearer "),
         );
         policy.remove_headers.push(HeaderKey("x-debug".into()));
-        let rules = RequestRules::new(&policy).unwrap();
+        let rules = RequestRules::new(&policy, &settings()).unwrap();
         let mut h = HeaderMap::new();
         h.append("authorization", HeaderValue::from_static("Bearer spoofed"));
         h.append("authorization", HeaderValue::from_static("Basic again"));
         h.insert("x-debug", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        rules.apply(&mut h).unwrap();
+        rules.apply(&mut h).await.unwrap();
         let auth: Vec<_> = h.get_all("authorization").iter().collect();
         assert_eq!(auth, ["Bearer tok"]);
         assert!(auth[0].is_sensitive());
@@ -202,8 +217,8 @@ mod tests {
         assert!(!format!("{rules:?}").contains("tok"));
     }
 
-    #[test]
-    fn file_values_follow_rotation_and_missing_sources_fail_clearly() {
+    #[tokio::test]
+    async fn file_values_follow_rotation_and_missing_sources_fail_clearly() {
         let dir = std::env::temp_dir().join(format!("amb-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("token");
@@ -211,20 +226,22 @@ mod tests {
         let inj = Injector::new(
             &HeaderKey("authorization".into()),
             &source(SourceKind::File(f.clone()), "Bearer "),
+            &settings(),
         )
         .unwrap();
-        assert_eq!(inj.value().unwrap(), "Bearer first");
+        assert_eq!(inj.value().await.unwrap(), "Bearer first");
         let tmp = dir.join("token.new");
         std::fs::write(&tmp, "second").unwrap();
         std::fs::rename(&tmp, &f).unwrap();
         if let Source::File { watch, .. } = &inj.source {
             watch.check_now();
         }
-        assert_eq!(inj.value().unwrap(), "Bearer second");
+        assert_eq!(inj.value().await.unwrap(), "Bearer second");
 
         let e = Injector::new(
             &HeaderKey("x-a".into()),
             &source(SourceKind::Env("AMB_TEST_SURELY_UNSET".into()), ""),
+            &settings(),
         )
         .unwrap_err();
         assert_eq!(
@@ -234,6 +251,7 @@ mod tests {
         let e = Injector::new(
             &HeaderKey("x-a".into()),
             &source(SourceKind::File(dir.join("nope")), ""),
+            &settings(),
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("header x-a: cannot read"), "{e}");

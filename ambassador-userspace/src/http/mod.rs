@@ -106,7 +106,7 @@ async fn forward(
     let name = svc.map_or("(default)", |s| s.name.as_str());
     strip_hop_by_hop(req.headers_mut());
     if let Some(svc) = svc
-        && let Err(e) = svc.rules.apply(req.headers_mut())
+        && let Err(e) = svc.rules.apply(req.headers_mut()).await
     {
         // Never send the request without the credentials the service needs.
         warn!(service = name, "{e}");

@@ -83,6 +83,16 @@ impl UpstreamConnector {
     }
 
     pub fn client(self) -> HttpClient {
+        self.client_for()
+    }
+
+    /// A pooled client for request bodies of type `B`.
+    pub fn client_for<B>(self) -> Client<UpstreamConnector, B>
+    where
+        B: hyper::body::Body + Send + 'static + Unpin,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))

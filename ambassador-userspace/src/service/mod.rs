@@ -73,10 +73,11 @@ impl Service {
             )),
             None => None,
         };
-        let rules = RequestRules::new(&cfg.request).map_err(|source| ServiceError::Auth {
-            service: cfg.name.clone(),
-            source,
-        })?;
+        let rules =
+            RequestRules::new(&cfg.request, settings).map_err(|source| ServiceError::Auth {
+                service: cfg.name.clone(),
+                source,
+            })?;
         Ok(Service {
             name: cfg.name.clone(),
             protocol: cfg.protocol,
