@@ -115,6 +115,37 @@ def main():
                     failed += 1
                 held.append(s)
         print(f"ok {ok} misrouted {misrouted} failed {failed} open {len(held)}")
+    elif mode == "raw":
+        # Bytes exactly as given (hex), then every status line that comes back.
+        s = connect(host, port)
+        s.sendall(bytes.fromhex(rest[0]))
+        s.settimeout(2)
+        data = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"HTTP/1."):
+                print(line.decode())
+        print("END")
+    elif mode == "upgrade":
+        s = connect(host, port)
+        s.sendall(b"GET /chat HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+                  b"Connection: Upgrade\r\nUpgrade: echo-protocol\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        print(head.split(b"\r\n")[0].decode())
+        s.sendall(b"ping over the upgraded connection\n")
+        print("ECHO", readline(s))
     elif mode == "http-many":
         # N concurrent plain HTTP GETs (one connection each), as a busy app would.
         import http.client

@@ -41,7 +41,15 @@ fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Reply {
         stdout(&out),
         stderr(&out)
     );
-    let text = stdout(&out);
+    let mut text = stdout(&out);
+    // Interim responses (100 Continue) come first: skip them.
+    while text.starts_with("HTTP/1.1 1") {
+        text = text
+            .split_once("\r\n\r\n")
+            .expect("a response")
+            .1
+            .to_string();
+    }
     let (head, body) = text.split_once("\r\n\r\n").expect("a response");
     let mut lines = head.lines();
     let status = lines
@@ -399,4 +407,206 @@ fn oauth2_tokens_are_fetched_once_cached_and_refreshed() {
     // The client secret and tokens stay out of the log.
     let log = pod.proxy_log();
     assert!(!log.contains("s3cret") && !log.contains("tok-"), "{log}");
+}
+
+#[test]
+fn http2_prior_knowledge_passes_through_as_http2() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: grpc\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8081 }}\n\
+         \x20   protocol: http\n\
+         \x20   request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}\n"
+    ));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8081));
+    // gRPC-style: HTTP/2 in the clear, `te: trailers` kept end to end.
+    let r = curl(
+        &pod,
+        &format!("http://{SERVER_V4}:8081/pkg.Service/Method"),
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "te: trailers",
+            "-d",
+            "payload",
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].version, "HTTP/2.0");
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].body_len, 7);
+    assert_eq!(seen[0].header("te"), Some("trailers"));
+    assert_eq!(seen[0].header("x-via"), Some("ambassador"));
+}
+
+#[test]
+fn secrets_never_reach_the_log_even_at_trace_level() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8082 }}\n\
+         \x20   protocol: http\n\
+         \x20   request: {{ set_headers: {{ authorization: {{ value: canary-9f3e2d, prefix: \"Bearer \" }} }} }}\n"
+    ));
+    pod.start_proxy_as(Some(PROXY_UID), "trace");
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8082));
+    for extra in [&[][..], &["--http2-prior-knowledge"][..]] {
+        let r = curl(&pod, &format!("http://{SERVER_V4}:8082/x"), extra);
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        up.seen()[1].header("authorization"),
+        Some("Bearer canary-9f3e2d")
+    );
+    assert!(pod.wait_log("connection closed") || !pod.proxy_log().is_empty());
+    let log = pod.proxy_log();
+    assert!(log.len() > 1000, "trace logging did not happen: {log}");
+    assert!(!log.contains("canary-9f3e2d"), "secret in the log");
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn request_smuggling_is_refused_and_never_reaches_the_upstream() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8083 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8083));
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases = [
+        // CL and TE together (CL.TE / TE.CL desync).
+        format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // Two different Content-Lengths.
+        format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\n{smuggled}"
+        ),
+        // An obfuscated Transfer-Encoding.
+        format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // Chunked, but not the final encoding.
+        format!(
+            "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let before = up.seen().len();
+        let out = pod.client(&["raw", SERVER_V4, "8083", &hex(case)]);
+        let text = stdout(&out);
+        let statuses: Vec<&str> = text.lines().filter(|l| l.starts_with("HTTP/1.")).collect();
+        // Refused with 400, or at most the first request answered: never two.
+        assert!(
+            statuses.is_empty() || statuses == ["HTTP/1.1 400 Bad Request"] || statuses.len() == 1,
+            "case {i}: {text}"
+        );
+        let seen = up.seen();
+        assert!(
+            seen.len() - before <= 1,
+            "case {i}: {} requests upstream",
+            seen.len() - before
+        );
+        assert!(
+            seen.iter().all(|r| !r.uri.contains("smuggled")),
+            "case {i}: the smuggled request reached the upstream"
+        );
+        // What was forwarded carries one framing only: the body as parsed.
+        for r in &seen[before..] {
+            let cl = r.header("content-length").unwrap_or("0");
+            assert_eq!(
+                cl,
+                r.body_len.to_string(),
+                "case {i}: conflicting framing forwarded"
+            );
+        }
+    }
+}
+
+#[test]
+fn large_expect_continue_and_chunked_bodies_stream_through() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8084 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8084));
+    let body = pod.shared_dir().join("body");
+    std::fs::write(&body, vec![b'x'; 3 << 20]).unwrap();
+    let at = format!("@{}", body.display());
+    let url = format!("http://{SERVER_V4}:8084/upload");
+    let r = curl(
+        &pod,
+        &url,
+        &["-H", "Expect: 100-continue", "--data-binary", &at],
+    );
+    assert_eq!(r.status, 200);
+    let r = curl(
+        &pod,
+        &url,
+        &["-H", "Transfer-Encoding: chunked", "--data-binary", &at],
+    );
+    assert_eq!(r.status, 200);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.body_len == 3 << 20),
+        "{:?}",
+        seen.iter().map(|r| r.body_len).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn protocol_upgrades_become_a_byte_relay() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: ws\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8085 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let listener = pod.server_listener(SERVER_V4, 8085);
+    let got_upgrade = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = got_upgrade.clone();
+    thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut head = String::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+            head.push_str(&line);
+            line.clear();
+        }
+        *seen.lock().unwrap() = head;
+        let mut w = conn;
+        w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo-protocol\r\n\r\n")
+            .unwrap();
+        let mut l = String::new();
+        while reader.read_line(&mut l).map(|n| n > 0).unwrap_or(false) {
+            w.write_all(l.as_bytes()).unwrap();
+            l.clear();
+        }
+    });
+    let out = pod.client(&["upgrade", SERVER_V4, "8085"]);
+    assert_eq!(
+        stdout(&out),
+        "HTTP/1.1 101 Switching Protocols\nECHO ping over the upgraded connection\n",
+        "{}",
+        stderr(&out)
+    );
+    let head = got_upgrade.lock().unwrap().to_ascii_lowercase();
+    assert!(head.contains("upgrade: echo-protocol"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
 }

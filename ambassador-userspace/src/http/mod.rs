@@ -51,7 +51,10 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout);
-    if let Err(e) = builder.serve_connection(TokioIo::new(app), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(app), svc)
+        .await
+    {
         debug!(%dst, error = %e, "app connection ended with an error");
     }
 }
@@ -81,10 +84,27 @@ async fn handle(
         Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
         Route::Default => None,
     };
+    // HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC needs
+    // it end to end. Over TLS, ALPN decides.
+    let h2 = req.version() == Version::HTTP_2;
     match svc {
-        Some(svc) => forward(req, dst, &svc.client, Some(&svc)).await,
+        Some(svc) => {
+            let client = if h2 && svc.tls.is_none() {
+                &svc.h2c
+            } else {
+                &svc.client
+            };
+            forward(req, dst, client, Some(&svc)).await
+        }
         None => match table.default {
-            DefaultPolicy::Passthrough => forward(req, dst, &table.passthrough, None).await,
+            DefaultPolicy::Passthrough => {
+                let client = if h2 {
+                    &table.passthrough_h2c
+                } else {
+                    &table.passthrough
+                };
+                forward(req, dst, client, None).await
+            }
             DefaultPolicy::Deny => {
                 let what = host.unwrap_or_else(|| dst.to_string());
                 info!(%dst, host = %what, "denied: no service matches and the default is deny");
@@ -104,7 +124,16 @@ async fn forward(
     svc: Option<&Arc<Service>>,
 ) -> Response<Body> {
     let name = svc.map_or("(default)", |s| s.name.as_str());
+    // A protocol upgrade (WebSocket...) keeps its two hop-by-hop headers; the
+    // connection turns into a byte relay once the upstream agrees (101).
+    let upgrade = upgrade_protocol(&req);
+    let app_upgraded = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut());
+    if let Some(proto) = &upgrade {
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, proto.clone());
+    }
     if let Some(svc) = svc
         && let Err(e) = svc.rules.apply(req.headers_mut()).await
     {
@@ -144,11 +173,18 @@ async fn forward(
         Ok(u) => u,
         Err(_) => return error_response(StatusCode::BAD_GATEWAY, "bad upstream URI"),
     };
-    // The upstream connection decides the wire version (ALPN); hyper upgrades
-    // an HTTP/1.1 request on an h2 connection by itself.
+    // The upstream connection decides the wire version (ALPN, or h2c chosen
+    // above); hyper sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;
     match client.request(req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(app_side) = app_upgraded
+            {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
+                return resp.map(Either::Left);
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
@@ -167,6 +203,38 @@ async fn forward(
             warn!(service = name, %dst, "{reason}");
             error_response(status, &reason)
         }
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to, if it does.
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Relays an upgraded connection's bytes both ways until either side ends.
+async fn splice_upgraded(
+    app: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    service: String,
+) {
+    match tokio::try_join!(app, upstream) {
+        Ok((a, u)) => {
+            let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+            let r = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+            debug!(%service, result = ?r.map_err(|e| e.kind()), "upgraded connection closed");
+        }
+        Err(e) => warn!(%service, error = %e, "protocol upgrade failed"),
     }
 }
 

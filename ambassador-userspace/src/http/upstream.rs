@@ -86,6 +86,17 @@ impl UpstreamConnector {
         self.client_for()
     }
 
+    /// A client that speaks HTTP/2 without TLS (h2c, prior knowledge): for
+    /// apps that speak HTTP/2 in the clear (gRPC) to plain upstreams.
+    pub fn h2c_client(self) -> HttpClient {
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .timer(TokioTimer::new())
+            .http2_only(true)
+            .build(self)
+    }
+
     /// A pooled client for request bodies of type `B`.
     pub fn client_for<B>(self) -> Client<UpstreamConnector, B>
     where

@@ -46,6 +46,8 @@ pub struct Service {
     pub rules: RequestRules,
     /// Pooled upstream connections (HTTP services).
     pub client: HttpClient,
+    /// HTTP/2 in the clear, for HTTP/2 from the app to a plain upstream.
+    pub h2c: HttpClient,
 }
 
 impl std::fmt::Debug for Service {
@@ -78,6 +80,11 @@ impl Service {
                 service: cfg.name.clone(),
                 source,
             })?;
+        let connector = UpstreamConnector::new(
+            settings.clone(),
+            tls.clone(),
+            cfg.upstream.endpoints.first().map(|e| e.address.clone()),
+        );
         Ok(Service {
             name: cfg.name.clone(),
             protocol: cfg.protocol,
@@ -88,12 +95,8 @@ impl Service {
                 .iter()
                 .map(|e| e.address.clone())
                 .collect(),
-            client: UpstreamConnector::new(
-                settings.clone(),
-                tls.clone(),
-                cfg.upstream.endpoints.first().map(|e| e.address.clone()),
-            )
-            .client(),
+            client: connector.clone().client(),
+            h2c: connector.h2c_client(),
             tls,
             upstream_name: cfg
                 .upstream
@@ -131,8 +134,9 @@ pub struct ServiceTable {
     by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
     by_host: HostServices,
     pub default: DefaultPolicy,
-    /// Plain client for HTTP requests no service claims, under `passthrough`.
+    /// Plain clients for HTTP requests no service claims, under `passthrough`.
     pub passthrough: HttpClient,
+    pub passthrough_h2c: HttpClient,
 }
 
 impl ServiceTable {
@@ -155,6 +159,7 @@ impl ServiceTable {
             by_host,
             default: cfg.default,
             passthrough: UpstreamConnector::new(settings.clone(), None, None).client(),
+            passthrough_h2c: UpstreamConnector::new(settings.clone(), None, None).h2c_client(),
         })
     }
 
