@@ -160,6 +160,24 @@ impl TestCa {
         .expect("sign leaf certificate");
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A client certificate for mutual TLS, signed by this CA, as
+    /// `(cert_pem, key_pem)`.
+    pub fn issue_client(&self, name: &str) -> (String, String) {
+        let mut params = CertificateParams::new(vec![name.to_string()]).expect("client name");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        (params.not_before, params.not_after) =
+            (now - TimeDuration::days(1), now + TimeDuration::days(365));
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate client key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign client certificate");
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 /// Which TLS versions a TLS upstream accepts.
@@ -231,6 +249,35 @@ impl HttpUpstream {
         alpn: &[&str],
         versions: TlsVersions,
     ) -> HttpUpstream {
+        HttpUpstream::tls_inner(listener, cert_chain_pem, key_pem, alpn, versions, None)
+    }
+
+    /// As `tls`, but the handshake requires a client certificate signed by
+    /// `client_ca_pem` (mutual TLS).
+    pub fn tls_requiring_client_cert(
+        listener: std::net::TcpListener,
+        cert_chain_pem: &str,
+        key_pem: &str,
+        client_ca_pem: &str,
+    ) -> HttpUpstream {
+        HttpUpstream::tls_inner(
+            listener,
+            cert_chain_pem,
+            key_pem,
+            &["h2", "http/1.1"],
+            TlsVersions::default(),
+            Some(client_ca_pem),
+        )
+    }
+
+    fn tls_inner(
+        listener: std::net::TcpListener,
+        cert_chain_pem: &str,
+        key_pem: &str,
+        alpn: &[&str],
+        versions: TlsVersions,
+        client_ca_pem: Option<&str>,
+    ) -> HttpUpstream {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
                 .collect::<Result<_, _>>()
@@ -244,14 +291,29 @@ impl HttpUpstream {
         };
         // The provider is named rather than left to the process default: the
         // workspace builds rustls with ring only, and no default is installed.
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .expect("ring supports the chosen TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("upstream certificate and key match");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .expect("ring supports the chosen TLS versions");
+        let builder = match client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    roots.add(c.expect("client CA PEM")).expect("client CA");
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .expect("upstream certificate and key match");
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         HttpUpstream::start(listener, Some(TlsAcceptor::from(Arc::new(config))))
     }

@@ -610,3 +610,88 @@ fn protocol_upgrades_become_a_byte_relay() {
     assert!(head.contains("upgrade: echo-protocol"), "{head}");
     assert!(head.contains("connection: upgrade"), "{head}");
 }
+
+#[test]
+fn mutual_tls_and_minimum_version_toward_the_upstream() {
+    let mut pod = Pod::new("");
+    let dir = pod.shared_dir();
+    let ca = TestCa::new("upstream-ca");
+    let ca_file = ca.write_ca_file(&dir);
+    let (ccert, ckey) = ca.issue_client("app.example.test");
+    let ccert_file = write(&dir, "client.pem", &ccert);
+    let ckey_file = write(&dir, "client-key.pem", &ckey);
+    let tls = |extra: &str| {
+        format!(
+            "{{ server_name: {PAYMENTS}, ca_file: {}{extra} }}",
+            ca_file.display()
+        )
+    };
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: mtls\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: 8101 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9101\" }}], tls: {} }}\n\
+             \x20 - name: no-client-cert\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: 8102 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9101\" }}], tls: {} }}\n\
+             \x20 - name: tls13-only\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: 8103 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9103\" }}], tls: {} }}\n",
+            tls(&format!(
+                ", client_cert: {ccert_file}, client_key: {ckey_file}"
+            )),
+            tls(""),
+            tls(", min_version: \"1.3\""),
+        ),
+    )
+    .unwrap();
+    pod.start_proxy();
+    let (cert, key) = ca.issue(CertKind::Valid, PAYMENTS, None);
+    let mtls = HttpUpstream::tls_requiring_client_cert(
+        pod.server_listener(SERVER_V4, 9101),
+        &cert,
+        &key,
+        &ca.ca_pem(),
+    );
+    let old = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 9103),
+        &cert,
+        &key,
+        &["http/1.1"],
+        TlsVersions::Tls12Only,
+    );
+
+    let r = curl(&pod, &format!("http://{NOWHERE}:8101/"), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(mtls.seen().len(), 1);
+
+    let r = curl(&pod, &format!("http://{NOWHERE}:8102/"), &[]);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let reason = r
+        .headers
+        .get("x-ambassador-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("requires a client certificate"),
+        "{reason}\n{}",
+        pod.proxy_log()
+    );
+    assert_eq!(mtls.seen().len(), 1);
+
+    // The upstream only speaks TLS 1.2; the service asks for 1.3 at least.
+    let r = curl(&pod, &format!("http://{NOWHERE}:8103/"), &[]);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let reason = r
+        .headers
+        .get("x-ambassador-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(reason.contains("protocol version"), "{reason}");
+    assert!(old.seen().is_empty());
+}

@@ -147,15 +147,15 @@ async fn forward(
     // The upstream sees its own name (its TLS name when it has one) in Host
     // and :authority, as if the app had called it directly; the connector
     // knows which address that name stands for.
-    let name = svc
+    let upstream_name = svc
         .and_then(|s| s.upstream_name.as_deref())
         .unwrap_or(&host);
-    let authority = match authority(name, port) {
+    let authority = match authority(upstream_name, port) {
         Some(a) => a,
         None => return error_response(StatusCode::BAD_GATEWAY, "bad upstream address"),
     };
     if rewrites_host || !req.headers().contains_key(header::HOST) {
-        let shown = display_authority(name, port, tls);
+        let shown = display_authority(upstream_name, port, tls);
         if let Ok(v) = HeaderValue::from_str(&shown) {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -195,15 +195,54 @@ async fn forward(
             let (status, reason) = match connect {
                 Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
                 Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
-                None => (
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream request failed: {e}"),
-                ),
+                None => {
+                    // An alert after the handshake explains a "canceled" best.
+                    let tls = e.connect_info().and_then(|c| {
+                        let mut ext = http::Extensions::new();
+                        c.get_extras(&mut ext);
+                        ext.get::<upstream::LastTlsError>()?.get()
+                    });
+                    let missing_cert = svc
+                        .and_then(|s| s.tls.as_ref())
+                        .is_some_and(|t| t.client_cert_missing());
+                    let why = if missing_cert {
+                        "the upstream requires a client certificate and none is configured \
+                         (upstream.tls.client_cert)"
+                            .to_string()
+                    } else {
+                        tls.unwrap_or_else(|| describe(&e))
+                    };
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        format!("upstream request failed: {why}"),
+                    )
+                }
             };
             warn!(service = name, %dst, "{reason}");
             error_response(status, &reason)
         }
     }
+}
+
+/// The most telling cause of a failed exchange: a TLS alert the upstream sent
+/// after the handshake (TLS 1.3 rejects a client certificate then), an I/O
+/// error, or else hyper's own words.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut io = None;
+    while let Some(c) = cause {
+        if let Some(ioe) = c.downcast_ref::<std::io::Error>() {
+            if ioe
+                .get_ref()
+                .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+            {
+                return crate::tls::reason(ioe);
+            }
+            io.get_or_insert_with(|| ioe.to_string());
+        }
+        cause = c.source();
+    }
+    io.unwrap_or_else(|| e.to_string())
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it does.

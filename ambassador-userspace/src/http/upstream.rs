@@ -141,9 +141,9 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             let tcp = connect_upstream(addr, &this.settings).await?;
             let _ = tcp.set_nodelay(true);
             match &this.tls {
-                None => Ok(TokioIo::new(UpstreamStream::Plain(tcp))),
+                None => Ok(TokioIo::new(UpstreamStream::plain(tcp))),
                 Some(origin) => match origin.connect(tcp).await {
-                    Ok(s) => Ok(TokioIo::new(UpstreamStream::Tls(Box::new(s)))),
+                    Ok(s) => Ok(TokioIo::new(UpstreamStream::tls(s))),
                     Err(e) => Err(ConnectError::Tls {
                         addr,
                         reason: tls::reason(&e),
@@ -170,22 +170,60 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ConnectError> {
         .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no addresses")))
 }
 
-pub enum UpstreamStream {
+/// The last TLS error an upstream connection saw after its handshake (an
+/// alert, such as a client certificate refused under TLS 1.3). The request
+/// that failed with it only learns "canceled"; this tells it why.
+#[derive(Clone, Default, Debug)]
+pub struct LastTlsError(Arc<std::sync::Mutex<Option<String>>>);
+
+impl LastTlsError {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok()?.clone()
+    }
+
+    fn note(&self, e: &io::Error) {
+        tracing::trace!(error = %e, kind = ?e.kind(), "upstream stream error");
+        if e.get_ref()
+            .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+            && let Ok(mut slot) = self.0.lock()
+        {
+            *slot = Some(tls::reason(e));
+        }
+    }
+}
+
+pub struct UpstreamStream {
+    inner: Inner,
+    last_tls_error: LastTlsError,
+}
+
+enum Inner {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl UpstreamStream {
+    fn plain(s: TcpStream) -> UpstreamStream {
+        UpstreamStream {
+            inner: Inner::Plain(s),
+            last_tls_error: LastTlsError::default(),
+        }
+    }
+
+    fn tls(s: TlsStream<TcpStream>) -> UpstreamStream {
+        UpstreamStream {
+            inner: Inner::Tls(Box::new(s)),
+            last_tls_error: LastTlsError::default(),
+        }
+    }
+}
+
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        match self {
-            UpstreamStream::Plain(_) => Connected::new(),
-            UpstreamStream::Tls(s) => {
-                if s.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    Connected::new().negotiated_h2()
-                } else {
-                    Connected::new()
-                }
-            }
+        let c = Connected::new().extra(self.last_tls_error.clone());
+        match &self.inner {
+            Inner::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
+            _ => c,
         }
     }
 }
@@ -196,10 +234,15 @@ impl AsyncRead for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let this = self.get_mut();
+        let r = match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Poll::Ready(Err(e)) = &r {
+            this.last_tls_error.note(e);
         }
+        r
     }
 }
 
@@ -209,23 +252,36 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        let this = self.get_mut();
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Inner::Tls(s) => {
+                let r = Pin::new(s.as_mut()).poll_write(cx, buf);
+                if let Poll::Ready(Err(_)) = &r {
+                    // The peer may have said why before it closed (an alert
+                    // waiting in the receive buffer): read it for the reason.
+                    let mut scratch = [0u8; 512];
+                    let mut rb = ReadBuf::new(&mut scratch);
+                    if let Poll::Ready(Err(e)) = Pin::new(s.as_mut()).poll_read(cx, &mut rb) {
+                        this.last_tls_error.note(&e);
+                    }
+                }
+                r
+            }
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -234,16 +290,16 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        match &self.inner {
+            Inner::Plain(s) => s.is_write_vectored(),
+            Inner::Tls(s) => s.is_write_vectored(),
         }
     }
 }

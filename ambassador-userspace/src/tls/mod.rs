@@ -9,7 +9,10 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use rustls::{
@@ -50,6 +53,8 @@ pub enum TlsError {
 
 /// One service's TLS client side.
 pub struct TlsOrigin {
+    /// Set when an upstream asked for a client certificate we do not have.
+    cert_requested: Arc<AtomicBool>,
     settings: TlsConfig,
     server_name: ServerName<'static>,
     current: Mutex<Arc<ClientConfig>>,
@@ -95,8 +100,10 @@ impl TlsOrigin {
             .flatten()
             .cloned(),
         );
-        let config = build(settings)?;
+        let cert_requested = Arc::new(AtomicBool::new(false));
+        let config = build(settings, &cert_requested)?;
         Ok(TlsOrigin {
+            cert_requested,
             settings: settings.clone(),
             server_name,
             current: Mutex::new(Arc::new(config)),
@@ -108,7 +115,7 @@ impl TlsOrigin {
     /// file that became unreadable keeps the last good config (and says so).
     fn config(&self) -> Arc<ClientConfig> {
         if self.files.changed() {
-            match build(&self.settings) {
+            match build(&self.settings, &self.cert_requested) {
                 Ok(c) => {
                     info!(server_name = ?self.server_name, "TLS files changed: reloaded");
                     *self.current.lock().expect("tls config lock") = Arc::new(c);
@@ -121,6 +128,13 @@ impl TlsOrigin {
         self.current.lock().expect("tls config lock").clone()
     }
 
+    /// True once the upstream has asked for a client certificate and none is
+    /// configured. Under TLS 1.3 the refusal comes after the handshake, often
+    /// as a plain reset: this names the cause anyway.
+    pub fn client_cert_missing(&self) -> bool {
+        self.cert_requested.load(Ordering::Relaxed)
+    }
+
     /// Handshakes over `tcp`; the error keeps rustls' reason for [`reason`].
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
         TlsConnector::from(self.config())
@@ -129,7 +143,7 @@ impl TlsOrigin {
     }
 }
 
-fn build(s: &TlsConfig) -> Result<ClientConfig, TlsError> {
+fn build(s: &TlsConfig, cert_requested: &Arc<AtomicBool>) -> Result<ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = match s.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -161,7 +175,7 @@ fn build(s: &TlsConfig) -> Result<ClientConfig, TlsError> {
             })?;
             builder.with_client_auth_cert(chain, key)?
         }
-        _ => builder.with_no_client_auth(),
+        _ => builder.with_client_cert_resolver(Arc::new(NoClientCert(cert_requested.clone()))),
     };
     config.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(config)
@@ -213,6 +227,25 @@ pub fn reason(e: &io::Error) -> String {
         E::AlertReceived(a) => format!("upstream sent alert {a:?}"),
         E::NoApplicationProtocol => "no common application protocol (ALPN)".into(),
         other => format!("handshake failed: {other}"),
+    }
+}
+
+/// No client certificate to give; remembers that one was asked for.
+#[derive(Debug)]
+struct NoClientCert(Arc<AtomicBool>);
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
     }
 }
 
