@@ -695,3 +695,115 @@ fn mutual_tls_and_minimum_version_toward_the_upstream() {
     assert!(reason.contains("protocol version"), "{reason}");
     assert!(old.seen().is_empty());
 }
+
+#[test]
+fn a_tls_1_0_only_upstream_is_refused_with_the_reason() {
+    let mut pod = Pod::new("");
+    let dir = pod.shared_dir();
+    let ca = TestCa::new("legacy-ca");
+    let ca_file = ca.write_ca_file(&dir);
+    let (cert, key) = ca.issue(CertKind::Valid, PAYMENTS, None);
+    let cert_file = write(&dir, "legacy.pem", &cert);
+    let key_file = write(&dir, "legacy-key.pem", &key);
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: legacy\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: 8110 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9110\" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {} }} }}\n",
+            ca_file.display()
+        ),
+    )
+    .unwrap();
+    pod.start_proxy();
+    // A real TLS 1.0-only server: OpenSSL's s_server, at security level 0.
+    let root = cgroup2_mount();
+    let mut server = placed(
+        "openssl",
+        &Placement {
+            netns: &pod.servers,
+            cgroup: &root,
+            uid: None,
+        },
+    )
+    .args(["s_server", "-accept", &format!("{SERVER_V4}:9110")])
+    .args(["-cert", &cert_file, "-key", &key_file, "-tls1"])
+    .args(["-cipher", "DEFAULT:@SECLEVEL=0", "-www"])
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("openssl s_server");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod
+        .servers
+        .enter(|| std::net::TcpStream::connect((SERVER_V4, 9110)).is_err())
+    {
+        assert!(Instant::now() < deadline, "openssl s_server did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let r = curl(&pod, &format!("http://{NOWHERE}:8110/"), &[]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(r.status, 502, "{}", r.body);
+    let reason = r
+        .headers
+        .get("x-ambassador-error")
+        .cloned()
+        .unwrap_or_default();
+    assert!(reason.contains("protocol version"), "{reason}");
+}
+
+#[test]
+fn a_rotated_ca_file_is_picked_up_without_restart() {
+    let mut pod = Pod::new("");
+    let dir = pod.shared_dir();
+    let old_ca = TestCa::new("old-ca");
+    let new_ca = TestCa::new("new-ca");
+    let ca_file = write(&dir, "ca.pem", &old_ca.ca_pem());
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: rotating\n\
+             \x20   match: {{ cidr: {NOWHERE}/32, port: 8120 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9120\" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {ca_file} }} }}\n"
+        ),
+    )
+    .unwrap();
+    pod.start_proxy();
+    // The upstream's certificate comes from the new CA, which is not trusted yet.
+    let (cert, key) = new_ca.issue(CertKind::Valid, PAYMENTS, None);
+    let up = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 9120),
+        &cert,
+        &key,
+        &["h2", "http/1.1"],
+        TlsVersions::default(),
+    );
+    let url = format!("http://{NOWHERE}:8120/");
+    assert_eq!(curl(&pod, &url, &[]).status, 502);
+    // Rotate the bundle the way a mounted Secret changes.
+    let tmp = write(&dir, "ca.pem.new", &new_ca.ca_pem());
+    std::fs::rename(tmp, &ca_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if curl(&pod, &url, &[]).status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new CA file was not picked up"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(up.seen().len(), 1);
+    assert!(
+        pod.wait_log("TLS files changed: reloaded"),
+        "{}",
+        pod.proxy_log()
+    );
+}
