@@ -72,3 +72,79 @@ fn a_tcp_service_can_send_connections_elsewhere() {
         lines(&out)
     );
 }
+
+#[test]
+fn tls_from_the_app_is_routed_by_sni_and_relayed_untouched() {
+    use ambassador_tests::upstream::{CertKind, HttpUpstream, TestCa, TlsVersions};
+    let mut pod = Pod::new(&format!(
+        "default: deny\n\
+         services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ host: api.example.test, port: 443 }}\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - address: {SERVER_V4}:9443\n"
+    ));
+    pod.start_proxy();
+    let ca = TestCa::new("app-ca");
+    let ca_file = ca.write_ca_file(&pod.shared_dir());
+    let (cert, key) = ca.issue(CertKind::Valid, "api.example.test", None);
+    let up = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 9443),
+        &cert,
+        &key,
+        &["h2", "http/1.1"],
+        TlsVersions::default(),
+    );
+    // The app verifies the upstream itself, end to end through the ambassador.
+    let curl = |name: &str| {
+        pod.app("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "10", "--cacert"])
+            .arg(&ca_file)
+            .args(["--resolve", &format!("{name}:443:198.18.0.99")])
+            .arg(format!("https://{name}/hello"))
+            .output()
+            .unwrap()
+    };
+    let out = curl("api.example.test");
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(stdout(&out).starts_with("served by"), "{}", lines(&out));
+    assert_eq!(up.seen().len(), 1);
+    assert_eq!(up.seen()[0].version, "HTTP/2.0", "ALPN is the app's own");
+
+    // Another name: no service, default deny.
+    let out = curl("other.example.test");
+    assert!(!out.status.success(), "{}", lines(&out));
+    assert_eq!(up.seen().len(), 1);
+}
+
+#[test]
+fn auto_detects_http_and_leaves_server_first_protocols_alone() {
+    use ambassador_tests::upstream::HttpUpstream;
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: mixed\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32 }}\n\
+         \x20   protocol: auto\n\
+         \x20   request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}\n"
+    ));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8090));
+    let out = pod
+        .app("curl")
+        .args(["-sS", "--noproxy", "*", "--max-time", "10"])
+        .arg(format!("http://{SERVER_V4}:8090/"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(up.seen()[0].header("x-via"), Some("ambassador"));
+
+    // The server speaks first (like SMTP or MySQL): after a short wait the
+    // connection is relayed as bytes, and the greeting gets through.
+    let _greeter = pod.server(SERVER_V4, 8091, Behaviour::Greet);
+    let started = std::time::Instant::now();
+    let out = pod.client(&["greet", SERVER_V4, "8091"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(stdout(&out).contains(&format!("GREETING HELLO {SERVER_V4}:8091")));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}

@@ -268,12 +268,6 @@ impl Config {
                     s.name
                 ));
             }
-            if s.protocol == Protocol::Tcp && s.matcher.host.is_some() && s.matcher.cidr.is_none() {
-                return Err(format!(
-                    "{at}.match: a tcp service is recognised by address: give `cidr` (matching \
-                     by the addresses a host name resolves to is not supported yet)"
-                ));
-            }
             if let Some(tls) = &s.upstream.tls {
                 let named_endpoint = s
                     .upstream

@@ -41,10 +41,14 @@ pub enum Protocol {
     /// Opaque bytes, relayed.
     #[default]
     Tcp,
+    /// Decide per connection from the first bytes: HTTP (then as `http`), TLS
+    /// from the app (relayed as-is), anything else (relayed).
+    Auto,
 }
 
 /// How a service recognises its connections: by original destination
-/// (`cidr`, `port`) and/or by name (`host`: the HTTP Host header).
+/// (`cidr`, `port`) and/or by name (`host`: the HTTP Host header, or the TLS
+/// SNI when the app speaks TLS itself).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, try_from = "RawMatch")]
 pub struct MatchConfig {

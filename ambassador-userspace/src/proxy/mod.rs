@@ -1,6 +1,7 @@
 //! The userspace proxy: accepts redirected connections on 127.0.0.1 and ::1,
 //! recovers each one's original destination, connects there and relays.
 
+pub mod detect;
 pub mod relay;
 
 use std::{
@@ -16,6 +17,8 @@ use tokio::{
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
+
+use detect::{Detected, detect};
 
 use crate::{
     config::service::{DefaultPolicy, Protocol},
@@ -292,21 +295,22 @@ impl Ctx {
         };
         let _ = app.set_nodelay(true);
         let route = self.services.route(dst);
-        match &route {
-            Route::Service(svc) if svc.protocol == Protocol::Http => {
-                return http::serve(
-                    app,
-                    dst,
-                    route.clone(),
-                    self.services.clone(),
-                    &self.settings,
-                )
-                .await;
-            }
-            // Services here are named by Host: HTTP decides per request;
-            // anything else gets the default.
-            Route::ByHost if sniff_http(&app).await => {
+        let detected = match &route {
+            Route::Service(svc) if svc.protocol == Protocol::Http => Some(Detected::Http),
+            Route::Service(svc) if svc.protocol == Protocol::Auto => Some(detect(&app).await),
+            // Services here are named by Host or SNI: look at what the app says.
+            Route::ByHost => Some(detect(&app).await),
+            _ => None,
+        };
+        match (&route, &detected) {
+            (_, Some(Detected::Http)) => {
                 return http::serve(app, dst, route, self.services.clone(), &self.settings).await;
+            }
+            (Route::ByHost, Some(Detected::Tls { sni: Some(name) })) => {
+                if let Some(svc) = self.services.by_host(name, dst.port()) {
+                    // The app does TLS itself: relay its bytes, originate nothing.
+                    return self.relay_to_service(app, peer, dst, &svc, false).await;
+                }
             }
             _ => {}
         }
@@ -321,7 +325,10 @@ impl Ctx {
         };
         let upstream = match &target {
             Some(svc) if !svc.endpoints.is_empty() || svc.tls.is_some() => {
-                return self.relay_to_service(app, peer, dst, svc).await;
+                let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
+                return self
+                    .relay_to_service(app, peer, dst, svc, !app_speaks_tls)
+                    .await;
             }
             _ => connect_upstream(dst, &self.settings).await,
         };
@@ -362,13 +369,15 @@ impl Ctx {
         Ok(dst)
     }
 
-    /// A TCP service with its own endpoints and/or TLS origination.
+    /// A TCP service with its own endpoints and/or TLS origination (only when
+    /// `originate`: an app that speaks TLS itself gets its bytes relayed).
     async fn relay_to_service(
         &self,
         mut app: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
         svc: &Service,
+        originate: bool,
     ) {
         let (host, port) = svc.target(dst);
         let addr = match tokio::net::lookup_host((host.as_str(), port))
@@ -387,7 +396,7 @@ impl Ctx {
             Err(e) => return self.refuse(&app, peer, &e),
         };
         let _ = upstream.set_nodelay(true);
-        match &svc.tls {
+        match svc.tls.as_ref().filter(|_| originate) {
             None => {
                 let (outcome, totals) =
                     relay::relay(&app, &upstream, self.settings.idle_timeout).await;
@@ -446,51 +455,3 @@ pub async fn connect_upstream(
         }
     }
 }
-
-/// Does the app's first data look like HTTP (a request line, or the HTTP/2
-/// preface)? Waits briefly for it; a server-speaks-first protocol on the port
-/// just times out here and is treated as not HTTP.
-async fn sniff_http(app: &TcpStream) -> bool {
-    const METHODS: [&[u8]; 10] = [
-        b"GET ",
-        b"POST ",
-        b"PUT ",
-        b"HEAD ",
-        b"DELETE ",
-        b"OPTIONS ",
-        b"PATCH ",
-        b"CONNECT ",
-        b"TRACE ",
-        b"PRI * HTTP/2",
-    ];
-    let mut buf = [0u8; 12];
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return false,
-        };
-        if n == 0 {
-            return false;
-        }
-        let seen = &buf[..n];
-        let mut undecided = false;
-        for m in METHODS {
-            let k = m.len().min(n);
-            if seen[..k] == m[..k] {
-                if n >= m.len() {
-                    return true;
-                }
-                undecided = true;
-            }
-        }
-        if !undecided {
-            return false;
-        }
-        // A prefix of a method so far: wait for more bytes.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// How long to wait for an app's first bytes on a port shared by HTTP services.
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
