@@ -188,6 +188,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             settings.check()?;
             let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
             rt.block_on(async {
+                services.keep_names_resolved(cfg.proxy.dns_refresh).await;
                 let listeners = Listeners::bind(cfg.proxy.port)?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {

@@ -148,3 +148,31 @@ fn auto_detects_http_and_leaves_server_first_protocols_alone() {
     assert!(stdout(&out).contains(&format!("GREETING HELLO {SERVER_V4}:8091")));
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn a_service_named_by_host_also_matches_the_addresses_it_resolves_to() {
+    // `localhost` is the one name every machine resolves (from /etc/hosts).
+    let mut pod = Pod::new(&format!(
+        "intercept: {{ loopback: true }}\n\
+         default: deny\n\
+         services:\n\
+         \x20 - name: named\n\
+         \x20   match: {{ host: localhost, port: 8095 }}\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - address: {SERVER_V4}:7706\n"
+    ));
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7706, Behaviour::Greet);
+    // Raw TCP to the name's address: no Host header, no SNI, yet recognised.
+    let out = pod.client(&["greet", "127.0.0.1", "8095"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert!(
+        stdout(&out).contains(&format!("GREETING HELLO {SERVER_V4}:7706")),
+        "{}",
+        lines(&out)
+    );
+    // Another loopback port is not the service: denied.
+    let out = pod.client(&["expect-rst", "127.0.0.1", "8096"]);
+    assert_eq!(stdout(&out), "RESET\n", "{}", lines(&out));
+}

@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     /// Drop an HTTP client that has not sent a complete request head by then.
     #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
+    /// How often host names in `match.host` are resolved again.
+    #[serde(deserialize_with = "duration")]
+    pub dns_refresh: Duration,
     /// Runtime worker threads; 0 picks min(2, cores): a sidecar shares its Pod's CPU.
     pub workers: usize,
 }
@@ -67,6 +70,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(3600),
             header_read_timeout: Duration::from_secs(10),
+            dns_refresh: Duration::from_secs(30),
             workers: 0,
         }
     }
@@ -235,6 +239,7 @@ impl Config {
             ("connect_timeout", self.proxy.connect_timeout),
             ("idle_timeout", self.proxy.idle_timeout),
             ("header_read_timeout", self.proxy.header_read_timeout),
+            ("dns_refresh", self.proxy.dns_refresh),
         ] {
             if d.is_zero() {
                 return Err(format!("{}proxy.{name}: must be more than 0", at(name)));

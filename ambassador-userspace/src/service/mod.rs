@@ -2,7 +2,11 @@
 //! what it does with them. Built once from the config; looked up per
 //! connection (by original destination) and per HTTP request (by Host).
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::{
     auth::{AuthError, RequestRules},
@@ -133,6 +137,9 @@ type HostServices = HashMap<String, Vec<(Option<u16>, Arc<Service>)>>;
 pub struct ServiceTable {
     by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
     by_host: HostServices,
+    /// The addresses the host names resolve to, refreshed in the background,
+    /// so raw connections to a named service's IPs are recognised too.
+    resolved: std::sync::RwLock<HashMap<IpAddr, Vec<(Option<u16>, Arc<Service>)>>>,
     pub default: DefaultPolicy,
     /// Plain clients for HTTP requests no service claims, under `passthrough`.
     pub passthrough: HttpClient,
@@ -157,6 +164,7 @@ impl ServiceTable {
         Ok(ServiceTable {
             by_addr,
             by_host,
+            resolved: Default::default(),
             default: cfg.default,
             passthrough: UpstreamConnector::new(settings.clone(), None, None).client(),
             passthrough_h2c: UpstreamConnector::new(settings.clone(), None, None).h2c_client(),
@@ -174,10 +182,80 @@ impl ServiceTable {
         {
             return Route::Service(svc.clone());
         }
+        if let Ok(resolved) = self.resolved.read()
+            && let Some(named) = resolved.get(&dst.ip())
+        {
+            let mut hits = named.iter().filter(|(p, _)| port_ok(p)).peekable();
+            // A TCP service has no Host or SNI to tell it apart: it takes the
+            // connection. HTTP and auto services share IPs (virtual hosts):
+            // their Host or SNI decides below.
+            if let Some((_, svc)) = named
+                .iter()
+                .find(|(p, s)| port_ok(p) && s.protocol == Protocol::Tcp)
+            {
+                return Route::Service(svc.clone());
+            }
+            if hits.peek().is_some() {
+                return Route::ByHost;
+            }
+        }
         if self.by_host.values().flatten().any(|(p, _)| port_ok(p)) {
             return Route::ByHost;
         }
         Route::Default
+    }
+
+    /// Resolves every host name services are named by (each bounded in time)
+    /// and replaces the address map. A name that does not resolve keeps its
+    /// previous addresses until it does.
+    pub async fn refresh_names(&self) {
+        let mut next: HashMap<IpAddr, Vec<(Option<u16>, Arc<Service>)>> = HashMap::new();
+        let previous = self.resolved.read().map(|r| r.clone()).unwrap_or_default();
+        for (host, services) in &self.by_host {
+            let lookup = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::lookup_host((host.as_str(), 0)),
+            )
+            .await;
+            let ips: Vec<IpAddr> = match lookup {
+                Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                _ => {
+                    tracing::debug!(%host, "name did not resolve; keeping its last addresses");
+                    previous
+                        .iter()
+                        .filter(|(_, v)| v.iter().any(|(_, s)| s.host.as_deref() == Some(host)))
+                        .map(|(ip, _)| *ip)
+                        .collect()
+                }
+            };
+            for ip in ips {
+                let entry = next.entry(ip).or_default();
+                for (port, svc) in services {
+                    if !entry.iter().any(|(p, s)| p == port && Arc::ptr_eq(s, svc)) {
+                        entry.push((*port, svc.clone()));
+                    }
+                }
+            }
+        }
+        if let Ok(mut r) = self.resolved.write() {
+            *r = next;
+        }
+    }
+
+    /// Resolves now, then every `every` in the background.
+    pub async fn keep_names_resolved(self: &Arc<Self>, every: std::time::Duration) {
+        if self.by_host.is_empty() {
+            return;
+        }
+        self.refresh_names().await;
+        let table = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(t) = table.upgrade() else { return };
+                t.refresh_names().await;
+            }
+        });
     }
 
     /// The service named by `host` for a connection to `port`.
