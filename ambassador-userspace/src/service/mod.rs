@@ -131,15 +131,17 @@ pub enum Route {
     Default,
 }
 
-/// Services named by host, with the port each one is limited to.
-type HostServices = HashMap<String, Vec<(Option<u16>, Arc<Service>)>>;
+/// Services with the port each one is limited to.
+type PortServices = Vec<(Option<u16>, Arc<Service>)>;
+/// Services named by host.
+type HostServices = HashMap<String, PortServices>;
 
 pub struct ServiceTable {
     by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
     by_host: HostServices,
     /// The addresses the host names resolve to, refreshed in the background,
     /// so raw connections to a named service's IPs are recognised too.
-    resolved: std::sync::RwLock<HashMap<IpAddr, Vec<(Option<u16>, Arc<Service>)>>>,
+    resolved: std::sync::RwLock<HashMap<IpAddr, PortServices>>,
     pub default: DefaultPolicy,
     /// Plain clients for HTTP requests no service claims, under `passthrough`.
     pub passthrough: HttpClient,
@@ -209,7 +211,7 @@ impl ServiceTable {
     /// and replaces the address map. A name that does not resolve keeps its
     /// previous addresses until it does.
     pub async fn refresh_names(&self) {
-        let mut next: HashMap<IpAddr, Vec<(Option<u16>, Arc<Service>)>> = HashMap::new();
+        let mut next: HashMap<IpAddr, PortServices> = HashMap::new();
         let previous = self.resolved.read().map(|r| r.clone()).unwrap_or_default();
         for (host, services) in &self.by_host {
             let lookup = tokio::time::timeout(
