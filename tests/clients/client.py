@@ -133,6 +133,17 @@ def main():
             if line.startswith(b"HTTP/1."):
                 print(line.decode())
         print("END")
+    elif mode == "slow-head":
+        # Starts a request head and never finishes it: how long until dropped?
+        s = connect(host, port)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: slow\r\n")
+        s.settimeout(30)
+        try:
+            data = s.recv(4096)
+            what = data.split(b"\r\n")[0].decode() if data else "EOF"
+        except ConnectionResetError:
+            what = "RESET"
+        print(f"{what} after {time.monotonic() - started:.1f}s")
     elif mode == "upgrade":
         s = connect(host, port)
         s.sendall(b"GET /chat HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"

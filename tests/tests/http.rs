@@ -807,3 +807,57 @@ fn a_rotated_ca_file_is_picked_up_without_restart() {
         pod.proxy_log()
     );
 }
+
+#[test]
+fn a_client_that_never_finishes_its_request_head_is_dropped() {
+    let mut pod = Pod::new(&format!(
+        "proxy: {{ header_read_timeout: 1s }}\n\
+         services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8130 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8130));
+    let out = pod.client(&["slow-head", SERVER_V4, "8130"]);
+    let text = stdout(&out);
+    let secs: f64 = text
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|t| t.trim_end_matches('s').parse().ok())
+        .unwrap_or(99.0);
+    assert!((0.9..5.0).contains(&secs), "{text}");
+    assert!(up.seen().is_empty());
+}
+
+#[test]
+fn insecure_skip_verify_works_and_is_warned_about() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: lab\n\
+         \x20   match: {{ cidr: {NOWHERE}/32, port: 8140 }}\n\
+         \x20   protocol: http\n\
+         \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9140\" }}], tls: {{ server_name: {PAYMENTS}, insecure_skip_verify: true }} }}\n"
+    ));
+    pod.start_proxy();
+    let ca = TestCa::new("unknown-ca");
+    let (cert, key) = ca.issue(CertKind::SelfSigned, PAYMENTS, None);
+    let up = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 9140),
+        &cert,
+        &key,
+        &["http/1.1"],
+        TlsVersions::default(),
+    );
+    assert_eq!(
+        curl(&pod, &format!("http://{NOWHERE}:8140/"), &[]).status,
+        200
+    );
+    assert_eq!(up.seen().len(), 1);
+    assert!(
+        pod.proxy_log().contains("insecure_skip_verify is ON"),
+        "{}",
+        pod.proxy_log()
+    );
+}
