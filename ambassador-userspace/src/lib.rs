@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod endpoint;
 pub mod files;
 pub mod http;
 pub mod interception;

@@ -90,7 +90,7 @@ impl OAuth2Source {
             prefix: (!prefix.is_empty()).then(|| prefix.to_string()),
             secret: Mutex::new(secret),
             secret_watch: WatchedFiles::new([cfg.client_secret_file.clone()]),
-            client: UpstreamConnector::new(settings.clone(), tls, None).client_for(),
+            client: UpstreamConnector::new(settings.clone(), tls).client_for(),
             token: tokio::sync::Mutex::new(None),
         })
     }

@@ -145,7 +145,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{s}` is not a duration (like 1500ms, 30s, 5m)"))
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(de::Error::custom)
 }
@@ -271,6 +275,41 @@ impl Config {
                 return Err(format!(
                     "{at}.request: header policy needs `protocol: http` (service `{}`)",
                     s.name
+                ));
+            }
+            let t = &s.timeouts;
+            for (name, d) in [
+                ("connect", t.connect),
+                ("request", t.request),
+                ("idle", t.idle),
+                ("header_read", t.header_read),
+            ] {
+                if d.is_some_and(|d| d.is_zero()) {
+                    return Err(format!("{at}.timeouts.{name}: must be more than 0"));
+                }
+            }
+            let l = &s.limits;
+            for (name, v) in [
+                ("max_connections", l.max_connections),
+                ("max_pending", l.max_pending),
+                ("max_requests", l.max_requests),
+            ] {
+                if v == 0 {
+                    return Err(format!("{at}.limits.{name}: must be at least 1"));
+                }
+            }
+            let o = &s.outlier;
+            if o.consecutive_failures == 0 {
+                return Err(format!(
+                    "{at}.outlier.consecutive_failures: must be at least 1"
+                ));
+            }
+            if !(0.0..=1.0).contains(&o.max_ejected) {
+                return Err(format!("{at}.outlier.max_ejected: a share between 0 and 1"));
+            }
+            if o.base_ejection.is_zero() || o.max_ejection < o.base_ejection {
+                return Err(format!(
+                    "{at}.outlier: base_ejection must be more than 0 and at most max_ejection"
                 ));
             }
             if let Some(tls) = &s.upstream.tls {

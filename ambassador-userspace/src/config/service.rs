@@ -2,7 +2,7 @@
 //! the way. Types validate themselves while they are read (`try_from`), so a
 //! bad value is reported with its line and field path like a syntax error.
 
-use std::{collections::BTreeMap, fmt, path::PathBuf};
+use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -31,6 +31,96 @@ pub struct ServiceConfig {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub request: RequestPolicy,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub outlier: Outlier,
+}
+
+/// Per-service timeouts; each one that fires gives the app a clear error
+/// (504 for HTTP, a reset for TCP) and a log line naming it. Unset ones take
+/// the `proxy` section's value (`connect_timeout`, `idle_timeout`,
+/// `header_read_timeout`); `request` defaults to 60 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connecting to an upstream endpoint (per attempt).
+    #[serde(deserialize_with = "super::opt_duration")]
+    pub connect: Option<Duration>,
+    /// One HTTP exchange, from the request to the end of the response body.
+    #[serde(deserialize_with = "super::opt_duration")]
+    pub request: Option<Duration>,
+    /// No byte in either direction (TCP relays).
+    #[serde(deserialize_with = "super::opt_duration")]
+    pub idle: Option<Duration>,
+    /// The app's request head, on connections that belong to this service.
+    #[serde(deserialize_with = "super::opt_duration")]
+    pub header_read: Option<Duration>,
+}
+
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Circuit breaking: past these the app gets an immediate 503 (or a refused
+/// TCP connection), never a queue that grows without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Upstream connections open at once (TCP relays and HTTP pools).
+    pub max_connections: usize,
+    /// HTTP requests waiting for their response to start.
+    pub max_pending: usize,
+    /// HTTP requests in progress (until their response body ends).
+    pub max_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_pending: 1024,
+            max_requests: 1024,
+        }
+    }
+}
+
+/// Passive outlier detection: an endpoint is ejected after this many
+/// consecutive failures (connect failures, resets, 5xx), for a time that
+/// doubles with each ejection, capped.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    #[serde(deserialize_with = "super::duration")]
+    pub base_ejection: Duration,
+    #[serde(deserialize_with = "super::duration")]
+    pub max_ejection: Duration,
+    /// The share of a service's endpoints that may be ejected at once (at
+    /// least one always may).
+    pub max_ejected: f64,
+}
+
+impl Eq for Outlier {}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    RoundRobin,
+    /// Power of two choices on least outstanding requests.
+    #[default]
+    P2c,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -112,12 +202,18 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Originate TLS to the upstream; absent means plain.
     pub tls: Option<TlsConfig>,
+    /// How to spread load over the healthy endpoints of one priority.
+    #[serde(default)]
+    pub balance: Balance,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub address: HostPort,
+    /// 0 first; traffic goes to the lowest number with a healthy endpoint.
+    #[serde(default)]
+    pub priority: u32,
 }
 
 /// `host:port` or `ip:port` (`[v6]:port`).

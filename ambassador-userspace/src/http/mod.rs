@@ -29,7 +29,64 @@ use crate::{
 
 use upstream::{ConnectError, HttpClient};
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<ResponseBody, Full<Bytes>>;
+
+/// An upstream response body on its way to the app: streamed frame by frame,
+/// cut when the service's request timeout passes, and holding the request's
+/// circuit-breaker permit until it ends.
+pub struct ResponseBody {
+    inner: Incoming,
+    deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
+    _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ResponseBody {
+    fn new(
+        inner: Incoming,
+        deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+        permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    ) -> ResponseBody {
+        ResponseBody {
+            inner,
+            deadline: deadline.map(|(d, t)| (Box::pin(tokio::time::sleep_until(d)), t)),
+            _permits: permits,
+        }
+    }
+}
+
+/// The request timeout fired while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request timeout ({0:?}) fired during the response body")]
+pub struct BodyTimeout(std::time::Duration);
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some((sleep, t)) = &mut this.deadline
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            warn!("request timeout ({t:?}) fired during the response body: cutting it");
+            return std::task::Poll::Ready(Some(Err(Box::new(BodyTimeout(*t)))));
+        }
+        std::pin::Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as Self::Error)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The header that tells the app why the ambassador answered itself.
 pub const ERROR_HEADER: &str = "x-ambassador-error";
@@ -42,6 +99,11 @@ pub async fn serve(
     table: Arc<ServiceTable>,
     settings: &Settings,
 ) {
+    // A connection that belongs to one service reads heads under its timeout.
+    let header_read = match &route {
+        Route::Service(s) => s.settings.header_read_timeout,
+        _ => settings.header_read_timeout,
+    };
     let svc = service_fn(move |req| {
         let (route, table) = (route.clone(), table.clone());
         async move { Ok::<_, Infallible>(handle(req, dst, &route, &table).await) }
@@ -50,7 +112,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
+        .header_read_timeout(header_read);
     if let Err(e) = builder
         .serve_connection_with_upgrades(TokioIo::new(app), svc)
         .await
@@ -124,6 +186,33 @@ async fn forward(
     svc: Option<&Arc<Service>>,
 ) -> Response<Body> {
     let name = svc.map_or("(default)", |s| s.name.as_str());
+    // Circuit breaking: refuse at once rather than queue without bound.
+    let mut permits = Vec::with_capacity(2);
+    if let Some(s) = svc {
+        for (sem, what, max) in [
+            (
+                &s.limits.requests,
+                "max_requests",
+                s.limits.config.max_requests,
+            ),
+            (
+                &s.limits.pending,
+                "max_pending",
+                s.limits.config.max_pending,
+            ),
+        ] {
+            match sem.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => {
+                    warn!(service = name, "circuit breaker: {what} ({max}) reached");
+                    return error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("circuit breaker: {what} ({max}) reached"),
+                    );
+                }
+            }
+        }
+    }
     // A protocol upgrade (WebSocket...) keeps its two hop-by-hop headers; the
     // connection turns into a byte relay once the upstream agrees (101).
     let upgrade = upgrade_protocol(&req);
@@ -141,24 +230,18 @@ async fn forward(
         warn!(service = name, "{e}");
         return error_response(StatusCode::BAD_GATEWAY, &e.to_string());
     }
-    let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.target(dst));
+    // The upstream sees its own name in Host and :authority, as if the app
+    // had called it directly; the connector knows which endpoint to dial.
+    let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.authority(dst));
     let tls = svc.is_some_and(|s| s.tls.is_some());
     let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
-    // The upstream sees its own name (its TLS name when it has one) in Host
-    // and :authority, as if the app had called it directly; the connector
-    // knows which address that name stands for.
-    let upstream_name = svc
-        .and_then(|s| s.upstream_name.as_deref())
-        .unwrap_or(&host);
-    let authority = match authority(upstream_name, port) {
-        Some(a) => a,
-        None => return error_response(StatusCode::BAD_GATEWAY, "bad upstream address"),
+    let Some(authority) = authority(&host, port) else {
+        return error_response(StatusCode::BAD_GATEWAY, "bad upstream address");
     };
-    if rewrites_host || !req.headers().contains_key(header::HOST) {
-        let shown = display_authority(upstream_name, port, tls);
-        if let Ok(v) = HeaderValue::from_str(&shown) {
-            req.headers_mut().insert(header::HOST, v);
-        }
+    if (rewrites_host || !req.headers().contains_key(header::HOST))
+        && let Ok(v) = HeaderValue::from_str(&display_authority(&host, port, tls))
+    {
+        req.headers_mut().insert(header::HOST, v);
     }
     let path = req
         .uri()
@@ -176,23 +259,66 @@ async fn forward(
     // The upstream connection decides the wire version (ALPN, or h2c chosen
     // above); hyper sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;
-    match client.request(req).await {
+    let timeout = svc.map(|s| s.request_timeout);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let sent = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, client.request(req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let t = timeout.unwrap_or_default();
+                warn!(service = name, %dst, "request timeout ({t:?}) fired before the response started");
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("request timeout ({t:?}) fired"),
+                );
+            }
+        },
+        None => client.request(req).await,
+    };
+    // The response has started: no longer pending, still a request in flight.
+    permits.truncate(1);
+    match sent {
         Ok(mut resp) => {
+            if let Some(svc) = svc
+                && let Some(tag) = resp.extensions().get::<upstream::EndpointTag>()
+            {
+                // Passive health: 5xx counts against the endpoint that sent it.
+                if resp.status().is_server_error() {
+                    if let Some(t) = svc.endpoints.failure(&tag.0) {
+                        warn!(service = name, endpoint = %tag.0.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
+                    }
+                } else {
+                    svc.endpoints.success(&tag.0);
+                }
+            }
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(app_side) = app_upgraded
             {
                 let upstream_side = hyper::upgrade::on(&mut resp);
                 tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
-                return resp.map(Either::Left);
+                return resp.map(|b| Either::Left(ResponseBody::new(b, None, Vec::new())));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let body = ResponseBody::new(body, deadline.zip(timeout), permits);
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {
+            if let Some(svc) = svc
+                && let Some(info) = e.connect_info()
+            {
+                let mut ext = http::Extensions::new();
+                info.get_extras(&mut ext);
+                if let Some(tag) = ext.get::<upstream::EndpointTag>() {
+                    svc.endpoints.failure(&tag.0);
+                }
+            }
             let connect =
                 std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ConnectError>());
             let (status, reason) = match connect {
+                Some(c @ ConnectError::Limit(_)) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, c.to_string())
+                }
                 Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
                 Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
                 None => {

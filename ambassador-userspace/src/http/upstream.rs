@@ -27,8 +27,10 @@ use tokio::{
 };
 use tokio_rustls::client::TlsStream;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::{
-    config::service::HostPort,
+    endpoint::{Endpoint, EndpointError, EndpointSet, Picked, resolve},
     proxy::{ProxyError, Settings, connect_upstream},
     tls::{self, TlsOrigin},
 };
@@ -39,24 +41,26 @@ pub type HttpClient = Client<UpstreamConnector, Incoming>;
 /// response header, so it is short and holds no secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("cannot resolve {host}: {source}")]
-    Resolve {
-        host: String,
-        #[source]
-        source: io::Error,
-    },
     #[error(transparent)]
     Tcp(#[from] ProxyError),
     #[error("TLS handshake with {addr} failed: {reason}")]
     Tls { addr: SocketAddr, reason: String },
     #[error("upstream URI {0} has no host")]
     NoHost(Uri),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("circuit breaker: max_connections ({0}) reached")]
+    Limit(usize),
 }
 
 impl ConnectError {
-    /// Timeouts are 504, everything else 502.
+    /// Timeouts are 504, limits 503, everything else 502.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, ConnectError::Tcp(ProxyError::ConnectTimeout(_)))
+        match self {
+            ConnectError::Tcp(ProxyError::ConnectTimeout(_)) => true,
+            ConnectError::Endpoint(e) => e.is_timeout(),
+            _ => false,
+        }
     }
 }
 
@@ -65,21 +69,37 @@ pub struct UpstreamConnector {
     settings: Settings,
     tls: Option<Arc<TlsOrigin>>,
     /// Where to connect whatever the request URI names (the URI then carries
-    /// the upstream's own name, for `:authority`); `None`: the URI's host.
-    endpoint: Option<HostPort>,
+    /// the upstream's own name, for `:authority`); none: the URI's host.
+    endpoints: Option<Arc<EndpointSet>>,
+    /// Upstream connections the service may have open at once.
+    connection_limit: Option<Arc<Semaphore>>,
 }
 
+/// Which endpoint a pooled connection goes to: rides on the response, so its
+/// status counts toward that endpoint's health.
+#[derive(Clone, Debug)]
+pub struct EndpointTag(pub Arc<Endpoint>);
+
 impl UpstreamConnector {
-    pub fn new(
-        settings: Settings,
-        tls: Option<Arc<TlsOrigin>>,
-        endpoint: Option<HostPort>,
-    ) -> UpstreamConnector {
+    pub fn new(settings: Settings, tls: Option<Arc<TlsOrigin>>) -> UpstreamConnector {
         UpstreamConnector {
             settings,
             tls,
-            endpoint,
+            endpoints: None,
+            connection_limit: None,
         }
+    }
+
+    pub fn with_endpoints(mut self, set: Arc<EndpointSet>) -> Self {
+        if !set.is_empty() {
+            self.endpoints = Some(set);
+        }
+        self
+    }
+
+    pub fn with_connection_limit(mut self, limit: Arc<Semaphore>) -> Self {
+        self.connection_limit = Some(limit);
+        self
     }
 
     pub fn client(self) -> HttpClient {
@@ -125,8 +145,37 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let addr = match &this.endpoint {
-                Some(ep) => resolve(&ep.host, ep.port).await?,
+            let permit = match &this.connection_limit {
+                Some(sem) => Some(
+                    sem.clone()
+                        .try_acquire_owned()
+                        .map_err(|_| ConnectError::Limit(sem_size(&this)))?,
+                ),
+                None => None,
+            };
+            let tls = this.tls.clone();
+            let handshake = |tcp: TcpStream, addr: SocketAddr| {
+                let tls = tls.clone();
+                async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tls {
+                        None => Ok(UpstreamStream::plain(tcp)),
+                        Some(origin) => match origin.connect(tcp).await {
+                            Ok(s) => Ok(UpstreamStream::tls(s)),
+                            Err(e) => Err(ConnectError::Tls {
+                                addr,
+                                reason: tls::reason(&e),
+                            }),
+                        },
+                    }
+                }
+            };
+            let mut stream = match &this.endpoints {
+                Some(set) => {
+                    let (mut stream, picked) = set.connect(&this.settings, handshake).await?;
+                    stream.endpoint = Some(picked);
+                    stream
+                }
                 None => {
                     let host = uri
                         .host()
@@ -135,39 +184,21 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     let port = uri
                         .port_u16()
                         .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
-                    resolve(host, port).await?
+                    let addr = resolve(host, port).await?;
+                    let tcp = connect_upstream(addr, &this.settings).await?;
+                    handshake(tcp, addr).await?
                 }
             };
-            let tcp = connect_upstream(addr, &this.settings).await?;
-            let _ = tcp.set_nodelay(true);
-            match &this.tls {
-                None => Ok(TokioIo::new(UpstreamStream::plain(tcp))),
-                Some(origin) => match origin.connect(tcp).await {
-                    Ok(s) => Ok(TokioIo::new(UpstreamStream::tls(s))),
-                    Err(e) => Err(ConnectError::Tls {
-                        addr,
-                        reason: tls::reason(&e),
-                    }),
-                },
-            }
+            stream.permit = permit;
+            Ok(TokioIo::new(stream))
         })
     }
 }
 
-/// The first address of `host`; an IP literal needs no lookup.
-async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ConnectError> {
-    if let Ok(ip) = host.parse() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let err = |source| ConnectError::Resolve {
-        host: host.to_string(),
-        source,
-    };
-    tokio::net::lookup_host((host, port))
-        .await
-        .map_err(err)?
-        .next()
-        .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "no addresses")))
+fn sem_size(c: &UpstreamConnector) -> usize {
+    c.connection_limit
+        .as_ref()
+        .map_or(0, |s| s.available_permits())
 }
 
 /// The last TLS error an upstream connection saw after its handshake (an
@@ -195,6 +226,10 @@ impl LastTlsError {
 pub struct UpstreamStream {
     inner: Inner,
     last_tls_error: LastTlsError,
+    /// The endpoint it goes to (counted as outstanding while it is open).
+    endpoint: Option<Picked>,
+    /// Its place under the service's max_connections.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 enum Inner {
@@ -207,6 +242,8 @@ impl UpstreamStream {
         UpstreamStream {
             inner: Inner::Plain(s),
             last_tls_error: LastTlsError::default(),
+            endpoint: None,
+            permit: None,
         }
     }
 
@@ -214,13 +251,18 @@ impl UpstreamStream {
         UpstreamStream {
             inner: Inner::Tls(Box::new(s)),
             last_tls_error: LastTlsError::default(),
+            endpoint: None,
+            permit: None,
         }
     }
 }
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        let c = Connected::new().extra(self.last_tls_error.clone());
+        let mut c = Connected::new().extra(self.last_tls_error.clone());
+        if let Some(p) = &self.endpoint {
+            c = c.extra(EndpointTag(p.endpoint.clone()));
+        }
         match &self.inner {
             Inner::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
             _ => c,

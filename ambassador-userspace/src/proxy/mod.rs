@@ -373,46 +373,63 @@ impl Ctx {
     /// `originate`: an app that speaks TLS itself gets its bytes relayed).
     async fn relay_to_service(
         &self,
-        mut app: TcpStream,
+        app: TcpStream,
         peer: SocketAddr,
         dst: SocketAddr,
         svc: &Service,
         originate: bool,
     ) {
-        let (host, port) = svc.target(dst);
-        let addr = match tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map(|mut a| a.next())
-        {
-            Ok(Some(a)) => a,
-            _ => {
-                warn!(service = %svc.name, %host, "cannot resolve the service's endpoint");
+        let Ok(_permit) = svc.limits.connections.clone().try_acquire_owned() else {
+            warn!(service = %svc.name, "circuit breaker: max_connections ({}) reached: refusing", svc.limits.config.max_connections);
+            relay::reset(&app);
+            return;
+        };
+        let settings = &svc.settings;
+        // Endpoints with failover on connect failure, or the original destination.
+        let connected = if svc.endpoints.is_empty() {
+            connect_upstream(dst, settings)
+                .await
+                .map(|t| (t, dst, None))
+                .map_err(|e| e.to_string())
+        } else {
+            svc.endpoints
+                .connect(settings, |tcp, addr| async move {
+                    Ok::<_, crate::endpoint::EndpointError>((tcp, addr))
+                })
+                .await
+                .map(|((t, a), p)| (t, a, Some(p)))
+                .map_err(|e| e.to_string())
+        };
+        let (upstream, addr, picked) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                info!(%peer, service = %svc.name, "{e}");
                 relay::reset(&app);
                 return;
             }
         };
-        let upstream = match connect_upstream(addr, &self.settings).await {
-            Ok(u) => u,
-            Err(e) => return self.refuse(&app, peer, &e),
-        };
         let _ = upstream.set_nodelay(true);
+        let idle = settings.idle_timeout;
         match svc.tls.as_ref().filter(|_| originate) {
             None => {
-                let (outcome, totals) =
-                    relay::relay(&app, &upstream, self.settings.idle_timeout).await;
+                let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
+                if outcome == relay::Outcome::Idle {
+                    info!(%peer, service = %svc.name, timeout = ?idle, "idle timeout fired: closing");
+                }
                 debug!(%peer, %dst, service = %svc.name, upstream = %addr, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
             }
             Some(origin) => match origin.connect(upstream).await {
-                Ok(mut tls) => {
-                    // TLS needs a stream copy; small buffers keep idle cost low.
-                    let r = tokio::time::timeout(
-                        self.settings.idle_timeout,
-                        tokio::io::copy_bidirectional_with_sizes(&mut app, &mut tls, 8192, 8192),
-                    )
-                    .await;
-                    debug!(%peer, %dst, service = %svc.name, upstream = %addr, result = ?r.map(|r| r.map_err(|e| e.kind())), "tls connection closed");
+                Ok(tls) => {
+                    let outcome = relay::relay_io(app, tls, idle).await;
+                    if outcome == relay::Outcome::Idle {
+                        info!(%peer, service = %svc.name, timeout = ?idle, "idle timeout fired: closing");
+                    }
+                    debug!(%peer, %dst, service = %svc.name, upstream = %addr, ?outcome, "tls connection closed");
                 }
                 Err(e) => {
+                    if let Some(p) = &picked {
+                        svc.endpoints.failure(&p.endpoint);
+                    }
                     warn!(service = %svc.name, upstream = %addr, "TLS handshake failed: {}", crate::tls::reason(&e));
                     relay::reset(&app);
                 }

@@ -89,6 +89,53 @@ pub async fn relay(app: &TcpStream, upstream: &TcpStream, idle: Duration) -> (Ou
     (outcome, totals)
 }
 
+/// Relays between two byte streams of any kind (a TLS stream, say) until
+/// both end, one fails, or nothing moves for `idle`. Stream copies need their
+/// own buffers (8 KiB each way); plain TCP uses [`relay`] instead.
+pub async fn relay_io<A, B>(app: A, upstream: B, idle: Duration) -> Outcome
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut ar, mut aw) = tokio::io::split(app);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    async fn copy<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, start: Instant) -> io::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                return w.shutdown().await;
+            }
+            w.write_all(&buf[..n]).await?;
+            last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+    let watchdog = async {
+        loop {
+            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::time::sleep_until(deadline).await;
+            let now_ms = start.elapsed().as_millis() as u64;
+            if now_ms.saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = async { tokio::try_join!(copy(&mut ar, &mut uw, &last, start), copy(&mut ur, &mut aw, &last, start)) } => match r {
+            Ok(_) => Outcome::Closed,
+            Err(_) => Outcome::Reset(Side::Upstream),
+        },
+        _ = watchdog => Outcome::Idle,
+    }
+}
+
 /// Makes the next close send RST instead of FIN.
 pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));

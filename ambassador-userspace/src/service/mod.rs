@@ -6,14 +6,20 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
+
+use tokio::sync::Semaphore;
 
 use crate::{
     auth::{AuthError, RequestRules},
     config::{
         Cidr, Config,
-        service::{DefaultPolicy, HostPort, Protocol, ServiceConfig},
+        service::{
+            DEFAULT_REQUEST_TIMEOUT, DefaultPolicy, Limits as LimitsConfig, Protocol, ServiceConfig,
+        },
     },
+    endpoint::EndpointSet,
     http::upstream::{HttpClient, UpstreamConnector},
     proxy::Settings,
     tls::{TlsError, TlsOrigin},
@@ -43,7 +49,11 @@ pub struct Service {
     /// Requests must also carry this Host (when matched by address too).
     pub host: Option<String>,
     /// Where to go; empty means the original destination.
-    pub endpoints: Vec<HostPort>,
+    pub endpoints: Arc<EndpointSet>,
+    /// This service's timeouts and connect behaviour.
+    pub settings: Settings,
+    pub request_timeout: Duration,
+    pub limits: Limits,
     pub tls: Option<Arc<TlsOrigin>>,
     /// The name the upstream knows itself by (TLS server name), for Host.
     pub upstream_name: Option<String>,
@@ -84,21 +94,28 @@ impl Service {
                 service: cfg.name.clone(),
                 source,
             })?;
-        let connector = UpstreamConnector::new(
-            settings.clone(),
-            tls.clone(),
-            cfg.upstream.endpoints.first().map(|e| e.address.clone()),
-        );
+        let t = &cfg.timeouts;
+        let mut svc_settings = settings.clone();
+        svc_settings.connect_timeout = t.connect.unwrap_or(settings.connect_timeout);
+        svc_settings.idle_timeout = t.idle.unwrap_or(settings.idle_timeout);
+        svc_settings.header_read_timeout = t.header_read.unwrap_or(settings.header_read_timeout);
+        let endpoints = Arc::new(EndpointSet::new(
+            &cfg.upstream.endpoints,
+            cfg.upstream.balance,
+            cfg.outlier,
+        ));
+        let limits = Limits::new(&cfg.limits);
+        let connector = UpstreamConnector::new(svc_settings.clone(), tls.clone())
+            .with_endpoints(endpoints.clone())
+            .with_connection_limit(limits.connections.clone());
         Ok(Service {
             name: cfg.name.clone(),
             protocol: cfg.protocol,
             host: cfg.matcher.host.clone(),
-            endpoints: cfg
-                .upstream
-                .endpoints
-                .iter()
-                .map(|e| e.address.clone())
-                .collect(),
+            endpoints,
+            settings: svc_settings,
+            request_timeout: t.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            limits,
             client: connector.clone().client(),
             h2c: connector.h2c_client(),
             tls,
@@ -111,13 +128,38 @@ impl Service {
         })
     }
 
-    /// The upstream for a connection the app made to `dst`: (host, port).
-    /// Endpoint choice grows into load balancing with the resilience work;
-    /// for now the first endpoint.
-    pub fn target(&self, dst: SocketAddr) -> (String, u16) {
-        match self.endpoints.first() {
-            Some(e) => (e.host.clone(), e.port),
-            None => (dst.ip().to_string(), dst.port()),
+    /// How the upstream is named to itself (Host, `:authority`): its TLS
+    /// server name, else its first endpoint's host, else the original
+    /// destination; with the first endpoint's (or the original) port.
+    pub fn authority(&self, dst: SocketAddr) -> (String, u16) {
+        let first = self.endpoints.endpoints().first();
+        let port = first.map_or(dst.port(), |e| e.address.port);
+        let host = match (&self.upstream_name, first) {
+            (Some(n), _) => n.clone(),
+            (None, Some(e)) => e.address.host.clone(),
+            (None, None) => dst.ip().to_string(),
+        };
+        (host, port)
+    }
+}
+
+/// A service's circuit-breaking limits, as semaphores: a permit that cannot
+/// be had at once is an immediate refusal.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub connections: Arc<Semaphore>,
+    pub pending: Arc<Semaphore>,
+    pub requests: Arc<Semaphore>,
+    pub config: LimitsConfig,
+}
+
+impl Limits {
+    fn new(cfg: &LimitsConfig) -> Limits {
+        Limits {
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            pending: Arc::new(Semaphore::new(cfg.max_pending)),
+            requests: Arc::new(Semaphore::new(cfg.max_requests)),
+            config: *cfg,
         }
     }
 }
@@ -168,8 +210,8 @@ impl ServiceTable {
             by_host,
             resolved: Default::default(),
             default: cfg.default,
-            passthrough: UpstreamConnector::new(settings.clone(), None, None).client(),
-            passthrough_h2c: UpstreamConnector::new(settings.clone(), None, None).h2c_client(),
+            passthrough: UpstreamConnector::new(settings.clone(), None).client(),
+            passthrough_h2c: UpstreamConnector::new(settings.clone(), None).h2c_client(),
         })
     }
 
