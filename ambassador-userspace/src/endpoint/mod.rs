@@ -61,8 +61,12 @@ impl EndpointSet {
     /// failure (nothing was sent, so this is always safe) and counting the
     /// failure against the endpoint. `check` may reject a connected endpoint
     /// (a failed TLS handshake, say), which counts as a failure too.
+    ///
+    /// `first`, when given, is tried before anything else (the endpoint a
+    /// request was already sent toward).
     pub async fn connect<T, E, F, Fut>(
         &self,
+        first: Option<&Arc<Endpoint>>,
         settings: &Settings,
         mut check: F,
     ) -> Result<(T, Picked), E>
@@ -73,7 +77,8 @@ impl EndpointSet {
     {
         let mut tried: Vec<Arc<Endpoint>> = Vec::new();
         let mut last: Option<E> = None;
-        while let Some(picked) = self.pick(&tried) {
+        let mut first = first.map(|e| self.hold(e));
+        while let Some(picked) = first.take().or_else(|| self.pick(&tried)) {
             tried.push(picked.endpoint.clone());
             let ep = &picked.endpoint;
             let attempt = async {
@@ -229,6 +234,19 @@ impl EndpointSet {
         Some(Picked {
             endpoint: chosen.clone(),
         })
+    }
+
+    /// Counts a use of `ep` chosen elsewhere.
+    pub fn hold(&self, ep: &Arc<Endpoint>) -> Picked {
+        ep.outstanding.fetch_add(1, Ordering::Relaxed);
+        Picked {
+            endpoint: ep.clone(),
+        }
+    }
+
+    /// The position of `ep` in `endpoints()`.
+    pub fn index_of(&self, ep: &Arc<Endpoint>) -> Option<usize> {
+        self.endpoints.iter().position(|e| Arc::ptr_eq(e, ep))
     }
 
     /// A success: the failure streak ends; a long healthy stretch also

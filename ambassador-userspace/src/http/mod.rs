@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::service::DefaultPolicy,
+    endpoint::Picked,
     proxy::Settings,
     service::{Route, Service, ServiceTable},
 };
@@ -38,6 +39,8 @@ pub struct ResponseBody {
     inner: Incoming,
     deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
     _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// The endpoint stays "outstanding" until the response ends.
+    _endpoint: Option<Picked>,
 }
 
 impl ResponseBody {
@@ -45,11 +48,13 @@ impl ResponseBody {
         inner: Incoming,
         deadline: Option<(tokio::time::Instant, std::time::Duration)>,
         permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+        endpoint: Option<Picked>,
     ) -> ResponseBody {
         ResponseBody {
             inner,
             deadline: deadline.map(|(d, t)| (Box::pin(tokio::time::sleep_until(d)), t)),
             _permits: permits,
+            _endpoint: endpoint,
         }
     }
 }
@@ -151,12 +156,9 @@ async fn handle(
     let h2 = req.version() == Version::HTTP_2;
     match svc {
         Some(svc) => {
-            let client = if h2 && svc.tls.is_none() {
-                &svc.h2c
-            } else {
-                &svc.client
-            };
-            forward(req, dst, client, Some(&svc)).await
+            let (picked, client, h2c) = svc.clients_for_request();
+            let client = if h2 && svc.tls.is_none() { h2c } else { client };
+            forward(req, dst, client, Some(&svc), picked).await
         }
         None => match table.default {
             DefaultPolicy::Passthrough => {
@@ -165,7 +167,7 @@ async fn handle(
                 } else {
                     &table.passthrough
                 };
-                forward(req, dst, client, None).await
+                forward(req, dst, client, None, None).await
             }
             DefaultPolicy::Deny => {
                 let what = host.unwrap_or_else(|| dst.to_string());
@@ -184,6 +186,7 @@ async fn forward(
     dst: SocketAddr,
     client: &HttpClient,
     svc: Option<&Arc<Service>>,
+    picked: Option<Picked>,
 ) -> Response<Body> {
     let name = svc.map_or("(default)", |s| s.name.as_str());
     // Circuit breaking: refuse at once rather than queue without bound.
@@ -296,11 +299,11 @@ async fn forward(
             {
                 let upstream_side = hyper::upgrade::on(&mut resp);
                 tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
-                return resp.map(|b| Either::Left(ResponseBody::new(b, None, Vec::new())));
+                return resp.map(|b| Either::Left(ResponseBody::new(b, None, Vec::new(), None)));
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let body = ResponseBody::new(body, deadline.zip(timeout), permits);
+            let body = ResponseBody::new(body, deadline.zip(timeout), permits, picked);
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {

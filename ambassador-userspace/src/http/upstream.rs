@@ -30,7 +30,7 @@ use tokio_rustls::client::TlsStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    endpoint::{Endpoint, EndpointError, EndpointSet, Picked, resolve},
+    endpoint::{Endpoint, EndpointError, EndpointSet, resolve},
     proxy::{ProxyError, Settings, connect_upstream},
     tls::{self, TlsOrigin},
 };
@@ -73,6 +73,9 @@ pub struct UpstreamConnector {
     endpoints: Option<Arc<EndpointSet>>,
     /// Upstream connections the service may have open at once.
     connection_limit: Option<Arc<Semaphore>>,
+    /// The endpoint this connector's pool is for; others are only a fallback
+    /// when it cannot be reached (and such connections are not pooled).
+    preferred: Option<Arc<Endpoint>>,
 }
 
 /// Which endpoint a pooled connection goes to: rides on the response, so its
@@ -87,7 +90,14 @@ impl UpstreamConnector {
             tls,
             endpoints: None,
             connection_limit: None,
+            preferred: None,
         }
+    }
+
+    /// A connector whose pool holds connections to `ep` only.
+    pub fn for_endpoint(mut self, ep: Arc<Endpoint>) -> Self {
+        self.preferred = Some(ep);
+        self
     }
 
     pub fn with_endpoints(mut self, set: Arc<EndpointSet>) -> Self {
@@ -172,8 +182,16 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             };
             let mut stream = match &this.endpoints {
                 Some(set) => {
-                    let (mut stream, picked) = set.connect(&this.settings, handshake).await?;
-                    stream.endpoint = Some(picked);
+                    let (mut stream, picked) = set
+                        .connect(this.preferred.as_ref(), &this.settings, handshake)
+                        .await?;
+                    stream.fallback = this
+                        .preferred
+                        .as_ref()
+                        .is_some_and(|p| !Arc::ptr_eq(p, &picked.endpoint));
+                    // Requests count as outstanding (see http::forward), not
+                    // pooled connections: `picked` goes now.
+                    stream.endpoint = Some(picked.endpoint.clone());
                     stream
                 }
                 None => {
@@ -226,8 +244,10 @@ impl LastTlsError {
 pub struct UpstreamStream {
     inner: Inner,
     last_tls_error: LastTlsError,
-    /// The endpoint it goes to (counted as outstanding while it is open).
-    endpoint: Option<Picked>,
+    /// The endpoint it goes to.
+    endpoint: Option<Arc<Endpoint>>,
+    /// Connected to another endpoint than the pool's own: used once, not pooled.
+    fallback: bool,
     /// Its place under the service's max_connections.
     permit: Option<OwnedSemaphorePermit>,
 }
@@ -243,6 +263,7 @@ impl UpstreamStream {
             inner: Inner::Plain(s),
             last_tls_error: LastTlsError::default(),
             endpoint: None,
+            fallback: false,
             permit: None,
         }
     }
@@ -252,6 +273,7 @@ impl UpstreamStream {
             inner: Inner::Tls(Box::new(s)),
             last_tls_error: LastTlsError::default(),
             endpoint: None,
+            fallback: false,
             permit: None,
         }
     }
@@ -260,8 +282,11 @@ impl UpstreamStream {
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         let mut c = Connected::new().extra(self.last_tls_error.clone());
-        if let Some(p) = &self.endpoint {
-            c = c.extra(EndpointTag(p.endpoint.clone()));
+        if let Some(ep) = &self.endpoint {
+            c = c.extra(EndpointTag(ep.clone()));
+        }
+        if self.fallback {
+            c.poison();
         }
         match &self.inner {
             Inner::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),

@@ -324,7 +324,7 @@ impl Ctx {
             _ => None,
         };
         let upstream = match &target {
-            Some(svc) if !svc.endpoints.is_empty() || svc.tls.is_some() => {
+            Some(svc) => {
                 let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
                 return self
                     .relay_to_service(app, peer, dst, svc, !app_speaks_tls)
@@ -393,7 +393,7 @@ impl Ctx {
                 .map_err(|e| e.to_string())
         } else {
             svc.endpoints
-                .connect(settings, |tcp, addr| async move {
+                .connect(None, settings, |tcp, addr| async move {
                     Ok::<_, crate::endpoint::EndpointError>((tcp, addr))
                 })
                 .await

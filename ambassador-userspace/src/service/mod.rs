@@ -19,7 +19,7 @@ use crate::{
             DEFAULT_REQUEST_TIMEOUT, DefaultPolicy, Limits as LimitsConfig, Protocol, ServiceConfig,
         },
     },
-    endpoint::EndpointSet,
+    endpoint::{EndpointSet, Picked},
     http::upstream::{HttpClient, UpstreamConnector},
     proxy::Settings,
     tls::{TlsError, TlsOrigin},
@@ -58,10 +58,29 @@ pub struct Service {
     /// The name the upstream knows itself by (TLS server name), for Host.
     pub upstream_name: Option<String>,
     pub rules: RequestRules,
-    /// Pooled upstream connections (HTTP services).
+    /// Pooled upstream connections (HTTP services) to the original
+    /// destination, when the service has no endpoints.
     pub client: HttpClient,
     /// HTTP/2 in the clear, for HTTP/2 from the app to a plain upstream.
     pub h2c: HttpClient,
+    /// One pool pair per endpoint (same order as `endpoints.endpoints()`), so
+    /// each request goes where the balancer says and a recovered primary gets
+    /// its traffic back at once.
+    pub endpoint_clients: Vec<(HttpClient, HttpClient)>,
+}
+
+impl Service {
+    /// The endpoint and pooled clients (HTTP/1.1-or-ALPN, h2c) for one
+    /// request; `None` endpoint means the original destination.
+    pub fn clients_for_request(&self) -> (Option<Picked>, &HttpClient, &HttpClient) {
+        if let Some(p) = self.endpoints.pick(&[])
+            && let Some(i) = self.endpoints.index_of(&p.endpoint)
+        {
+            let (c, h) = &self.endpoint_clients[i];
+            return (Some(p), c, h);
+        }
+        (None, &self.client, &self.h2c)
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -108,6 +127,14 @@ impl Service {
         let connector = UpstreamConnector::new(svc_settings.clone(), tls.clone())
             .with_endpoints(endpoints.clone())
             .with_connection_limit(limits.connections.clone());
+        let endpoint_clients = endpoints
+            .endpoints()
+            .iter()
+            .map(|ep| {
+                let c = connector.clone().for_endpoint(ep.clone());
+                (c.clone().client(), c.h2c_client())
+            })
+            .collect();
         Ok(Service {
             name: cfg.name.clone(),
             protocol: cfg.protocol,
@@ -118,6 +145,7 @@ impl Service {
             limits,
             client: connector.clone().client(),
             h2c: connector.h2c_client(),
+            endpoint_clients,
             tls,
             upstream_name: cfg
                 .upstream

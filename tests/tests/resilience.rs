@@ -1,0 +1,172 @@
+//! Resilience in a simulated Pod: priority failover and re-admission,
+//! circuit breaking, timeouts; real upstreams that the test kills or stalls.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{upstream::HttpUpstream, *};
+
+const NOWHERE: &str = "198.18.0.99";
+
+fn lines(out: &std::process::Output) -> String {
+    format!("{}{}", stdout(out), stderr(out))
+}
+
+/// An HTTP server that answers every request after `delay`.
+fn slow_server(listener: TcpListener, delay: Duration) {
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                thread::sleep(delay);
+                let mut w = conn;
+                let _ = w.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nslow\n",
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn a_dead_primary_fails_over_to_the_secondary_and_comes_back() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {NOWHERE}/32, port: 8200 }}\n\
+         \x20   protocol: http\n\
+         \x20   outlier: {{ consecutive_failures: 2, base_ejection: 1s, max_ejection: 10s }}\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - {{ address: \"{SERVER_V4}:9200\", priority: 0 }}\n\
+         \x20       - {{ address: \"{SERVER2_V4}:9200\", priority: 1 }}\n"
+    ));
+    pod.start_proxy();
+    let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9200));
+    let secondary = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 9200));
+
+    let many = |n: &str| pod.client(&["http-many", NOWHERE, "8200", n]);
+    let out = many("20");
+    assert_eq!(stdout(&out).trim(), "200x20", "{}", lines(&out));
+    assert_eq!((primary.seen().len(), secondary.seen().len()), (20, 0));
+
+    // The primary dies: every request still succeeds, via the secondary.
+    drop(primary);
+    let out = many("50");
+    assert_eq!(stdout(&out).trim(), "200x50", "{}", lines(&out));
+    assert_eq!(secondary.seen().len(), 50);
+    assert!(pod.wait_log("endpoint ejected"), "{}", pod.proxy_log());
+
+    // It comes back: after its ejection it gets the traffic again.
+    let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9200));
+    thread::sleep(Duration::from_millis(1200));
+    let out = many("20");
+    assert_eq!(stdout(&out).trim(), "200x20", "{}", lines(&out));
+    assert_eq!(
+        primary.seen().len(),
+        20,
+        "the recovered primary was not used"
+    );
+    assert_eq!(secondary.seen().len(), 50);
+}
+
+#[test]
+fn circuit_breaker_limits_answer_503_at_once() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8210 }}\n\
+         \x20   protocol: http\n\
+         \x20   limits: {{ max_requests: 2 }}\n"
+    ));
+    pod.start_proxy();
+    slow_server(
+        pod.server_listener(SERVER_V4, 8210),
+        Duration::from_millis(1500),
+    );
+    let started = Instant::now();
+    let out = pod.client(&["http-many", SERVER_V4, "8210", "10"]);
+    // Two get through (slowly); eight are refused without waiting.
+    assert_eq!(stdout(&out).trim(), "200x2 503x8", "{}", lines(&out));
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(pod.wait_log("circuit breaker: max_requests (2) reached"));
+}
+
+#[test]
+fn the_request_timeout_answers_504_and_names_itself() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8220 }}\n\
+         \x20   protocol: http\n\
+         \x20   timeouts: {{ request: 500ms }}\n"
+    ));
+    pod.start_proxy();
+    slow_server(pod.server_listener(SERVER_V4, 8220), Duration::from_secs(5));
+    let started = Instant::now();
+    let out = pod
+        .app("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--noproxy",
+            "*",
+        ])
+        .arg(format!("http://{SERVER_V4}:8220/"))
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out), "504", "{}", lines(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        pod.wait_log("request timeout (500ms) fired"),
+        "{}",
+        pod.proxy_log()
+    );
+}
+
+#[test]
+fn a_stalled_tcp_upstream_is_cut_by_the_idle_timeout() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: db\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8230 }}\n\
+         \x20   timeouts: {{ idle: 1s }}\n"
+    ));
+    pod.start_proxy();
+    // Accepts, greets, then never says another word.
+    let l = pod.server_listener(SERVER_V4, 8230);
+    thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.write_all(b"HELLO stalled\n").unwrap();
+        thread::sleep(Duration::from_secs(30));
+    });
+    let started = Instant::now();
+    let out = pod.client(&["readfirst", SERVER_V4, "8230"]);
+    let elapsed = started.elapsed();
+    assert!(
+        stdout(&out).starts_with("READ HELLO stalled EOF True"),
+        "{}",
+        lines(&out)
+    );
+    assert!(
+        elapsed > Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    assert!(pod.wait_log("idle timeout fired"), "{}", pod.proxy_log());
+}
