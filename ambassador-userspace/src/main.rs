@@ -1,6 +1,6 @@
 //! The `ambassador` binary: the one place errors become exit codes.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc};
 
 use ambassador_userspace::{
     config::Config,
@@ -208,7 +208,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     settings,
                     services,
                     rx,
-                    Duration::from_secs(5),
+                    cfg.proxy.drain_timeout,
                 )
                 .await;
                 anyhow::Ok(())

@@ -162,6 +162,7 @@ def main():
         import http.client
         import threading
         count = int(rest[0])
+        want_len = int(rest[1]) if len(rest) > 1 else None
         statuses = []
         lock = threading.Lock()
 
@@ -169,8 +170,12 @@ def main():
             c = http.client.HTTPConnection(host, int(port), timeout=20)
             try:
                 c.request("GET", "/")
-                st = c.getresponse().status
-            except OSError as e:
+                r = c.getresponse()
+                body = r.read()
+                st = r.status
+                if want_len is not None and len(body) != want_len:
+                    st = f"short{len(body)}"
+            except (OSError, http.client.HTTPException) as e:
                 st = type(e).__name__
             with lock:
                 statuses.append(st)

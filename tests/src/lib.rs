@@ -343,6 +343,17 @@ impl Pod {
         }
     }
 
+    /// SIGTERM to the proxy (by its PID), as Kubernetes does at Pod
+    /// deletion; waits for it to exit and returns how long that took.
+    pub fn terminate_proxy(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.proxy.take().expect("proxy running");
+        let started = Instant::now();
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().expect("wait for proxy");
+        (status, started.elapsed())
+    }
+
     pub fn proxy_log(&self) -> String {
         self.proxy_log.lock().unwrap().clone()
     }

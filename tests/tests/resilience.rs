@@ -18,9 +18,14 @@ fn lines(out: &std::process::Output) -> String {
 
 /// An HTTP server that answers every request after `delay`.
 fn slow_server(listener: TcpListener, delay: Duration) {
+    slow_server_body(listener, delay, b"slow\n".to_vec());
+}
+
+fn slow_server_body(listener: TcpListener, delay: Duration, body: Vec<u8>) {
     thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
+            let body = body.clone();
             thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut line = String::new();
@@ -29,9 +34,12 @@ fn slow_server(listener: TcpListener, delay: Duration) {
                 }
                 thread::sleep(delay);
                 let mut w = conn;
-                let _ = w.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nslow\n",
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
                 );
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.write_all(&body);
             });
         }
     });
@@ -169,4 +177,38 @@ fn a_stalled_tcp_upstream_is_cut_by_the_idle_timeout() {
         "{elapsed:?}"
     );
     assert!(pod.wait_log("idle timeout fired"), "{}", pod.proxy_log());
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8240 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    slow_server_body(
+        pod.server_listener(SERVER_V4, 8240),
+        Duration::from_millis(1500),
+        vec![b'x'; 16 * 1024],
+    );
+    let client = pod
+        .app("python3")
+        .arg(client_py())
+        .args(["http-many", SERVER_V4, "8240", "50", "16384"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // All 50 are waiting on the upstream when the proxy is told to stop.
+    thread::sleep(Duration::from_millis(600));
+    let (status, took) = pod.terminate_proxy();
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(stdout(&out).trim(), "200x50", "{}", pod.proxy_log());
+    assert!(status.success(), "proxy exit: {status}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(pod.proxy_log().contains("drained"), "{}", pod.proxy_log());
+    // Nothing listens now: fail-closed refuses new connects at once.
+    let out = pod.client(&["greet", SERVER_V4, "8240"]);
+    assert!(stdout(&out).contains("ERROR EPERM"), "{}", lines(&out));
 }

@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     /// Drop an HTTP client that has not sent a complete request head by then.
     #[serde(deserialize_with = "duration")]
     pub header_read_timeout: Duration,
+    /// On SIGTERM: how long in-flight connections may take to finish.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
     /// How often host names in `match.host` are resolved again.
     #[serde(deserialize_with = "duration")]
     pub dns_refresh: Duration,
@@ -71,6 +74,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(3600),
             header_read_timeout: Duration::from_secs(10),
             dns_refresh: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
             workers: 0,
         }
     }

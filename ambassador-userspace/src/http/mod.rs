@@ -103,6 +103,7 @@ pub async fn serve(
     route: Route,
     table: Arc<ServiceTable>,
     settings: &Settings,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     // A connection that belongs to one service reads heads under its timeout.
     let header_read = match &route {
@@ -118,10 +119,18 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(app), svc)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(app), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+            // Finish what is in flight, take nothing new: HTTP/1.1 closes
+            // after the current response, HTTP/2 sends GOAWAY.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(%dst, error = %e, "app connection ended with an error");
     }
 }

@@ -241,6 +241,7 @@ pub async fn serve(
         settings,
         port,
         services,
+        draining: shutdown.clone(),
     });
     let mut conns = JoinSet::new();
     let v6 = listeners.v6;
@@ -266,10 +267,19 @@ pub async fn serve(
         }
     }
     drop((v4, v6));
-    if !conns.is_empty() {
-        info!(connections = conns.len(), "draining");
-        let _ =
-            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    if conns.is_empty() {
+        info!("no connections in flight: stopping");
+        return;
+    }
+    info!(connections = conns.len(), deadline = ?drain, "draining: no new connections, in-flight ones finish");
+    let done =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    match done {
+        Ok(()) => info!("drained"),
+        Err(_) => warn!(
+            left = conns.len(),
+            "drain deadline reached: closing what is left"
+        ),
     }
 }
 
@@ -285,6 +295,8 @@ struct Ctx {
     settings: Settings,
     port: u16,
     services: Arc<ServiceTable>,
+    /// Turns true when the proxy stops accepting (graceful drain).
+    draining: watch::Receiver<bool>,
 }
 
 impl Ctx {
@@ -304,7 +316,15 @@ impl Ctx {
         };
         match (&route, &detected) {
             (_, Some(Detected::Http)) => {
-                return http::serve(app, dst, route, self.services.clone(), &self.settings).await;
+                return http::serve(
+                    app,
+                    dst,
+                    route,
+                    self.services.clone(),
+                    &self.settings,
+                    self.draining.clone(),
+                )
+                .await;
             }
             (Route::ByHost, Some(Detected::Tls { sni: Some(name) })) => {
                 if let Some(svc) = self.services.by_host(name, dst.port()) {
