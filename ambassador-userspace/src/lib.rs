@@ -13,6 +13,7 @@ pub mod http;
 pub mod interception;
 pub mod original_dst;
 pub mod proxy;
+pub mod retry;
 pub mod run;
 pub mod service;
 pub mod status;

@@ -212,3 +212,114 @@ fn sigterm_lets_in_flight_requests_finish() {
     let out = pod.client(&["greet", SERVER_V4, "8240"]);
     assert!(stdout(&out).contains("ERROR EPERM"), "{}", lines(&out));
 }
+
+/// Answers 503 (or resets) the first `fail` requests, then 200; counts every
+/// request it read, by method.
+fn flaky_server(
+    listener: TcpListener,
+    fail: usize,
+    reset: bool,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let log = log.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).map(|n| n == 0).unwrap_or(true) {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        line.clear();
+                    }
+                    let mut body = vec![0u8; len];
+                    let _ = std::io::Read::read_exact(&mut reader, &mut body);
+                    let n = {
+                        let mut l = log.lock().unwrap();
+                        l.push(first.split_whitespace().next().unwrap_or("").to_string());
+                        l.len()
+                    };
+                    let mut w = conn.try_clone().unwrap();
+                    if n <= fail && reset {
+                        // An abortive close: the proxy sees a reset.
+                        let s = socket2::SockRef::from(&w);
+                        let _ = s.set_linger(Some(Duration::ZERO));
+                        return;
+                    }
+                    let (status, body) = if n <= fail {
+                        ("503 Service Unavailable", "busy\n")
+                    } else {
+                        ("200 OK", "fine\n")
+                    };
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+    });
+    seen
+}
+
+#[test]
+fn idempotent_requests_are_retried_and_a_sent_post_never_is() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32 }}\n\
+         \x20   protocol: http\n\
+         \x20   retries: {{ attempts: 2, backoff: 10ms, budget: 0.5 }}\n"
+    ));
+    pod.start_proxy();
+    let code = |method: &str, port: u16| {
+        let out = pod
+            .app("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--noproxy",
+                "*",
+                "-X",
+                method,
+            ])
+            .args(["-d", "payload"])
+            .arg(format!("http://{SERVER_V4}:{port}/"))
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    // 503 once, then fine: a PUT (idempotent, small body) is retried.
+    let seen = flaky_server(pod.server_listener(SERVER_V4, 8250), 1, false);
+    assert_eq!(code("PUT", 8250), "200");
+    assert_eq!(*seen.lock().unwrap(), ["PUT", "PUT"]);
+    // A POST that reached the upstream is never sent twice.
+    let seen = flaky_server(pod.server_listener(SERVER_V4, 8251), 1, false);
+    assert_eq!(code("POST", 8251), "503");
+    assert_eq!(*seen.lock().unwrap(), ["POST"]);
+    // A reset after the request went out: the GET is retried, the POST not.
+    let seen = flaky_server(pod.server_listener(SERVER_V4, 8252), 1, true);
+    assert_eq!(code("GET", 8252), "200");
+    assert_eq!(*seen.lock().unwrap(), ["GET", "GET"]);
+    let seen = flaky_server(pod.server_listener(SERVER_V4, 8253), 1, true);
+    assert_eq!(code("POST", 8253), "502");
+    assert_eq!(*seen.lock().unwrap(), ["POST"]);
+    // Attempts are bounded: three tries, then the 503 goes to the app.
+    let seen = flaky_server(pod.server_listener(SERVER_V4, 8254), 10, false);
+    assert_eq!(code("GET", 8254), "503");
+    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert!(pod.wait_log("retrying"), "{}", pod.proxy_log());
+}

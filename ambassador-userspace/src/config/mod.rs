@@ -302,6 +302,9 @@ impl Config {
                     return Err(format!("{at}.limits.{name}: must be at least 1"));
                 }
             }
+            if !(0.0..=1.0).contains(&s.retries.budget) {
+                return Err(format!("{at}.retries.budget: a share between 0 and 1"));
+            }
             let o = &s.outlier;
             if o.consecutive_failures == 0 {
                 return Err(format!(

@@ -37,6 +37,36 @@ pub struct ServiceConfig {
     pub limits: Limits,
     #[serde(default)]
     pub outlier: Outlier,
+    #[serde(default)]
+    pub retries: Retries,
+}
+
+/// Retries of HTTP requests that failed after they may have been sent: only
+/// idempotent methods with a replayable body, within a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retries {
+    /// Further tries after the first; 0 turns retries off.
+    pub attempts: u32,
+    /// The first backoff; each retry may wait up to twice as long as the last
+    /// (full jitter), at most ten times this.
+    #[serde(deserialize_with = "super::duration")]
+    pub backoff: Duration,
+    /// Retries in flight may be at most this share of the requests in flight
+    /// (three are always allowed).
+    pub budget: f64,
+}
+
+impl Eq for Retries {}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            attempts: 2,
+            backoff: Duration::from_millis(25),
+            budget: 0.2,
+        }
+    }
 }
 
 /// Per-service timeouts; each one that fires gives the app a clear error

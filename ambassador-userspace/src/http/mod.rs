@@ -12,8 +12,11 @@ use http::{
     header::{self, HeaderName},
     uri::{Authority, PathAndQuery, Scheme},
 };
-use http_body_util::{Either, Full};
-use hyper::{body::Incoming, service::service_fn};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::{
+    body::{Body as _, Incoming},
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -25,10 +28,11 @@ use crate::{
     config::service::DefaultPolicy,
     endpoint::Picked,
     proxy::Settings,
+    retry,
     service::{Route, Service, ServiceTable},
 };
 
-use upstream::{ConnectError, HttpClient};
+use upstream::ConnectError;
 
 pub type Body = Either<ResponseBody, Full<Bytes>>;
 
@@ -160,24 +164,10 @@ async fn handle(
         Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
         Route::Default => None,
     };
-    // HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC needs
-    // it end to end. Over TLS, ALPN decides.
-    let h2 = req.version() == Version::HTTP_2;
     match svc {
-        Some(svc) => {
-            let (picked, client, h2c) = svc.clients_for_request();
-            let client = if h2 && svc.tls.is_none() { h2c } else { client };
-            forward(req, dst, client, Some(&svc), picked).await
-        }
+        Some(svc) => forward(req, dst, Some(&svc), table).await,
         None => match table.default {
-            DefaultPolicy::Passthrough => {
-                let client = if h2 {
-                    &table.passthrough_h2c
-                } else {
-                    &table.passthrough
-                };
-                forward(req, dst, client, None, None).await
-            }
+            DefaultPolicy::Passthrough => forward(req, dst, None, table).await,
             DefaultPolicy::Deny => {
                 let what = host.unwrap_or_else(|| dst.to_string());
                 info!(%dst, host = %what, "denied: no service matches and the default is deny");
@@ -190,14 +180,19 @@ async fn handle(
     }
 }
 
+/// One request, to a service (or, `svc` being `None`, under `passthrough` to
+/// the original destination): policy, circuit breaking, the exchange with its
+/// timeout, passive health, and retries where they are safe.
 async fn forward(
     mut req: Request<Incoming>,
     dst: SocketAddr,
-    client: &HttpClient,
     svc: Option<&Arc<Service>>,
-    picked: Option<Picked>,
+    table: &ServiceTable,
 ) -> Response<Body> {
     let name = svc.map_or("(default)", |s| s.name.as_str());
+    // HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC needs
+    // it end to end. Over TLS, ALPN decides.
+    let h2c = req.version() == Version::HTTP_2 && svc.is_none_or(|s| s.tls.is_none());
     // Circuit breaking: refuse at once rather than queue without bound.
     let mut permits = Vec::with_capacity(2);
     if let Some(s) = svc {
@@ -260,106 +255,198 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path);
-    *req.uri_mut() = match Uri::from_parts(parts) {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path);
+    *req.uri_mut() = match Uri::from_parts(uri) {
         Ok(u) => u,
         Err(_) => return error_response(StatusCode::BAD_GATEWAY, "bad upstream URI"),
     };
-    // The upstream connection decides the wire version (ALPN, or h2c chosen
-    // above); hyper sends an HTTP/1.1 request on an h2 connection as HTTP/2.
+    // The upstream connection decides the wire version (ALPN, or h2c); hyper
+    // sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;
+    let (head, body) = req.into_parts();
+    let policy = svc
+        .map(|s| &s.retry)
+        .filter(|p| p.enabled() && upgrade.is_none());
+    // A body kept for replay makes the request retryable; bigger or
+    // unknown-length bodies stream through once.
+    let mut stream_body = Some(body);
+    let replay: Option<Bytes> = match policy {
+        Some(_) if retry::idempotent(&head.method) => {
+            let b = stream_body.take().expect("body present");
+            if b.is_end_stream() {
+                Some(Bytes::new())
+            } else if b
+                .size_hint()
+                .upper()
+                .is_some_and(|u| u as usize <= retry::MAX_REPLAY_BODY)
+            {
+                match Limited::new(b, retry::MAX_REPLAY_BODY).collect().await {
+                    Ok(c) => Some(c.to_bytes()),
+                    Err(e) => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            &format!("reading the request body: {e}"),
+                        );
+                    }
+                }
+            } else {
+                stream_body = Some(b);
+                None
+            }
+        }
+        _ => None,
+    };
+    let _in_flight = policy.map(|p| p.request());
     let timeout = svc.map(|s| s.request_timeout);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let sent = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, client.request(req)).await {
-            Ok(r) => r,
-            Err(_) => {
-                let t = timeout.unwrap_or_default();
-                warn!(service = name, %dst, "request timeout ({t:?}) fired before the response started");
-                return error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!("request timeout ({t:?}) fired"),
-                );
+    let mut retry = 0u32;
+    let mut _retry_permit = None;
+    let mut app_upgraded = app_upgraded;
+    loop {
+        let (picked, client) = match svc {
+            Some(s) => {
+                let (p, c, h) = s.clients_for_request();
+                (p, if h2c { h } else { c })
             }
-        },
-        None => client.request(req).await,
-    };
-    // The response has started: no longer pending, still a request in flight.
-    permits.truncate(1);
-    match sent {
-        Ok(mut resp) => {
-            if let Some(svc) = svc
-                && let Some(tag) = resp.extensions().get::<upstream::EndpointTag>()
-            {
-                // Passive health: 5xx counts against the endpoint that sent it.
-                if resp.status().is_server_error() {
-                    if let Some(t) = svc.endpoints.failure(&tag.0) {
-                        warn!(service = name, endpoint = %tag.0.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
-                    }
-                } else {
-                    svc.endpoints.success(&tag.0);
+            None if h2c => (None, &table.passthrough_h2c),
+            None => (None, &table.passthrough),
+        };
+        let body = match (&replay, stream_body.take()) {
+            (Some(b), _) => Either::Right(Full::new(b.clone())),
+            (None, Some(b)) => Either::Left(b),
+            (None, None) => unreachable!("a streamed body is only sent once"),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers.clone();
+        let sent = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, client.request(req)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let t = timeout.unwrap_or_default();
+                    warn!(service = name, %dst, "request timeout ({t:?}) fired before the response started");
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("request timeout ({t:?}) fired"),
+                    );
                 }
+            },
+            None => client.request(req).await,
+        };
+        retry += 1;
+        let failure = match &sent {
+            Ok(resp) => {
+                if let Some(svc) = svc
+                    && let Some(tag) = resp.extensions().get::<upstream::EndpointTag>()
+                {
+                    note_health(svc, &tag.0, !resp.status().is_server_error());
+                }
+                resp.status()
+                    .is_server_error()
+                    .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(app_side) = app_upgraded
-            {
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
-                return resp.map(|b| Either::Left(ResponseBody::new(b, None, Vec::new(), None)));
+            Err(e) => {
+                if let Some(svc) = svc
+                    && let Some(tag) = extra::<upstream::EndpointTag>(e)
+                {
+                    note_health(svc, &tag.0, false);
+                }
+                // Connect failures were already tried on every endpoint.
+                (!is_connect_error(e)).then_some(retry::Failure::Reset)
             }
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = ResponseBody::new(body, deadline.zip(timeout), permits, picked);
-            Response::from_parts(parts, Either::Left(body))
+        };
+        if let (Some(failure), Some(p)) = (failure, policy)
+            && let Some(permit) = p.allow(&head.method, replay.is_some(), failure, retry)
+        {
+            let wait = p.backoff(retry);
+            info!(service = name, %dst, ?failure, retry, ?wait, "retrying");
+            _retry_permit = Some(permit);
+            tokio::time::sleep(wait).await;
+            continue;
         }
-        Err(e) => {
-            if let Some(svc) = svc
-                && let Some(info) = e.connect_info()
-            {
-                let mut ext = http::Extensions::new();
-                info.get_extras(&mut ext);
-                if let Some(tag) = ext.get::<upstream::EndpointTag>() {
-                    svc.endpoints.failure(&tag.0);
+        // The response has started: no longer pending, still in flight.
+        permits.truncate(1);
+        return match sent {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(app_side) = app_upgraded.take()
+                {
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
+                    return resp
+                        .map(|b| Either::Left(ResponseBody::new(b, None, Vec::new(), None)));
                 }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = ResponseBody::new(body, deadline.zip(timeout), permits, picked);
+                Response::from_parts(parts, Either::Left(body))
             }
-            let connect =
-                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ConnectError>());
-            let (status, reason) = match connect {
-                Some(c @ ConnectError::Limit(_)) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, c.to_string())
-                }
-                Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
-                Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
-                None => {
-                    // An alert after the handshake explains a "canceled" best.
-                    let tls = e.connect_info().and_then(|c| {
-                        let mut ext = http::Extensions::new();
-                        c.get_extras(&mut ext);
-                        ext.get::<upstream::LastTlsError>()?.get()
-                    });
-                    let missing_cert = svc
-                        .and_then(|s| s.tls.as_ref())
-                        .is_some_and(|t| t.client_cert_missing());
-                    let why = if missing_cert {
-                        "the upstream requires a client certificate and none is configured \
-                         (upstream.tls.client_cert)"
-                            .to_string()
-                    } else {
-                        tls.unwrap_or_else(|| describe(&e))
-                    };
-                    (
-                        StatusCode::BAD_GATEWAY,
-                        format!("upstream request failed: {why}"),
-                    )
-                }
-            };
-            warn!(service = name, %dst, "{reason}");
-            error_response(status, &reason)
-        }
+            Err(e) => exchange_failed(&e, svc, name, dst),
+        };
     }
+}
+
+/// Passive health: the endpoint that answered (or failed) gets the credit.
+fn note_health(svc: &Service, ep: &Arc<crate::endpoint::Endpoint>, ok: bool) {
+    if ok {
+        svc.endpoints.success(ep);
+    } else if let Some(t) = svc.endpoints.failure(ep) {
+        warn!(service = %svc.name, endpoint = %ep.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
+    }
+}
+
+/// Extra connection information hyper-util kept with a failed request.
+fn extra<T: Clone + Send + Sync + 'static>(e: &hyper_util::client::legacy::Error) -> Option<T> {
+    let info = e.connect_info()?;
+    let mut ext = http::Extensions::new();
+    info.get_extras(&mut ext);
+    ext.get::<T>().cloned()
+}
+
+fn is_connect_error(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<ConnectError>().is_some())
+}
+
+/// The app's answer when no response came: 503 for our limits, 504 for
+/// timeouts, 502 otherwise, with the most telling reason.
+fn exchange_failed(
+    e: &hyper_util::client::legacy::Error,
+    svc: Option<&Arc<Service>>,
+    name: &str,
+    dst: SocketAddr,
+) -> Response<Body> {
+    let connect = std::error::Error::source(e).and_then(|s| s.downcast_ref::<ConnectError>());
+    let (status, reason) = match connect {
+        Some(c @ ConnectError::Limit(_)) => (StatusCode::SERVICE_UNAVAILABLE, c.to_string()),
+        Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
+        Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
+        None => {
+            let missing_cert = svc
+                .and_then(|s| s.tls.as_ref())
+                .is_some_and(|t| t.client_cert_missing());
+            let why = if missing_cert {
+                "the upstream requires a client certificate and none is configured \
+                 (upstream.tls.client_cert)"
+                    .to_string()
+            } else {
+                // An alert after the handshake explains a "canceled" best.
+                extra::<upstream::LastTlsError>(e)
+                    .and_then(|t| t.get())
+                    .unwrap_or_else(|| describe(e))
+            };
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("upstream request failed: {why}"),
+            )
+        }
+    };
+    warn!(service = name, %dst, "{reason}");
+    error_response(status, &reason)
 }
 
 /// The most telling cause of a failed exchange: a TLS alert the upstream sent

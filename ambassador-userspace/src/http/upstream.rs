@@ -35,7 +35,10 @@ use crate::{
     tls::{self, TlsOrigin},
 };
 
-pub type HttpClient = Client<UpstreamConnector, Incoming>;
+/// A request body toward an upstream: the app's, streamed, or a copy kept
+/// for a replay.
+pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type HttpClient = Client<UpstreamConnector, ReqBody>;
 
 /// Why no upstream connection could be had. The reason goes to the app in a
 /// response header, so it is short and holds no secret.

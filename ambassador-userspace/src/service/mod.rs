@@ -22,6 +22,7 @@ use crate::{
     endpoint::{EndpointSet, Picked},
     http::upstream::{HttpClient, UpstreamConnector},
     proxy::Settings,
+    retry::RetryPolicy,
     tls::{TlsError, TlsOrigin},
 };
 
@@ -54,6 +55,7 @@ pub struct Service {
     pub settings: Settings,
     pub request_timeout: Duration,
     pub limits: Limits,
+    pub retry: RetryPolicy,
     pub tls: Option<Arc<TlsOrigin>>,
     /// The name the upstream knows itself by (TLS server name), for Host.
     pub upstream_name: Option<String>,
@@ -143,6 +145,7 @@ impl Service {
             settings: svc_settings,
             request_timeout: t.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             limits,
+            retry: RetryPolicy::new(cfg.retries),
             client: connector.clone().client(),
             h2c: connector.h2c_client(),
             endpoint_clients,
