@@ -189,6 +189,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
             rt.block_on(async {
                 services.keep_names_resolved(cfg.proxy.dns_refresh).await;
+                services.start_health_checks();
                 let listeners = Listeners::bind(cfg.proxy.port)?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {

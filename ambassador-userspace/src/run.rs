@@ -50,6 +50,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     settings.check()?;
     let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
     services.keep_names_resolved(cfg.proxy.dns_refresh).await;
+    services.start_health_checks();
     let fd_limit = proxy::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();

@@ -323,3 +323,95 @@ fn idempotent_requests_are_retried_and_a_sent_post_never_is() {
     assert_eq!(seen.lock().unwrap().len(), 3);
     assert!(pod.wait_log("retrying"), "{}", pod.proxy_log());
 }
+
+/// Answers `/healthz` with 200 or 503 as `healthy` says, anything else 200
+/// with `name` in the body.
+fn health_server(
+    listener: TcpListener,
+    name: &'static str,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let healthy = healthy.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut first = String::new();
+                    if reader.read_line(&mut first).map(|n| n == 0).unwrap_or(true) {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                        line.clear();
+                    }
+                    let ok = healthy.load(std::sync::atomic::Ordering::SeqCst);
+                    let (status, body) = if first.contains("/healthz") && !ok {
+                        ("503 Service Unavailable", "sick\n".to_string())
+                    } else {
+                        ("200 OK", format!("{name}\n"))
+                    };
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn active_health_checks_move_traffic_before_any_request_fails() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {NOWHERE}/32, port: 8260 }}\n\
+         \x20   protocol: http\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - {{ address: \"{SERVER_V4}:9260\", priority: 0 }}\n\
+         \x20       - {{ address: \"{SERVER2_V4}:9260\", priority: 1 }}\n\
+         \x20     health_check: {{ interval: 100ms, unhealthy_threshold: 2, healthy_threshold: 2, http: {{ path: /healthz, expect: 200 }} }}\n"
+    ));
+    let primary_ok = Arc::new(AtomicBool::new(true));
+    health_server(
+        pod.server_listener(SERVER_V4, 9260),
+        "primary",
+        primary_ok.clone(),
+    );
+    health_server(
+        pod.server_listener(SERVER2_V4, 9260),
+        "secondary",
+        Arc::new(AtomicBool::new(true)),
+    );
+    pod.start_proxy();
+    let body = |pod: &Pod| {
+        let out = pod
+            .app("curl")
+            .args(["-sS", "--noproxy", "*"])
+            .arg(format!("http://{NOWHERE}:8260/work"))
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    assert_eq!(body(&pod), "primary\n");
+    // The primary says it is sick: checks take it out; the app never sees it.
+    primary_ok.store(false, Ordering::SeqCst);
+    assert!(
+        pod.wait_log("health check failing: endpoint marked down"),
+        "{}",
+        pod.proxy_log()
+    );
+    assert_eq!(body(&pod), "secondary\n");
+    primary_ok.store(true, Ordering::SeqCst);
+    assert!(pod.wait_log("endpoint back in"), "{}", pod.proxy_log());
+    assert_eq!(body(&pod), "primary\n");
+}

@@ -442,6 +442,29 @@ mod tests {
     }
 
     #[test]
+    fn failover_example_parses() {
+        use service::{Balance, CheckKind};
+        let cfg = Config::parse(include_str!("../../../examples/failover.yaml")).unwrap();
+        let s = &cfg.services[0];
+        assert_eq!(s.timeouts.request, Some(Duration::from_secs(15)));
+        assert_eq!(s.retries.attempts, 2);
+        assert_eq!(s.retries.budget, 0.2);
+        assert_eq!(s.limits.max_pending, 1024);
+        assert_eq!(s.outlier.consecutive_failures, 5);
+        assert_eq!(s.upstream.balance, Balance::P2c);
+        assert_eq!(s.upstream.endpoints[1].priority, 1);
+        let hc = s.upstream.health_check.as_ref().unwrap();
+        assert_eq!(hc.interval, Duration::from_secs(2));
+        assert_eq!(
+            hc.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                expect: 200
+            }
+        );
+    }
+
+    #[test]
     fn service_errors_name_field_and_line() {
         let e = Config::parse("services:\n  - name: a\n    match: { port: 80 }\n").unwrap_err();
         // The line is the service's (serde_yaml_ng marks the enclosing mapping).

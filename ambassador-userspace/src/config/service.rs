@@ -235,6 +235,102 @@ pub struct UpstreamConfig {
     /// How to spread load over the healthy endpoints of one priority.
     #[serde(default)]
     pub balance: Balance,
+    /// Active checks of each endpoint, besides the passive signals.
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawHealthCheck")]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failed checks in a row that mark an endpoint down.
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that bring it back.
+    pub healthy_threshold: u32,
+    pub kind: CheckKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// The endpoint accepts a TCP connection (and the TLS handshake, when
+    /// the service originates TLS).
+    Tcp,
+    /// `GET path` answers `expect`.
+    Http { path: String, expect: u16 },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    #[serde(deserialize_with = "super::duration")]
+    interval: Duration,
+    #[serde(default, deserialize_with = "super::opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default = "three")]
+    unhealthy_threshold: u32,
+    #[serde(default = "two")]
+    healthy_threshold: u32,
+    tcp: Option<EmptyMap>,
+    http: Option<RawHttpCheck>,
+}
+
+fn three() -> u32 {
+    3
+}
+fn two() -> u32 {
+    2
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyMap {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpCheck {
+    path: String,
+    #[serde(default = "ok200")]
+    expect: u16,
+}
+
+fn ok200() -> u16 {
+    200
+}
+
+impl TryFrom<RawHealthCheck> for HealthCheck {
+    type Error = String;
+    fn try_from(r: RawHealthCheck) -> Result<Self, String> {
+        if r.interval.is_zero() {
+            return Err("interval must be more than 0".into());
+        }
+        if r.unhealthy_threshold == 0 || r.healthy_threshold == 0 {
+            return Err("thresholds must be at least 1".into());
+        }
+        let kind = match (r.tcp, r.http) {
+            (Some(_), None) => CheckKind::Tcp,
+            (None, Some(h)) => {
+                if !h.path.starts_with('/') {
+                    return Err(format!("http.path `{}` must start with /", h.path));
+                }
+                if !(100..600).contains(&h.expect) {
+                    return Err(format!("http.expect {} is not an HTTP status", h.expect));
+                }
+                CheckKind::Http {
+                    path: h.path,
+                    expect: h.expect,
+                }
+            }
+            _ => return Err("a health check needs exactly one of tcp: {} or http: {...}".into()),
+        };
+        Ok(HealthCheck {
+            interval: r.interval,
+            timeout: r.timeout.unwrap_or(r.interval.min(Duration::from_secs(1))),
+            unhealthy_threshold: r.unhealthy_threshold,
+            healthy_threshold: r.healthy_threshold,
+            kind,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

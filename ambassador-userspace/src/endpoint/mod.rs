@@ -7,6 +7,8 @@
 //!
 //! Time is tokio's, so the logic is tested on paused time.
 
+pub mod health;
+
 use std::sync::{
     Arc, Mutex,
     atomic::{AtomicUsize, Ordering},
@@ -110,6 +112,8 @@ pub struct Endpoint {
     pub priority: u32,
     outstanding: AtomicUsize,
     health: Mutex<Health>,
+    /// Marked down by active health checks.
+    down: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -127,8 +131,20 @@ impl Endpoint {
     }
 
     fn ejected(&self, now: Instant) -> bool {
+        if self.down.load(Ordering::Relaxed) {
+            return true;
+        }
         let h = self.health.lock().expect("endpoint health lock");
         h.ejected_until.is_some_and(|t| now < t)
+    }
+
+    /// Active health checks mark an endpoint down or up again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
     }
 }
 
@@ -163,6 +179,7 @@ impl EndpointSet {
                     priority: e.priority,
                     outstanding: AtomicUsize::new(0),
                     health: Mutex::new(Health::default()),
+                    down: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .collect();

@@ -56,6 +56,7 @@ pub struct Service {
     pub request_timeout: Duration,
     pub limits: Limits,
     pub retry: RetryPolicy,
+    pub health_check: Option<crate::config::service::HealthCheck>,
     pub tls: Option<Arc<TlsOrigin>>,
     /// The name the upstream knows itself by (TLS server name), for Host.
     pub upstream_name: Option<String>,
@@ -146,6 +147,7 @@ impl Service {
             request_timeout: t.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             limits,
             retry: RetryPolicy::new(cfg.retries),
+            health_check: cfg.upstream.health_check.clone(),
             client: connector.clone().client(),
             h2c: connector.h2c_client(),
             endpoint_clients,
@@ -314,6 +316,25 @@ impl ServiceTable {
         }
         if let Ok(mut r) = self.resolved.write() {
             *r = next;
+        }
+    }
+
+    /// Starts the active health checks of every service that has them.
+    pub fn start_health_checks(&self) {
+        let all = self
+            .by_addr
+            .iter()
+            .map(|(_, _, s)| s)
+            .chain(self.by_host.values().flatten().map(|(_, s)| s));
+        let mut started: Vec<*const Service> = Vec::new();
+        for svc in all {
+            if started.contains(&Arc::as_ptr(svc)) {
+                continue;
+            }
+            started.push(Arc::as_ptr(svc));
+            if let Some(check) = &svc.health_check {
+                crate::endpoint::health::spawn(svc, check.clone());
+            }
         }
     }
 

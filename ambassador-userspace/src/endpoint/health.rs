@@ -1,0 +1,114 @@
+//! Active health checks: every `interval`, each endpoint of a service is
+//! connected to (TCP, and TLS when the service originates it) or asked
+//! `GET path`; `unhealthy_threshold` failures in a row mark it down (traffic
+//! goes elsewhere), `healthy_threshold` passes bring it back. Endpoints start
+//! up, so a fresh proxy serves at once.
+
+use std::sync::{Arc, Weak};
+
+use http::{Request, StatusCode, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tracing::{info, warn};
+
+use super::{Endpoint, resolve};
+use crate::{
+    config::service::{CheckKind, HealthCheck},
+    proxy::{Settings, connect_upstream},
+    service::Service,
+};
+
+/// Runs the checks of `svc` until it is dropped.
+pub fn spawn(svc: &Arc<Service>, check: HealthCheck) {
+    let weak: Weak<Service> = Arc::downgrade(svc);
+    tokio::spawn(async move {
+        let mut streaks: Vec<(u32, u32)> = Vec::new();
+        let mut tick = tokio::time::interval(check.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(svc) = weak.upgrade() else { return };
+            let eps: Vec<Arc<Endpoint>> = svc.endpoints.endpoints().to_vec();
+            streaks.resize(eps.len(), (0, 0));
+            // Side by side: a slow endpoint must not delay the others' checks.
+            let mut probes = tokio::task::JoinSet::new();
+            for (i, ep) in eps.iter().enumerate() {
+                let (svc, ep, check) = (svc.clone(), ep.clone(), check.clone());
+                probes.spawn(async move { (i, probe(&svc, &ep, &check).await) });
+            }
+            let mut results = vec![false; eps.len()];
+            while let Some(Ok((i, ok))) = probes.join_next().await {
+                results[i] = ok;
+            }
+            for ((ep, ok), (fails, passes)) in eps.iter().zip(results).zip(streaks.iter_mut()) {
+                if ok {
+                    *passes += 1;
+                    *fails = 0;
+                    if ep.is_down() && *passes >= check.healthy_threshold {
+                        ep.set_down(false);
+                        info!(service = %svc.name, endpoint = %ep.address, "health check passing again: endpoint back in");
+                    }
+                } else {
+                    *fails += 1;
+                    *passes = 0;
+                    if !ep.is_down() && *fails >= check.unhealthy_threshold {
+                        ep.set_down(true);
+                        warn!(service = %svc.name, endpoint = %ep.address, "health check failing: endpoint marked down");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One check of one endpoint, bounded by the check's timeout.
+async fn probe(svc: &Service, ep: &Endpoint, check: &HealthCheck) -> bool {
+    let run = async {
+        let addr = resolve(&ep.address.host, ep.address.port).await.ok()?;
+        let mut settings: Settings = svc.settings.clone();
+        settings.connect_timeout = check.timeout;
+        let tcp = connect_upstream(addr, &settings).await.ok()?;
+        match (&svc.tls, &check.kind) {
+            (None, CheckKind::Tcp) => Some(true),
+            (Some(tls), CheckKind::Tcp) => Some(tls.connect(tcp).await.is_ok()),
+            (None, CheckKind::Http { path, expect }) => {
+                http_get(TokioIo::new(tcp), svc, ep, path, *expect).await
+            }
+            (Some(tls), CheckKind::Http { path, expect }) => {
+                let s = tls.connect(tcp).await.ok()?;
+                http_get(TokioIo::new(s), svc, ep, path, *expect).await
+            }
+        }
+    };
+    matches!(
+        tokio::time::timeout(check.timeout, run).await,
+        Ok(Some(true))
+    )
+}
+
+async fn http_get<T>(
+    io: TokioIo<T>,
+    svc: &Service,
+    ep: &Endpoint,
+    path: &str,
+    expect: u16,
+) -> Option<bool>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let host = svc
+        .upstream_name
+        .clone()
+        .unwrap_or_else(|| ep.address.host.clone());
+    let req = Request::get(path)
+        .header(header::HOST, host)
+        .header(header::USER_AGENT, "ambassador-health-check")
+        .body(Empty::<bytes::Bytes>::new())
+        .ok()?;
+    let resp = send.send_request(req).await.ok()?;
+    Some(resp.status() == StatusCode::from_u16(expect).ok()?)
+}
