@@ -157,6 +157,24 @@ def main():
         print(head.split(b"\r\n")[0].decode())
         s.sendall(b"ping over the upgraded connection\n")
         print("ECHO", readline(s))
+    elif mode == "http-steady":
+        # N GETs one after another, `gap` ms apart, on fresh connections: a
+        # steady trickle of load.
+        import http.client
+        count, gap = int(rest[0]), int(rest[1]) / 1000
+        by = {}
+        for _ in range(count):
+            c = http.client.HTTPConnection(host, int(port), timeout=20)
+            try:
+                c.request("GET", "/")
+                r = c.getresponse()
+                r.read()
+                st = r.status
+            except (OSError, http.client.HTTPException) as e:
+                st = type(e).__name__
+            by[st] = by.get(st, 0) + 1
+            time.sleep(gap)
+        print(" ".join(f"{k}x{v}" for k, v in sorted(by.items(), key=str)))
     elif mode == "http-many":
         # N concurrent plain HTTP GETs (one connection each), as a busy app would.
         import http.client

@@ -415,3 +415,34 @@ fn active_health_checks_move_traffic_before_any_request_fails() {
     assert!(pod.wait_log("endpoint back in"), "{}", pod.proxy_log());
     assert_eq!(body(&pod), "primary\n");
 }
+
+#[test]
+fn killing_the_primary_under_steady_load_fails_no_request() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {NOWHERE}/32, port: 8270 }}\n\
+         \x20   protocol: http\n\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - {{ address: \"{SERVER_V4}:9270\", priority: 0 }}\n\
+         \x20       - {{ address: \"{SERVER2_V4}:9270\", priority: 1 }}\n"
+    ));
+    pod.start_proxy();
+    let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9270));
+    let secondary = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 9270));
+    let client = pod
+        .app("python3")
+        .arg(client_py())
+        .args(["http-steady", NOWHERE, "8270", "150", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    let before = primary.seen().len();
+    drop(primary);
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(stdout(&out).trim(), "200x150", "{}", pod.proxy_log());
+    assert!(before > 10, "the primary served {before} before it died");
+    assert!(secondary.seen().len() > 10);
+}
