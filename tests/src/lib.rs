@@ -623,6 +623,26 @@ fn socket_linger_zero(conn: &TcpStream) -> bool {
     }
 }
 
+/// One HTTP/1.1 request head from a raw test server's reader: the request
+/// line and the Content-Length (0 when absent); `None` at EOF.
+pub fn read_request_head(reader: &mut impl BufRead) -> Option<(String, usize)> {
+    let mut first = String::new();
+    if reader.read_line(&mut first).ok()? == 0 {
+        return None;
+    }
+    let mut len = 0;
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+        if let Some((name, value)) = line.split_once(':')
+            && name.trim().eq_ignore_ascii_case("content-length")
+        {
+            len = value.trim().parse().unwrap_or(0);
+        }
+        line.clear();
+    }
+    Some((first.trim_end().to_string(), len))
+}
+
 /// Counts of BPF objects on the host (programs, maps, links).
 pub fn bpf_object_counts() -> (usize, usize, usize) {
     (

@@ -2,7 +2,7 @@
 //! circuit breaking, timeouts; real upstreams that the test kills or stalls.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufReader, Write},
     net::TcpListener,
     thread,
     time::{Duration, Instant},
@@ -28,10 +28,7 @@ fn slow_server_body(listener: TcpListener, delay: Duration, body: Vec<u8>) {
             let body = body.clone();
             thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                    line.clear();
-                }
+                read_request_head(&mut reader);
                 thread::sleep(delay);
                 let mut w = conn;
                 let head = format!(
@@ -228,19 +225,7 @@ fn flaky_server(
             let log = log.clone();
             thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
-                loop {
-                    let mut first = String::new();
-                    if reader.read_line(&mut first).map(|n| n == 0).unwrap_or(true) {
-                        return;
-                    }
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                        line.clear();
-                    }
+                while let Some((first, len)) = read_request_head(&mut reader) {
                     let mut body = vec![0u8; len];
                     let _ = std::io::Read::read_exact(&mut reader, &mut body);
                     let n = {
@@ -338,15 +323,7 @@ fn health_server(
             thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut w = conn;
-                loop {
-                    let mut first = String::new();
-                    if reader.read_line(&mut first).map(|n| n == 0).unwrap_or(true) {
-                        return;
-                    }
-                    let mut line = String::new();
-                    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                        line.clear();
-                    }
+                while let Some((first, _)) = read_request_head(&mut reader) {
                     let ok = healthy.load(std::sync::atomic::Ordering::SeqCst);
                     let (status, body) = if first.contains("/healthz") && !ok {
                         ("503 Service Unavailable", "sick\n".to_string())

@@ -60,16 +60,7 @@ pub async fn relay(app: &TcpStream, upstream: &TcpStream, idle: Duration) -> (Ou
     let received = AtomicU64::new(0);
     let up = pump(app, upstream, Side::App, &last, &sent, start);
     let down = pump(upstream, app, Side::Upstream, &last, &received, start);
-    let watchdog = async {
-        loop {
-            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            tokio::time::sleep_until(deadline).await;
-            let now_ms = start.elapsed().as_millis() as u64;
-            if now_ms.saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
-                return;
-            }
-        }
-    };
+    let watchdog = idle_watchdog(start, &last, idle);
     let outcome = tokio::select! {
         r = async { tokio::try_join!(up, down) } => match r {
             Ok(_) => Outcome::Closed,
@@ -117,22 +108,26 @@ where
             last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
     }
-    let watchdog = async {
-        loop {
-            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            tokio::time::sleep_until(deadline).await;
-            let now_ms = start.elapsed().as_millis() as u64;
-            if now_ms.saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
-                return;
-            }
-        }
-    };
+    let watchdog = idle_watchdog(start, &last, idle);
     tokio::select! {
         r = async { tokio::try_join!(copy(&mut ar, &mut uw, &last, start), copy(&mut ur, &mut aw, &last, start)) } => match r {
             Ok(_) => Outcome::Closed,
             Err(_) => Outcome::Reset(Side::Upstream),
         },
         _ = watchdog => Outcome::Idle,
+    }
+}
+
+/// Resolves once nothing has moved for `idle`: `last` holds the milliseconds
+/// since `start` of the last byte moved, either way.
+async fn idle_watchdog(start: Instant, last: &AtomicU64, idle: Duration) {
+    loop {
+        let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        tokio::time::sleep_until(deadline).await;
+        let now_ms = start.elapsed().as_millis() as u64;
+        if now_ms.saturating_sub(last.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+            return;
+        }
     }
 }
 
