@@ -91,7 +91,8 @@ fn headers_are_injected_from_value_env_and_rotating_file() {
              \x20       authorization: {{ file: {token}, prefix: \"Bearer \" }}\n\
              \x20       x-tenant: {{ value: acme }}\n\
              \x20       x-from-env: {{ env: AMB_TEST_KEY }}\n\
-             \x20     remove_headers: [x-debug]\n"
+             \x20     remove_headers: [x-debug]\n\
+             \x20     rename_headers: {{ x-app-trace: x-trace }}\n"
         ),
     )
     .unwrap();
@@ -111,6 +112,8 @@ fn headers_are_injected_from_value_env_and_rotating_file() {
             "x-debug: 1",
             "-H",
             "x-keep: yes",
+            "-H",
+            "x-app-trace: abc",
         ],
     );
     assert_eq!(r.status, 200, "{}", r.body);
@@ -126,6 +129,8 @@ fn headers_are_injected_from_value_env_and_rotating_file() {
         "removed header reached the upstream"
     );
     assert_eq!(req.header("x-keep"), Some("yes"));
+    assert_eq!(req.header("x-trace"), Some("abc"));
+    assert_eq!(req.header("x-app-trace"), None);
     // The spoofed copy is gone, not just shadowed.
     let auths = req
         .headers

@@ -148,6 +148,7 @@ impl Injector {
 pub struct RequestRules {
     set: Vec<Injector>,
     remove: Vec<HeaderName>,
+    rename: Vec<(HeaderName, HeaderName)>,
 }
 
 impl RequestRules {
@@ -162,7 +163,17 @@ impl RequestRules {
             .iter()
             .map(|k| HeaderName::from_bytes(k.0.as_bytes()).expect("validated at parse"))
             .collect();
-        Ok(RequestRules { set, remove })
+        let name = |k: &HeaderKey| HeaderName::from_bytes(k.0.as_bytes()).expect("validated");
+        let rename = policy
+            .rename_headers
+            .iter()
+            .map(|(from, to)| (name(from), name(to)))
+            .collect();
+        Ok(RequestRules {
+            set,
+            remove,
+            rename,
+        })
     }
 
     /// Removes what must go (including any inbound copy of a header we set, so
@@ -171,6 +182,17 @@ impl RequestRules {
         for name in &self.remove {
             headers.remove(name);
         }
+        for (from, to) in &self.rename {
+            if let http::header::Entry::Occupied(e) = headers.entry(from) {
+                let (_, values) = e.remove_entry_mult();
+                let values: Vec<HeaderValue> = values.collect();
+                headers.remove(to);
+                for v in values {
+                    headers.append(to.clone(), v);
+                }
+            }
+        }
+        // Set last: a rename cannot carry an app's value into a header we own.
         for inj in &self.set {
             headers.remove(&inj.name);
             headers.insert(inj.name.clone(), inj.value().await?);
@@ -202,13 +224,28 @@ mod tests {
             source(SourceKind::Value("tok".into()), "Bearer "),
         );
         policy.remove_headers.push(HeaderKey("x-debug".into()));
+        policy.rename_headers.insert(
+            HeaderKey("x-old".into()),
+            HeaderKey("x-new".into()),
+        );
+        // An app cannot smuggle a value into an injected header by renaming.
+        policy.rename_headers.insert(
+            HeaderKey("x-sneaky".into()),
+            HeaderKey("authorization".into()),
+        );
         let rules = RequestRules::new(&policy, &settings()).unwrap();
         let mut h = HeaderMap::new();
         h.append("authorization", HeaderValue::from_static("Bearer spoofed"));
         h.append("authorization", HeaderValue::from_static("Basic again"));
         h.insert("x-debug", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
+        h.append("x-old", HeaderValue::from_static("a"));
+        h.append("x-old", HeaderValue::from_static("b"));
+        h.insert("x-sneaky", HeaderValue::from_static("Bearer stolen"));
         rules.apply(&mut h).await.unwrap();
+        let renamed: Vec<_> = h.get_all("x-new").iter().collect();
+        assert_eq!(renamed, ["a", "b"]);
+        assert!(!h.contains_key("x-old") && !h.contains_key("x-sneaky"));
         let auth: Vec<_> = h.get_all("authorization").iter().collect();
         assert_eq!(auth, ["Bearer tok"]);
         assert!(auth[0].is_sensitive());

@@ -273,8 +273,9 @@ impl Config {
             if !seen.insert(s.name.as_str()) {
                 return Err(format!("{at}.name: `{}` is used twice", s.name));
             }
-            let has_policy =
-                !s.request.set_headers.is_empty() || !s.request.remove_headers.is_empty();
+            let has_policy = !s.request.set_headers.is_empty()
+                || !s.request.remove_headers.is_empty()
+                || !s.request.rename_headers.is_empty();
             if s.protocol == Protocol::Tcp && has_policy {
                 return Err(format!(
                     "{at}.request: header policy needs `protocol: http` (service `{}`)",

@@ -460,6 +460,9 @@ pub struct RequestPolicy {
     pub set_headers: BTreeMap<HeaderKey, HeaderSource>,
     #[serde(default)]
     pub remove_headers: Vec<HeaderKey>,
+    /// `from: to`: the app's header goes out under another name.
+    #[serde(default)]
+    pub rename_headers: BTreeMap<HeaderKey, HeaderKey>,
 }
 
 /// A valid HTTP header name, lowercased.
