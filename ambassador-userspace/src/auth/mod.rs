@@ -224,10 +224,9 @@ mod tests {
             source(SourceKind::Value("tok".into()), "Bearer "),
         );
         policy.remove_headers.push(HeaderKey("x-debug".into()));
-        policy.rename_headers.insert(
-            HeaderKey("x-old".into()),
-            HeaderKey("x-new".into()),
-        );
+        policy
+            .rename_headers
+            .insert(HeaderKey("x-old".into()), HeaderKey("x-new".into()));
         // An app cannot smuggle a value into an injected header by renaming.
         policy.rename_headers.insert(
             HeaderKey("x-sneaky".into()),

@@ -298,3 +298,83 @@ impl ServerCertVerifier for NoVerification {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS server on loopback for `name`; returns its address and the CA
+    /// (here the self-signed certificate itself) as PEM.
+    async fn server(name: &str) -> (std::net::SocketAddr, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let _ = tls.write_all(b"ok").await;
+                        let mut rest = Vec::new();
+                        let _ = tls.read_to_end(&mut rest).await;
+                    }
+                });
+            }
+        });
+        (addr, cert.pem())
+    }
+
+    #[tokio::test]
+    async fn sessions_are_resumed() {
+        let (addr, ca) = server("resume.test").await;
+        let dir = std::env::temp_dir().join(format!("amb-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        let settings = TlsConfig {
+            server_name: Some("resume.test".into()),
+            ca_file: Some(ca_file),
+            client_cert: None,
+            client_key: None,
+            min_version: TlsVersion::V1_2,
+            alpn: vec!["http/1.1".into()],
+            insecure_skip_verify: false,
+        };
+        let origin = TlsOrigin::new("test", &settings, None).unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = origin.connect(tcp).await.unwrap();
+            // Reading the first bytes also takes in the session tickets.
+            let mut ok = [0u8; 2];
+            tls.read_exact(&mut ok).await.unwrap();
+            kinds.push(tls.get_ref().1.handshake_kind());
+            tls.shutdown().await.unwrap();
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
