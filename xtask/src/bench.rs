@@ -6,7 +6,8 @@
 //! Setup: a simulated Pod (the test harness's: Pod cgroup with app/proxy
 //! children, a network namespace joined by veth to a servers' namespace), the
 //! proxy as uid 1337. The client and the echo server are this binary's hidden
-//! `__connect` / `__echo` commands; throughput is iperf3.
+//! `__connect` / `__echo` commands; throughput is iperf3. The HTTP section
+//! (ambassador vs HAProxy vs nginx) follows, in `bench_http.rs`.
 
 use std::{
     io::{Read, Write},
@@ -160,6 +161,14 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     print!("{report}");
     let out = crate::root().join("target/bench");
     std::fs::create_dir_all(&out)?;
+    // Written now so the L4 results are kept if the HTTP section fails.
+    std::fs::write(out.join("report.txt"), &report)?;
+
+    // Its own Pod: its config names HTTP services.
+    let http = crate::bench_http::run()?;
+    print!("\n{http}");
+    report.push('\n');
+    report.push_str(&http);
     std::fs::write(out.join("report.txt"), &report)?;
     println!("(written to {})", out.join("report.txt").display());
     Ok(())

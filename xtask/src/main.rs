@@ -3,6 +3,7 @@
 //! run checks, finds everything, and says nothing).
 
 mod bench;
+mod bench_http;
 mod demo;
 mod toolchain;
 
@@ -37,7 +38,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput; ratios.
+    /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput;
+    /// HTTP through ambassador vs HAProxy vs nginx vs direct; ratios.
     Bench,
     #[command(name = "__echo", hide = true)]
     Echo { addr: String, threads: usize },

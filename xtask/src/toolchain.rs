@@ -191,3 +191,25 @@ pub fn ensure_bpf() -> anyhow::Result<BpfToolchain> {
 pub fn ensure_test_tools() -> anyhow::Result<()> {
     apt_install(&["curl", "python3", "iproute2", "util-linux", "bpftool"])
 }
+
+/// The HTTP benchmark's load generator: oha, from crates.io (it holds a fixed
+/// rate and corrects latency for coordinated omission, which Debian's wrk
+/// does not). Returns how to run it.
+pub fn ensure_oha() -> anyhow::Result<PathBuf> {
+    let installed = cargo_bin("oha");
+    for candidate in [PathBuf::from("oha"), installed.clone()] {
+        if quiet_ok(Command::new(&candidate).arg("--version")) {
+            return Ok(candidate);
+        }
+    }
+    eprintln!("xtask: installing oha 1.16 (cargo install, a few minutes)");
+    run_cmd(Command::new(crate::cargo()).args([
+        "install",
+        "oha",
+        "--locked",
+        "--version",
+        "^1.16",
+    ]))
+    .context("installing oha")?;
+    Ok(installed)
+}
