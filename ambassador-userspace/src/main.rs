@@ -99,10 +99,16 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     } else {
         workers
     };
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()?)
+    // One worker: a current-thread runtime, without the work-stealing
+    // machinery (and its cross-thread wake-ups) that one thread cannot use.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 fn main() -> ExitCode {

@@ -189,7 +189,14 @@ pub fn ensure_bpf() -> anyhow::Result<BpfToolchain> {
 /// What the simulated-Pod tests and the demo drive: unmodified clients and
 /// network tools.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
-    apt_install(&["curl", "python3", "iproute2", "util-linux", "bpftool"])
+    apt_install(&[
+        "curl",
+        "python3",
+        "iproute2",
+        "util-linux",
+        "bpftool",
+        "openssl",
+    ])
 }
 
 /// The HTTP benchmark's load generator: oha, from crates.io (it holds a fixed

@@ -50,13 +50,13 @@ pub struct ResponseBody {
 impl ResponseBody {
     fn new(
         inner: Incoming,
-        deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+        deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
         permits: Vec<tokio::sync::OwnedSemaphorePermit>,
         endpoint: Option<Picked>,
     ) -> ResponseBody {
         ResponseBody {
             inner,
-            deadline: deadline.map(|(d, t)| (Box::pin(tokio::time::sleep_until(d)), t)),
+            deadline,
             _permits: permits,
             _endpoint: endpoint,
         }
@@ -155,13 +155,13 @@ async fn handle(
     route: &Route,
     table: &ServiceTable,
 ) -> Response<Body> {
-    let host = request_host(&req);
+    // The Host is looked at only where it decides something.
     let svc = match route {
         Route::Service(s) => match &s.host {
-            Some(h) if host.as_deref() != Some(h.as_str()) => None,
+            Some(h) if request_host(&req).as_deref() != Some(h.as_str()) => None,
             _ => Some(s.clone()),
         },
-        Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
+        Route::ByHost => request_host(&req).and_then(|h| table.by_host(&h, dst.port())),
         Route::Default => None,
     };
     match svc {
@@ -169,7 +169,7 @@ async fn handle(
         None => match table.default {
             DefaultPolicy::Passthrough => forward(req, dst, None, table).await,
             DefaultPolicy::Deny => {
-                let what = host.unwrap_or_else(|| dst.to_string());
+                let what = request_host(&req).unwrap_or_else(|| dst.to_string());
                 info!(%dst, host = %what, "denied: no service matches and the default is deny");
                 error_response(
                     StatusCode::FORBIDDEN,
@@ -239,14 +239,24 @@ async fn forward(
     }
     // The upstream sees its own name in Host and :authority, as if the app
     // had called it directly; the connector knows which endpoint to dial.
-    let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.authority(dst));
     let tls = svc.is_some_and(|s| s.tls.is_some());
     let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
-    let Some(authority) = authority(&host, port) else {
-        return error_response(StatusCode::BAD_GATEWAY, "bad upstream address");
+    let (authority, host_value) = match svc.and_then(|s| s.fixed_authority.as_ref()) {
+        // Services with endpoints: worked out once, at start.
+        Some((a, v)) => (a.clone(), Some(v.clone())),
+        None => {
+            let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.authority(dst));
+            let Some(a) = authority(&host, port) else {
+                return error_response(StatusCode::BAD_GATEWAY, "bad upstream address");
+            };
+            let v = (!req.headers().contains_key(header::HOST))
+                .then(|| HeaderValue::from_str(&display_authority(&host, port, tls)).ok())
+                .flatten();
+            (a, v)
+        }
     };
     if (rewrites_host || !req.headers().contains_key(header::HOST))
-        && let Ok(v) = HeaderValue::from_str(&display_authority(&host, port, tls))
+        && let Some(v) = host_value
     {
         req.headers_mut().insert(header::HOST, v);
     }
@@ -301,7 +311,8 @@ async fn forward(
     };
     let _in_flight = policy.map(|p| p.request());
     let timeout = svc.map(|s| s.request_timeout);
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    // One timer for the whole exchange, retries and response body included.
+    let mut deadline = timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let mut retry = 0u32;
     let mut _retry_permit = None;
     let mut app_upgraded = app_upgraded;
@@ -324,10 +335,10 @@ async fn forward(
         *req.uri_mut() = head.uri.clone();
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers.clone();
-        let sent = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, client.request(req)).await {
-                Ok(r) => r,
-                Err(_) => {
+        let sent = match deadline.as_mut() {
+            Some(sleep) => tokio::select! {
+                r = client.request(req) => r,
+                _ = sleep.as_mut() => {
                     let t = timeout.unwrap_or_default();
                     warn!(service = name, %dst, "request timeout ({t:?}) fired before the response started");
                     return error_response(
@@ -503,7 +514,7 @@ async fn splice_upgraded(
 }
 
 /// `host:port` for the request URI (IPv6 bracketed).
-fn authority(host: &str, port: u16) -> Option<Authority> {
+pub fn authority(host: &str, port: u16) -> Option<Authority> {
     let s = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -513,7 +524,7 @@ fn authority(host: &str, port: u16) -> Option<Authority> {
 }
 
 /// The Host header value: the port only when it is not the scheme's default.
-fn display_authority(host: &str, port: u16, tls: bool) -> String {
+pub fn display_authority(host: &str, port: u16, tls: bool) -> String {
     let h = if host.contains(':') {
         format!("[{host}]")
     } else {

@@ -56,6 +56,8 @@ pub struct Service {
     pub request_timeout: Duration,
     pub limits: Limits,
     pub retry: RetryPolicy,
+    /// `:authority` and Host for services with endpoints (constant).
+    pub fixed_authority: Option<(http::uri::Authority, http::HeaderValue)>,
     pub health_check: Option<crate::config::service::HealthCheck>,
     pub tls: Option<Arc<TlsOrigin>>,
     /// The name the upstream knows itself by (TLS server name), for Host.
@@ -138,7 +140,25 @@ impl Service {
                 (c.clone().client(), c.h2c_client())
             })
             .collect();
+        let upstream_name = cfg
+            .upstream
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name.clone());
+        let fixed_authority = cfg.upstream.endpoints.first().and_then(|first| {
+            let host = upstream_name.as_deref().unwrap_or(&first.address.host);
+            let tls_on = cfg.upstream.tls.is_some();
+            let a = crate::http::authority(host, first.address.port)?;
+            let v = http::HeaderValue::from_str(&crate::http::display_authority(
+                host,
+                first.address.port,
+                tls_on,
+            ))
+            .ok()?;
+            Some((a, v))
+        });
         Ok(Service {
+            fixed_authority,
             name: cfg.name.clone(),
             protocol: cfg.protocol,
             host: cfg.matcher.host.clone(),
