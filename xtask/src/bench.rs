@@ -170,6 +170,11 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     report.push('\n');
     report.push_str(&http);
     std::fs::write(out.join("report.txt"), &report)?;
+
+    let failover = crate::bench_failover::run()?;
+    print!("{failover}");
+    report.push_str(&failover);
+    std::fs::write(out.join("report.txt"), &report)?;
     println!("(written to {})", out.join("report.txt").display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! run checks, finds everything, and says nothing).
 
 mod bench;
+mod bench_failover;
 mod bench_http;
 mod demo;
 mod toolchain;
