@@ -423,3 +423,92 @@ fn killing_the_primary_under_steady_load_fails_no_request() {
     assert!(before > 10, "the primary served {before} before it died");
     assert!(secondary.seen().len() > 10);
 }
+
+#[test]
+fn consecutive_5xx_eject_an_endpoint_which_is_readmitted_later() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {NOWHERE}/32, port: 8280 }}\n\
+         \x20   protocol: http\n\
+         \x20   outlier: {{ consecutive_failures: 5, base_ejection: 2s }}\n\
+         \x20   upstream:\n\
+         \x20     balance: round_robin\n\
+         \x20     endpoints:\n\
+         \x20       - {{ address: \"{SERVER_V4}:9280\" }}\n\
+         \x20       - {{ address: \"{SERVER2_V4}:9280\" }}\n"
+    ));
+    pod.start_proxy();
+    // One endpoint always answers 503, the other is fine.
+    let bad = flaky_server(pod.server_listener(SERVER_V4, 9280), usize::MAX, false);
+    let good = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 9280));
+    let steady = |n: &str| pod.client(&["http-steady", NOWHERE, "8280", n, "5"]);
+    // Every request succeeds (a 503 is retried on the other endpoint), and
+    // after five 503s in a row the bad endpoint gets nothing more.
+    let out = steady("40");
+    assert_eq!(stdout(&out).trim(), "200x40", "{}", pod.proxy_log());
+    assert_eq!(bad.lock().unwrap().len(), 5);
+    assert!(pod.wait_log("endpoint ejected"), "{}", pod.proxy_log());
+    let out = steady("10");
+    assert_eq!(stdout(&out).trim(), "200x10");
+    assert_eq!(
+        bad.lock().unwrap().len(),
+        5,
+        "an ejected endpoint got traffic"
+    );
+    // After the ejection time it is tried again.
+    thread::sleep(Duration::from_millis(2200));
+    let out = steady("10");
+    assert_eq!(stdout(&out).trim(), "200x10");
+    assert!(bad.lock().unwrap().len() > 5, "never re-admitted");
+    assert!(good.seen().len() >= 60);
+}
+
+#[test]
+fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: api\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8290 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let l = pod.server_listener(SERVER_V4, 8290);
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            read_request_head(&mut reader);
+            let mut w = conn;
+            // Promises 1 MiB, sends 1 KiB, then resets.
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1048576\r\n\r\n");
+            let _ = w.write_all(&[b'x'; 1024]);
+            let _ = w.flush();
+            thread::sleep(Duration::from_millis(100));
+            let _ = socket2::SockRef::from(&w).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let started = Instant::now();
+    let out = pod
+        .app("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+        ])
+        .arg(format!("http://{SERVER_V4}:8290/"))
+        .output()
+        .unwrap();
+    // The app learns the body broke (no silent truncation, no hang), and the
+    // response had started, so nothing was retried.
+    assert!(!out.status.success(), "{}", lines(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
