@@ -75,7 +75,8 @@ pub struct UpstreamConnector {
     /// the upstream's own name, for `:authority`); none: the URI's host.
     endpoints: Option<Arc<EndpointSet>>,
     /// Upstream connections the service may have open at once.
-    connection_limit: Option<Arc<Semaphore>>,
+    /// The semaphore and its size (for the message when it is exhausted).
+    connection_limit: Option<(Arc<Semaphore>, usize)>,
     /// The endpoint this connector's pool is for; others are only a fallback
     /// when it cannot be reached (and such connections are not pooled).
     preferred: Option<Arc<Endpoint>>,
@@ -110,8 +111,8 @@ impl UpstreamConnector {
         self
     }
 
-    pub fn with_connection_limit(mut self, limit: Arc<Semaphore>) -> Self {
-        self.connection_limit = Some(limit);
+    pub fn with_connection_limit(mut self, limit: Arc<Semaphore>, max: usize) -> Self {
+        self.connection_limit = Some((limit, max));
         self
     }
 
@@ -159,10 +160,10 @@ impl tower_service::Service<Uri> for UpstreamConnector {
         let this = self.clone();
         Box::pin(async move {
             let permit = match &this.connection_limit {
-                Some(sem) => Some(
+                Some((sem, max)) => Some(
                     sem.clone()
                         .try_acquire_owned()
-                        .map_err(|_| ConnectError::Limit(sem_size(&this)))?,
+                        .map_err(|_| ConnectError::Limit(*max))?,
                 ),
                 None => None,
             };
@@ -214,12 +215,6 @@ impl tower_service::Service<Uri> for UpstreamConnector {
             Ok(TokioIo::new(stream))
         })
     }
-}
-
-fn sem_size(c: &UpstreamConnector) -> usize {
-    c.connection_limit
-        .as_ref()
-        .map_or(0, |s| s.available_permits())
 }
 
 /// The last TLS error an upstream connection saw after its handshake (an

@@ -131,7 +131,7 @@ impl Service {
         let limits = Limits::new(&cfg.limits);
         let connector = UpstreamConnector::new(svc_settings.clone(), tls.clone())
             .with_endpoints(endpoints.clone())
-            .with_connection_limit(limits.connections.clone());
+            .with_connection_limit(limits.connections.clone(), limits.config.max_connections);
         let endpoint_clients = endpoints
             .endpoints()
             .iter()
