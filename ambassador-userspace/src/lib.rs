@@ -6,6 +6,7 @@
 //! one file all commands read; [`run`] puts it together for one command.
 
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod endpoint;
 pub mod files;

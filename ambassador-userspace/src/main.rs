@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Validate a config file as the proxy would (and a bit more), and summarise it.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
     /// Show what is attached where, the counters and the pins.
     Status,
     /// Follow the kernel programs' log lines (needs `init --bpf-log LEVEL`).
@@ -220,6 +225,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await;
                 anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { file } => {
+            let rt = runtime(1)?;
+            let summary = rt.block_on(ambassador_userspace::check::check(&file))?;
+            print!("{summary}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

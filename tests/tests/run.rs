@@ -253,3 +253,82 @@ fn bad_input_gets_one_line_and_a_nonzero_exit() {
     assert!(!out.status.success());
     let _ = std::fs::remove_file(&bad);
 }
+
+#[test]
+fn check_validates_everything_the_proxy_would_and_summarises() {
+    use ambassador_tests::upstream::{CertKind, TestCa};
+    let dir = std::env::temp_dir().join(format!("amb-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new("check-ca");
+    let ca_file = ca.write_ca_file(&dir);
+    let config = |ca: &std::path::Path| {
+        format!(
+            "default: deny\n\
+             services:\n\
+             \x20 - name: payments\n\
+             \x20   match: {{ host: payments.example.test, port: 80 }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream:\n\
+             \x20     endpoints: [{{ address: \"127.0.0.1:8443\" }}]\n\
+             \x20     tls: {{ server_name: payments.example.test, ca_file: {} }}\n\
+             \x20   request: {{ set_headers: {{ authorization: {{ value: s3cret-canary }} }} }}\n",
+            ca.display()
+        )
+    };
+    let file = dir.join("ok.yaml");
+    std::fs::write(&file, config(&ca_file)).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("valid"), "{text}");
+    assert!(
+        text.contains(
+            "service    payments: payments.example.test port 80 (http) -> 127.0.0.1:8443"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS verified") && text.contains("refused (default: deny)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cret-canary"),
+        "a secret in the summary: {text}"
+    );
+
+    // An expired certificate in the CA bundle is caught before start-up.
+    let (expired, _) = ca.issue(CertKind::Expired, "payments.example.test", None);
+    let expired_file = dir.join("expired.pem");
+    std::fs::write(&expired_file, expired).unwrap();
+    std::fs::write(&file, config(&expired_file)).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is not valid now"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A missing file, with the service named.
+    std::fs::write(&file, config(&dir.join("missing.pem"))).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("service payments: TLS: CA file"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
