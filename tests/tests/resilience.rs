@@ -512,3 +512,61 @@ fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
+    let mut pod = Pod::new(&format!(
+        "services:\n\
+         \x20 - name: grpc\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8310 }}\n\
+         \x20   protocol: http\n"
+    ));
+    pod.start_proxy();
+    let listener = pod.server_listener(SERVER_V4, 8310);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    // An HTTP/2 server that refuses the first stream unprocessed.
+    thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let mut n = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    continue;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    n += 1;
+                    log.lock().unwrap().push(format!("{} {n}", req.method()));
+                    if n == 1 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let resp = http::Response::new(());
+                        let mut send = respond.send_response(resp, false).unwrap();
+                        let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
+                    }
+                }
+            }
+        });
+    });
+    let out = pod
+        .app("curl")
+        .args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--http2-prior-knowledge",
+            "-d",
+            "once",
+        ])
+        .arg(format!("http://{SERVER_V4}:8310/pkg.Service/Create"))
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&out), "ok\n", "{}{}", stderr(&out), pod.proxy_log());
+    assert_eq!(*seen.lock().unwrap(), ["POST 1", "POST 2"]);
+    assert!(pod.wait_log("failure=Refused"), "{}", pod.proxy_log());
+}

@@ -283,8 +283,10 @@ async fn forward(
     // A body kept for replay makes the request retryable; bigger or
     // unknown-length bodies stream through once.
     let mut stream_body = Some(body);
+    // Small bodies of any method are kept while retries are on: an HTTP/2
+    // stream refused unprocessed may be sent again whatever the method.
     let replay: Option<Bytes> = match policy {
-        Some(_) if retry::idempotent(&head.method) => {
+        Some(_) => {
             let b = stream_body.take().expect("body present");
             if b.is_end_stream() {
                 Some(Bytes::new())
@@ -307,7 +309,7 @@ async fn forward(
                 None
             }
         }
-        _ => None,
+        None => None,
     };
     let _in_flight = policy.map(|p| p.request());
     let timeout = svc.map(|s| s.request_timeout);
@@ -368,7 +370,13 @@ async fn forward(
                     note_health(svc, &tag.0, false);
                 }
                 // Connect failures were already tried on every endpoint.
-                (!is_connect_error(e)).then_some(retry::Failure::Reset)
+                if is_connect_error(e) {
+                    None
+                } else if refused_stream(e) {
+                    Some(retry::Failure::Refused)
+                } else {
+                    Some(retry::Failure::Reset)
+                }
             }
         };
         if let (Some(failure), Some(p)) = (failure, policy)
@@ -417,6 +425,18 @@ fn extra<T: Clone + Send + Sync + 'static>(e: &hyper_util::client::legacy::Error
     let mut ext = http::Extensions::new();
     info.get_extras(&mut ext);
     ext.get::<T>().cloned()
+}
+
+/// An HTTP/2 RST_STREAM(REFUSED_STREAM): the upstream did not process it.
+fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn is_connect_error(e: &hyper_util::client::legacy::Error) -> bool {

@@ -1,10 +1,11 @@
 //! When a failed HTTP request may be sent again, and after how long.
 //!
 //! Connect failures never reach this (the connector moves to the next
-//! endpoint itself: nothing was sent). Here: a `5xx` or a reset after the
-//! request may have reached the upstream. Only idempotent methods whose body
-//! is still at hand are retried, so a non-idempotent request is never sent
-//! twice; a budget keeps retries a small share of the requests in flight, so
+//! endpoint itself: nothing was sent), and an HTTP/2 stream the upstream
+//! refused unprocessed may go again whatever its method. Otherwise, after a
+//! `5xx` or a reset, when the request may have reached the upstream, only
+//! idempotent methods whose body is still at hand are retried, so a
+//! non-idempotent request is never processed twice; a budget keeps retries a small share of the requests in flight, so
 //! retries cannot multiply an outage; backoff is exponential with full jitter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,9 @@ pub enum Failure {
     Status(u16),
     /// The exchange broke after the request may have been sent.
     Reset,
+    /// The upstream refused the stream unprocessed (HTTP/2 REFUSED_STREAM):
+    /// safe to send again whatever the method.
+    Refused,
 }
 
 /// A service's retry policy and its budget's counters.
@@ -92,7 +96,8 @@ impl RetryPolicy {
         failure: Failure,
         retry: u32,
     ) -> Option<RetryPermit<'_>> {
-        if retry > self.cfg.attempts || !idempotent(method) || !body_replayable {
+        let safe = idempotent(method) || failure == Failure::Refused;
+        if retry > self.cfg.attempts || !safe || !body_replayable {
             return None;
         }
         if let Failure::Status(s) = failure
