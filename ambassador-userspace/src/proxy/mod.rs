@@ -334,36 +334,32 @@ impl Ctx {
             }
             _ => {}
         }
-        let target = match &route {
-            Route::Service(svc) => Some(svc.clone()),
+        match &route {
+            Route::Service(svc) => {
+                let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
+                self.relay_to_service(app, peer, dst, svc, !app_speaks_tls)
+                    .await
+            }
             _ if self.services.default == DefaultPolicy::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
                 relay::reset(&app);
-                return;
             }
-            _ => None,
+            _ => self.passthrough(app, peer, dst).await,
+        }
+    }
+
+    /// No service: relay to where the app was going, as it is.
+    async fn passthrough(&self, app: TcpStream, peer: SocketAddr, dst: SocketAddr) {
+        let upstream = match connect_upstream(dst, &self.settings).await {
+            Ok(u) => u,
+            Err(e) => return self.refuse(&app, peer, &e),
         };
-        let upstream = match &target {
-            Some(svc) => {
-                let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
-                return self
-                    .relay_to_service(app, peer, dst, svc, !app_speaks_tls)
-                    .await;
-            }
-            _ => connect_upstream(dst, &self.settings).await,
-        };
-        match upstream {
-            Ok(upstream) => {
-                let _ = app.set_nodelay(true);
-                let _ = upstream.set_nodelay(true);
-                let (outcome, totals) =
-                    relay::relay(&app, &upstream, self.settings.idle_timeout).await;
-                debug!(%peer, %dst, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
-                if outcome == relay::Outcome::Idle {
-                    info!(%peer, %dst, timeout = ?self.settings.idle_timeout, "idle timeout fired: closing");
-                }
-            }
-            Err(e) => self.refuse(&app, peer, &e),
+        let _ = upstream.set_nodelay(true);
+        let idle = self.settings.idle_timeout;
+        let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
+        debug!(%peer, %dst, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
+        if outcome == relay::Outcome::Idle {
+            info!(%peer, %dst, timeout = ?idle, "idle timeout fired: closing");
         }
     }
 
