@@ -66,6 +66,13 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn nightly_with_src() -> bool {
+    // Ask rustup what is installed first: naming a toolchain it lacks may make
+    // it try to download one, which this network does not allow.
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|l| l.lines().any(|t| t.starts_with("nightly")));
+    if !installed {
+        return false;
+    }
     let Some(sysroot) = output(
         Command::new("rustc")
             .env("RUSTUP_TOOLCHAIN", "nightly")
