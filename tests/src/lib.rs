@@ -383,6 +383,24 @@ impl Pod {
         )
     }
 
+    /// Unmodified curl in the app container: no proxy settings, a bound on
+    /// time, then `extra` and the URL.
+    pub fn curl(&self, url: &str, extra: &[&str]) -> Output {
+        self.app("curl")
+            .args(["-sS", "--noproxy", "*", "--max-time", "10"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("run curl")
+    }
+
+    /// The HTTP status curl in the app container gets (`000` if none).
+    pub fn http_status(&self, url: &str, extra: &[&str]) -> String {
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        args.extend_from_slice(extra);
+        stdout(&self.curl(url, &args))
+    }
+
     /// Runs the python client in the app container and returns its stdout.
     pub fn client(&self, args: &[&str]) -> Output {
         let mut cmd = self.app("python3");

@@ -28,13 +28,9 @@ struct Reply {
 /// curl in the app container, as the app would call: plain HTTP, no proxy
 /// settings, no credentials.
 fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Reply {
-    let out: Output = pod
-        .app("curl")
-        .args(["-sS", "-i", "--noproxy", "*", "--max-time", "10"])
-        .args(extra)
-        .arg(url)
-        .output()
-        .unwrap();
+    let mut args = vec!["-i"];
+    args.extend_from_slice(extra);
+    let out: Output = pod.curl(url, &args);
     assert!(
         out.status.success(),
         "curl failed: {}{}",

@@ -74,12 +74,7 @@ fn unmodified_curl_goes_through_the_proxy() {
     let mut pod = Pod::new(DEFAULTS);
     pod.start_proxy();
     let _http = pod.server(SERVER_V4, 8080, Behaviour::Http);
-    let out = pod
-        .app("curl")
-        .args(["-sS", "--noproxy", "*", "--max-time", "10"])
-        .arg(format!("http://{SERVER_V4}:8080/"))
-        .output()
-        .unwrap();
+    let out = pod.curl(&format!("http://{SERVER_V4}:8080/"), &[]);
     assert!(out.status.success(), "{}", lines(&out));
     assert_eq!(stdout(&out), format!("served by {SERVER_V4}:8080\n"));
     assert_eq!(pod.counters().redirected, 1);

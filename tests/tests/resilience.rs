@@ -118,21 +118,8 @@ fn the_request_timeout_answers_504_and_names_itself() {
     pod.start_proxy();
     slow_server(pod.server_listener(SERVER_V4, 8220), Duration::from_secs(5));
     let started = Instant::now();
-    let out = pod
-        .app("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--noproxy",
-            "*",
-        ])
-        .arg(format!("http://{SERVER_V4}:8220/"))
-        .output()
-        .unwrap();
-    assert_eq!(stdout(&out), "504", "{}", lines(&out));
+    let status = pod.http_status(&format!("http://{SERVER_V4}:8220/"), &[]);
+    assert_eq!(status, "504", "{}", pod.proxy_log());
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -268,24 +255,8 @@ fn idempotent_requests_are_retried_and_a_sent_post_never_is() {
     ));
     pod.start_proxy();
     let code = |method: &str, port: u16| {
-        let out = pod
-            .app("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--noproxy",
-                "*",
-                "-X",
-                method,
-            ])
-            .args(["-d", "payload"])
-            .arg(format!("http://{SERVER_V4}:{port}/"))
-            .output()
-            .unwrap();
-        stdout(&out)
+        let url = format!("http://{SERVER_V4}:{port}/");
+        pod.http_status(&url, &["-X", method, "-d", "payload"])
     };
     // 503 once, then fine: a PUT (idempotent, small body) is retried.
     let seen = flaky_server(pod.server_listener(SERVER_V4, 8250), 1, false);
@@ -370,15 +341,7 @@ fn active_health_checks_move_traffic_before_any_request_fails() {
         Arc::new(AtomicBool::new(true)),
     );
     pod.start_proxy();
-    let body = |pod: &Pod| {
-        let out = pod
-            .app("curl")
-            .args(["-sS", "--noproxy", "*"])
-            .arg(format!("http://{NOWHERE}:8260/work"))
-            .output()
-            .unwrap();
-        stdout(&out)
-    };
+    let body = |pod: &Pod| stdout(&pod.curl(&format!("http://{NOWHERE}:8260/work"), &[]));
     assert_eq!(body(&pod), "primary\n");
     // The primary says it is sick: checks take it out; the app never sees it.
     primary_ok.store(false, Ordering::SeqCst);
@@ -492,20 +455,7 @@ fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
         }
     });
     let started = Instant::now();
-    let out = pod
-        .app("curl")
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-        ])
-        .arg(format!("http://{SERVER_V4}:8290/"))
-        .output()
-        .unwrap();
+    let out = pod.curl(&format!("http://{SERVER_V4}:8290/"), &["-o", "/dev/null"]);
     // The app learns the body broke (no silent truncation, no hang), and the
     // response had started, so nothing was retried.
     assert!(!out.status.success(), "{}", lines(&out));
@@ -553,19 +503,10 @@ fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
             }
         });
     });
-    let out = pod
-        .app("curl")
-        .args([
-            "-sS",
-            "--noproxy",
-            "*",
-            "--http2-prior-knowledge",
-            "-d",
-            "once",
-        ])
-        .arg(format!("http://{SERVER_V4}:8310/pkg.Service/Create"))
-        .output()
-        .unwrap();
+    let out = pod.curl(
+        &format!("http://{SERVER_V4}:8310/pkg.Service/Create"),
+        &["--http2-prior-knowledge", "-d", "once"],
+    );
     assert_eq!(stdout(&out), "ok\n", "{}{}", stderr(&out), pod.proxy_log());
     assert_eq!(*seen.lock().unwrap(), ["POST 1", "POST 2"]);
     assert!(pod.wait_log("failure=Refused"), "{}", pod.proxy_log());

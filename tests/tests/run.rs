@@ -254,6 +254,10 @@ fn bad_input_gets_one_line_and_a_nonzero_exit() {
     let _ = std::fs::remove_file(&bad);
 }
 
+fn check(file: &std::path::Path) -> std::process::Output {
+    Command::new(bin()).arg("check").arg(file).output().unwrap()
+}
+
 #[test]
 fn check_validates_everything_the_proxy_would_and_summarises() {
     use ambassador_tests::upstream::{CertKind, TestCa};
@@ -277,11 +281,7 @@ fn check_validates_everything_the_proxy_would_and_summarises() {
     };
     let file = dir.join("ok.yaml");
     std::fs::write(&file, config(&ca_file)).unwrap();
-    let out = Command::new(bin())
-        .arg("check")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check(&file);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("valid"), "{text}");
@@ -305,11 +305,7 @@ fn check_validates_everything_the_proxy_would_and_summarises() {
     let expired_file = dir.join("expired.pem");
     std::fs::write(&expired_file, expired).unwrap();
     std::fs::write(&file, config(&expired_file)).unwrap();
-    let out = Command::new(bin())
-        .arg("check")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check(&file);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("is not valid now"),
@@ -319,11 +315,7 @@ fn check_validates_everything_the_proxy_would_and_summarises() {
 
     // A missing file, with the service named.
     std::fs::write(&file, config(&dir.join("missing.pem"))).unwrap();
-    let out = Command::new(bin())
-        .arg("check")
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = check(&file);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("service payments: TLS: CA file"),

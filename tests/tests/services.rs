@@ -97,14 +97,13 @@ fn tls_from_the_app_is_routed_by_sni_and_relayed_untouched() {
         TlsVersions::default(),
     );
     // The app verifies the upstream itself, end to end through the ambassador.
+    let ca = ca_file.display().to_string();
     let curl = |name: &str| {
-        pod.app("curl")
-            .args(["-sS", "--noproxy", "*", "--max-time", "10", "--cacert"])
-            .arg(&ca_file)
-            .args(["--resolve", &format!("{name}:443:198.18.0.99")])
-            .arg(format!("https://{name}/hello"))
-            .output()
-            .unwrap()
+        let resolve = format!("{name}:443:198.18.0.99");
+        pod.curl(
+            &format!("https://{name}/hello"),
+            &["--cacert", &ca, "--resolve", &resolve],
+        )
     };
     let out = curl("api.example.test");
     assert!(out.status.success(), "{}", lines(&out));
@@ -130,12 +129,7 @@ fn auto_detects_http_and_leaves_server_first_protocols_alone() {
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8090));
-    let out = pod
-        .app("curl")
-        .args(["-sS", "--noproxy", "*", "--max-time", "10"])
-        .arg(format!("http://{SERVER_V4}:8090/"))
-        .output()
-        .unwrap();
+    let out = pod.curl(&format!("http://{SERVER_V4}:8090/"), &[]);
     assert!(out.status.success(), "{}", lines(&out));
     assert_eq!(up.seen()[0].header("x-via"), Some("ambassador"));
 
