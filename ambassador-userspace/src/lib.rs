@@ -5,6 +5,8 @@
 //! [`original_dst`] where each was going and relays it there. [`config`] is the
 //! one file all commands read; [`run`] puts it together for one command.
 
+pub mod access_log;
+pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
@@ -12,10 +14,13 @@ pub mod endpoint;
 pub mod files;
 pub mod http;
 pub mod interception;
+pub mod metrics;
 pub mod original_dst;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod run;
 pub mod service;
 pub mod status;
 pub mod tls;
+pub mod trace;

@@ -3,12 +3,13 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc};
 
 use ambassador_userspace::{
-    config::Config,
+    access_log, admin,
+    config::{AdminListen, Config, DEFAULT_ADMIN},
     interception::{self, pins},
     original_dst::OriginalDst,
     proxy::{self, Listeners, Settings},
+    reload::{self, Live},
     run::{self, RunOptions},
-    service::ServiceTable,
     status,
 };
 use anyhow::Context as _;
@@ -128,11 +129,7 @@ fn main() -> ExitCode {
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default_level))
         .unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(filter);
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -140,6 +137,29 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Process logs on stderr, with a filter the admin API can change at run time.
+fn init_logging(filter: EnvFilter) {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    admin::set_log_control(Arc::new(move |new: Option<&str>| {
+        if let Some(f) = new {
+            let next = EnvFilter::try_new(f).map_err(|e| format!("bad log filter `{f}`: {e}"))?;
+            handle.reload(next).map_err(|e| e.to_string())?;
+        }
+        handle
+            .with_current(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    }));
 }
 
 /// The chain of causes on one line, outermost first, skipping a cause whose
@@ -183,6 +203,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Proxy { config } => {
             let cfg = load_config(config.as_ref())?;
+            let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
             // SAFETY: geteuid has no preconditions.
             let euid = unsafe { libc::geteuid() };
             if euid != cfg.proxy.uid && cfg.proxy.mark.is_none() {
@@ -195,13 +216,26 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             proxy::raise_fd_limit();
             let rt = runtime(cfg.proxy.workers)?;
-            let settings = Settings::from_config(&cfg.proxy);
-            settings.check()?;
-            let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
+            Settings::from_config(&cfg.proxy).check()?;
+            let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
+            let admin_at = match cfg.proxy.admin {
+                None => Some(DEFAULT_ADMIN),
+                Some(AdminListen::At(a)) => Some(a),
+                Some(AdminListen::Off) => None,
+            };
             rt.block_on(async {
-                services.keep_names_resolved(cfg.proxy.dns_refresh).await;
-                services.start_health_checks();
-                let listeners = Listeners::bind(cfg.proxy.port)?;
+                // The port first: a taken one is the likeliest start failure.
+                let listeners = Listeners::bind(port)?;
+                let live = Live::start(cfg, config).await?;
+                match interception::pins::own_counters() {
+                    Ok(counters) => interception::counters_into_metrics(Arc::new(counters)),
+                    Err(e) => interception::no_counters_in_metrics(&e),
+                }
+                if let Some(at) = admin_at {
+                    admin::start(at, live.clone()).await?;
+                }
+                reload::watch(live.clone(), std::time::Duration::from_secs(2));
+                live.set_ready(true);
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     use tokio::signal::unix::{SignalKind, signal};
@@ -214,15 +248,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
                     let _ = tx.send(true);
                 });
-                proxy::serve(
-                    listeners,
-                    OriginalDst::SocketOption,
-                    settings,
-                    services,
-                    rx,
-                    cfg.proxy.drain_timeout,
-                )
-                .await;
+                proxy::serve(listeners, OriginalDst::SocketOption, live, rx, drain).await;
+                access_log::flush();
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -274,6 +301,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     cfg,
                     RunOptions {
                         command,
+                        config_path: config.map(|p| std::path::absolute(&p).unwrap_or(p)),
                         summary,
                         bpf_log_level: bpf_log as u8,
                     },

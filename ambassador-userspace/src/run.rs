@@ -21,15 +21,18 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    config::Config,
+    access_log, admin,
+    config::{AdminListen, Config},
     interception::{self, LoadOptions, cgroup},
     original_dst::OriginalDst,
     proxy::{self, Listeners, Settings},
-    service::ServiceTable,
+    reload::{self, Live},
 };
 
 pub struct RunOptions {
     pub command: Vec<OsString>,
+    /// The config file, for reloads.
+    pub config_path: Option<std::path::PathBuf>,
     pub summary: bool,
     pub bpf_log_level: u8,
 }
@@ -46,11 +49,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         .context("no command given: usage is `ambassador run [OPTIONS] -- CMD [ARGS...]`")?;
 
     // Everything the config names is read now: a bad file stops us here.
-    let settings = Settings::from_config(&cfg.proxy);
-    settings.check()?;
-    let services = Arc::new(ServiceTable::new(&cfg, &settings)?);
-    services.keep_names_resolved(cfg.proxy.dns_refresh).await;
-    services.start_health_checks();
+    Settings::from_config(&cfg.proxy).check()?;
+    let admin_at = match cfg.proxy.admin {
+        Some(AdminListen::At(a)) => Some(a),
+        _ => None,
+    };
+    let live = Live::start(cfg.clone(), opts.config_path.clone()).await?;
     let fd_limit = proxy::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
@@ -71,6 +75,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
     let links = interception::attach(&mut bpf, &cg_dir)?;
     let (counters, conns) = interception::take_tables(&mut bpf)?;
+    let counters = Arc::new(counters);
     let (log_stop, log_stop_rx) = watch::channel(false);
     let bpf_log = if opts.bpf_log_level > 0 {
         let logger = interception::bpf_log::open_loaded(&mut bpf)?;
@@ -82,13 +87,26 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         None
     };
     debug!(port, cgroup = %cg_path.display(), "interception attached");
+    // This process owns the maps: intercept changes apply on reload.
+    let bpf = std::sync::Mutex::new(bpf);
+    live.set_intercept_hook(Box::new(move |next: &Config| {
+        let mut bpf = bpf
+            .lock()
+            .map_err(|_| "kernel maps lock poisoned".to_string())?;
+        interception::configure(&mut bpf, next, port, None).map_err(|e| e.to_string())
+    }));
+    interception::counters_into_metrics(counters.clone());
+    if let Some(at) = admin_at {
+        admin::start(at, live.clone()).await?;
+    }
+    reload::watch(live.clone(), Duration::from_secs(2));
+    live.set_ready(true);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(conns)),
-        settings,
-        services,
+        live,
         stop_rx,
         Duration::from_secs(1),
     ));
@@ -128,6 +146,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
 
     let _ = stop_tx.send(true);
     let _ = proxy.await;
+    access_log::flush();
     drop(links); // detach
     if let Some(task) = bpf_log {
         let _ = log_stop.send(true);

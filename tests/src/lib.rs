@@ -217,6 +217,8 @@ pub struct Pod {
     pub config: PathBuf,
     proxy: Option<Child>,
     proxy_log: Arc<Mutex<String>>,
+    /// The proxy's stdout: its access log.
+    proxy_stdout: Arc<Mutex<String>>,
     /// Environment for the proxy process (set before `start_proxy`).
     pub proxy_env: Vec<(String, String)>,
 }
@@ -264,6 +266,7 @@ impl Pod {
             config,
             proxy: None,
             proxy_log: Arc::new(Mutex::new(String::new())),
+            proxy_stdout: Arc::new(Mutex::new(String::new())),
             proxy_env: Vec::new(),
         };
         let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
@@ -310,9 +313,18 @@ impl Pod {
             .arg(&self.config)
             .env("AMBASSADOR_LOG", filter)
             .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start proxy");
+        let out = child.stdout.take().expect("piped");
+        let access = self.proxy_stdout.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut a = access.lock().unwrap();
+                a.push_str(&line);
+                a.push('\n');
+            }
+        });
         let stderr = child.stderr.take().expect("piped");
         let log = self.proxy_log.clone();
         let (tx, rx) = mpsc::channel();
@@ -356,6 +368,76 @@ impl Pod {
 
     pub fn proxy_log(&self) -> String {
         self.proxy_log.lock().unwrap().clone()
+    }
+
+    /// The access-log lines the proxy wrote so far.
+    pub fn access_log(&self) -> Vec<String> {
+        self.proxy_stdout
+            .lock()
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits (up to 5 s) for an access-log line containing `needle`.
+    pub fn wait_access_log(&self, needle: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(l) = self.access_log().into_iter().find(|l| l.contains(needle)) {
+                return Some(l);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// One request to the proxy's admin API (127.0.0.1:15020 in the Pod):
+    /// (status, body).
+    pub fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let text = self.netns.enter(move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect("127.0.0.1:15020").expect("connect to the admin API");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("admin response");
+            out
+        });
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        (status, body.to_string())
+    }
+
+    /// `/metrics`, as text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.admin("GET", "/metrics", "");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Replaces the config file the way Kubernetes updates a mounted
+    /// ConfigMap: a new file renamed over the old one.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let tmp = self.config.with_extension("yaml.new");
+        fs::write(&tmp, yaml).expect("write config");
+        fs::rename(&tmp, &self.config).expect("replace config");
+    }
+
+    /// SIGHUP to the proxy (by its PID): reload the config.
+    pub fn hup_proxy(&self) {
+        let child = self.proxy.as_ref().expect("proxy running");
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
     }
 
     /// Waits (up to 5 s) for the proxy to log a line containing `needle`: it

@@ -9,7 +9,7 @@ use std::{fmt, net::IpAddr, path::Path, str::FromStr, time::Duration};
 
 use ambassador_common::{DEFAULT_PROXY_PORT, DEFAULT_PROXY_UID, DEFAULT_TABLE_SIZE, maps};
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// A config file that could not be used. The message is one line naming the
 /// file, the line and the field.
@@ -25,7 +25,7 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub proxy: ProxyConfig,
@@ -33,9 +33,102 @@ pub struct Config {
     /// For connections no service matches.
     pub default: service::DefaultPolicy,
     pub services: Vec<service::ServiceConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Access logs and traces.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// One JSON line per request or TCP session on stdout.
+    pub access_log: bool,
+    /// Export spans over OTLP/HTTP; absent means no spans and no trace headers added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
+}
+
+impl Eq for TelemetryConfig {}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            access_log: true,
+            tracing: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL, such as `http://127.0.0.1:4318`
+    /// (`/v1/traces` is added).
+    #[serde(deserialize_with = "otlp_url")]
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of new traces (the app sent no `traceparent`) that are sampled;
+    /// an app's own sampling decision is always followed.
+    #[serde(default = "one")]
+    pub sample_ratio: f64,
+}
+
+fn default_service_name() -> String {
+    "ambassador".into()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn otlp_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| de::Error::custom(format!("`{s}` is not a URL")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(de::Error::custom(format!(
+            "`{s}` must be an http:// URL with a host (OTLP/HTTP, like http://127.0.0.1:4318)"
+        )));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+pub const DEFAULT_ADMIN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
+
+impl Serialize for AdminListen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AdminListen::Off => s.serialize_str("off"),
+            AdminListen::At(a) => s.collect_str(a),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "off" {
+            return Ok(AdminListen::Off);
+        }
+        s.parse().map(AdminListen::At).map_err(|_| {
+            de::Error::custom(format!(
+                "`{s}` is not an address:port (like 127.0.0.1:15020) or `off`"
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Redirect target on 127.0.0.1 and ::1.
@@ -46,22 +139,26 @@ pub struct ProxyConfig {
     /// sets it; needs CAP_NET_ADMIN). For proxies that cannot have their own uid.
     pub mark: Option<u32>,
     /// Give up on an upstream that has not accepted the connection by then.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
     /// Close a relayed connection after this long with no byte in either direction.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
     /// Drop an HTTP client that has not sent a complete request head by then.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub header_read_timeout: Duration,
     /// On SIGTERM: how long in-flight connections may take to finish.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub drain_timeout: Duration,
     /// How often host names in `match.host` are resolved again.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     pub dns_refresh: Duration,
     /// Runtime worker threads; 0 picks min(2, cores): a sidecar shares its Pod's CPU.
     pub workers: usize,
+    /// The admin API: an address (loopback by default, 127.0.0.1:15020 for
+    /// `proxy`) or `off`. `run` serves it only when this is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminListen>,
 }
 
 impl Default for ProxyConfig {
@@ -76,11 +173,12 @@ impl Default for ProxyConfig {
             dns_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             workers: 0,
+            admin: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
     /// The proxy is down: connects fail at once (nothing escapes policy).
@@ -90,7 +188,7 @@ pub enum FailMode {
     Open,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InterceptConfig {
     pub fail: FailMode,
@@ -136,6 +234,12 @@ impl fmt::Display for Cidr {
     }
 }
 
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -147,6 +251,20 @@ impl<'de> Deserialize<'de> for Cidr {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|_| format!("`{s}` is not a duration (like 1500ms, 30s, 5m)"))
+}
+
+pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+pub(crate) fn ser_opt_duration<S: Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -240,6 +358,14 @@ impl Config {
             return Err(format!(
                 "{}intercept.table_size: must be between 256 and 4194304",
                 at("table_size")
+            ));
+        }
+        if let Some(t) = &self.telemetry.tracing
+            && !(0.0..=1.0).contains(&t.sample_ratio)
+        {
+            return Err(format!(
+                "{}telemetry.tracing.sample_ratio: a share between 0 and 1",
+                at("sample_ratio")
             ));
         }
         self.validate_services(text)?;

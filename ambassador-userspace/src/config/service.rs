@@ -4,12 +4,12 @@
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer, ser::SerializeMap};
 
 use super::Cidr;
 
 /// What happens to a connection no service matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultPolicy {
     /// Relay it as-is to where the app was going.
@@ -19,7 +19,7 @@ pub enum DefaultPolicy {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -43,14 +43,17 @@ pub struct ServiceConfig {
 
 /// Retries of HTTP requests that failed after they may have been sent: only
 /// idempotent methods with a replayable body, within a budget.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retries {
     /// Further tries after the first; 0 turns retries off.
     pub attempts: u32,
     /// The first backoff; each retry may wait up to twice as long as the last
     /// (full jitter), at most ten times this.
-    #[serde(deserialize_with = "super::duration")]
+    #[serde(
+        deserialize_with = "super::duration",
+        serialize_with = "super::ser_duration"
+    )]
     pub backoff: Duration,
     /// Retries in flight may be at most this share of the requests in flight
     /// (three are always allowed).
@@ -73,20 +76,36 @@ impl Default for Retries {
 /// (504 for HTTP, a reset for TCP) and a log line naming it. Unset ones take
 /// the `proxy` section's value (`connect_timeout`, `idle_timeout`,
 /// `header_read_timeout`); `request` defaults to 60 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// Connecting to an upstream endpoint (per attempt).
-    #[serde(deserialize_with = "super::opt_duration")]
+    #[serde(
+        deserialize_with = "super::opt_duration",
+        serialize_with = "super::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect: Option<Duration>,
     /// One HTTP exchange, from the request to the end of the response body.
-    #[serde(deserialize_with = "super::opt_duration")]
+    #[serde(
+        deserialize_with = "super::opt_duration",
+        serialize_with = "super::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub request: Option<Duration>,
     /// No byte in either direction (TCP relays).
-    #[serde(deserialize_with = "super::opt_duration")]
+    #[serde(
+        deserialize_with = "super::opt_duration",
+        serialize_with = "super::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub idle: Option<Duration>,
     /// The app's request head, on connections that belong to this service.
-    #[serde(deserialize_with = "super::opt_duration")]
+    #[serde(
+        deserialize_with = "super::opt_duration",
+        serialize_with = "super::ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub header_read: Option<Duration>,
 }
 
@@ -94,7 +113,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Circuit breaking: past these the app gets an immediate 503 (or a refused
 /// TCP connection), never a queue that grows without bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Upstream connections open at once (TCP relays and HTTP pools).
@@ -118,13 +137,19 @@ impl Default for Limits {
 /// Passive outlier detection: an endpoint is ejected after this many
 /// consecutive failures (connect failures, resets, 5xx), for a time that
 /// doubles with each ejection, capped.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Outlier {
     pub consecutive_failures: u32,
-    #[serde(deserialize_with = "super::duration")]
+    #[serde(
+        deserialize_with = "super::duration",
+        serialize_with = "super::ser_duration"
+    )]
     pub base_ejection: Duration,
-    #[serde(deserialize_with = "super::duration")]
+    #[serde(
+        deserialize_with = "super::duration",
+        serialize_with = "super::ser_duration"
+    )]
     pub max_ejection: Duration,
     /// The share of a service's endpoints that may be ejected at once (at
     /// least one always may).
@@ -144,7 +169,7 @@ impl Default for Outlier {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     RoundRobin,
@@ -153,7 +178,7 @@ pub enum Balance {
     P2c,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.x or HTTP/2 (prior knowledge) from the app; policy per request.
@@ -169,11 +194,14 @@ pub enum Protocol {
 /// How a service recognises its connections: by original destination
 /// (`cidr`, `port`) and/or by name (`host`: the HTTP Host header, or the TLS
 /// SNI when the app speaks TLS itself).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, try_from = "RawMatch")]
 pub struct MatchConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cidr: Option<Cidr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
 
@@ -224,18 +252,20 @@ fn valid_host(h: &str) -> Result<String, String> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Where to send it; empty means the original destination.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
     /// Originate TLS to the upstream; absent means plain.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
     /// How to spread load over the healthy endpoints of one priority.
     #[serde(default)]
     pub balance: Balance,
     /// Active checks of each endpoint, besides the passive signals.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
 }
 
@@ -251,6 +281,32 @@ pub struct HealthCheck {
     pub kind: CheckKind,
 }
 
+impl Serialize for HealthCheck {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry(
+            "interval",
+            &humantime::format_duration(self.interval).to_string(),
+        )?;
+        m.serialize_entry(
+            "timeout",
+            &humantime::format_duration(self.timeout).to_string(),
+        )?;
+        m.serialize_entry("unhealthy_threshold", &self.unhealthy_threshold)?;
+        m.serialize_entry("healthy_threshold", &self.healthy_threshold)?;
+        match &self.kind {
+            CheckKind::Tcp => m.serialize_entry("tcp", &BTreeMap::<String, String>::new())?,
+            CheckKind::Http { path, expect } => {
+                let mut h = BTreeMap::new();
+                h.insert("path", path.clone());
+                h.insert("expect", expect.to_string());
+                m.serialize_entry("http", &h)?
+            }
+        }
+        m.end()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// The endpoint accepts a TCP connection (and the TLS handshake, when
@@ -263,7 +319,10 @@ pub enum CheckKind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
-    #[serde(deserialize_with = "super::duration")]
+    #[serde(
+        deserialize_with = "super::duration",
+        serialize_with = "super::ser_duration"
+    )]
     interval: Duration,
     #[serde(default, deserialize_with = "super::opt_duration")]
     timeout: Option<Duration>,
@@ -333,7 +392,7 @@ impl TryFrom<RawHealthCheck> for HealthCheck {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub address: HostPort,
@@ -371,6 +430,12 @@ impl TryFrom<String> for HostPort {
     }
 }
 
+impl Serialize for HostPort {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for HostPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {
@@ -381,7 +446,7 @@ impl fmt::Display for HostPort {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 pub enum TlsVersion {
     #[default]
     #[serde(rename = "1.2")]
@@ -390,7 +455,7 @@ pub enum TlsVersion {
     V1_3,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, try_from = "RawTls")]
 pub struct TlsConfig {
     /// SNI and the name the certificate must be valid for.
@@ -452,7 +517,7 @@ impl TryFrom<RawTls> for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RequestPolicy {
     /// Headers the ambassador sets; any inbound copy is removed first.
@@ -466,7 +531,7 @@ pub struct RequestPolicy {
 }
 
 /// A valid HTTP header name, lowercased.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(try_from = "String")]
 pub struct HeaderKey(pub String);
 
@@ -506,6 +571,24 @@ impl fmt::Debug for HeaderSource {
             SourceKind::File(p) => write!(f, "HeaderSource::File({})", p.display()),
             SourceKind::OAuth2(o) => write!(f, "HeaderSource::OAuth2({})", o.token_url),
         }
+    }
+}
+
+/// Shows where a value comes from, never a literal value: `/config` and
+/// debug dumps must not carry secrets.
+impl Serialize for HeaderSource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2))?;
+        match &self.kind {
+            SourceKind::Value(_) => m.serialize_entry("value", "<redacted>")?,
+            SourceKind::Env(v) => m.serialize_entry("env", v)?,
+            SourceKind::File(p) => m.serialize_entry("file", p)?,
+            SourceKind::OAuth2(o) => m.serialize_entry("oauth2_client_credentials", o)?,
+        }
+        if !self.prefix.is_empty() {
+            m.serialize_entry("prefix", &self.prefix)?;
+        }
+        m.end()
     }
 }
 
@@ -551,7 +634,7 @@ impl TryFrom<RawHeaderSource> for HeaderSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub token_url: String,

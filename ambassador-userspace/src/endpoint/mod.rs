@@ -114,6 +114,7 @@ pub struct Endpoint {
     health: Mutex<Health>,
     /// Marked down by active health checks.
     down: std::sync::atomic::AtomicBool,
+    pub metrics: crate::metrics::EndpointMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -170,7 +171,12 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    pub fn new(cfg: &[EndpointConfig], balance: Balance, outlier: Outlier) -> EndpointSet {
+    pub fn new(
+        service: &str,
+        cfg: &[EndpointConfig],
+        balance: Balance,
+        outlier: Outlier,
+    ) -> EndpointSet {
         let mut endpoints: Vec<Arc<Endpoint>> = cfg
             .iter()
             .map(|e| {
@@ -180,6 +186,7 @@ impl EndpointSet {
                     outstanding: AtomicUsize::new(0),
                     health: Mutex::new(Health::default()),
                     down: std::sync::atomic::AtomicBool::new(false),
+                    metrics: crate::metrics::get().endpoint(service, &e.address.to_string()),
                 })
             })
             .collect();
@@ -269,6 +276,7 @@ impl EndpointSet {
     /// A success: the failure streak ends; a long healthy stretch also
     /// forgets earlier ejections.
     pub fn success(&self, ep: &Endpoint) {
+        ep.metrics.success.inc();
         let mut h = ep.health.lock().expect("endpoint health lock");
         h.consecutive_failures = 0;
         if let Some(last) = h.last_ejected
@@ -281,6 +289,7 @@ impl EndpointSet {
     /// A failure (connect failure, reset, 5xx). Returns how long the endpoint
     /// was ejected for, when this failure ejected it.
     pub fn failure(&self, ep: &Endpoint) -> Option<Duration> {
+        ep.metrics.failure.inc();
         let now = Instant::now();
         let ejected_now = self.endpoints.iter().filter(|e| e.ejected(now)).count();
         let mut h = ep.health.lock().expect("endpoint health lock");
@@ -304,6 +313,7 @@ impl EndpointSet {
             .min(self.outlier.max_ejection);
         h.ejected_until = Some(now + time);
         h.last_ejected = Some(now);
+        ep.metrics.ejections.inc();
         h.ejections += 1;
         h.consecutive_failures = 0;
         Some(time)
@@ -328,6 +338,7 @@ mod tests {
             })
             .collect();
         EndpointSet::new(
+            "test",
             &cfg,
             balance,
             Outlier {

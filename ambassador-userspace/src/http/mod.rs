@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::{
+    access_log,
     config::service::DefaultPolicy,
     endpoint::Picked,
     proxy::Settings,
@@ -45,6 +46,9 @@ pub struct ResponseBody {
     _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// The endpoint stays "outstanding" until the response ends.
     _endpoint: Option<Picked>,
+    /// Metrics and the access-log line, done when the body ends or is dropped.
+    finish: Option<Finish>,
+    sent: u64,
 }
 
 impl ResponseBody {
@@ -59,6 +63,16 @@ impl ResponseBody {
             deadline,
             _permits: permits,
             _endpoint: endpoint,
+            finish: None,
+            sent: 0,
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.done(self.sent);
         }
     }
 }
@@ -81,11 +95,20 @@ impl hyper::body::Body for ResponseBody {
             && sleep.as_mut().poll(cx).is_ready()
         {
             warn!("request timeout ({t:?}) fired during the response body: cutting it");
+            if let Some(f) = &this.finish {
+                f.who.metrics().timeouts.inc();
+            }
             return std::task::Poll::Ready(Some(Err(Box::new(BodyTimeout(*t)))));
         }
-        std::pin::Pin::new(&mut this.inner)
+        let r = std::pin::Pin::new(&mut this.inner)
             .poll_frame(cx)
-            .map_err(|e| Box::new(e) as Self::Error)
+            .map_err(|e| Box::new(e) as Self::Error);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            this.sent += d.len() as u64;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -116,7 +139,7 @@ pub async fn serve(
     };
     let svc = service_fn(move |req| {
         let (route, table) = (route.clone(), table.clone());
-        async move { Ok::<_, Infallible>(handle(req, dst, &route, &table).await) }
+        async move { Ok::<_, Infallible>(handle(req, dst, &route, table).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -153,8 +176,9 @@ async fn handle(
     req: Request<Incoming>,
     dst: SocketAddr,
     route: &Route,
-    table: &ServiceTable,
+    table: Arc<ServiceTable>,
 ) -> Response<Body> {
+    let start = std::time::Instant::now();
     // The Host is looked at only where it decides something.
     let svc = match route {
         Route::Service(s) => match &s.host {
@@ -164,19 +188,158 @@ async fn handle(
         Route::ByHost => request_host(&req).and_then(|h| table.by_host(&h, dst.port())),
         Route::Default => None,
     };
-    match svc {
-        Some(svc) => forward(req, dst, Some(&svc), table).await,
-        None => match table.default {
-            DefaultPolicy::Passthrough => forward(req, dst, None, table).await,
-            DefaultPolicy::Deny => {
-                let what = request_host(&req).unwrap_or_else(|| dst.to_string());
-                info!(%dst, host = %what, "denied: no service matches and the default is deny");
-                error_response(
-                    StatusCode::FORBIDDEN,
-                    &format!("no service matches {what} and the default policy is deny"),
-                )
-            }
-        },
+    if svc.is_none() && table.default == DefaultPolicy::Deny {
+        let what = request_host(&req).unwrap_or_else(|| dst.to_string());
+        info!(%dst, host = %what, "denied: no service matches and the default is deny");
+        crate::metrics::get().denied("http");
+        return error_response(
+            StatusCode::FORBIDDEN,
+            &format!("no service matches {what} and the default policy is deny"),
+        );
+    }
+    let info = access_log::enabled().then(|| Box::new(RequestInfo::new(&req, dst)));
+    let mut exchange = Exchange::default();
+    let resp = forward(req, dst, svc.as_ref(), &table, &mut exchange).await;
+    let who = match svc {
+        Some(s) => Who::Service(s),
+        None => Who::Passthrough(table),
+    };
+    let finish = Finish {
+        who,
+        start,
+        status: resp.status().as_u16(),
+        exchange,
+        info: info.map(|mut i| {
+            i.error = resp
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            i
+        }),
+    };
+    match resp.into_parts() {
+        (parts, Either::Left(mut body)) => {
+            body.finish = Some(finish);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        (parts, Either::Right(full)) => {
+            finish.done(full.size_hint().exact().unwrap_or(0));
+            Response::from_parts(parts, Either::Right(full))
+        }
+    }
+}
+
+/// Who a request's series and log line belong to.
+enum Who {
+    Service(Arc<Service>),
+    Passthrough(Arc<ServiceTable>),
+}
+
+impl Who {
+    fn metrics(&self) -> &crate::metrics::ServiceMetrics {
+        match self {
+            Who::Service(s) => &s.metrics,
+            Who::Passthrough(t) => &t.passthrough_metrics,
+        }
+    }
+}
+
+/// What `forward` learned on the way, for metrics and the access log.
+#[derive(Default)]
+struct Exchange {
+    endpoint: Option<Arc<crate::endpoint::Endpoint>>,
+    retries: u32,
+    tls: Option<&'static str>,
+    bytes_in: Option<u64>,
+}
+
+/// The request's own facts, kept only while access logging is on.
+struct RequestInfo {
+    dst: SocketAddr,
+    method: http::Method,
+    authority: String,
+    path: String,
+    version: Version,
+    trace_id: Option<String>,
+    error: Option<String>,
+}
+
+impl RequestInfo {
+    fn new<B>(req: &Request<B>, dst: SocketAddr) -> RequestInfo {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("")
+            .to_string();
+        RequestInfo {
+            dst,
+            method: req.method().clone(),
+            authority,
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            trace_id: crate::trace::trace_id(req.headers()).map(str::to_string),
+            error: None,
+        }
+    }
+}
+
+/// The end of one request: its series, and its access-log line.
+struct Finish {
+    who: Who,
+    start: std::time::Instant,
+    status: u16,
+    exchange: Exchange,
+    info: Option<Box<RequestInfo>>,
+}
+
+impl Finish {
+    fn done(self, bytes_out: u64) {
+        let m = self.who.metrics();
+        let elapsed = self.start.elapsed();
+        m.response(self.status);
+        m.duration.observe(elapsed.as_secs_f64());
+        m.to_app.inc_by(bytes_out);
+        if let Some(i) = self.info {
+            access_log::http(&access_log::HttpLine {
+                service: &m.name,
+                dst: i.dst,
+                endpoint: self
+                    .exchange
+                    .endpoint
+                    .as_ref()
+                    .map(|e| e.address.to_string()),
+                method: i.method.as_str(),
+                authority: &i.authority,
+                path: &i.path,
+                version: version_name(i.version),
+                status: self.status,
+                bytes_in: self.exchange.bytes_in,
+                bytes_out,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                retries: self.exchange.retries,
+                upstream_tls: self.exchange.tls,
+                trace_id: i.trace_id.as_deref(),
+                error: i.error.as_deref(),
+            });
+        }
+    }
+}
+
+fn version_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP",
     }
 }
 
@@ -188,29 +351,34 @@ async fn forward(
     dst: SocketAddr,
     svc: Option<&Arc<Service>>,
     table: &ServiceTable,
+    exchange: &mut Exchange,
 ) -> Response<Body> {
     let name = svc.map_or("(default)", |s| s.name.as_str());
+    let metrics = svc.map_or(&table.passthrough_metrics, |s| &s.metrics);
     // HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC needs
     // it end to end. Over TLS, ALPN decides.
     let h2c = req.version() == Version::HTTP_2 && svc.is_none_or(|s| s.tls.is_none());
     // Circuit breaking: refuse at once rather than queue without bound.
     let mut permits = Vec::with_capacity(2);
     if let Some(s) = svc {
-        for (sem, what, max) in [
+        for (sem, what, max, rejected) in [
             (
                 &s.limits.requests,
                 "max_requests",
                 s.limits.config.max_requests,
+                &metrics.rejected_requests,
             ),
             (
                 &s.limits.pending,
                 "max_pending",
                 s.limits.config.max_pending,
+                &metrics.rejected_pending,
             ),
         ] {
             match sem.clone().try_acquire_owned() {
                 Ok(p) => permits.push(p),
                 Err(_) => {
+                    rejected.inc();
                     warn!(service = name, "circuit breaker: {what} ({max}) reached");
                     return error_response(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -277,6 +445,7 @@ async fn forward(
     // sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;
     let (head, body) = req.into_parts();
+    exchange.bytes_in = body.size_hint().exact();
     let policy = svc
         .map(|s| &s.retry)
         .filter(|p| p.enabled() && upgrade.is_none());
@@ -296,7 +465,12 @@ async fn forward(
                 .is_some_and(|u| u as usize <= retry::MAX_REPLAY_BODY)
             {
                 match Limited::new(b, retry::MAX_REPLAY_BODY).collect().await {
-                    Ok(c) => Some(c.to_bytes()),
+                    Ok(c) => {
+                        let b = c.to_bytes();
+                        metrics.from_app.inc_by(b.len() as u64);
+                        exchange.bytes_in = Some(b.len() as u64);
+                        Some(b)
+                    }
                     Err(e) => {
                         return error_response(
                             StatusCode::BAD_REQUEST,
@@ -329,7 +503,7 @@ async fn forward(
         };
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Either::Right(Full::new(b.clone())),
-            (None, Some(b)) => Either::Left(b),
+            (None, Some(b)) => Either::Left(upstream::AppBody::new(b, metrics.from_app.clone())),
             (None, None) => unreachable!("a streamed body is only sent once"),
         };
         let mut req = Request::new(body);
@@ -342,6 +516,7 @@ async fn forward(
                 r = client.request(req) => r,
                 _ = sleep.as_mut() => {
                     let t = timeout.unwrap_or_default();
+                    metrics.timeouts.inc();
                     warn!(service = name, %dst, "request timeout ({t:?}) fired before the response started");
                     return error_response(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -354,20 +529,23 @@ async fn forward(
         retry += 1;
         let failure = match &sent {
             Ok(resp) => {
-                if let Some(svc) = svc
-                    && let Some(tag) = resp.extensions().get::<upstream::EndpointTag>()
-                {
-                    note_health(svc, &tag.0, !resp.status().is_server_error());
+                if let Some(tag) = resp.extensions().get::<upstream::EndpointTag>() {
+                    if let Some(svc) = svc {
+                        note_health(svc, &tag.0, !resp.status().is_server_error());
+                    }
+                    exchange.endpoint = Some(tag.0.clone());
                 }
+                exchange.tls = resp.extensions().get::<upstream::TlsInfo>().map(|t| t.0);
                 resp.status()
                     .is_server_error()
                     .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
             Err(e) => {
-                if let Some(svc) = svc
-                    && let Some(tag) = extra::<upstream::EndpointTag>(e)
-                {
-                    note_health(svc, &tag.0, false);
+                if let Some(tag) = extra::<upstream::EndpointTag>(e) {
+                    if let Some(svc) = svc {
+                        note_health(svc, &tag.0, false);
+                    }
+                    exchange.endpoint = Some(tag.0);
                 }
                 // Connect failures were already tried on every endpoint.
                 if is_connect_error(e) {
@@ -384,6 +562,8 @@ async fn forward(
         {
             let wait = p.backoff(retry);
             info!(service = name, %dst, ?failure, retry, ?wait, "retrying");
+            metrics.retries.inc();
+            exchange.retries = retry;
             _retry_permit = Some(permit);
             tokio::time::sleep(wait).await;
             continue;

@@ -37,8 +37,50 @@ use crate::{
 
 /// A request body toward an upstream: the app's, streamed, or a copy kept
 /// for a replay.
-pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+pub type ReqBody = http_body_util::Either<AppBody, http_body_util::Full<bytes::Bytes>>;
 pub type HttpClient = Client<UpstreamConnector, ReqBody>;
+
+/// The app's request body, streamed upstream and counted on the way.
+pub struct AppBody {
+    inner: Incoming,
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+impl AppBody {
+    pub fn new(inner: Incoming, counter: prometheus_client::metrics::counter::Counter) -> AppBody {
+        AppBody { inner, counter }
+    }
+}
+
+impl hyper::body::Body for AppBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.counter.inc_by(d.len() as u64);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The negotiated TLS version of an upstream connection, for access logs.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsInfo(pub &'static str);
 
 /// Why no upstream connection could be had. The reason goes to the app in a
 /// response header, so it is short and holds no secret.
@@ -287,7 +329,17 @@ impl Connection for UpstreamStream {
             c.poison();
         }
         match &self.inner {
-            Inner::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => c.negotiated_h2(),
+            Inner::Tls(s) => {
+                let conn = s.get_ref().1;
+                if let Some(v) = conn.protocol_version().and_then(|v| v.as_str()) {
+                    c = c.extra(TlsInfo(v));
+                }
+                if conn.alpn_protocol() == Some(b"h2") {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
             _ => c,
         }
     }

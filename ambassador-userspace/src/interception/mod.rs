@@ -264,6 +264,19 @@ pub fn attach(
     Ok(links)
 }
 
+/// Serves these counters at every `/metrics` scrape.
+pub fn counters_into_metrics(counters: std::sync::Arc<PerCpuArray<MapData, u64>>) {
+    crate::metrics::get().state().set(
+        "kernel",
+        Box::new(move |rows| rows.kernel = read_counters(&counters)),
+    );
+}
+
+/// Says once why `/metrics` has no kernel counters.
+pub fn no_counters_in_metrics(why: &str) {
+    tracing::info!("kernel counters are not in /metrics: {why}");
+}
+
 /// Sums the per-CPU counters: (name, value) in `counter::NAMES` order.
 pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
     (0..counter::COUNT)

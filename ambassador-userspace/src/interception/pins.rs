@@ -220,3 +220,32 @@ pub fn list() -> Vec<InstallStatus> {
     out.sort_by_key(|s| s.cgroup_id);
     out
 }
+
+/// The counters of the install that covers this process (the proxy in its
+/// Pod): the nearest ancestor cgroup with pins. Reading them needs CAP_BPF
+/// (kernel.unprivileged_bpf_disabled), which a locked-down sidecar lacks:
+/// the error says so, and `ambassador status` on the node shows them anyway.
+pub fn own_counters() -> Result<PerCpuArray<MapData, u64>, String> {
+    let mount = cgroup::cgroup2_mount().map_err(|e| e.to_string())?;
+    let own = cgroup::cgroup_of(std::process::id()).map_err(|e| e.to_string())?;
+    let mut dir = Some(mount.join(own));
+    while let Some(d) = dir {
+        if let Ok(id) = cgroup::cgroup_id(&d) {
+            let pin = dir_for(id).join(m::COUNTERS);
+            if pin.exists() {
+                let data = MapData::from_pin(&pin).map_err(|e| {
+                    format!(
+                        "cannot open {}: {e} (reading pinned maps needs CAP_BPF)",
+                        pin.display()
+                    )
+                })?;
+                return PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| e.to_string());
+            }
+        }
+        if d == mount {
+            break;
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    Err("no pins found for this process's cgroup or its ancestors (none installed, or not visible without root / CAP_BPF)".into())
+}

@@ -8,7 +8,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -21,11 +21,14 @@ use tracing::{debug, info, warn};
 use detect::{Detected, detect};
 
 use crate::{
+    access_log,
     config::service::{DefaultPolicy, Protocol},
     http,
     original_dst::OriginalDst,
+    reload::Live,
     service::{Route, Service, ServiceTable},
 };
+use relay::Totals;
 
 /// A connection-level failure, classified by where it came from and whether
 /// trying again could help.
@@ -230,17 +233,15 @@ pub fn raise_fd_limit() -> Option<libc::rlimit> {
 pub async fn serve(
     listeners: Listeners,
     original_dst: OriginalDst,
-    settings: Settings,
-    services: Arc<ServiceTable>,
+    live: Arc<Live>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let port = listeners.port();
     let ctx = Arc::new(Ctx {
         original_dst,
-        settings,
         port,
-        services,
+        live: live.clone(),
         draining: shutdown.clone(),
     });
     let mut conns = JoinSet::new();
@@ -267,6 +268,7 @@ pub async fn serve(
         }
     }
     drop((v4, v6));
+    live.set_ready(false);
     if conns.is_empty() {
         info!("no connections in flight: stopping");
         return;
@@ -292,9 +294,9 @@ async fn accept_opt(l: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAdd
 
 struct Ctx {
     original_dst: OriginalDst,
-    settings: Settings,
     port: u16,
-    services: Arc<ServiceTable>,
+    /// The current config; each connection takes the table of its time.
+    live: Arc<Live>,
     /// Turns true when the proxy stops accepting (graceful drain).
     draining: watch::Receiver<bool>,
 }
@@ -306,7 +308,8 @@ impl Ctx {
             Err(e) => return self.refuse(&app, peer, &e),
         };
         let _ = app.set_nodelay(true);
-        let route = self.services.route(dst);
+        let table = self.live.table();
+        let route = table.route(dst);
         let detected = match &route {
             Route::Service(svc) if svc.protocol == Protocol::Http => Some(Detected::Http),
             Route::Service(svc) if svc.protocol == Protocol::Auto => Some(detect(&app).await),
@@ -316,18 +319,18 @@ impl Ctx {
         };
         match (&route, &detected) {
             (_, Some(Detected::Http)) => {
-                return http::serve(
-                    app,
-                    dst,
-                    route,
-                    self.services.clone(),
-                    &self.settings,
-                    self.draining.clone(),
-                )
-                .await;
+                // Host-routed connections may carry requests of several
+                // services: those count requests only.
+                let _open = match &route {
+                    Route::Service(s) => Some(s.metrics.open()),
+                    Route::Default => Some(table.passthrough_metrics.open()),
+                    Route::ByHost => None,
+                };
+                let settings = table.settings.clone();
+                return http::serve(app, dst, route, table, &settings, self.draining.clone()).await;
             }
             (Route::ByHost, Some(Detected::Tls { sni: Some(name) })) => {
-                if let Some(svc) = self.services.by_host(name, dst.port()) {
+                if let Some(svc) = table.by_host(name, dst.port()) {
                     // The app does TLS itself: relay its bytes, originate nothing.
                     return self.relay_to_service(app, peer, dst, &svc, false).await;
                 }
@@ -340,27 +343,49 @@ impl Ctx {
                 self.relay_to_service(app, peer, dst, svc, !app_speaks_tls)
                     .await
             }
-            _ if self.services.default == DefaultPolicy::Deny => {
+            _ if table.default == DefaultPolicy::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
+                crate::metrics::get().denied("tcp");
                 relay::reset(&app);
             }
-            _ => self.passthrough(app, peer, dst).await,
+            _ => self.passthrough(app, peer, dst, &table).await,
         }
     }
 
     /// No service: relay to where the app was going, as it is.
-    async fn passthrough(&self, app: TcpStream, peer: SocketAddr, dst: SocketAddr) {
-        let upstream = match connect_upstream(dst, &self.settings).await {
+    async fn passthrough(
+        &self,
+        app: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        table: &ServiceTable,
+    ) {
+        let m = &table.passthrough_metrics;
+        let _open = m.open();
+        let start = Instant::now();
+        let upstream = match connect_upstream(dst, &table.settings).await {
             Ok(u) => u,
-            Err(e) => return self.refuse(&app, peer, &e),
+            Err(e) => {
+                session_log(
+                    m,
+                    dst,
+                    None,
+                    start,
+                    Totals::default(),
+                    "connect_failed",
+                    None,
+                );
+                return self.refuse(&app, peer, &e);
+            }
         };
         let _ = upstream.set_nodelay(true);
-        let idle = self.settings.idle_timeout;
+        let idle = table.settings.idle_timeout;
         let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
         debug!(%peer, %dst, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
         if outcome == relay::Outcome::Idle {
             info!(%peer, %dst, timeout = ?idle, "idle timeout fired: closing");
         }
+        session_log(m, dst, None, start, totals, outcome.name(), None);
     }
 
     fn refuse(&self, app: &TcpStream, peer: SocketAddr, e: &ProxyError) {
@@ -395,8 +420,21 @@ impl Ctx {
         svc: &Service,
         originate: bool,
     ) {
+        let m = &svc.metrics;
+        let _open = m.open();
+        let start = Instant::now();
         let Ok(_permit) = svc.limits.connections.clone().try_acquire_owned() else {
             warn!(service = %svc.name, "circuit breaker: max_connections ({}) reached: refusing", svc.limits.config.max_connections);
+            m.rejected_connections.inc();
+            session_log(
+                m,
+                dst,
+                None,
+                start,
+                Totals::default(),
+                "max_connections",
+                None,
+            );
             relay::reset(&app);
             return;
         };
@@ -420,6 +458,15 @@ impl Ctx {
             Ok(c) => c,
             Err(e) => {
                 info!(%peer, service = %svc.name, "{e}");
+                session_log(
+                    m,
+                    dst,
+                    None,
+                    start,
+                    Totals::default(),
+                    "connect_failed",
+                    None,
+                );
                 relay::reset(&app);
                 return;
             }
@@ -433,24 +480,62 @@ impl Ctx {
                     info!(%peer, service = %svc.name, timeout = ?idle, "idle timeout fired: closing");
                 }
                 debug!(%peer, %dst, service = %svc.name, upstream = %addr, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
+                session_log(m, dst, Some(addr), start, totals, outcome.name(), None);
             }
             Some(origin) => match origin.connect(upstream).await {
                 Ok(tls) => {
-                    let outcome = relay::relay_io(app, tls, idle).await;
+                    let version = tls.get_ref().1.protocol_version().and_then(|v| v.as_str());
+                    let (outcome, totals) = relay::relay_io(app, tls, idle).await;
                     if outcome == relay::Outcome::Idle {
                         info!(%peer, service = %svc.name, timeout = ?idle, "idle timeout fired: closing");
                     }
                     debug!(%peer, %dst, service = %svc.name, upstream = %addr, ?outcome, "tls connection closed");
+                    session_log(m, dst, Some(addr), start, totals, outcome.name(), version);
                 }
                 Err(e) => {
                     if let Some(p) = &picked {
                         svc.endpoints.failure(&p.endpoint);
                     }
                     warn!(service = %svc.name, upstream = %addr, "TLS handshake failed: {}", crate::tls::reason(&e));
+                    session_log(
+                        m,
+                        dst,
+                        Some(addr),
+                        start,
+                        Totals::default(),
+                        "tls_failed",
+                        None,
+                    );
                     relay::reset(&app);
                 }
             },
         }
+    }
+}
+
+/// Counts a finished TCP session and writes its access-log line.
+fn session_log(
+    m: &crate::metrics::ServiceMetrics,
+    dst: SocketAddr,
+    endpoint: Option<SocketAddr>,
+    start: Instant,
+    totals: Totals,
+    outcome: &str,
+    upstream_tls: Option<&str>,
+) {
+    m.from_app.inc_by(totals.sent);
+    m.to_app.inc_by(totals.received);
+    if access_log::enabled() {
+        access_log::tcp(&access_log::TcpLine {
+            service: &m.name,
+            dst,
+            endpoint: endpoint.map(|e| e.to_string()),
+            bytes_in: totals.sent,
+            bytes_out: totals.received,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            outcome,
+            upstream_tls,
+        });
     }
 }
 

@@ -36,6 +36,18 @@ pub enum Outcome {
     Idle,
 }
 
+impl Outcome {
+    /// For access logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Closed => "closed",
+            Outcome::Reset(Side::App) => "reset_by_app",
+            Outcome::Reset(Side::Upstream) => "reset_by_upstream",
+            Outcome::Idle => "idle_timeout",
+        }
+    }
+}
+
 /// Which connection a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -43,7 +55,7 @@ pub enum Side {
     Upstream,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Totals {
     /// App to upstream.
     pub sent: u64,
@@ -83,7 +95,7 @@ pub async fn relay(app: &TcpStream, upstream: &TcpStream, idle: Duration) -> (Ou
 /// Relays between two byte streams of any kind (a TLS stream, say) until
 /// both end, one fails, or nothing moves for `idle`. Stream copies need their
 /// own buffers (8 KiB each way); plain TCP uses [`relay`] instead.
-pub async fn relay_io<A, B>(app: A, upstream: B, idle: Duration) -> Outcome
+pub async fn relay_io<A, B>(app: A, upstream: B, idle: Duration) -> (Outcome, Totals)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
@@ -93,7 +105,14 @@ where
     let last = AtomicU64::new(0);
     let (mut ar, mut aw) = tokio::io::split(app);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    async fn copy<R, W>(r: &mut R, w: &mut W, last: &AtomicU64, start: Instant) -> io::Result<()>
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+    async fn copy<R, W>(
+        r: &mut R,
+        w: &mut W,
+        last: &AtomicU64,
+        start: Instant,
+        moved: &AtomicU64,
+    ) -> io::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
@@ -105,17 +124,23 @@ where
                 return w.shutdown().await;
             }
             w.write_all(&buf[..n]).await?;
+            moved.fetch_add(n as u64, Ordering::Relaxed);
             last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
     }
     let watchdog = idle_watchdog(start, &last, idle);
-    tokio::select! {
-        r = async { tokio::try_join!(copy(&mut ar, &mut uw, &last, start), copy(&mut ur, &mut aw, &last, start)) } => match r {
+    let outcome = tokio::select! {
+        r = async { tokio::try_join!(copy(&mut ar, &mut uw, &last, start, &sent), copy(&mut ur, &mut aw, &last, start, &received)) } => match r {
             Ok(_) => Outcome::Closed,
             Err(_) => Outcome::Reset(Side::Upstream),
         },
         _ = watchdog => Outcome::Idle,
-    }
+    };
+    let totals = Totals {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+    };
+    (outcome, totals)
 }
 
 /// Resolves once nothing has moved for `idle`: `last` holds the milliseconds

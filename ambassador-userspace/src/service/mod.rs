@@ -72,6 +72,9 @@ pub struct Service {
     /// each request goes where the balancer says and a recovered primary gets
     /// its traffic back at once.
     pub endpoint_clients: Vec<(HttpClient, HttpClient)>,
+    pub metrics: crate::metrics::ServiceMetrics,
+    /// Its place in the config.
+    pub index: usize,
 }
 
 impl Service {
@@ -124,6 +127,7 @@ impl Service {
         svc_settings.idle_timeout = t.idle.unwrap_or(settings.idle_timeout);
         svc_settings.header_read_timeout = t.header_read.unwrap_or(settings.header_read_timeout);
         let endpoints = Arc::new(EndpointSet::new(
+            &cfg.name,
             &cfg.upstream.endpoints,
             cfg.upstream.balance,
             cfg.outlier,
@@ -178,6 +182,8 @@ impl Service {
                 .as_ref()
                 .and_then(|t| t.server_name.clone()),
             rules,
+            metrics: crate::metrics::get().service(&cfg.name),
+            index: 0,
         })
     }
 
@@ -241,14 +247,20 @@ pub struct ServiceTable {
     /// Plain clients for HTTP requests no service claims, under `passthrough`.
     pub passthrough: HttpClient,
     pub passthrough_h2c: HttpClient,
+    /// The `proxy` section's settings, for connections no service claims.
+    pub settings: Settings,
+    /// Series for traffic no service claims (`service="passthrough"`).
+    pub passthrough_metrics: crate::metrics::ServiceMetrics,
 }
 
 impl ServiceTable {
     pub fn new(cfg: &Config, settings: &Settings) -> Result<ServiceTable, ServiceError> {
         let mut by_addr = Vec::new();
         let mut by_host: HashMap<String, Vec<_>> = HashMap::new();
-        for sc in &cfg.services {
-            let svc = Arc::new(Service::new(sc, settings)?);
+        for (index, sc) in cfg.services.iter().enumerate() {
+            let mut svc = Service::new(sc, settings)?;
+            svc.index = index;
+            let svc = Arc::new(svc);
             match (&sc.matcher.cidr, &sc.matcher.host) {
                 (Some(cidr), _) => by_addr.push((*cidr, sc.matcher.port, svc)),
                 (None, Some(host)) => by_host
@@ -265,6 +277,8 @@ impl ServiceTable {
             default: cfg.default,
             passthrough: UpstreamConnector::new(settings.clone(), None).client(),
             passthrough_h2c: UpstreamConnector::new(settings.clone(), None).h2c_client(),
+            settings: settings.clone(),
+            passthrough_metrics: crate::metrics::get().service("passthrough"),
         })
     }
 
@@ -339,21 +353,28 @@ impl ServiceTable {
         }
     }
 
-    /// Starts the active health checks of every service that has them.
-    pub fn start_health_checks(&self) {
+    /// Every service once, in config order.
+    pub fn services(&self) -> Vec<Arc<Service>> {
         let all = self
             .by_addr
             .iter()
             .map(|(_, _, s)| s)
             .chain(self.by_host.values().flatten().map(|(_, s)| s));
-        let mut started: Vec<*const Service> = Vec::new();
+        let mut out: Vec<Arc<Service>> = Vec::new();
         for svc in all {
-            if started.contains(&Arc::as_ptr(svc)) {
-                continue;
+            if !out.iter().any(|s| Arc::ptr_eq(s, svc)) {
+                out.push(svc.clone());
             }
-            started.push(Arc::as_ptr(svc));
+        }
+        out.sort_by_key(|s| s.index);
+        out
+    }
+
+    /// Starts the active health checks of every service that has them.
+    pub fn start_health_checks(&self) {
+        for svc in self.services() {
             if let Some(check) = &svc.health_check {
-                crate::endpoint::health::spawn(svc, check.clone());
+                crate::endpoint::health::spawn(&svc, check.clone());
             }
         }
     }

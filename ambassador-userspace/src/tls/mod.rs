@@ -59,6 +59,8 @@ pub struct TlsOrigin {
     server_name: ServerName<'static>,
     current: Mutex<Arc<ClientConfig>>,
     files: WatchedFiles,
+    /// For `ambassador_tls_handshake_failures_total`.
+    service: String,
 }
 
 impl std::fmt::Debug for TlsOrigin {
@@ -108,6 +110,7 @@ impl TlsOrigin {
             server_name,
             current: Mutex::new(Arc::new(config)),
             files,
+            service: service.to_string(),
         })
     }
 
@@ -137,9 +140,14 @@ impl TlsOrigin {
 
     /// Handshakes over `tcp`; the error keeps rustls' reason for [`reason`].
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
-        TlsConnector::from(self.config())
+        let r = TlsConnector::from(self.config())
             .connect(self.server_name.clone(), tcp)
-            .await
+            .await;
+        if let Err(e) = &r {
+            let class = crate::metrics::tls_reason_class(&reason(e));
+            crate::metrics::get().tls_failure(&self.service, class);
+        }
+        r
     }
 }
 

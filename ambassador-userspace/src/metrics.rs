@@ -1,0 +1,529 @@
+//! Prometheus metrics (prometheus-client, OpenMetrics text at the admin
+//! API's `/metrics`).
+//!
+//! Label values are bounded: service names and endpoint addresses come from
+//! the config, status codes are folded into classes, TLS failure reasons into
+//! a fixed set. Nothing the app chooses (paths, its own addresses) becomes a
+//! label. Hot paths hold pre-made handles ([`ServiceMetrics`],
+//! [`EndpointMetrics`]) and never look a family up per request.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    service: String,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    service: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    service: String,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    service: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: String,
+    endpoint: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Seconds: 0.5 ms to ~16 s, doubling. The proxy adds well under a
+/// millisecond; upstreams take what they take.
+fn latency_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+/// Every family, registered once per process.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    connections: Family<ServiceLabel, Counter>,
+    active: Family<ServiceLabel, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
+    tls_failures: Family<ReasonLabels, Counter>,
+    retries: Family<ServiceLabel, Counter>,
+    breaker: Family<LimitLabels, Counter>,
+    timeouts: Family<ServiceLabel, Counter>,
+    endpoint_requests: Family<OutcomeLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    denied: Family<ProtocolLabel, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    /// Scrape-time values: endpoint health, kernel counters, pools.
+    state: Arc<StateCollector>,
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut r = Registry::with_prefix("ambassador");
+        let requests = Family::default();
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by service and status class (ambassador's own answers included)",
+            requests.clone(),
+        );
+        let duration = Family::new_with_constructor(latency_buckets as fn() -> Histogram);
+        r.register_with_unit(
+            "http_request_duration",
+            "From the request head to the end of the response body",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        let connections = Family::default();
+        r.register(
+            "connections",
+            "App connections taken, by the service they went to",
+            connections.clone(),
+        );
+        let active = Family::default();
+        r.register(
+            "active_connections",
+            "App connections open now",
+            active.clone(),
+        );
+        let bytes = Family::default();
+        r.register_with_unit(
+            "transferred",
+            "Payload bytes: from_app (TCP bytes or HTTP request bodies) and to_app",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        let tls_failures = Family::default();
+        r.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes with upstreams, by reason",
+            tls_failures.clone(),
+        );
+        let retries = Family::default();
+        r.register("retries", "HTTP requests sent again", retries.clone());
+        let breaker = Family::default();
+        r.register(
+            "breaker_rejections",
+            "Requests or connections refused at once because a limit was reached",
+            breaker.clone(),
+        );
+        let timeouts = Family::default();
+        r.register(
+            "request_timeouts",
+            "Request timeouts that fired",
+            timeouts.clone(),
+        );
+        let endpoint_requests = Family::default();
+        r.register(
+            "endpoint_requests",
+            "Exchanges with an endpoint, by outcome (failure: connect error, reset or 5xx)",
+            endpoint_requests.clone(),
+        );
+        let ejections = Family::default();
+        r.register(
+            "endpoint_ejections",
+            "Endpoints taken out after consecutive failures",
+            ejections.clone(),
+        );
+        let denied = Family::default();
+        r.register(
+            "denied",
+            "Connections or requests refused by `default: deny`",
+            denied.clone(),
+        );
+        let reloads = Family::default();
+        r.register(
+            "config_reloads",
+            "Config reloads, by result (a rejected file leaves the old config serving)",
+            reloads.clone(),
+        );
+        let state = Arc::new(StateCollector::default());
+        r.register_collector(Box::new(state.clone()));
+        Metrics {
+            registry: r,
+            requests,
+            duration,
+            connections,
+            active,
+            bytes,
+            tls_failures,
+            retries,
+            breaker,
+            timeouts,
+            endpoint_requests,
+            ejections,
+            denied,
+            reloads,
+            state,
+        }
+    }
+
+    /// The handles one service uses on its data path. The same name gets the
+    /// same series (a reloaded service continues its counters).
+    pub fn service(&self, name: &str) -> ServiceMetrics {
+        let l = ServiceLabel {
+            service: name.to_string(),
+        };
+        let class = |c: &'static str| {
+            self.requests.get_or_create_owned(&RequestLabels {
+                service: name.to_string(),
+                status_class: c,
+            })
+        };
+        let dir = |d: &'static str| {
+            self.bytes.get_or_create_owned(&BytesLabels {
+                service: name.to_string(),
+                direction: d,
+            })
+        };
+        let limit = |what: &'static str| {
+            self.breaker.get_or_create_owned(&LimitLabels {
+                service: name.to_string(),
+                limit: what,
+            })
+        };
+        ServiceMetrics {
+            name: name.to_string(),
+            requests: STATUS_CLASSES.map(class),
+            duration: self.duration.get_or_create_owned(&l),
+            connections: self.connections.get_or_create_owned(&l),
+            active: self.active.get_or_create_owned(&l),
+            from_app: dir("from_app"),
+            to_app: dir("to_app"),
+            retries: self.retries.get_or_create_owned(&l),
+            timeouts: self.timeouts.get_or_create_owned(&l),
+            rejected_requests: limit("max_requests"),
+            rejected_pending: limit("max_pending"),
+            rejected_connections: limit("max_connections"),
+        }
+    }
+
+    pub fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
+        let outcome = |o: &'static str| {
+            self.endpoint_requests.get_or_create_owned(&OutcomeLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                outcome: o,
+            })
+        };
+        EndpointMetrics {
+            success: outcome("success"),
+            failure: outcome("failure"),
+            ejections: self.ejections.get_or_create_owned(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            }),
+        }
+    }
+
+    /// A failed TLS handshake (rare: the family lookup is fine here).
+    pub fn tls_failure(&self, service: &str, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&ReasonLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn denied(&self, protocol: &'static str) {
+        self.denied.get_or_create(&ProtocolLabel { protocol }).inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Sources read at every scrape.
+    pub fn state(&self) -> &StateCollector {
+        &self.state
+    }
+
+    /// The OpenMetrics text of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One service's data-path handles.
+#[derive(Clone, Debug)]
+pub struct ServiceMetrics {
+    pub name: String,
+    requests: [Counter; 5],
+    pub duration: Histogram,
+    pub connections: Counter,
+    pub active: Gauge,
+    pub from_app: Counter,
+    pub to_app: Counter,
+    pub retries: Counter,
+    pub timeouts: Counter,
+    pub rejected_requests: Counter,
+    pub rejected_pending: Counter,
+    pub rejected_connections: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn response(&self, status: u16) {
+        let i = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[i].inc();
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn open(&self) -> ActiveGuard {
+        self.connections.inc();
+        self.active.inc();
+        ActiveGuard(self.active.clone())
+    }
+}
+
+pub struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EndpointMetrics {
+    pub success: Counter,
+    pub failure: Counter,
+    pub ejections: Counter,
+}
+
+/// A scrape-time source of gauges and counters: (metric, help, type, rows of
+/// labels and value).
+pub type StateSource = Box<dyn Fn(&mut StateRows) + Send + Sync>;
+
+/// What a source reports at a scrape.
+#[derive(Default)]
+pub struct StateRows {
+    /// Endpoint up (1) or out (0: ejected or failing its health check).
+    pub endpoint_up: Vec<(String, String, bool)>,
+    /// Kernel connect counters, by outcome; empty when the maps are not
+    /// readable by this process.
+    pub kernel: Vec<(&'static str, u64)>,
+    /// Named gauges with one `service` label: (metric suffix, help, service, value).
+    pub gauges: Vec<(&'static str, &'static str, String, i64)>,
+}
+
+/// Reads live state at each scrape instead of mirroring it in gauges that
+/// the data path would have to keep up to date.
+#[derive(Default)]
+pub struct StateCollector {
+    sources: Mutex<Vec<(&'static str, StateSource)>>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+impl StateCollector {
+    /// Adds (or replaces, by key) a source.
+    pub fn set(&self, key: &'static str, source: StateSource) {
+        let mut s = self.sources.lock().expect("state sources");
+        s.retain(|(k, _)| *k != key);
+        s.push((key, source));
+    }
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut rows = StateRows::default();
+        for (_, source) in self.sources.lock().expect("state sources").iter() {
+            source(&mut rows);
+        }
+        if !rows.endpoint_up.is_empty() {
+            let g = ConstGauge::new(0i64);
+            let mut e = encoder.encode_descriptor(
+                "endpoint_up",
+                "1 when an endpoint takes traffic, 0 when ejected or failing its health check",
+                None,
+                g.metric_type(),
+            )?;
+            for (service, endpoint, up) in &rows.endpoint_up {
+                let labels = [
+                    ("service", service.as_str()),
+                    ("endpoint", endpoint.as_str()),
+                ];
+                let fam = e.encode_family(&labels)?;
+                ConstGauge::new(i64::from(*up)).encode(fam)?;
+            }
+        }
+        if !rows.kernel.is_empty() {
+            let c = ConstCounter::new(0u64);
+            let mut e = encoder.encode_descriptor(
+                "kernel_connects",
+                "connect() calls the kernel programs saw, by outcome (redirected, bypassed, refused, passed)",
+                None,
+                c.metric_type(),
+            )?;
+            for (outcome, v) in &rows.kernel {
+                let labels = [("outcome", *outcome)];
+                let fam = e.encode_family(&labels)?;
+                ConstCounter::new(*v).encode(fam)?;
+            }
+        }
+        rows.gauges.sort_by_key(|g| g.0);
+        let mut i = 0;
+        while i < rows.gauges.len() {
+            let (name, help, _, _) = rows.gauges[i];
+            let g = ConstGauge::new(0i64);
+            let mut e = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            while i < rows.gauges.len() && rows.gauges[i].0 == name {
+                let labels = [("service", rows.gauges[i].2.as_str())];
+                let fam = e.encode_family(&labels)?;
+                ConstGauge::new(rows.gauges[i].3).encode(fam)?;
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kind of a TLS handshake failure, for a bounded label.
+pub fn tls_reason_class(reason: &str) -> &'static str {
+    if reason.contains("expired") || reason.contains("not yet valid") {
+        "expired"
+    } else if reason.contains("server name") {
+        "wrong_name"
+    } else if reason.contains("unknown certificate authority") {
+        "unknown_ca"
+    } else if reason.contains("protocol version") {
+        "protocol_version"
+    } else if reason.contains("client certificate") {
+        "client_certificate"
+    } else if reason.contains("closed") || reason.contains("reset") {
+        "connection"
+    } else {
+        "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_series_are_shared_by_name_and_classed() {
+        let m = get();
+        let a = m.service("svc-test-a");
+        let b = m.service("svc-test-a");
+        a.response(200);
+        b.response(204);
+        a.response(503);
+        a.response(42); // nonsense status: counted in the lowest class, no panic
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"ambassador_http_requests_total{service="svc-test-a",status_class="2xx"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"ambassador_http_requests_total{service="svc-test-a",status_class="5xx"} 1"#
+        ));
+        assert!(text.contains(
+            r#"ambassador_http_requests_total{service="svc-test-a",status_class="1xx"} 1"#
+        ));
+    }
+
+    #[test]
+    fn state_sources_render_at_scrape() {
+        let m = get();
+        m.state().set(
+            "unit-test",
+            Box::new(|rows: &mut StateRows| {
+                rows.endpoint_up
+                    .push(("s".into(), "10.0.0.1:80".into(), true));
+                rows.kernel.push(("redirected", 7));
+                rows.gauges.push(("pool_idle", "idle", "db".into(), 3));
+            }),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(r#"ambassador_endpoint_up{service="s",endpoint="10.0.0.1:80"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ambassador_kernel_connects_total{outcome="redirected"} 7"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ambassador_pool_idle{service="db"} 3"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn tls_reasons_fold_into_few_labels() {
+        assert_eq!(tls_reason_class("certificate expired"), "expired");
+        assert_eq!(
+            tls_reason_class("certificate not valid for the server name"),
+            "wrong_name"
+        );
+        assert_eq!(
+            tls_reason_class("unknown certificate authority"),
+            "unknown_ca"
+        );
+        assert_eq!(tls_reason_class("anything else at all"), "other");
+    }
+}

@@ -1,0 +1,218 @@
+//! The live config and service table, and replacing them while serving.
+//!
+//! A reload (SIGHUP, or the file changing on disk) reads and validates the
+//! whole file and builds a complete new service table before anything
+//! changes; then one atomic swap makes it current. Connections already
+//! accepted keep the table they started with (they hold an `Arc` to it), so
+//! a reload never changes policy under a request in flight. A bad file
+//! changes nothing: it is logged, counted, and shown at `/status`.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use crate::{
+    access_log,
+    config::Config,
+    metrics,
+    proxy::Settings,
+    service::{ServiceError, ServiceTable},
+};
+
+/// Applies `intercept` changes to the kernel maps (only where this process
+/// may write them: `ambassador run`).
+pub type InterceptHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+
+/// What the proxy serves with now.
+pub struct Live {
+    table: ArcSwap<ServiceTable>,
+    config: ArcSwap<Config>,
+    path: Option<PathBuf>,
+    /// Listening, config loaded, interception in place; false again while draining.
+    ready: AtomicBool,
+    reloading: tokio::sync::Mutex<()>,
+    last_error: Mutex<Option<String>>,
+    last_reload: Mutex<Option<SystemTime>>,
+    intercept: Mutex<Option<InterceptHook>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Services(#[from] ServiceError),
+    #[error("no config file to reload (the proxy started without --config)")]
+    NoFile,
+    #[error("updating the kernel maps: {0}")]
+    Intercept(String),
+}
+
+impl Live {
+    /// Builds the first table from a config already validated.
+    pub async fn start(cfg: Config, path: Option<PathBuf>) -> Result<Arc<Live>, ServiceError> {
+        let table = build(&cfg).await?;
+        access_log::set_enabled(cfg.telemetry.access_log);
+        Ok(Arc::new(Live {
+            table: ArcSwap::from(table),
+            config: ArcSwap::from_pointee(cfg),
+            path,
+            ready: AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
+            last_error: Mutex::new(None),
+            last_reload: Mutex::new(None),
+            intercept: Mutex::new(None),
+        }))
+    }
+
+    /// The table for one new connection.
+    pub fn table(&self) -> Arc<ServiceTable> {
+        self.table.load_full()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_intercept_hook(&self, hook: InterceptHook) {
+        *self.intercept.lock().expect("intercept hook") = Some(hook);
+    }
+
+    /// The last rejected reload's reason, if the last reload failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last error").clone()
+    }
+
+    pub fn last_reload(&self) -> Option<SystemTime> {
+        *self.last_reload.lock().expect("last reload")
+    }
+
+    /// Reads the file again and, when it is valid, serves with it.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        metrics::get().reload(result.is_ok());
+        *self.last_reload.lock().expect("last reload") = Some(SystemTime::now());
+        *self.last_error.lock().expect("last error") = result.as_ref().err().map(|e| e.to_string());
+        match &result {
+            Ok(()) => info!("config reloaded"),
+            Err(e) => warn!("config reload rejected, the previous config keeps serving: {e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), ReloadError> {
+        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
+        let next = Config::load(path)?;
+        let table = build(&next).await?;
+        let old = self.config.load();
+        for what in restart_only(&old, &next) {
+            warn!("config reload: `{what}` changed; it takes effect at the next start");
+        }
+        if old.intercept != next.intercept
+            && let Some(hook) = self.intercept.lock().expect("intercept hook").as_ref()
+        {
+            hook(&next).map_err(ReloadError::Intercept)?;
+        }
+        access_log::set_enabled(next.telemetry.access_log);
+        self.table.store(table);
+        self.config.store(Arc::new(next));
+        Ok(())
+    }
+}
+
+async fn build(cfg: &Config) -> Result<Arc<ServiceTable>, ServiceError> {
+    let settings = Settings::from_config(&cfg.proxy);
+    let table = Arc::new(ServiceTable::new(cfg, &settings)?);
+    table.keep_names_resolved(cfg.proxy.dns_refresh).await;
+    table.start_health_checks();
+    Ok(table)
+}
+
+/// Settings a running proxy cannot change.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.proxy, &new.proxy);
+    let mut changed = Vec::new();
+    if o.port != n.port {
+        changed.push("proxy.port");
+    }
+    if o.uid != n.uid {
+        changed.push("proxy.uid");
+    }
+    if o.mark != n.mark {
+        changed.push("proxy.mark");
+    }
+    if o.workers != n.workers {
+        changed.push("proxy.workers");
+    }
+    if o.admin != n.admin {
+        changed.push("proxy.admin");
+    }
+    if old.telemetry.tracing != new.telemetry.tracing {
+        changed.push("telemetry.tracing");
+    }
+    changed
+}
+
+/// Reloads on SIGHUP and when the file changes (checked every `every`: a
+/// Kubernetes ConfigMap update swaps a symlink, which inotify on the path
+/// would miss).
+pub fn watch(live: Arc<Live>, every: Duration) {
+    let Some(path) = live.path.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("cannot watch SIGHUP ({e}): reloads only on file change");
+                None
+            }
+        };
+        let mut seen = stamp(&path);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let signalled = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                _ = tick.tick() => false,
+            };
+            let now = stamp(&path);
+            if signalled || now != seen {
+                seen = now;
+                if signalled {
+                    info!("SIGHUP: reloading the config");
+                }
+                let _ = live.reload().await;
+            }
+        }
+    });
+}
+
+/// What tells a changed file: its identity, size and time.
+fn stamp(path: &Path) -> Option<(u64, u64, SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
