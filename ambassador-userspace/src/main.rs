@@ -218,6 +218,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime(cfg.proxy.workers)?;
             Settings::from_config(&cfg.proxy).check()?;
             let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
+            let tracing = cfg
+                .telemetry
+                .tracing
+                .as_ref()
+                .map(ambassador_userspace::trace::init)
+                .transpose()?;
             let admin_at = match cfg.proxy.admin {
                 None => Some(DEFAULT_ADMIN),
                 Some(AdminListen::At(a)) => Some(a),
@@ -252,6 +258,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 access_log::flush();
                 anyhow::Ok(())
             })?;
+            drop(rt);
+            if let Some(t) = tracing {
+                t.shutdown();
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { file } => {
@@ -295,6 +305,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => {
             let cfg = load_config(config.as_ref())?;
+            let tracing = cfg
+                .telemetry
+                .tracing
+                .as_ref()
+                .map(ambassador_userspace::trace::init)
+                .transpose()?;
             let rt = runtime(cfg.proxy.workers)?;
             let code = rt
                 .block_on(run::run(
@@ -307,6 +323,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                 ))
                 .context("ambassador run")?;
+            drop(rt);
+            if let Some(t) = tracing {
+                t.shutdown();
+            }
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
     }

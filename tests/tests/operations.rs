@@ -602,3 +602,94 @@ fn fifty_malformed_configs_each_get_a_one_line_error_naming_the_field() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn spans_reach_an_otlp_collector_with_the_apps_trace_id() {
+    let mut pod = Pod::new(&format!(
+        "telemetry:\n\
+         \x20 tracing: {{ otlp_endpoint: \"http://127.0.0.1:4318\", service_name: pod-ambassador }}\n\
+         {}",
+        api_config("one")
+    ));
+    let collector = OtlpReceiver::start(&pod.netns, "127.0.0.1:4318");
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let app_span = "b7ad6b7169203331";
+    assert_eq!(
+        pod.http_status(
+            &format!("http://{SERVER_V4}:8080/traced"),
+            &[
+                "-H",
+                &format!("traceparent: 00-{trace}-{app_span}-01"),
+                "-H",
+                "tracestate: vendor=opaque"
+            ]
+        ),
+        "200"
+    );
+    // The upstream sees the same trace, with the ambassador's span as parent.
+    let seen = up.seen();
+    let tp = seen
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_string();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts[1], trace, "{tp}");
+    assert_ne!(
+        parts[2], app_span,
+        "the upstream's parent is the ambassador's span"
+    );
+    assert_eq!(
+        seen.last().unwrap().header("tracestate"),
+        Some("vendor=opaque")
+    );
+
+    let span = collector
+        .wait_span(|s| s["traceId"] == trace)
+        .unwrap_or_else(|| panic!("no span with the app's trace id: {:?}", collector.spans()));
+    assert_eq!(span["parentSpanId"], app_span);
+    assert_eq!(span["spanId"], parts[2]);
+    assert_eq!(span["kind"], 3, "SPAN_KIND_CLIENT");
+    let attrs = span["attributes"].to_string();
+    assert!(attrs.contains("http.response.status_code"), "{attrs}");
+    assert!(attrs.contains("\"api\""), "{attrs}");
+    assert!(span["resource"].to_string().contains("pod-ambassador"));
+
+    // No traceparent from the app: a new trace starts here, and the access
+    // log names it.
+    assert_eq!(
+        pod.http_status(&format!("http://{SERVER_V4}:8080/fresh"), &[]),
+        "200"
+    );
+    let tp = up
+        .seen()
+        .last()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_string();
+    let new_trace = tp.split('-').nth(1).unwrap().to_string();
+    assert_ne!(new_trace, trace);
+    assert!(
+        collector
+            .wait_span(|s| s["traceId"] == new_trace.as_str())
+            .is_some()
+    );
+    let line = pod.wait_access_log("/fresh").expect("access-log line");
+    assert_eq!(json(&line)["trace_id"], new_trace);
+}
+
+#[test]
+fn without_a_collector_requests_are_not_touched() {
+    let mut pod = Pod::new(&api_config("one"));
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+    assert_eq!(
+        pod.http_status(&format!("http://{SERVER_V4}:8080/"), &[]),
+        "200"
+    );
+    assert_eq!(up.seen().last().unwrap().header("traceparent"), None);
+}

@@ -324,3 +324,63 @@ fn check_validates_everything_the_proxy_would_and_summarises() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A changed `intercept` section reaches the kernel maps of a running
+/// `ambassador run` without re-attaching: the next connect is bypassed.
+#[test]
+fn run_applies_new_exclusions_on_reload_without_reattaching() {
+    use std::io::{BufRead, BufReader};
+    require_root();
+    let (server, port) = greet_server();
+    let dir = std::env::temp_dir().join(format!("amb-run-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.yaml");
+    std::fs::write(&cfg, "intercept:\n  loopback: true\n").unwrap();
+    let flag = dir.join("go");
+    let client = format!("python3 {} greet 127.0.0.1 {port}", client_py().display());
+    let script = format!(
+        "{client} && while [ ! -e {f} ]; do sleep 0.05; done && {client}",
+        f = flag.display()
+    );
+    let mut child = run_cmd(&cfg)
+        .args(["sh", "-c", &script])
+        .env("AMBASSADOR_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (err, keep) = (child.stderr.take().unwrap(), log.clone());
+    let reader = thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let mut l = keep.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("the first connect", &|| {
+        server.accepted.load(std::sync::atomic::Ordering::Relaxed) == 1
+    });
+    std::fs::write(
+        &cfg,
+        format!("intercept:\n  loopback: true\n  exclude_ports: [{port}]\n"),
+    )
+    .unwrap();
+    wait("the reload", &|| {
+        log.lock().unwrap().contains("config reloaded")
+    });
+    std::fs::write(&flag, "").unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("redirected=1 bypassed=1"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -173,7 +173,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     dst: SocketAddr,
     route: &Route,
     table: Arc<ServiceTable>,
@@ -197,6 +197,11 @@ async fn handle(
             &format!("no service matches {what} and the default policy is deny"),
         );
     }
+    let span = {
+        let name = svc.as_ref().map_or("passthrough", |s| s.name.as_str());
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        crate::trace::start(req.headers_mut(), name, &method, &path)
+    };
     let info = access_log::enabled().then(|| Box::new(RequestInfo::new(&req, dst)));
     let mut exchange = Exchange::default();
     let resp = forward(req, dst, svc.as_ref(), &table, &mut exchange).await;
@@ -209,6 +214,7 @@ async fn handle(
         start,
         status: resp.status().as_u16(),
         exchange,
+        span,
         info: info.map(|mut i| {
             i.error = resp
                 .headers()
@@ -297,6 +303,7 @@ struct Finish {
     status: u16,
     exchange: Exchange,
     info: Option<Box<RequestInfo>>,
+    span: Option<crate::trace::Span>,
 }
 
 impl Finish {
@@ -306,6 +313,15 @@ impl Finish {
         m.response(self.status);
         m.duration.observe(elapsed.as_secs_f64());
         m.to_app.inc_by(bytes_out);
+        if let Some(span) = self.span {
+            let error = self.info.as_ref().and_then(|i| i.error.as_deref());
+            let endpoint = self
+                .exchange
+                .endpoint
+                .as_ref()
+                .map(|e| e.address.to_string());
+            crate::trace::finish(span, self.status, endpoint, error);
+        }
         if let Some(i) = self.info {
             access_log::http(&access_log::HttpLine {
                 service: &m.name,
