@@ -65,6 +65,8 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Print the JSON Schema of the config file (for editor completion).
+    Schema,
     /// Show what is attached where, the counters and the pins.
     Status,
     /// Follow the kernel programs' log lines (needs `init --bpf-log LEVEL`).
@@ -268,6 +270,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime(1)?;
             let summary = rt.block_on(ambassador_userspace::check::check(&file))?;
             print!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            print!("{}", Config::json_schema());
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {

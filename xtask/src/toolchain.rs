@@ -203,6 +203,9 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         "util-linux",
         "bpftool",
         "openssl",
+        // The config schema test validates the examples with these.
+        "python3-jsonschema",
+        "python3-yaml",
     ])
 }
 

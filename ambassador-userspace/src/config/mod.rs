@@ -25,7 +25,7 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub proxy: ProxyConfig,
@@ -37,7 +37,7 @@ pub struct Config {
 }
 
 /// Access logs and traces.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// One JSON line per request or TCP session on stdout.
@@ -58,12 +58,13 @@ impl Default for TelemetryConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
     /// The collector's OTLP/HTTP base URL, such as `http://127.0.0.1:4318`
     /// (`/v1/traces` is added).
     #[serde(deserialize_with = "otlp_url")]
+    #[schemars(with = "String")]
     pub otlp_endpoint: String,
     /// `service.name` of the exported spans.
     #[serde(default = "default_service_name")]
@@ -105,6 +106,19 @@ pub enum AdminListen {
 pub const DEFAULT_ADMIN: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
 
+impl schemars::JsonSchema for AdminListen {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AdminListen".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "address:port for the admin API (like 127.0.0.1:15020), or `off`",
+            "examples": ["127.0.0.1:15020", "off"]
+        })
+    }
+}
+
 impl Serialize for AdminListen {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -128,7 +142,7 @@ impl<'de> Deserialize<'de> for AdminListen {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Redirect target on 127.0.0.1 and ::1.
@@ -140,18 +154,23 @@ pub struct ProxyConfig {
     pub mark: Option<u32>,
     /// Give up on an upstream that has not accepted the connection by then.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    #[schemars(with = "DurationText")]
     pub connect_timeout: Duration,
     /// Close a relayed connection after this long with no byte in either direction.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    #[schemars(with = "DurationText")]
     pub idle_timeout: Duration,
     /// Drop an HTTP client that has not sent a complete request head by then.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    #[schemars(with = "DurationText")]
     pub header_read_timeout: Duration,
     /// On SIGTERM: how long in-flight connections may take to finish.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    #[schemars(with = "DurationText")]
     pub drain_timeout: Duration,
     /// How often host names in `match.host` are resolved again.
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
+    #[schemars(with = "DurationText")]
     pub dns_refresh: Duration,
     /// Runtime worker threads; 0 picks min(2, cores): a sidecar shares its Pod's CPU.
     pub workers: usize,
@@ -178,7 +197,9 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
     /// The proxy is down: connects fail at once (nothing escapes policy).
@@ -188,7 +209,7 @@ pub enum FailMode {
     Open,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct InterceptConfig {
     pub fail: FailMode,
@@ -231,6 +252,36 @@ impl FromStr for Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+impl schemars::JsonSchema for Cidr {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Cidr".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "An address block like 10.0.0.0/8 or fd00::/8; a bare address is a /32 or /128",
+            "examples": ["10.96.0.0/12", "fd00::/8"]
+        })
+    }
+}
+
+/// A duration as written in the file: `1500ms`, `30s`, `5m`, `1h`.
+pub struct DurationText;
+
+impl schemars::JsonSchema for DurationText {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration: a number and a unit (ms, s, m, h), like 1500ms or 30s",
+            "pattern": "^\\s*([0-9]+(\\.[0-9]+)?\\s*(ns|us|ms|s|sec|m|min|h|hr|d)\\s*)+$",
+            "examples": ["1500ms", "30s", "5m"]
+        })
     }
 }
 
@@ -277,6 +328,17 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
 }
 
 impl Config {
+    /// The JSON Schema of the file (for editors; `ambassador schema`).
+    pub fn json_schema() -> String {
+        let schema = schemars::generate::SchemaSettings::draft07()
+            .for_deserialize()
+            .into_generator()
+            .into_root_schema_for::<Config>();
+        let mut text = serde_json::to_string_pretty(&schema).expect("a schema serialises");
+        text.push('\n');
+        text
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),

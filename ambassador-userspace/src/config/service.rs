@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize, Serializer, ser::SerializeMap};
 use super::Cidr;
 
 /// What happens to a connection no service matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultPolicy {
     /// Relay it as-is to where the app was going.
@@ -19,7 +21,7 @@ pub enum DefaultPolicy {
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -43,7 +45,7 @@ pub struct ServiceConfig {
 
 /// Retries of HTTP requests that failed after they may have been sent: only
 /// idempotent methods with a replayable body, within a budget.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retries {
     /// Further tries after the first; 0 turns retries off.
@@ -54,6 +56,7 @@ pub struct Retries {
         deserialize_with = "super::duration",
         serialize_with = "super::ser_duration"
     )]
+    #[schemars(with = "super::DurationText")]
     pub backoff: Duration,
     /// Retries in flight may be at most this share of the requests in flight
     /// (three are always allowed).
@@ -76,7 +79,9 @@ impl Default for Retries {
 /// (504 for HTTP, a reset for TCP) and a log line naming it. Unset ones take
 /// the `proxy` section's value (`connect_timeout`, `idle_timeout`,
 /// `header_read_timeout`); `request` defaults to 60 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// Connecting to an upstream endpoint (per attempt).
@@ -85,6 +90,7 @@ pub struct Timeouts {
         serialize_with = "super::ser_opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<super::DurationText>")]
     pub connect: Option<Duration>,
     /// One HTTP exchange, from the request to the end of the response body.
     #[serde(
@@ -92,6 +98,7 @@ pub struct Timeouts {
         serialize_with = "super::ser_opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<super::DurationText>")]
     pub request: Option<Duration>,
     /// No byte in either direction (TCP relays).
     #[serde(
@@ -99,6 +106,7 @@ pub struct Timeouts {
         serialize_with = "super::ser_opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<super::DurationText>")]
     pub idle: Option<Duration>,
     /// The app's request head, on connections that belong to this service.
     #[serde(
@@ -106,6 +114,7 @@ pub struct Timeouts {
         serialize_with = "super::ser_opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<super::DurationText>")]
     pub header_read: Option<Duration>,
 }
 
@@ -113,7 +122,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Circuit breaking: past these the app gets an immediate 503 (or a refused
 /// TCP connection), never a queue that grows without bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Upstream connections open at once (TCP relays and HTTP pools).
@@ -137,7 +146,7 @@ impl Default for Limits {
 /// Passive outlier detection: an endpoint is ejected after this many
 /// consecutive failures (connect failures, resets, 5xx), for a time that
 /// doubles with each ejection, capped.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Outlier {
     pub consecutive_failures: u32,
@@ -145,11 +154,13 @@ pub struct Outlier {
         deserialize_with = "super::duration",
         serialize_with = "super::ser_duration"
     )]
+    #[schemars(with = "super::DurationText")]
     pub base_ejection: Duration,
     #[serde(
         deserialize_with = "super::duration",
         serialize_with = "super::ser_duration"
     )]
+    #[schemars(with = "super::DurationText")]
     pub max_ejection: Duration,
     /// The share of a service's endpoints that may be ejected at once (at
     /// least one always may).
@@ -169,7 +180,9 @@ impl Default for Outlier {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     RoundRobin,
@@ -178,7 +191,9 @@ pub enum Balance {
     P2c,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.x or HTTP/2 (prior knowledge) from the app; policy per request.
@@ -194,7 +209,7 @@ pub enum Protocol {
 /// How a service recognises its connections: by original destination
 /// (`cidr`, `port`) and/or by name (`host`: the HTTP Host header, or the TLS
 /// SNI when the app speaks TLS itself).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, try_from = "RawMatch")]
 pub struct MatchConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -205,7 +220,7 @@ pub struct MatchConfig {
     pub port: Option<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
     host: Option<String>,
@@ -252,7 +267,7 @@ fn valid_host(h: &str) -> Result<String, String> {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Where to send it; empty means the original destination.
@@ -269,7 +284,7 @@ pub struct UpstreamConfig {
     pub health_check: Option<HealthCheck>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, try_from = "RawHealthCheck")]
 pub struct HealthCheck {
     pub interval: Duration,
@@ -278,6 +293,7 @@ pub struct HealthCheck {
     pub unhealthy_threshold: u32,
     /// Passed checks in a row that bring it back.
     pub healthy_threshold: u32,
+    #[schemars(skip)]
     pub kind: CheckKind,
 }
 
@@ -316,15 +332,17 @@ pub enum CheckKind {
     Http { path: String, expect: u16 },
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
     #[serde(
         deserialize_with = "super::duration",
         serialize_with = "super::ser_duration"
     )]
+    #[schemars(with = "super::DurationText")]
     interval: Duration,
     #[serde(default, deserialize_with = "super::opt_duration")]
+    #[schemars(with = "Option<super::DurationText>")]
     timeout: Option<Duration>,
     #[serde(default = "three")]
     unhealthy_threshold: u32,
@@ -341,11 +359,11 @@ fn two() -> u32 {
     2
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct EmptyMap {}
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawHttpCheck {
     path: String,
@@ -392,7 +410,7 @@ impl TryFrom<RawHealthCheck> for HealthCheck {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub address: HostPort,
@@ -402,7 +420,7 @@ pub struct EndpointConfig {
 }
 
 /// `host:port` or `ip:port` (`[v6]:port`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(try_from = "String")]
 pub struct HostPort {
     pub host: String,
@@ -446,7 +464,9 @@ impl fmt::Display for HostPort {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
 pub enum TlsVersion {
     #[default]
     #[serde(rename = "1.2")]
@@ -455,7 +475,7 @@ pub enum TlsVersion {
     V1_3,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, try_from = "RawTls")]
 pub struct TlsConfig {
     /// SNI and the name the certificate must be valid for.
@@ -471,7 +491,7 @@ pub struct TlsConfig {
     pub insecure_skip_verify: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
     server_name: Option<String>,
@@ -517,7 +537,7 @@ impl TryFrom<RawTls> for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestPolicy {
     /// Headers the ambassador sets; any inbound copy is removed first.
@@ -531,7 +551,9 @@ pub struct RequestPolicy {
 }
 
 /// A valid HTTP header name, lowercased.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(try_from = "String")]
 pub struct HeaderKey(pub String);
 
@@ -547,9 +569,10 @@ impl TryFrom<String> for HeaderKey {
 
 /// Where a header value comes from. Exactly one of `value`, `env`, `file`,
 /// `oauth2_client_credentials`; `prefix` (such as `"Bearer "`) goes in front.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(try_from = "RawHeaderSource")]
 pub struct HeaderSource {
+    #[schemars(skip)]
     pub kind: SourceKind,
     pub prefix: String,
 }
@@ -592,7 +615,7 @@ impl Serialize for HeaderSource {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawHeaderSource {
     value: Option<String>,
@@ -634,7 +657,7 @@ impl TryFrom<RawHeaderSource> for HeaderSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub token_url: String,
