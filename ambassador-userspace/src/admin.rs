@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -196,7 +196,7 @@ impl Admin {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Status {
     pub ready: bool,
     pub config_file: Option<String>,
@@ -207,7 +207,7 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub protocol: crate::config::service::Protocol,
@@ -216,12 +216,12 @@ pub struct ServiceStatus {
     pub endpoints: Vec<EndpointStatus>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub address: String,
     pub priority: u32,
     /// `up`, `ejected` (passive) or `down` (failing its health check).
-    pub state: &'static str,
+    pub state: String,
     pub outstanding: usize,
 }
 
@@ -259,7 +259,8 @@ fn status(live: &Live) -> Status {
                             "ejected"
                         } else {
                             "up"
-                        },
+                        }
+                        .into(),
                         outstanding: e.outstanding(),
                     })
                     .collect(),

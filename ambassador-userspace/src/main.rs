@@ -67,8 +67,13 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
-    /// Show what is attached where, the counters and the pins.
-    Status,
+    /// Show what is attached where, the counters and the pins, and what the
+    /// proxy's admin API reports (services, endpoints, health).
+    Status {
+        /// The proxy's admin API.
+        #[arg(long, default_value_t = DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+    },
     /// Follow the kernel programs' log lines (needs `init --bpf-log LEVEL`).
     BpfLog {
         #[arg(long)]
@@ -276,9 +281,19 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", Config::json_schema());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => {
-            interception::check_environment()?;
-            print!("{}", status::render(&pins::list()));
+        Command::Status { admin } => {
+            let proxy = status::proxy_view(admin);
+            // In a locked-down sidecar the pins are not visible: the proxy's
+            // view alone is still worth showing.
+            match interception::check_environment() {
+                Ok(()) => print!("{}", status::render(&pins::list())),
+                Err(e) if proxy.is_some() => println!("interception: not visible here ({e})"),
+                Err(e) => return Err(e.into()),
+            }
+            match proxy {
+                Some(p) => print!("{p}"),
+                None => println!("proxy: no admin API answers at {admin}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::BpfLog { cgroup } => {

@@ -80,3 +80,64 @@ pub fn render(installs: &[InstallStatus]) -> String {
     }
     out
 }
+
+/// The proxy's own view, from its admin API (what `/status` says), for a
+/// terminal. `None` when no proxy answers there.
+pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
+    let status: crate::admin::Status = serde_json::from_str(&get(admin, "/status")?).ok()?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "proxy {admin}: {}, config {}, default {}",
+        if status.ready { "ready" } else { "NOT READY" },
+        status
+            .config_file
+            .as_deref()
+            .unwrap_or("(built-in defaults)"),
+        match status.default {
+            crate::config::service::DefaultPolicy::Deny => "deny",
+            crate::config::service::DefaultPolicy::Passthrough => "passthrough",
+        }
+    );
+    if let Some(e) = &status.last_reload_error {
+        let _ = writeln!(out, "  LAST RELOAD REJECTED (old config serving): {e}");
+    }
+    if status.services.is_empty() {
+        let _ = writeln!(out, "  no services: everything follows the default");
+    }
+    for s in &status.services {
+        let _ = writeln!(
+            out,
+            "  service {} ({}): {} request(s) in flight, {} connection(s) open",
+            s.name,
+            format!("{:?}", s.protocol).to_lowercase(),
+            s.requests_in_flight,
+            s.connections_open
+        );
+        for e in &s.endpoints {
+            let _ = writeln!(
+                out,
+                "    {:<8} {} (priority {}, {} outstanding)",
+                e.state, e.address, e.priority, e.outstanding
+            );
+        }
+    }
+    Some(out)
+}
+
+/// A GET with a short timeout; the body when the answer is 200.
+fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}

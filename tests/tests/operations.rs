@@ -693,3 +693,36 @@ fn without_a_collector_requests_are_not_touched() {
     );
     assert_eq!(up.seen().last().unwrap().header("traceparent"), None);
 }
+
+#[test]
+fn ambassador_status_shows_the_proxys_services_and_endpoints() {
+    let mut pod = Pod::new(&format!(
+        "{}\
+         \x20   upstream:\n\
+         \x20     endpoints:\n\
+         \x20       - {{ address: \"{SERVER_V4}:8080\" }}\n\
+         \x20       - {{ address: \"{SERVER2_V4}:8080\", priority: 1 }}\n",
+        api_config("one")
+    ));
+    pod.start_proxy();
+    // Run where an operator would: in the Pod (kubectl exec).
+    let out = pod
+        .app(bin().to_str().unwrap())
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("proxy 127.0.0.1:15020: ready"), "{text}");
+    assert!(text.contains("service api (http)"), "{text}");
+    assert!(
+        text.contains(&format!("up       {SERVER_V4}:8080 (priority 0")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{SERVER2_V4}:8080 (priority 1")),
+        "{text}"
+    );
+    // The node's view is there too (root here).
+    assert!(text.contains("attached"), "{text}");
+}
