@@ -32,7 +32,8 @@ struct Run {
 pub fn run() -> anyhow::Result<String> {
     let oha = crate::toolchain::ensure_oha()?;
     let config = format!(
-        "services:\n\
+        "telemetry: {{ access_log: false }}\n\
+         services:\n\
          \x20 - name: api\n\
          \x20   match: {{ cidr: {SERVICE_IP}/32, port: {PORT} }}\n\
          \x20   protocol: http\n\

@@ -466,8 +466,10 @@ fn ambassador_config(workers: Option<u32>, ca_file: &Path) -> String {
         .unwrap_or_default();
     let auth = format!("{{ set_headers: {{ authorization: {{ value: \"{AUTHORIZATION}\" }} }} }}");
     // alpn http/1.1: the same protocol to the origin as HAProxy and nginx use.
+    // Access logs off: HAProxy and nginx run without them too.
     format!(
-        "{proxy}services:\n\
+        "{proxy}telemetry: {{ access_log: false }}\n\
+         services:\n\
          \x20 - name: origin\n\
          \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_PORT} }}\n\
          \x20   protocol: http\n\
