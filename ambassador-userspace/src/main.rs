@@ -239,7 +239,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(async {
                 // The port first: a taken one is the likeliest start failure.
                 let listeners = Listeners::bind(port)?;
-                let live = Live::start(cfg, config).await?;
+                let live = Live::start(cfg, config, true).await?;
                 match interception::pins::own_counters() {
                     Ok(counters) => interception::counters_into_metrics(Arc::new(counters)),
                     Err(e) => interception::no_counters_in_metrics(&e),

@@ -42,6 +42,8 @@ pub struct Live {
     last_error: Mutex<Option<String>>,
     last_reload: Mutex<Option<SystemTime>>,
     intercept: Mutex<Option<InterceptHook>>,
+    /// Access logging when the file does not say.
+    access_log_default: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +60,13 @@ pub enum ReloadError {
 
 impl Live {
     /// Builds the first table from a config already validated.
-    pub async fn start(cfg: Config, path: Option<PathBuf>) -> Result<Arc<Live>, ServiceError> {
+    pub async fn start(
+        cfg: Config,
+        path: Option<PathBuf>,
+        access_log_default: bool,
+    ) -> Result<Arc<Live>, ServiceError> {
         let table = build(&cfg).await?;
-        access_log::set_enabled(cfg.telemetry.access_log);
+        access_log::set_enabled(cfg.telemetry.access_log.unwrap_or(access_log_default));
         Ok(Arc::new(Live {
             table: ArcSwap::from(table),
             config: ArcSwap::from_pointee(cfg),
@@ -70,6 +76,7 @@ impl Live {
             last_error: Mutex::new(None),
             last_reload: Mutex::new(None),
             intercept: Mutex::new(None),
+            access_log_default,
         }))
     }
 
@@ -134,7 +141,7 @@ impl Live {
         {
             hook(&next).map_err(ReloadError::Intercept)?;
         }
-        access_log::set_enabled(next.telemetry.access_log);
+        access_log::set_enabled(next.telemetry.access_log.unwrap_or(self.access_log_default));
         self.table.store(table);
         self.config.store(Arc::new(next));
         Ok(())

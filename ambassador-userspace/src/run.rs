@@ -54,7 +54,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         Some(AdminListen::At(a)) => Some(a),
         _ => None,
     };
-    let live = Live::start(cfg.clone(), opts.config_path.clone()).await?;
+    let live = Live::start(cfg.clone(), opts.config_path.clone(), false).await?;
     let fd_limit = proxy::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();

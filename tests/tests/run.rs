@@ -52,6 +52,8 @@ fn run_redirects_a_command_and_reports_counters() {
     );
     // getpeername shows the app the original destination.
     assert!(text.contains(&format!("PEER 127.0.0.1 {port}")), "{text}");
+    // stdout is the command's: no access-log lines unless asked for.
+    assert!(!text.contains("\"kind\""), "{text}");
     assert!(stderr(&out).contains("redirected=1 "), "{}", stderr(&out));
     assert_eq!(
         server.accepted.load(std::sync::atomic::Ordering::Relaxed),

@@ -40,8 +40,10 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// One JSON line per request or TCP session on stdout.
-    pub access_log: bool,
+    /// One JSON line per request or TCP session on stdout. Unset: on for
+    /// `proxy`, off for `run` (whose stdout is the command's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
     /// Export spans over OTLP/HTTP; absent means no spans and no trace headers added.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingConfig>,
@@ -52,7 +54,7 @@ impl Eq for TelemetryConfig {}
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
-            access_log: true,
+            access_log: None,
             tracing: None,
         }
     }
