@@ -37,7 +37,7 @@ pub struct Config {
 }
 
 /// Access logs and traces.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// One JSON line per request or TCP session on stdout. Unset: on for
@@ -51,14 +51,6 @@ pub struct TelemetryConfig {
 
 impl Eq for TelemetryConfig {}
 
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        TelemetryConfig {
-            access_log: None,
-            tracing: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
