@@ -225,12 +225,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime(cfg.proxy.workers)?;
             Settings::from_config(&cfg.proxy).check()?;
             let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
-            let tracing = cfg
-                .telemetry
-                .tracing
-                .as_ref()
-                .map(ambassador_userspace::trace::init)
-                .transpose()?;
+            let tracing = ambassador_userspace::trace::init_configured(&cfg)?;
             let admin_at = match cfg.proxy.admin {
                 None => Some(DEFAULT_ADMIN),
                 Some(AdminListen::At(a)) => Some(a),
@@ -326,12 +321,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             command,
         } => {
             let cfg = load_config(config.as_ref())?;
-            let tracing = cfg
-                .telemetry
-                .tracing
-                .as_ref()
-                .map(ambassador_userspace::trace::init)
-                .transpose()?;
+            let tracing = ambassador_userspace::trace::init_configured(&cfg)?;
             let rt = runtime(cfg.proxy.workers)?;
             let code = rt
                 .block_on(run::run(

@@ -45,6 +45,11 @@ impl Tracing {
     }
 }
 
+/// Starts exporting when the config asks for it.
+pub fn init_configured(cfg: &crate::config::Config) -> Result<Option<Tracing>, TraceError> {
+    cfg.telemetry.tracing.as_ref().map(init).transpose()
+}
+
 /// Starts exporting. Call outside the async runtime: the exporter has its
 /// own thread and blocking HTTP client.
 pub fn init(cfg: &TracingConfig) -> Result<Tracing, TraceError> {

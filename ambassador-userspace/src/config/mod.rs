@@ -51,7 +51,6 @@ pub struct TelemetryConfig {
 
 impl Eq for TelemetryConfig {}
 
-
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {

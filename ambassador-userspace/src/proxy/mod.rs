@@ -366,15 +366,7 @@ impl Ctx {
         let upstream = match connect_upstream(dst, &table.settings).await {
             Ok(u) => u,
             Err(e) => {
-                session_log(
-                    m,
-                    dst,
-                    None,
-                    start,
-                    Totals::default(),
-                    "connect_failed",
-                    None,
-                );
+                session_failed(m, dst, None, start, "connect_failed");
                 return self.refuse(&app, peer, &e);
             }
         };
@@ -426,15 +418,7 @@ impl Ctx {
         let Ok(_permit) = svc.limits.connections.clone().try_acquire_owned() else {
             warn!(service = %svc.name, "circuit breaker: max_connections ({}) reached: refusing", svc.limits.config.max_connections);
             m.rejected_connections.inc();
-            session_log(
-                m,
-                dst,
-                None,
-                start,
-                Totals::default(),
-                "max_connections",
-                None,
-            );
+            session_failed(m, dst, None, start, "max_connections");
             relay::reset(&app);
             return;
         };
@@ -458,15 +442,7 @@ impl Ctx {
             Ok(c) => c,
             Err(e) => {
                 info!(%peer, service = %svc.name, "{e}");
-                session_log(
-                    m,
-                    dst,
-                    None,
-                    start,
-                    Totals::default(),
-                    "connect_failed",
-                    None,
-                );
+                session_failed(m, dst, None, start, "connect_failed");
                 relay::reset(&app);
                 return;
             }
@@ -497,20 +473,23 @@ impl Ctx {
                         svc.endpoints.failure(&p.endpoint);
                     }
                     warn!(service = %svc.name, upstream = %addr, "TLS handshake failed: {}", crate::tls::reason(&e));
-                    session_log(
-                        m,
-                        dst,
-                        Some(addr),
-                        start,
-                        Totals::default(),
-                        "tls_failed",
-                        None,
-                    );
+                    session_failed(m, dst, Some(addr), start, "tls_failed");
                     relay::reset(&app);
                 }
             },
         }
     }
+}
+
+/// A session that ended before any byte was relayed.
+fn session_failed(
+    m: &crate::metrics::ServiceMetrics,
+    dst: SocketAddr,
+    endpoint: Option<SocketAddr>,
+    start: Instant,
+    outcome: &str,
+) {
+    session_log(m, dst, endpoint, start, Totals::default(), outcome, None);
 }
 
 /// Counts a finished TCP session and writes its access-log line.
