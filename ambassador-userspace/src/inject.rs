@@ -427,10 +427,8 @@ fn inject_template(
 
     let opt_out = annotation(&own, workload, ANN_INJECT, field, ctx)?;
     let skip = match opt_out {
-        Some((v, _)) if matches!(v, "false" | "disabled") => {
-            Some(format!("skipped ({ANN_INJECT}: {v:?})"))
-        }
-        Some((v, _)) if matches!(v, "true" | "enabled") => None,
+        Some((v @ ("false" | "disabled"), _)) => Some(format!("skipped ({ANN_INJECT}: {v:?})")),
+        Some(("true" | "enabled", _)) => None,
         Some((v, where_)) => {
             return Err(ctx.err(where_, format!("`{v}` is neither \"true\" nor \"false\"")));
         }
