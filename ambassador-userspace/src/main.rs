@@ -4,9 +4,11 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc};
 
 use ambassador_userspace::{
     access_log, admin,
-    config::{AdminListen, Config, DEFAULT_ADMIN},
+    config::{self, AdminListen, Cidr, Config, DEFAULT_ADMIN},
+    inject,
     interception::{self, pins},
     original_dst::OriginalDst,
+    probe,
     proxy::{self, Listeners, Settings},
     reload::{self, Live},
     run::{self, RunOptions},
@@ -46,11 +48,23 @@ enum BpfLog {
 enum Command {
     /// Load the eBPF programs, attach them to a Pod's cgroup and pin them (init container).
     Init {
-        /// The Pod's cgroup: the parent of every container's cgroup.
-        #[arg(long)]
-        cgroup: PathBuf,
+        /// The Pod's cgroup: the parent of every container's cgroup; `auto`: find
+        /// it from inside the Pod's init container (see deploy/README.md).
+        #[arg(long, value_name = "PATH|auto")]
+        cgroup: CgroupArg,
+        /// With `--cgroup auto`: the Pod's UID (downward API `metadata.uid`), a
+        /// cross-check, and the way to the cgroup when its own is not visible.
+        #[arg(long, env = "AMBASSADOR_POD_UID")]
+        pod_uid: Option<String>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Ports never intercepted, on top of `intercept.exclude_ports` (what the
+        /// Pod annotation `ambassador.io/exclude-outbound-ports` becomes).
+        #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+        exclude_ports: Vec<u16>,
+        /// Destinations never intercepted, on top of `intercept.exclude_cidrs`.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        exclude_cidrs: Vec<Cidr>,
         /// Log level of the kernel programs (aya-log), fixed at load.
         #[arg(long, value_enum, default_value_t)]
         bpf_log: BpfLog,
@@ -79,6 +93,35 @@ enum Command {
         #[arg(long)]
         cgroup: PathBuf,
     },
+    /// Remove what `init` left for Pods that are gone (their cgroup was removed).
+    Gc {
+        /// Keep running and sweep this often (a node DaemonSet); default: once.
+        #[arg(long, value_parser = config::parse_duration)]
+        every: Option<std::time::Duration>,
+    },
+    /// Add the ambassador to Kubernetes workloads: YAML in, YAML out.
+    Inject {
+        /// The manifests (several documents, any kinds); `-` or none: stdin.
+        file: Option<PathBuf>,
+        /// Write here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The ambassador image for both containers.
+        #[arg(long, default_value = inject::DEFAULT_IMAGE)]
+        image: String,
+        /// The ConfigMap holding `config.yaml` (a Pod annotation can override it).
+        #[arg(long, default_value = inject::DEFAULT_CONFIG_MAP)]
+        config_map: String,
+    },
+    /// Ask the proxy's admin API whether it is live or ready (exit 0 if so): the
+    /// sidecar's probes, since the kubelet cannot reach the Pod's loopback.
+    Probe {
+        #[arg(value_enum)]
+        what: probe::Check,
+        /// The admin API's address.
+        #[arg(long, default_value = probe::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+    },
     /// Detach and unpin everything `init` left for a cgroup.
     Uninstall {
         #[arg(long)]
@@ -97,6 +140,24 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
     },
+}
+
+/// `--cgroup PATH` or `--cgroup auto` (a cgroup literally named `auto`: `./auto`).
+#[derive(Clone, Debug)]
+enum CgroupArg {
+    Auto,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for CgroupArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == "auto" {
+            CgroupArg::Auto
+        } else {
+            CgroupArg::Path(s.into())
+        })
+    }
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -186,15 +247,50 @@ fn one_line(e: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
+fn report_sweep(sweep: &pins::Sweep) {
+    if !sweep.removed.is_empty() {
+        let ids: Vec<String> = sweep.removed.iter().map(u64::to_string).collect();
+        println!(
+            "ambassador: removed the pins of {} deleted Pod cgroup(s) (ids {})",
+            ids.len(),
+            ids.join(", ")
+        );
+    }
+    for e in &sweep.failed {
+        eprintln!("ambassador: warning: cannot remove stale pins: {e}");
+    }
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init {
             cgroup,
+            pod_uid,
             config,
+            exclude_ports,
+            exclude_cidrs,
             bpf_log,
         } => {
-            let cfg = load_config(config.as_ref())?;
+            let mut cfg = load_config(config.as_ref())?;
+            cfg.intercept.exclude_ports.extend(exclude_ports);
+            cfg.intercept.exclude_cidrs.extend(exclude_cidrs);
             interception::check_environment()?;
+            interception::raise_memlock();
+            let cgroup = match cgroup {
+                CgroupArg::Path(p) => p,
+                CgroupArg::Auto => {
+                    pins::require_bpffs()?;
+                    let found = interception::cgroup::find_pod_cgroup(pod_uid.as_deref())?;
+                    println!(
+                        "ambassador: Pod cgroup {} ({})",
+                        found.path.display(),
+                        found.how
+                    );
+                    found.path
+                }
+            };
+            // Every init on a node cleans up after the Pods deleted before it.
+            report_sweep(&pins::sweep_stale());
             let done = pins::install(&cgroup, &cfg, bpf_log as u8)?;
             println!(
                 "ambassador: {} interception at {} (pins in {})",
@@ -303,6 +399,56 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 interception::bpf_log::forward(logger, stop_rx).await
             });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { every } => {
+            interception::check_environment()?;
+            loop {
+                let sweep = pins::sweep_stale();
+                report_sweep(&sweep);
+                if every.is_none() && sweep.removed.is_empty() && sweep.failed.is_empty() {
+                    println!("ambassador: no installs of deleted Pods");
+                }
+                match every {
+                    Some(d) => std::thread::sleep(d),
+                    None if sweep.failed.is_empty() => return Ok(ExitCode::SUCCESS),
+                    None => return Ok(ExitCode::from(1)),
+                }
+            }
+        }
+        Command::Inject {
+            file,
+            output,
+            image,
+            config_map,
+        } => {
+            let (name, text) = match &file {
+                Some(p) if p.as_os_str() != "-" => (
+                    p.display().to_string(),
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?,
+                ),
+                _ => {
+                    let mut t = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                        .context("cannot read stdin")?;
+                    ("stdin".to_string(), t)
+                }
+            };
+            let opts = inject::Options { image, config_map };
+            let out = inject::inject(&text, &opts).with_context(|| name.clone())?;
+            for line in &out.report {
+                eprintln!("{line}");
+            }
+            match output {
+                Some(p) => std::fs::write(&p, &out.text)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => print!("{}", out.text),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe { what, admin } => {
+            probe::probe(what, admin)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { cgroup } => {

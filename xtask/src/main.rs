@@ -136,6 +136,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     }
     let bin = build(false)?;
     toolchain::ensure_test_tools()?;
+    let k8s_validate = toolchain::ensure_k8s_validator()?;
     let root = root();
     run_cmd(
         Command::new(cargo())
@@ -163,7 +164,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .current_dir(&root)
         .args(["test", "--workspace"])
         .args(extra)
-        .env("AMBASSADOR_BIN", &bin);
+        .env("AMBASSADOR_BIN", &bin)
+        .env("AMBASSADOR_K8S_VALIDATE", &k8s_validate);
     let (passed, failed, ignored) = run_counting(&mut cargo_test).context("tests")?;
     // cargo prints one result line per test binary, the last often "0 passed"
     // (doc-tests): close with the total.

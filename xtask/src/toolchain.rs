@@ -209,6 +209,35 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     ])
 }
 
+/// The pinned offline Kubernetes validator for the deploy tests.
+const K8S_VALIDATE: &str = "kubernetes-validate";
+const K8S_VALIDATE_VERSION: &str = "1.37.0";
+
+/// The offline Kubernetes schema validator the deploy tests run on every
+/// manifest and on `ambassador inject`'s output: kubernetes-validate from PyPI
+/// (it bundles the API's JSON schemas for many Kubernetes versions; no cluster,
+/// no download at test time), in a venv under target/ so the system Python
+/// stays untouched. Returns the command.
+pub fn ensure_k8s_validator() -> anyhow::Result<PathBuf> {
+    let venv = crate::root().join("target/k8s-venv");
+    let bin = venv.join("bin").join(K8S_VALIDATE);
+    if output(Command::new(&bin).arg("--version")).as_deref() == Some(K8S_VALIDATE_VERSION) {
+        return Ok(bin);
+    }
+    apt_install(&["python3-venv"])?;
+    eprintln!("xtask: installing {K8S_VALIDATE} {K8S_VALIDATE_VERSION} (pip, in target/k8s-venv)");
+    run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating target/k8s-venv")?;
+    run_cmd(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("{K8S_VALIDATE}=={K8S_VALIDATE_VERSION}"),
+    ]))
+    .with_context(|| format!("installing {K8S_VALIDATE}"))?;
+    Ok(bin)
+}
+
 /// The HTTP benchmark's load generator: oha, from crates.io (it holds a fixed
 /// rate and corrects latency for coordinated omission, which Debian's wrk
 /// does not). Returns how to run it.

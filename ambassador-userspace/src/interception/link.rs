@@ -133,8 +133,7 @@ struct LinkInfoHead {
     _union: [u64; 4],
 }
 
-/// The id of the program a link runs.
-pub fn prog_id(link: impl AsFd) -> io::Result<u32> {
+fn link_info(link: impl AsFd) -> io::Result<LinkInfoHead> {
     let mut info = LinkInfoHead::default();
     let mut attr = InfoAttr {
         bpf_fd: link.as_fd().as_raw_fd() as u32,
@@ -142,5 +141,32 @@ pub fn prog_id(link: impl AsFd) -> io::Result<u32> {
         info: &mut info as *mut LinkInfoHead as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info.prog_id)
+    Ok(info)
+}
+
+/// The id of the program a link runs.
+pub fn prog_id(link: impl AsFd) -> io::Result<u32> {
+    link_info(link).map(|i| i.prog_id)
+}
+
+/// enum bpf_link_type: BPF_LINK_TYPE_CGROUP.
+const LINK_TYPE_CGROUP: u32 = 3;
+
+/// The cgroup a cgroup link is attached to; `None` once the cgroup is gone
+/// (removed by its owner: the kernel detaches the link and reports id 0, while
+/// the pin keeps the link, its program and its maps alive). Not a cgroup link
+/// is an error.
+pub fn cgroup_id(link: impl AsFd) -> io::Result<Option<u64>> {
+    let info = link_info(link)?;
+    if info.link_type != LINK_TYPE_CGROUP {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bpf link of type {} is not a cgroup link", info.link_type),
+        ));
+    }
+    // struct bpf_link_info's union starts with `struct { __u64 cgroup_id; ... } cgroup`.
+    Ok(match info._union[0] {
+        0 => None,
+        id => Some(id),
+    })
 }

@@ -36,7 +36,7 @@ const MIN_KERNEL: (u32, u32) = (5, 8);
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
     #[error(
-        "must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs"
+        "must run as root (with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or CAP_SYS_ADMIN) to load eBPF programs"
     )]
     NotRoot,
     #[error(
@@ -47,6 +47,14 @@ pub enum InterceptError {
     NoSuchCgroup(PathBuf),
     #[error("{0} is not in a cgroup v2 hierarchy: is the Pod's cgroup v2 mounted there?")]
     NotCgroup2(PathBuf),
+    #[error("cannot find the Pod's cgroup: {0}")]
+    PodCgroup(String),
+    #[error(
+        "no bpffs at /sys/fs/bpf: mount one on the node and give it to the init container as a \
+         hostPath volume (a bpffs mounted inside the container would vanish with it, and the \
+         interception along)"
+    )]
+    NoBpffs,
     #[error("nothing is installed at {0}: run `ambassador init --cgroup` first")]
     NotInstalled(PathBuf),
     #[error("kernel {found} is too old: ambassador needs Linux 5.8 or newer")]
@@ -100,19 +108,52 @@ pub fn check_environment() -> Result<(), InterceptError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(InterceptError::NotRoot);
     }
+    let (release, version) = kernel_version();
+    if version < MIN_KERNEL {
+        return Err(InterceptError::KernelTooOld { found: release });
+    }
+    cgroup::cgroup2_mount()?;
+    Ok(())
+}
+
+/// The running kernel's release string and (major, minor).
+fn kernel_version() -> (String, (u32, u32)) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
+    let release = release.trim().to_string();
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|s| s.parse::<u32>().ok());
     let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if version < MIN_KERNEL {
-        return Err(InterceptError::KernelTooOld {
-            found: release.to_string(),
-        });
+    (release, version)
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, which
+/// container runtimes often leave at 64 KiB; later ones charge the memory
+/// cgroup and ignore it. Raising the hard limit needs CAP_SYS_RESOURCE; without
+/// it the soft limit still goes up to the hard one.
+pub fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscalls on a valid rlimit struct.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
+            return;
+        }
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+            if kernel_version().1 < (5, 11) && lim.rlim_max != libc::RLIM_INFINITY {
+                tracing::warn!(
+                    "RLIMIT_MEMLOCK is {} KiB and this kernel charges eBPF maps to it: if loading \
+                     fails, give the init container CAP_SYS_RESOURCE",
+                    lim.rlim_max / 1024
+                );
+            }
+        }
     }
-    cgroup::cgroup2_mount()?;
-    Ok(())
 }
 
 /// How the programs are loaded.

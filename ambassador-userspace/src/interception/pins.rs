@@ -31,15 +31,30 @@ fn link_path(dir: &Path, prog: &str) -> PathBuf {
     dir.join(format!("link_{prog}"))
 }
 
-/// Mounts bpffs at /sys/fs/bpf unless something already is.
-pub fn ensure_bpffs() -> Result<(), InterceptError> {
+fn is_bpffs() -> bool {
     let target = std::ffi::CString::new(BPFFS).expect("static path");
     // SAFETY: valid path; st is plain data written by the kernel.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: see above.
-    if unsafe { libc::statfs(target.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+    unsafe { libc::statfs(target.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// In a container the bpffs must be the node's (a hostPath volume): one
+/// mounted by `ensure_bpffs` there would go with the container, pins and all.
+pub fn require_bpffs() -> Result<(), InterceptError> {
+    if is_bpffs() {
+        Ok(())
+    } else {
+        Err(InterceptError::NoBpffs)
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless something already is.
+pub fn ensure_bpffs() -> Result<(), InterceptError> {
+    if is_bpffs() {
         return Ok(());
     }
+    let target = std::ffi::CString::new(BPFFS).expect("static path");
     let src = std::ffi::CString::new("bpf").expect("static");
     let mode = std::ffi::CString::new("mode=0700").expect("static");
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
@@ -144,18 +159,101 @@ pub fn remove_dir(dir: &Path) -> Result<bool, InterceptError> {
         !p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
     });
+    // NotFound is success: a concurrent `gc` or `init` may be removing the same.
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
     for path in names {
-        fs::remove_file(&path).map_err(|source| InterceptError::Pin {
+        gone(fs::remove_file(&path)).map_err(|source| InterceptError::Pin {
             path: path.clone(),
             source,
         })?;
     }
-    fs::remove_dir(dir).map_err(|source| InterceptError::Pin {
+    gone(fs::remove_dir(dir)).map_err(|source| InterceptError::Pin {
         path: dir.into(),
         source,
     })?;
     let _ = fs::remove_dir(root()); // only succeeds once the last Pod is gone
     Ok(true)
+}
+
+/// What a sweep for installs of deleted Pods found.
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Cgroup ids whose pins were removed.
+    pub removed: Vec<u64>,
+    /// Stale installs that could not be removed.
+    pub failed: Vec<InterceptError>,
+}
+
+/// An install directory with no link pinned is only taken for abandoned (an
+/// `init` that died half-way, its Pod since deleted) once it is this old, so a
+/// concurrent `init` that has pinned its maps but not yet its links is safe.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the pins of every install whose Pod cgroup is gone.
+///
+/// When the kubelet removes a Pod's cgroup the kernel detaches our links from
+/// it, but the pins keep links, programs and maps alive: nothing of the Pod
+/// runs any more, yet it all stays on the node until someone unpins it. A
+/// pinned cgroup link reports the cgroup it is attached to, and id 0 once that
+/// cgroup is gone: that kernel fact, not a path lookup (a container may only
+/// see part of the cgroup tree), decides. An install with no link at all is
+/// removed only when its cgroup is nowhere under the visible cgroup2 mounts and
+/// the directory is older than a minute.
+pub fn sweep_stale() -> Sweep {
+    let mut sweep = Sweep::default();
+    let Ok(entries) = fs::read_dir(root()) else {
+        return sweep;
+    };
+    for e in entries.flatten() {
+        let Some(id) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("cgroup-"))
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let dir = e.path();
+        if !is_stale(&dir, id) {
+            continue;
+        }
+        match remove_dir(&dir) {
+            Ok(_) => sweep.removed.push(id),
+            Err(err) => sweep.failed.push(err),
+        }
+    }
+    sweep.removed.sort_unstable();
+    sweep
+}
+
+fn is_stale(dir: &Path, id: u64) -> bool {
+    let mut links = 0;
+    for prog in p::ALL {
+        match link::open_pinned(&link_path(dir, prog)) {
+            Ok(Some(fd)) => match link::cgroup_id(&fd) {
+                Ok(None) => links += 1,
+                // Attached (or not ours to judge): keep.
+                Ok(Some(_)) | Err(_) => return false,
+            },
+            Ok(None) => {}
+            Err(_) => return false,
+        }
+    }
+    if links > 0 {
+        return true;
+    }
+    let old = fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER);
+    old && cgroup::cgroup2_mounts()
+        .unwrap_or_default()
+        .iter()
+        .all(|m| cgroup::find_by_id(&m.dir, id).is_none())
 }
 
 /// One install as `status` shows it.
