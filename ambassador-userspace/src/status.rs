@@ -23,7 +23,7 @@ pub fn render(installs: &[InstallStatus]) -> String {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| {
-                "(cgroup gone: run `ambassador uninstall` or remove the pins)".into()
+                "(cgroup gone: `ambassador gc` or the next `init` removes these pins)".into()
             });
         let _ = writeln!(out, "cgroup {cgroup} (id {})", s.cgroup_id);
         let _ = writeln!(out, "  pins     {}", s.dir.display());
