@@ -153,6 +153,7 @@ fn summary(path: &Path, cfg: &Config) -> String {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
             Protocol::Auto => "auto",
+            Protocol::Postgres => "postgres",
         };
         let tls = match &s.upstream.tls {
             Some(t) if t.insecure_skip_verify => ", TLS WITHOUT VERIFICATION",

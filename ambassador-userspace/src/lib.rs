@@ -13,6 +13,7 @@ pub mod files;
 pub mod http;
 pub mod interception;
 pub mod original_dst;
+pub mod postgres;
 pub mod proxy;
 pub mod retry;
 pub mod run;

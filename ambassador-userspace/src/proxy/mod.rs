@@ -335,6 +335,11 @@ impl Ctx {
             _ => {}
         }
         match &route {
+            Route::Service(svc) if svc.protocol == Protocol::Postgres => {
+                if let Some(pg) = &svc.postgres {
+                    crate::postgres::serve(pg.clone(), app, peer, dst).await;
+                }
+            }
             Route::Service(svc) => {
                 let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
                 self.relay_to_service(app, peer, dst, svc, !app_speaks_tls)
