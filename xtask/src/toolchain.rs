@@ -203,6 +203,10 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         "util-linux",
         "bpftool",
         "openssl",
+        // The database ambassador's tests: real servers, psql, a python driver.
+        "postgresql",
+        "postgresql-client",
+        "python3-psycopg",
     ])
 }
 

@@ -82,10 +82,8 @@ pub enum PgError {
     AuthMethod { addr: SocketAddr, method: String },
     #[error("SCRAM authentication with server {addr} failed: {reason}")]
     Scram { addr: SocketAddr, reason: String },
-    #[error("server {addr} is read-only")]
-    WrongRole { addr: SocketAddr },
-    #[error("service {service}: no endpoint is a reachable read-write server")]
-    NoServerWithRole { service: String },
+    #[error("service {service}: no endpoint is a reachable read-write server ({reasons})")]
+    NoServerWithRole { service: String, reasons: String },
     #[error("server connection to {addr} failed: {source}")]
     ServerIo {
         addr: SocketAddr,

@@ -162,6 +162,9 @@ pub async fn open(
     let endpoints = &pg.endpoints;
     let mut tried: Vec<Arc<Endpoint>> = Vec::new();
     let mut last: Option<PgError> = None;
+    // Each endpoint's reason, for the error when none will do.
+    let mut reasons: Vec<String> = Vec::new();
+    let mut wrong_role = false;
     let mut dst = dst;
     loop {
         let (addr, endpoint) = if endpoints.is_empty() {
@@ -179,6 +182,7 @@ pub async fn open(
                 Ok(a) => (a, Some(ep)),
                 Err(e) => {
                     endpoints.failure(&ep);
+                    reasons.push(e.to_string());
                     last = Some(PgError::Connect(e.to_string()));
                     continue;
                 }
@@ -201,7 +205,8 @@ pub async fn open(
                 }
                 // A standby is healthy, just not what is asked for.
                 tracing::debug!(service = %pg.name, server = %addr, "server is read-only: trying the next endpoint");
-                last = Some(PgError::WrongRole { addr });
+                wrong_role = true;
+                reasons.push(format!("{addr} is read-only"));
             }
             Err(e) if e.server_fault() => {
                 if let Some(ep) = &endpoint
@@ -210,16 +215,18 @@ pub async fn open(
                     tracing::warn!(service = %pg.name, endpoint = %ep.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
                 }
                 tracing::info!(service = %pg.name, server = %addr, "{e}");
+                reasons.push(e.to_string());
                 last = Some(e);
             }
             Err(e) => return Err(e),
         }
     }
     Err(match last {
-        Some(PgError::WrongRole { .. }) | None => PgError::NoServerWithRole {
+        Some(e) if !wrong_role => e,
+        _ => PgError::NoServerWithRole {
             service: pg.name.clone(),
+            reasons: reasons.join("; "),
         },
-        Some(e) => e,
     })
 }
 
