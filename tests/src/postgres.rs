@@ -244,8 +244,9 @@ impl PgServer {
         chown(&p, Some(PG_UID), Some(PG_UID)).expect("chown");
     }
 
-    /// A PostgreSQL program as `nobody`, in the servers' namespace.
-    fn cmd(&self, ns: &Netns, program: &str) -> Command {
+    /// A PostgreSQL program (`pgbench`, `psql`, ...) as `nobody` in `ns`,
+    /// run from this server's directory.
+    pub fn cmd(&self, ns: &Netns, program: &str) -> Command {
         let root = cgroup2_mount();
         let mut c = placed(
             pg_bin().join(program),
