@@ -414,3 +414,127 @@ pub fn rotate(path: &Path, text: &str) {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).expect("chmod");
     fs::rename(&tmp, path).expect("rename over");
 }
+
+/// A stand-in for PostgreSQL 17's direct TLS in front of a real server (Debian
+/// 12 ships 15): TLS from the first byte with ALPN `postgresql` (or none,
+/// `alpn` empty), then the plaintext protocol relayed to `backend`. It records,
+/// per connection, the ALPN agreed and the first packet's code after TLS.
+pub struct DirectTlsFront {
+    pub addr: std::net::SocketAddr,
+    events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl DirectTlsFront {
+    pub fn start(
+        ns: &Netns,
+        listen: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+        cert_pem: &str,
+        key_pem: &str,
+        alpn: &[&str],
+    ) -> DirectTlsFront {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        use std::{
+            os::fd::AsRawFd,
+            sync::{Arc, Mutex},
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .map(|c| c.expect("certificate PEM"))
+                .collect();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key PEM");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("certificate and key");
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let fd = ns.fd();
+        let ev = events.clone();
+        let thread = thread::spawn(move || {
+            // SAFETY: fd is an open netns file; CLONE_NEWNET moves only this
+            // thread, whose sockets then live in the servers' namespace.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .expect("bind front");
+                ready_tx.send(()).expect("ready");
+                let accept = async {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let (acceptor, ev) = (acceptor.clone(), ev.clone());
+                        tokio::spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let record = |s: String| ev.lock().unwrap().push(s);
+                            let mut tls = match acceptor.accept(tcp).await {
+                                Ok(t) => t,
+                                Err(e) => return record(format!("handshake failed: {e}")),
+                            };
+                            let agreed = tls
+                                .get_ref()
+                                .1
+                                .alpn_protocol()
+                                .map(|p| String::from_utf8_lossy(p).into_owned());
+                            record(format!("alpn={}", agreed.as_deref().unwrap_or("none")));
+                            let mut first = [0u8; 8];
+                            if tls.read_exact(&mut first).await.is_err() {
+                                return record("closed before a packet".into());
+                            }
+                            let code = i32::from_be_bytes([first[4], first[5], first[6], first[7]]);
+                            record(format!("first packet code {code}"));
+                            let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
+                                return record("backend unreachable".into());
+                            };
+                            if back.write_all(&first).await.is_ok() {
+                                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                            }
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stop_rx => {}
+                    () = accept => {}
+                }
+            });
+        });
+        ready_rx.recv().expect("front started");
+        DirectTlsFront {
+            addr: listen,
+            events,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Drop for DirectTlsFront {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

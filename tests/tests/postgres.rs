@@ -13,7 +13,9 @@ use std::{
 
 use ambassador_tests::{
     Pod, SERVER_V4, SERVER2_V4,
-    postgres::{PgServer, PgTls, output_within, rotate, wait_within, write_readable},
+    postgres::{
+        DirectTlsFront, PgServer, PgTls, output_within, rotate, wait_within, write_readable,
+    },
     stderr, stdout,
     upstream::{CertKind, TestCa},
     workspace,
@@ -570,4 +572,54 @@ fn failover_to_a_promoted_replica() {
         ],
     );
     assert_eq!(ok(&out), "198.18.0.3|7");
+}
+
+#[test]
+fn direct_tls_with_alpn_postgresql() {
+    let mut s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, PgTls::Off, "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    let (cert, key) = s.ca.issue(CertKind::Valid, SERVER_NAME, None);
+    let backend = format!("{SERVER_V4}:5432").parse().unwrap();
+    let front = DirectTlsFront::start(
+        &s.pod.servers,
+        format!("{SERVER2_V4}:5432").parse().unwrap(),
+        backend,
+        &cert,
+        &key,
+        &["postgresql"],
+    );
+    // A TLS server that does not speak ALPN `postgresql` (a pre-17 server's
+    // TLS port, say): direct TLS must not go on.
+    let no_alpn = DirectTlsFront::start(
+        &s.pod.servers,
+        format!("{SERVER2_V4}:5433").parse().unwrap(),
+        backend,
+        &cert,
+        &key,
+        &[],
+    );
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    let direct = "    postgres:\n      direct_tls: true\n";
+    let with_direct = |name: &str, vip: &str, ep: &str| {
+        service(name, vip, &[ep], &ca, &creds, "", "{ mode: session }")
+            .replace("    postgres:\n", direct)
+    };
+    s.start(&[
+        with_direct("pg17", VIP, "198.18.0.3:5432"),
+        with_direct("no-alpn", SESSION_VIP, "198.18.0.3:5433"),
+    ]);
+    assert_eq!(ok(&psql(&s.pod, "app", "select current_user")), "app");
+    let ev = front.events();
+    assert_eq!(ev[0], "alpn=postgresql", "{ev:?}");
+    // The startup message (protocol 3.0) came first: no SSLRequest round trip.
+    assert_eq!(ev[1], "first packet code 196608", "{ev:?}");
+
+    let e = failed(&psql_env(&s.pod, SESSION_VIP, "app", "select 1", &[]));
+    assert!(e.contains("did not agree to ALPN `postgresql`"), "{e}");
+    assert_eq!(no_alpn.events(), ["alpn=none", "closed before a packet"]);
 }
