@@ -515,9 +515,11 @@ impl Relay<'_> {
         let addr = self
             .server_addr()
             .unwrap_or_else(|| ([0, 0, 0, 0], 0).into());
-        // Not reusable: dropped, and its cancel key with it.
+        // Not reusable: closed, and its cancel key with it.
         self.registration.set(None);
-        self.bound = None;
+        if let Some(l) = self.bound.take() {
+            self.pool.checkin(l, false);
+        }
         PgError::ServerLost { addr }
     }
 
