@@ -91,6 +91,9 @@ fn register_state(live: Weak<Live>) {
             let Some(live) = live.upgrade() else { return };
             let table = live.table();
             for svc in table.services() {
+                if let Some(pg) = &svc.postgres {
+                    postgres_rows(rows, &svc.name, pg);
+                }
                 for ep in svc.endpoints.endpoints() {
                     rows.endpoint_up.push((
                         svc.name.clone(),
@@ -101,6 +104,70 @@ fn register_state(live: Weak<Live>) {
             }
         }),
     );
+}
+
+/// A database service's pools, summed over its (user, database) pools.
+fn postgres_rows(rows: &mut metrics::StateRows, service: &str, pg: &crate::postgres::PgService) {
+    let mut sum = crate::postgres::PoolSnapshot::default();
+    for p in pg.pools() {
+        let s = p.stats;
+        sum.servers += s.servers;
+        sum.idle += s.idle;
+        sum.in_use += s.in_use;
+        sum.waiting += s.waiting;
+        sum.opened += s.opened;
+        sum.errors += s.errors;
+        sum.exhausted += s.exhausted;
+    }
+    let name = || service.to_string();
+    let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    rows.gauges.extend([
+        ("pg_clients", "App sessions open", name(), g(pg.clients())),
+        (
+            "pg_pool_server_connections",
+            "Server connections in the pools",
+            name(),
+            g(sum.servers),
+        ),
+        (
+            "pg_pool_idle_connections",
+            "Server connections idle in the pools",
+            name(),
+            g(sum.idle),
+        ),
+        (
+            "pg_pool_in_use_connections",
+            "Server connections lent to a session or transaction",
+            name(),
+            g(sum.in_use),
+        ),
+        (
+            "pg_pool_waiting_clients",
+            "Sessions waiting for a server connection",
+            name(),
+            g(sum.waiting),
+        ),
+    ]);
+    rows.counters.extend([
+        (
+            "pg_server_connections_opened",
+            "Server connections opened (TLS and login done)",
+            name(),
+            sum.opened,
+        ),
+        (
+            "pg_server_connection_errors",
+            "Server connections that failed to open or broke",
+            name(),
+            sum.errors,
+        ),
+        (
+            "pg_pool_exhausted",
+            "Waits for a server connection that ran past queue_timeout",
+            name(),
+            sum.exhausted,
+        ),
+    ]);
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -205,6 +272,23 @@ pub struct Status {
     pub last_reload_error: Option<String>,
     pub default: crate::config::service::DefaultPolicy,
     pub services: Vec<ServiceStatus>,
+    /// Database pools, one per service, user and database.
+    #[serde(default)]
+    pub pools: Vec<PoolStatus>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub service: String,
+    /// `user@database`.
+    pub pool: String,
+    pub servers: usize,
+    pub idle: usize,
+    pub in_use: usize,
+    pub waiting: usize,
+    pub opened: u64,
+    pub errors: u64,
+    pub exhausted: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -237,6 +321,21 @@ fn status(live: &Live) -> Status {
         }),
         last_reload_error: live.last_error(),
         default: table.default,
+        pools: table
+            .postgres_pools()
+            .into_iter()
+            .map(|p| PoolStatus {
+                service: p.service,
+                pool: p.pool,
+                servers: p.stats.servers,
+                idle: p.stats.idle,
+                in_use: p.stats.in_use,
+                waiting: p.stats.waiting,
+                opened: p.stats.opened,
+                errors: p.stats.errors,
+                exhausted: p.stats.exhausted,
+            })
+            .collect(),
         services: table
             .services()
             .iter()

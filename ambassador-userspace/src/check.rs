@@ -153,6 +153,7 @@ fn summary(path: &Path, cfg: &Config) -> String {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
             Protocol::Auto => "auto",
+            Protocol::Postgres => "postgres",
         };
         let tls = match &s.upstream.tls {
             Some(t) if t.insecure_skip_verify => ", TLS WITHOUT VERIFICATION",
@@ -165,6 +166,23 @@ fn summary(path: &Path, cfg: &Config) -> String {
             s.name,
             what.join(" + ")
         );
+        if let Some(pg) = &s.postgres {
+            let _ = writeln!(
+                out,
+                "             postgres: {} pooling (size {}, min_idle {}, max_clients {}, queue {:?}), target {}{}, credentials from {}",
+                format!("{:?}", pg.pool.mode).to_lowercase(),
+                pg.pool.size,
+                pg.pool.min_idle,
+                pg.pool.max_clients,
+                pg.pool.queue_timeout,
+                match s.upstream.target.unwrap_or_default() {
+                    crate::config::service::TargetRole::ReadWrite => "read-write",
+                    crate::config::service::TargetRole::Any => "any",
+                },
+                if pg.direct_tls { ", direct TLS" } else { "" },
+                pg.credentials_file.display()
+            );
+        }
         for (name, src) in &s.request.set_headers {
             let from = match &src.kind {
                 SourceKind::Value(_) => "a literal value".to_string(),

@@ -17,6 +17,7 @@ pub mod inject;
 pub mod interception;
 pub mod metrics;
 pub mod original_dst;
+pub mod postgres;
 pub mod probe;
 pub mod proxy;
 pub mod reload;

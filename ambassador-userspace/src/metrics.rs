@@ -361,6 +361,8 @@ pub struct StateRows {
     pub kernel: Vec<(&'static str, u64)>,
     /// Named gauges with one `service` label: (metric suffix, help, service, value).
     pub gauges: Vec<(&'static str, &'static str, String, i64)>,
+    /// Named counters with one `service` label, as `gauges`.
+    pub counters: Vec<(&'static str, &'static str, String, u64)>,
 }
 
 /// Reads live state at each scrape instead of mirroring it in gauges that
@@ -423,16 +425,23 @@ impl Collector for StateCollector {
             }
         }
         rows.gauges.sort_by_key(|g| g.0);
-        let mut i = 0;
-        while i < rows.gauges.len() {
-            let (name, help, _, _) = rows.gauges[i];
+        for group in rows.gauges.chunk_by(|a, b| a.0 == b.0) {
+            let (name, help, _, _) = group[0];
             let g = ConstGauge::new(0i64);
             let mut e = encoder.encode_descriptor(name, help, None, g.metric_type())?;
-            while i < rows.gauges.len() && rows.gauges[i].0 == name {
-                let labels = [("service", rows.gauges[i].2.as_str())];
-                let fam = e.encode_family(&labels)?;
-                ConstGauge::new(rows.gauges[i].3).encode(fam)?;
-                i += 1;
+            for (_, _, service, v) in group {
+                let labels = [("service", service.as_str())];
+                ConstGauge::new(*v).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        rows.counters.sort_by_key(|c| c.0);
+        for group in rows.counters.chunk_by(|a, b| a.0 == b.0) {
+            let (name, help, _, _) = group[0];
+            let c = ConstCounter::new(0u64);
+            let mut e = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+            for (_, _, service, v) in group {
+                let labels = [("service", service.as_str())];
+                ConstCounter::new(*v).encode(e.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -122,6 +122,21 @@ pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
             );
         }
     }
+    for p in &status.pools {
+        let _ = writeln!(
+            out,
+            "  pool {} {}: {} server connection(s), {} idle, {} in use, {} waiting; opened {}, errors {}, exhausted {}",
+            p.service,
+            p.pool,
+            p.servers,
+            p.idle,
+            p.in_use,
+            p.waiting,
+            p.opened,
+            p.errors,
+            p.exhausted
+        );
+    }
     Some(out)
 }
 

@@ -8,6 +8,7 @@
 //! the Pod is 198.18.0.1 / fd00:a5::1, the servers 198.18.0.2-.9 / fd00:a5::2.
 //! Everything is torn down on drop, panics included.
 
+pub mod postgres;
 pub mod upstream;
 
 use std::{

@@ -176,7 +176,32 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     print!("{failover}");
     report.push_str(&failover);
     std::fs::write(out.join("report.txt"), &report)?;
+
+    let postgres = crate::bench_postgres::run()?;
+    print!("{postgres}");
+    report.push_str(&postgres);
+    std::fs::write(out.join("report.txt"), &report)?;
     println!("(written to {})", out.join("report.txt").display());
+    Ok(())
+}
+
+/// `cargo xtask bench --only postgres`: the PostgreSQL section alone.
+pub fn run_postgres(bin: &Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
+        );
+    }
+    crate::toolchain::ensure_test_tools()?;
+    // SAFETY: single-threaded at this point; nothing else reads the environment.
+    unsafe { std::env::set_var("AMBASSADOR_BIN", bin) };
+    let report = crate::bench_postgres::run()?;
+    print!("{report}");
+    let out = crate::root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("postgres.txt"), &report)?;
+    println!("(written to {})", out.join("postgres.txt").display());
     Ok(())
 }
 

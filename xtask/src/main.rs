@@ -5,6 +5,7 @@
 mod bench;
 mod bench_failover;
 mod bench_http;
+mod bench_postgres;
 mod demo;
 mod toolchain;
 
@@ -40,8 +41,13 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput;
-    /// HTTP through ambassador vs HAProxy vs nginx vs direct; ratios.
-    Bench,
+    /// HTTP through ambassador vs HAProxy vs nginx vs direct; pgbench through ambassador vs
+    /// PgBouncer vs direct; ratios.
+    Bench {
+        /// Run one section only (`postgres`).
+        #[arg(long, value_parser = ["postgres"])]
+        only: Option<String>,
+    },
     #[command(name = "__echo", hide = true)]
     Echo { addr: String, threads: usize },
     #[command(name = "__connect", hide = true)]
@@ -58,7 +64,8 @@ fn main() {
         Cmd::Build { debug } => build(!debug).map(|_| ()),
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
-        Cmd::Bench => build(true).and_then(|bin| bench::run(&bin)),
+        Cmd::Bench { only: None } => build(true).and_then(|bin| bench::run(&bin)),
+        Cmd::Bench { only: Some(_) } => build(true).and_then(|bin| bench::run_postgres(&bin)),
         Cmd::Echo { addr, threads } => bench::echo_server(&addr, threads),
         Cmd::Connect {
             addr,

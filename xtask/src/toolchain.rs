@@ -206,6 +206,10 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         // The config schema test validates the examples with these.
         "python3-jsonschema",
         "python3-yaml",
+        // The database ambassador's tests: real servers, psql, a python driver.
+        "postgresql",
+        "postgresql-client",
+        "python3-psycopg",
     ])
 }
 

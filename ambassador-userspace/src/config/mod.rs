@@ -514,6 +514,50 @@ impl Config {
                     ));
                 }
             }
+            match (&s.postgres, s.protocol == Protocol::Postgres) {
+                (None, true) => {
+                    return Err(format!(
+                        "{at}.postgres: `protocol: postgres` needs a postgres section (credentials_file at least)"
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(format!("{at}.postgres: needs `protocol: postgres`"));
+                }
+                (Some(pg), true) => {
+                    let p = &pg.pool;
+                    if p.size == 0 || p.max_clients == 0 {
+                        return Err(format!(
+                            "{at}.postgres.pool: size and max_clients must be at least 1"
+                        ));
+                    }
+                    if p.min_idle > p.size {
+                        return Err(format!(
+                            "{at}.postgres.pool.min_idle: at most pool.size ({})",
+                            p.size
+                        ));
+                    }
+                    if p.queue_timeout.is_zero() {
+                        return Err(format!(
+                            "{at}.postgres.pool.queue_timeout: must be more than 0"
+                        ));
+                    }
+                    if pg.direct_tls && s.upstream.tls.is_none() {
+                        return Err(format!("{at}.postgres.direct_tls: needs upstream.tls"));
+                    }
+                    if has_policy {
+                        return Err(format!(
+                            "{at}.request: header policy needs `protocol: http` (service `{}`)",
+                            s.name
+                        ));
+                    }
+                }
+                (None, false) => {}
+            }
+            if s.upstream.target.is_some() && s.protocol != Protocol::Postgres {
+                return Err(format!(
+                    "{at}.upstream.target: only postgres services check a server's role"
+                ));
+            }
             for (name, src) in &s.request.set_headers {
                 if let SourceKind::OAuth2(o) = &src.kind
                     && !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
@@ -621,6 +665,64 @@ mod tests {
             api.request.set_headers.values().next().unwrap().kind,
             SourceKind::OAuth2(_)
         ));
+    }
+
+    #[test]
+    fn postgres_example_parses() {
+        use service::{PoolMode, Protocol, TargetRole};
+        let cfg = Config::parse(include_str!("../../../examples/postgres.yaml")).unwrap();
+        let s = &cfg.services[0];
+        assert_eq!(s.name, "orders-db");
+        assert_eq!(s.protocol, Protocol::Postgres);
+        assert_eq!(s.upstream.target, Some(TargetRole::ReadWrite));
+        assert_eq!(s.upstream.endpoints.len(), 2);
+        let tls = s.upstream.tls.as_ref().unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("orders-db.internal"));
+        let pg = s.postgres.as_ref().unwrap();
+        assert_eq!(
+            pg.credentials_file,
+            std::path::Path::new("/var/run/secrets/orders-db/credentials.yaml")
+        );
+        assert_eq!(pg.pool.mode, PoolMode::Transaction);
+        assert_eq!(pg.pool.size, 20);
+        assert_eq!(pg.pool.min_idle, 2);
+        assert_eq!(pg.pool.max_clients, 500);
+        assert_eq!(pg.pool.queue_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn postgres_errors_name_field_and_line() {
+        let base = "services:\n  - name: db\n    match: { cidr: 10.0.0.1, port: 5432 }\n";
+        let e = Config::parse(&format!("{base}    protocol: postgres\n")).unwrap_err();
+        assert!(e.contains("line 2: services[0].postgres"), "{e}");
+        let e = Config::parse(&format!(
+            "{base}    postgres: {{ credentials_file: /c.yaml }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("needs `protocol: postgres`"), "{e}");
+        let e = Config::parse(&format!(
+            "{base}    protocol: postgres\n    postgres: {{ credentials_file: /c.yaml, pool: {{ mode: statement }} }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("line 5: services[0].postgres.pool.mode: unknown variant `statement`"),
+            "{e}"
+        );
+        let e = Config::parse(&format!(
+            "{base}    protocol: postgres\n    postgres: {{ credentials_file: /c.yaml, pool: {{ size: 2, min_idle: 3 }} }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("min_idle: at most pool.size (2)"), "{e}");
+        let e = Config::parse(&format!("{base}    upstream: {{ target: any }}\n")).unwrap_err();
+        assert!(e.contains("upstream.target: only postgres"), "{e}");
+        let e = Config::parse(&format!(
+            "{base}    protocol: postgres\n    upstream: {{ target: primary }}\n    postgres: {{ credentials_file: /c.yaml }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("unknown variant `primary`, expected `read-write` or `any`"),
+            "{e}"
+        );
     }
 
     #[test]

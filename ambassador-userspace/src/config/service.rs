@@ -41,6 +41,83 @@ pub struct ServiceConfig {
     pub outlier: Outlier,
     #[serde(default)]
     pub retries: Retries,
+    /// PostgreSQL policy (`protocol: postgres` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// The database ambassador: credentials the app never holds, pooled server
+/// connections, TLS toward the server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// YAML `user: password` for each database user the app may connect as;
+    /// re-read when it changes. Users not listed are refused.
+    pub credentials_file: PathBuf,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// PostgreSQL 17 direct TLS: the handshake starts at once (ALPN
+    /// `postgresql`), without an SSLRequest round trip. Needs `upstream.tls`.
+    #[serde(default)]
+    pub direct_tls: bool,
+}
+
+/// Server connections are shared per user, database and startup parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per pool (idle and in use).
+    pub size: usize,
+    /// Idle server connections kept open ahead of demand.
+    pub min_idle: usize,
+    /// App connections open at once for this service.
+    pub max_clients: usize,
+    /// How long an app waits for a server connection before it gets an error.
+    #[serde(
+        deserialize_with = "super::duration",
+        serialize_with = "super::ser_duration"
+    )]
+    #[schemars(with = "super::DurationText")]
+    pub queue_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Session,
+            size: 20,
+            min_idle: 0,
+            max_clients: 500,
+            queue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection per app session, reset (`DISCARD ALL`) and reused after it.
+    #[default]
+    Session,
+    /// A server connection per transaction, returned at ReadyForQuery idle.
+    Transaction,
+}
+
+/// Which servers a new server connection may use (libpq's `target_session_attrs`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
+pub enum TargetRole {
+    /// Only a server that accepts writes (a primary).
+    #[default]
+    #[serde(rename = "read-write")]
+    ReadWrite,
+    /// Any server that answers.
+    #[serde(rename = "any")]
+    Any,
 }
 
 /// Retries of HTTP requests that failed after they may have been sent: only
@@ -204,6 +281,9 @@ pub enum Protocol {
     /// Decide per connection from the first bytes: HTTP (then as `http`), TLS
     /// from the app (relayed as-is), anything else (relayed).
     Auto,
+    /// The PostgreSQL wire protocol: TLS and authentication toward the
+    /// server by the ambassador, pooled server connections (`postgres:`).
+    Postgres,
 }
 
 /// How a service recognises its connections: by original destination
@@ -282,6 +362,9 @@ pub struct UpstreamConfig {
     /// Active checks of each endpoint, besides the passive signals.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Postgres services: the role a server must have (read-write by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetRole>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]

@@ -338,6 +338,19 @@ impl Ctx {
             _ => {}
         }
         match &route {
+            Route::Service(svc) if svc.protocol == Protocol::Postgres => {
+                if let Some(pg) = &svc.postgres {
+                    let m = &svc.metrics;
+                    let _open = m.open();
+                    let start = Instant::now();
+                    let t = crate::postgres::serve(pg.clone(), app, peer, dst).await;
+                    let totals = Totals {
+                        sent: t.from_app,
+                        received: t.to_app,
+                    };
+                    session_log(m, dst, None, start, totals, t.outcome, None);
+                }
+            }
             Route::Service(svc) => {
                 let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
                 self.relay_to_service(app, peer, dst, svc, !app_speaks_tls)

@@ -41,6 +41,12 @@ pub enum ServiceError {
         #[source]
         source: AuthError,
     },
+    #[error("service {service}: {source}")]
+    Postgres {
+        service: String,
+        #[source]
+        source: crate::postgres::PgSetupError,
+    },
 }
 
 /// One configured service, ready for traffic.
@@ -75,6 +81,8 @@ pub struct Service {
     pub metrics: crate::metrics::ServiceMetrics,
     /// Its place in the config.
     pub index: usize,
+    /// `protocol: postgres`: credentials, pools, TLS toward the server.
+    pub postgres: Option<Arc<crate::postgres::PgService>>,
 }
 
 impl Service {
@@ -107,7 +115,9 @@ impl Service {
             .endpoints
             .first()
             .map(|e| e.address.host.as_str());
-        let tls = match &cfg.upstream.tls {
+        let is_pg = cfg.protocol == Protocol::Postgres;
+        // A postgres service's TLS starts after an SSLRequest: it has its own.
+        let tls = match cfg.upstream.tls.as_ref().filter(|_| !is_pg) {
             Some(t) => Some(Arc::new(
                 TlsOrigin::new(&cfg.name, t, default_name).map_err(|source| ServiceError::Tls {
                     service: cfg.name.clone(),
@@ -133,6 +143,24 @@ impl Service {
             cfg.outlier,
         ));
         let limits = Limits::new(&cfg.limits);
+        let postgres = match &cfg.postgres {
+            Some(pg) if is_pg => Some(Arc::new(
+                crate::postgres::PgService::new(
+                    &cfg.name,
+                    pg,
+                    cfg.upstream.tls.as_ref(),
+                    default_name,
+                    cfg.upstream.target,
+                    endpoints.clone(),
+                    svc_settings.clone(),
+                )
+                .map_err(|source| ServiceError::Postgres {
+                    service: cfg.name.clone(),
+                    source,
+                })?,
+            )),
+            _ => None,
+        };
         let connector = UpstreamConnector::new(svc_settings.clone(), tls.clone())
             .with_endpoints(endpoints.clone())
             .with_connection_limit(limits.connections.clone(), limits.config.max_connections);
@@ -184,6 +212,7 @@ impl Service {
             rules,
             metrics: crate::metrics::get().service(&cfg.name),
             index: 0,
+            postgres,
         })
     }
 
@@ -300,10 +329,9 @@ impl ServiceTable {
             // A TCP service has no Host or SNI to tell it apart: it takes the
             // connection. HTTP and auto services share IPs (virtual hosts):
             // their Host or SNI decides below.
-            if let Some((_, svc)) = named
-                .iter()
-                .find(|(p, s)| port_ok(p) && s.protocol == Protocol::Tcp)
-            {
+            if let Some((_, svc)) = named.iter().find(|(p, s)| {
+                port_ok(p) && matches!(s.protocol, Protocol::Tcp | Protocol::Postgres)
+            }) {
                 return Route::Service(svc.clone());
             }
             if hits.peek().is_some() {
@@ -402,6 +430,27 @@ impl ServiceTable {
             .iter()
             .find(|(p, _)| p.is_none_or(|p| p == port))
             .map(|(_, s)| s.clone())
+    }
+
+    /// The counters of every postgres pool (for `status` views and metrics).
+    pub fn postgres_pools(&self) -> Vec<crate::postgres::PoolReport> {
+        let mut seen: Vec<*const Service> = Vec::new();
+        let mut out = Vec::new();
+        let all = self
+            .by_addr
+            .iter()
+            .map(|(_, _, s)| s)
+            .chain(self.by_host.values().flatten().map(|(_, s)| s));
+        for svc in all {
+            if seen.contains(&Arc::as_ptr(svc)) {
+                continue;
+            }
+            seen.push(Arc::as_ptr(svc));
+            if let Some(pg) = &svc.postgres {
+                out.extend(pg.pools());
+            }
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {

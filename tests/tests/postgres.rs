@@ -1,0 +1,663 @@
+//! The database ambassador against real PostgreSQL (Debian's, run as
+//! `nobody` in the Pod's servers namespace) with unmodified `psql` and a
+//! python driver (psycopg 3) in the app container. The app connects to
+//! 198.18.0.9:5432 (nothing listens there: the Pod's redirect takes it) in
+//! plain TCP with no password.
+
+use std::{
+    io::{Read, Write},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{
+    Pod, SERVER_V4, SERVER2_V4,
+    postgres::{
+        DirectTlsFront, PgServer, PgTls, output_within, rotate, wait_within, write_readable,
+    },
+    stderr, stdout,
+    upstream::{CertKind, TestCa},
+    workspace,
+};
+
+const VIP: &str = "198.18.0.9";
+const SESSION_VIP: &str = "198.18.0.8";
+const SERVER_NAME: &str = "orders-db.internal";
+
+fn dsn(vip: &str, user: &str) -> String {
+    format!("host={vip} port=5432 user={user} dbname=orders connect_timeout=10")
+}
+
+/// Unmodified psql in the app container: default sslmode (prefer), no
+/// password; `-c SQL`, unaligned tuples only.
+fn psql_cmd(pod: &Pod, vip: &str, user: &str, sql: &str) -> Command {
+    let mut cmd = pod.app("psql");
+    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(dsn(vip, user))
+        .env_remove("PGPASSWORD")
+        .env_remove("PGSSLMODE");
+    cmd
+}
+
+fn psql(pod: &Pod, user: &str, sql: &str) -> Output {
+    psql_env(pod, VIP, user, sql, &[])
+}
+
+fn psql_env(pod: &Pod, vip: &str, user: &str, sql: &str, env: &[(&str, &str)]) -> Output {
+    let mut cmd = psql_cmd(pod, vip, user, sql);
+    cmd.envs(env.iter().copied());
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(30));
+    assert!(in_time, "psql hung: {}", stderr(&out));
+    out
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "expected success: {}{}",
+        stdout(out),
+        stderr(out)
+    );
+    stdout(out).trim().to_string()
+}
+
+fn failed(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure, got {}",
+        stdout(out)
+    );
+    stderr(out)
+}
+
+/// The python app (psycopg 3 from Debian, so Debian's python).
+fn py(pod: &Pod, args: &[&str]) -> Output {
+    let mut cmd = pod.app("/usr/bin/python3");
+    cmd.arg(workspace().join("tests/clients/pg_client.py"))
+        .args(args);
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(30));
+    assert!(in_time, "python client hung: {}", stderr(&out));
+    out
+}
+
+/// A postgres service on `vip` to `endpoints` with verified TLS.
+fn service(
+    name: &str,
+    vip: &str,
+    endpoints: &[&str],
+    ca: &str,
+    creds: &str,
+    extra: &str,
+    pool: &str,
+) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("        - {{ address: {e}, priority: 0 }}\n"))
+        .collect();
+    format!(
+        "  - name: {name}\n    match: {{ cidr: {vip}/32, port: 5432 }}\n    protocol: postgres\n    \
+         upstream:\n      endpoints:\n{}      tls: {{ server_name: {SERVER_NAME}, ca_file: {ca} }}\n{extra}    \
+         postgres:\n      credentials_file: {creds}\n      pool: {pool}\n",
+        eps.concat()
+    )
+}
+
+struct Setup {
+    pod: Pod,
+    ca: TestCa,
+    creds: std::path::PathBuf,
+    ca_file: std::path::PathBuf,
+}
+
+fn setup(credentials: &str) -> Setup {
+    let pod = Pod::new("");
+    let ca = TestCa::new("pg-test-ca");
+    let dir = pod.shared_dir();
+    let ca_file = ca.write_ca_file(&dir);
+    let creds = write_readable(&dir, "credentials.yaml", credentials);
+    Setup {
+        pod,
+        ca,
+        creds,
+        ca_file,
+    }
+}
+
+impl Setup {
+    fn start(&mut self, services: &[String]) {
+        std::fs::write(
+            &self.pod.config,
+            format!("services:\n{}", services.concat()),
+        )
+        .expect("write config");
+        self.pod.start_proxy();
+    }
+
+    fn server_tls(&self) -> PgTls {
+        let (cert_pem, key_pem) = self.ca.issue(CertKind::Valid, SERVER_NAME, None);
+        PgTls::On { cert_pem, key_pem }
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn verify_full_refuses_wrong_name_unknown_ca_and_plaintext_servers() {
+    let mut s = setup("app: app-pass-1\n");
+    let (cert_pem, key_pem) = s.ca.issue(CertKind::WrongName, SERVER_NAME, None);
+    let pg = PgServer::start(
+        &s.pod.servers,
+        SERVER_V4,
+        5432,
+        PgTls::On { cert_pem, key_pem },
+        "su-pass",
+    );
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass-1'");
+    // A raw server that declines TLS and records every byte it is sent.
+    let raw = s.pod.server_listener(SERVER2_V4, 5432);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for _ in 0..1 {
+            let (mut c, _) = raw.accept().expect("accept");
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut req = [0u8; 8];
+            c.read_exact(&mut req).expect("SSLRequest");
+            c.write_all(b"N").unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            tx.send((req, rest)).unwrap();
+        }
+    });
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[
+        service(
+            "orders-db",
+            VIP,
+            &["198.18.0.2:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: transaction }",
+        ),
+        service(
+            "plain-db",
+            SESSION_VIP,
+            &["198.18.0.3:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: session }",
+        ),
+    ]);
+
+    let e = failed(&psql(&s.pod, "app", "select 1"));
+    assert!(
+        e.contains("FATAL:  ambassador: TLS with server 198.18.0.2:5432 failed: certificate not valid for the server name"),
+        "{e}"
+    );
+
+    let other = TestCa::new("someone-else");
+    let (cert, key) = other.issue(CertKind::Valid, SERVER_NAME, None);
+    pg.set_certificate(&cert, &key);
+    pg.reload();
+    let e = failed(&psql(&s.pod, "app", "select 1"));
+    assert!(e.contains("unknown certificate authority"), "{e}");
+
+    pg.disable_tls();
+    pg.reload();
+    let e = failed(&psql(&s.pod, "app", "select 1"));
+    assert!(
+        e.contains(
+            "server 198.18.0.2:5432 does not support TLS: refusing to continue in plaintext"
+        ),
+        "{e}"
+    );
+    // The server saw connections but never a startup message: no user name,
+    // no authentication, in any of the three.
+    let log = pg.log();
+    assert_eq!(
+        count(&log, "connection received: host=198.18.0.1"),
+        3,
+        "{log}"
+    );
+    assert!(!log.contains("connection authorized: user=app"), "{log}");
+    assert!(
+        !log.contains("user=app") && !log.contains("\"app\""),
+        "{log}"
+    );
+
+    // Byte for byte: after the declined SSLRequest nothing else was sent.
+    let e = failed(&psql_env(&s.pod, SESSION_VIP, "app", "select 1", &[]));
+    assert!(e.contains("does not support TLS"), "{e}");
+    let (req, rest) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("raw server");
+    assert_eq!(req, [0, 0, 0, 8, 4, 210, 22, 47], "an SSLRequest");
+    assert!(rest.is_empty(), "sent in plaintext after N: {rest:?}");
+}
+
+#[test]
+fn scram_md5_and_cleartext_offload_rotation_and_unlisted_users() {
+    let mut s = setup("app: app-pass-1\nmd5user: md5-pass\nclearuser: clear-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass-1'");
+    pg.sql("SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-pass'");
+    pg.sql("CREATE ROLE clearuser LOGIN PASSWORD 'clear-pass'");
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[service(
+        "orders-db",
+        VIP,
+        &["198.18.0.2:5432"],
+        &ca,
+        &creds,
+        "",
+        "{ mode: session, size: 4 }",
+    )]);
+    let who = "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    assert_eq!(ok(&psql(&s.pod, "app", who)), "app|t");
+    assert_eq!(ok(&psql(&s.pod, "md5user", who)), "md5user|t");
+    assert_eq!(ok(&psql(&s.pod, "clearuser", who)), "clearuser|t");
+    let log = pg.log();
+    for method in ["method=scram-sha-256", "method=md5", "method=password"] {
+        assert!(
+            log.contains(method),
+            "{method} not in the server log:\n{log}"
+        );
+    }
+    // A python driver, as unmodified.
+    let out = py(&s.pod, &["query", &dsn(VIP, "app"), "select 40 + 2"]);
+    assert_eq!(ok(&out), "42");
+
+    // Not listed: refused with an ErrorResponse psql shows.
+    let e = failed(&psql(&s.pod, "mallory", "select 1"));
+    assert!(
+        e.contains("FATAL:  ambassador: user \"mallory\" is not allowed through the ambassador for service orders-db"),
+        "{e}"
+    );
+
+    // The password changes on the server: new server logins (a new pool:
+    // another application_name) fail with the server's reason until the
+    // file is rotated, then succeed.
+    pg.sql("ALTER ROLE app PASSWORD 'app-pass-2'");
+    let e = failed(&psql_env(
+        &s.pod,
+        VIP,
+        "app",
+        "select 1",
+        &[("PGAPPNAME", "before")],
+    ));
+    assert!(
+        e.contains("password authentication failed for user \"app\""),
+        "{e}"
+    );
+    rotate(&s.creds, "app: app-pass-2\n");
+    thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        ok(&psql_env(
+            &s.pod,
+            VIP,
+            "app",
+            "select current_setting('application_name')",
+            &[("PGAPPNAME", "after")]
+        )),
+        "after"
+    );
+    assert!(s.pod.wait_log("credentials file changed: reloaded"));
+    let plog = s.pod.proxy_log();
+    for secret in [
+        "app-pass-1",
+        "app-pass-2",
+        "md5-pass",
+        "clear-pass",
+        "su-pass",
+    ] {
+        assert!(!plog.contains(secret), "{secret} in the proxy log");
+    }
+}
+
+#[test]
+fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
+    let mut s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[service(
+        "orders-db",
+        VIP,
+        &["198.18.0.2:5432"],
+        &ca,
+        &creds,
+        "",
+        "{ mode: transaction, size: 1, queue_timeout: 1s }",
+    )]);
+    let mut pids = Vec::new();
+    for _ in 0..5 {
+        pids.push(ok(&psql(&s.pod, "app", "select pg_backend_pid()")));
+    }
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        1,
+        "five sessions, one server connection: {pids:?}"
+    );
+    assert_eq!(count(&pg.log(), "connection authorized: user=app"), 1);
+
+    // One transaction holds the only server connection; another app waits
+    // queue_timeout and is told why.
+    let holder = psql_cmd(&s.pod, VIP, "app", "select pg_sleep(3)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    thread::sleep(Duration::from_millis(700));
+    let started = Instant::now();
+    let e = failed(&psql(&s.pod, "app", "select 1"));
+    let waited = started.elapsed();
+    assert!(
+        e.contains("FATAL:  ambassador: service orders-db: no server connection free for app@orders within 1s (postgres.pool.size 1)"),
+        "{e}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    let (out, in_time) = wait_within(holder, Duration::from_secs(10));
+    assert!(in_time);
+    ok(&out);
+    // Free again.
+    assert_eq!(ok(&psql(&s.pod, "app", "select 1")), "1");
+
+    // What operators see: the pool in /metrics, /status and the access log.
+    let m = s.pod.metrics();
+    let get = |series: &str| {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {series} in\n{m}"))
+    };
+    assert_eq!(
+        get(r#"ambassador_pg_pool_server_connections{service="orders-db"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"ambassador_pg_server_connections_opened_total{service="orders-db"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"ambassador_pg_pool_exhausted_total{service="orders-db"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"ambassador_connections_total{service="orders-db"}"#),
+        8.0
+    );
+    let (status, body) = s.pod.admin("GET", "/status", "");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"pool\": \"app@orders\""), "{body}");
+    let line = s
+        .pod
+        .wait_access_log("\"service\":\"orders-db\"")
+        .expect("an access-log line per session");
+    assert!(line.contains("\"kind\":\"tcp\""), "{line}");
+    assert!(!line.contains("app-pass"), "{line}");
+}
+
+#[test]
+fn cancel_goes_through_the_ambassador() {
+    let mut s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[service(
+        "orders-db",
+        VIP,
+        &["198.18.0.2:5432"],
+        &ca,
+        &creds,
+        "",
+        "{ mode: transaction }",
+    )]);
+    let sleeper = psql_cmd(&s.pod, VIP, "app", "select pg_sleep(30)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'") != "1"
+    {
+        assert!(Instant::now() < deadline, "the query never started");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    // Ctrl-C: psql sends a CancelRequest to where it connected (by its PID).
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(sleeper.id() as i32, libc::SIGINT) };
+    let (out, in_time) = wait_within(sleeper, Duration::from_secs(10));
+    assert!(in_time, "cancel did not end the query");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let e = failed(&out);
+    assert!(e.contains("canceling statement due to user request"), "{e}");
+    assert!(s.pod.wait_log("cancel request passed on"));
+}
+
+#[test]
+fn named_prepared_statements_refused_in_transaction_mode_and_working_in_session_mode() {
+    let mut s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[
+        service(
+            "tx",
+            VIP,
+            &["198.18.0.2:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: transaction }",
+        ),
+        service(
+            "session",
+            SESSION_VIP,
+            &["198.18.0.2:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: session }",
+        ),
+    ]);
+    let out = py(&s.pod, &["prepared", &dsn(VIP, "app"), "3"]);
+    let e = failed(&out);
+    assert!(
+        e.contains("named prepared statements are not supported in transaction pooling mode"),
+        "{e}"
+    );
+    // Unnamed statements (psycopg's default) are fine in transaction mode.
+    assert_eq!(
+        ok(&py(&s.pod, &["query", &dsn(VIP, "app"), "select 1 + 1"])),
+        "2"
+    );
+    assert_eq!(
+        ok(&py(&s.pod, &["prepared", &dsn(SESSION_VIP, "app"), "3"])),
+        "2 3 4"
+    );
+    // Session reuse after DISCARD ALL: the statements are gone, so a new
+    // session preparing the same names works again.
+    assert_eq!(
+        ok(&py(&s.pod, &["prepared", &dsn(SESSION_VIP, "app"), "3"])),
+        "2 3 4"
+    );
+}
+
+#[test]
+fn failover_to_a_promoted_replica() {
+    let mut s = setup("app: app-pass\n");
+    let primary = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    primary.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    primary.sql("CREATE DATABASE orders OWNER app");
+    primary.sql("CREATE ROLE replicator REPLICATION LOGIN PASSWORD 'rep-pass'");
+    let replica = PgServer::replica_of(&primary, &s.pod.servers, SERVER2_V4, 5432, "rep-pass");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.sql("select count(*) from pg_stat_replication where state = 'streaming'") != "1" {
+        assert!(Instant::now() < deadline, "replica is not streaming");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(replica.sql("select pg_is_in_recovery()"), "t");
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    s.start(&[service(
+        "orders-db",
+        VIP,
+        &["198.18.0.2:5432", "198.18.0.3:5432"],
+        &ca,
+        &creds,
+        "      target: read-write\n",
+        "{ mode: transaction, size: 4 }",
+    )]);
+    let q = "select host(inet_server_addr()), pg_is_in_recovery()";
+    for _ in 0..4 {
+        assert_eq!(ok(&psql(&s.pod, "app", q)), "198.18.0.2|f");
+    }
+    // A session in the middle of a query on the primary.
+    let victim = psql_cmd(&s.pod, VIP, "app", "select pg_sleep(30)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while primary.sql("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)'")
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the query never started");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut primary = primary;
+    primary.kill();
+    let killed = Instant::now();
+    let (out, in_time) = wait_within(victim, Duration::from_secs(10));
+    assert!(in_time, "the session on the dead server hung");
+    let e = failed(&out);
+    assert!(
+        e.contains("server connection to 198.18.0.2:5432 lost")
+            || e.contains("terminating connection"),
+        "{e}"
+    );
+    eprintln!(
+        "session on the dead server got its error after {:?}",
+        killed.elapsed()
+    );
+    // Before the promotion there is no read-write server: said so at once.
+    let e = failed(&psql(&s.pod, "app", q));
+    assert!(
+        e.contains("no endpoint is a reachable read-write server"),
+        "{e}"
+    );
+
+    replica.promote();
+    let promoted = Instant::now();
+    let result = loop {
+        let out = psql(&s.pod, "app", q);
+        if out.status.success() {
+            break stdout(&out).trim().to_string();
+        }
+        assert!(
+            promoted.elapsed() < Duration::from_secs(5),
+            "no session on the promoted server: {}",
+            stderr(&out)
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let took = promoted.elapsed();
+    eprintln!("first session on the promoted server {took:?} after promotion");
+    assert_eq!(result, "198.18.0.3|f");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // A python driver writes there too.
+    let out = py(
+        &s.pod,
+        &[
+            "query",
+            &dsn(VIP, "app"),
+            "create table t (x int); insert into t values (7); select host(inet_server_addr()), x from t",
+        ],
+    );
+    assert_eq!(ok(&out), "198.18.0.3|7");
+}
+
+#[test]
+fn direct_tls_with_alpn_postgresql() {
+    let mut s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, PgTls::Off, "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    let (cert, key) = s.ca.issue(CertKind::Valid, SERVER_NAME, None);
+    let backend = format!("{SERVER_V4}:5432").parse().unwrap();
+    let front = DirectTlsFront::start(
+        &s.pod.servers,
+        format!("{SERVER2_V4}:5432").parse().unwrap(),
+        backend,
+        &cert,
+        &key,
+        &["postgresql"],
+    );
+    // A TLS server that does not speak ALPN `postgresql` (a pre-17 server's
+    // TLS port, say): direct TLS must not go on.
+    let no_alpn = DirectTlsFront::start(
+        &s.pod.servers,
+        format!("{SERVER2_V4}:5433").parse().unwrap(),
+        backend,
+        &cert,
+        &key,
+        &[],
+    );
+    let (ca, creds) = (
+        s.ca_file.display().to_string(),
+        s.creds.display().to_string(),
+    );
+    let direct = "    postgres:\n      direct_tls: true\n";
+    let with_direct = |name: &str, vip: &str, ep: &str| {
+        service(name, vip, &[ep], &ca, &creds, "", "{ mode: session }")
+            .replace("    postgres:\n", direct)
+    };
+    s.start(&[
+        with_direct("pg17", VIP, "198.18.0.3:5432"),
+        with_direct("no-alpn", SESSION_VIP, "198.18.0.3:5433"),
+    ]);
+    assert_eq!(ok(&psql(&s.pod, "app", "select current_user")), "app");
+    let ev = front.events();
+    assert_eq!(ev[0], "alpn=postgresql", "{ev:?}");
+    // The startup message (protocol 3.0) came first: no SSLRequest round trip.
+    assert_eq!(ev[1], "first packet code 196608", "{ev:?}");
+
+    let e = failed(&psql_env(&s.pod, SESSION_VIP, "app", "select 1", &[]));
+    assert!(e.contains("did not agree to ALPN `postgresql`"), "{e}");
+    assert_eq!(no_alpn.events(), ["alpn=none", "closed before a packet"]);
+}

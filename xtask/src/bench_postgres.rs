@@ -1,0 +1,315 @@
+//! The PostgreSQL part of `cargo xtask bench`: pgbench select-only (`-S`) on
+//! a real PostgreSQL server that requires TLS and SCRAM, three ways side by
+//! side: direct (the client does TLS verify-full and SCRAM itself), through
+//! the ambassador (the app in the simulated Pod, plain and password-less,
+//! redirected by eBPF; transaction pooling), and through Debian's PgBouncer
+//! (a sidecar in the Pod's namespace on 127.0.0.1:6432, transaction pooling,
+//! server TLS verify-full). Each with persistent connections and with a new
+//! connection per transaction (`-C`). Ratios are to direct.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::fs::{PermissionsExt, chown},
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{
+    Placement, Pod, SERVER_V4, cgroup2_mount, placed,
+    postgres::{PG_UID, PgServer, PgTls, output_within, pg_bin},
+    upstream::{CertKind, TestCa},
+};
+use anyhow::{Context as _, bail, ensure};
+
+const VIP: &str = "198.18.0.9";
+const NAME: &str = "orders-db.internal";
+const PASSWORD: &str = "bench-pass";
+const CLIENTS: &str = "8";
+const SECONDS: &str = "10";
+const BOUNCER_PORT: u16 = 6432;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Direct,
+    Ambassador,
+    PgBouncer,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Direct => "direct (TLS verify-full + SCRAM)",
+            Via::Ambassador => "eBPF -> ambassador (transaction pool)",
+            Via::PgBouncer => "PgBouncer 1.18 (transaction pool)",
+        }
+    }
+}
+
+struct Result {
+    tps: f64,
+    latency_ms: f64,
+    failed: u64,
+}
+
+pub fn run() -> anyhow::Result<String> {
+    crate::toolchain::apt_install(&["postgresql", "postgresql-client", "pgbouncer"])?;
+    let mut pod = Pod::new("");
+    // A connection per transaction for 10 s: let TIME_WAIT ports be reused
+    // (in the bench's own namespace only).
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &pod.netns.name, "sysctl", "-qw"])
+        .args([
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ])
+        .status()?;
+    ensure!(
+        sysctl.success(),
+        "cannot set sysctls in the bench namespace"
+    );
+    let dir = pod.shared_dir();
+    let ca = TestCa::new("pg-bench-ca");
+    let ca_file = ca.write_ca_file(&dir);
+    let server_ip = SERVER_V4.parse().ok();
+    let (cert_pem, key_pem) = ca.issue(CertKind::Valid, NAME, server_ip);
+    let pg = PgServer::start(
+        &pod.servers,
+        SERVER_V4,
+        5432,
+        PgTls::On { cert_pem, key_pem },
+        "su-pass",
+    );
+    pg.sql(&format!("CREATE ROLE bench LOGIN PASSWORD '{PASSWORD}'"));
+    pg.sql("CREATE DATABASE bench OWNER bench");
+    let (out, in_time) = output_within(
+        pg.cmd(&pod.servers, "pgbench")
+            .args([
+                "-i", "-s", "1", "-q", "-h", SERVER_V4, "-U", "bench", "bench",
+            ])
+            .env("PGPASSWORD", PASSWORD)
+            .env("PGSSLMODE", "require"),
+        Duration::from_secs(120),
+    );
+    ensure!(
+        in_time && out.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds = dir.join("credentials.yaml");
+    fs::write(&creds, format!("bench: {PASSWORD}\n"))?;
+    fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: orders-db\n\
+             \x20   match: {{ cidr: {VIP}/32, port: 5432 }}\n\
+             \x20   protocol: postgres\n\
+             \x20   upstream:\n\
+             \x20     endpoints: [ {{ address: \"{SERVER_V4}:5432\" }} ]\n\
+             \x20     tls: {{ server_name: {NAME}, ca_file: {} }}\n\
+             \x20   postgres:\n\
+             \x20     credentials_file: {}\n\
+             \x20     pool: {{ mode: transaction, size: {CLIENTS}, max_clients: 500 }}\n",
+            ca_file.display(),
+            creds.display()
+        ),
+    )?;
+    pod.start_proxy_logging("warn,ambassador_userspace::proxy=info");
+    let bouncer = pgbouncer(&pod, &dir, &ca_file)?;
+
+    let root = cgroup2_mount();
+    let mut rows = Vec::new();
+    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
+        for new_conn in [false, true] {
+            let r = pgbench(&pod, &root, &ca_file, via, new_conn).with_context(|| {
+                let log =
+                    fs::read_to_string(dir.join("pgbouncer/pgbouncer.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                format!("pgbench {} (PgBouncer's last words: {tail:?})", via.name())
+            })?;
+            eprintln!(
+                "xtask: bench postgres {}{} done",
+                via.name(),
+                if new_conn { " -C" } else { "" }
+            );
+            rows.push((via, new_conn, r));
+        }
+    }
+    drop(bouncer);
+    drop(pg);
+    drop(pod);
+
+    let mut r = format!(
+        "\npostgres bench (pgbench -S select-only, scale 1, {CLIENTS} clients, {SECONDS} s per run; \
+         server PostgreSQL with TLS + SCRAM required; ratio = tps / direct tps)\n\n"
+    );
+    r.push_str(&format!(
+        "{:<40} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}\n",
+        "path", "tps", "ratio", "lat ms", "tps -C", "ratio", "lat ms"
+    ));
+    let base = |new_conn: bool| {
+        rows.iter()
+            .find(|(v, c, _)| *v == Via::Direct && *c == new_conn)
+            .map_or(1.0, |(_, _, r)| r.tps)
+    };
+    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
+        let get = |new_conn: bool| {
+            rows.iter()
+                .find(|(v, c, _)| *v == via && *c == new_conn)
+                .map(|(_, _, r)| r)
+                .expect("every run recorded")
+        };
+        let (p, c) = (get(false), get(true));
+        r.push_str(&format!(
+            "{:<40} {:>12.0} {:>8.2} {:>10.3} {:>12.0} {:>8.2} {:>10.3}\n",
+            via.name(),
+            p.tps,
+            p.tps / base(false),
+            p.latency_ms,
+            c.tps,
+            c.tps / base(true),
+            c.latency_ms
+        ));
+    }
+    let failed: u64 = rows.iter().map(|(_, _, r)| r.failed).sum();
+    r.push_str(&format!(
+        "\n-C = a new connection per transaction. The ambassador and PgBouncer keep their TLS+SCRAM \
+         server connections;\ndirect -C pays a TLS handshake and SCRAM per transaction. Failed \
+         transactions: {failed}.\n"
+    ));
+    Ok(r)
+}
+
+/// One pgbench run; the client is in the app container for the ambassador
+/// (its connects are redirected), in the Pod's namespace otherwise.
+fn pgbench(
+    pod: &Pod,
+    root: &Path,
+    ca_file: &Path,
+    via: Via,
+    new_conn: bool,
+) -> anyhow::Result<Result> {
+    let cgroup = if via == Via::Ambassador {
+        pod.app_cgroup.clone()
+    } else {
+        root.to_path_buf()
+    };
+    let at = Placement {
+        netns: &pod.netns,
+        cgroup: &cgroup,
+        uid: None,
+    };
+    let mut cmd = placed(pg_bin().join("pgbench"), &at);
+    cmd.args([
+        "-S", "-n", "-M", "simple", "-c", CLIENTS, "-j", "2", "-T", SECONDS,
+    ]);
+    if new_conn {
+        cmd.arg("-C");
+    }
+    let (host, port) = match via {
+        Via::Direct => (SERVER_V4.to_string(), 5432),
+        Via::Ambassador => (VIP.to_string(), 5432),
+        Via::PgBouncer => ("127.0.0.1".to_string(), BOUNCER_PORT),
+    };
+    cmd.args(["-h", &host, "-p", &port.to_string(), "-U", "bench", "bench"])
+        .env_remove("PGPASSWORD")
+        .env("PGSSLMODE", "disable");
+    if via == Via::Direct {
+        cmd.env("PGPASSWORD", PASSWORD)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", ca_file);
+    }
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(in_time, "pgbench did not finish within 60 s: {text}");
+    ensure!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Ok(Result {
+        tps: field("tps = ").context("no tps in pgbench output")?,
+        latency_ms: field("latency average = ").unwrap_or(0.0),
+        failed: field("number of failed transactions: ").unwrap_or(0.0) as u64,
+    })
+}
+
+/// PgBouncer as a sidecar: in the Pod's namespace, outside the Pod's cgroup
+/// (so its own connects go straight out), as `nobody` (it refuses root).
+fn pgbouncer(pod: &Pod, dir: &Path, ca_file: &Path) -> anyhow::Result<Guard> {
+    let bdir = dir.join("pgbouncer");
+    fs::create_dir_all(&bdir)?;
+    chown(&bdir, Some(PG_UID), Some(PG_UID))?;
+    let users = bdir.join("userlist.txt");
+    fs::write(&users, "\"bench\" \"\"\n")?;
+    let ini = bdir.join("pgbouncer.ini");
+    fs::write(
+        &ini,
+        format!(
+            "[databases]\n\
+             bench = host={SERVER_V4} port=5432 dbname=bench user=bench password={PASSWORD}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\nlisten_port = {BOUNCER_PORT}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {}\n\
+             pool_mode = transaction\ndefault_pool_size = {CLIENTS}\nmax_client_conn = 500\n\
+             server_tls_sslmode = verify-full\nserver_tls_ca_file = {}\n\
+             logfile = {}\nignore_startup_parameters = extra_float_digits\n\
+             log_connections = 0\nlog_disconnections = 0\n",
+            users.display(),
+            ca_file.display(),
+            bdir.join("pgbouncer.log").display()
+        ),
+    )?;
+    for f in [&users, &ini] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o644))?;
+    }
+    let root = cgroup2_mount();
+    let child = placed(
+        "pgbouncer",
+        &Placement {
+            netns: &pod.netns,
+            cgroup: &root,
+            uid: Some(PG_UID),
+        },
+    )
+    .arg(&ini)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .context("cannot start pgbouncer")?;
+    let mut guard = Guard(child);
+    let addr: SocketAddr = format!("127.0.0.1:{BOUNCER_PORT}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pod.netns.enter(move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    }) {
+        if let Some(status) = guard.0.try_wait()? {
+            bail!(
+                "pgbouncer did not start ({status}): {}",
+                fs::read_to_string(bdir.join("pgbouncer.log")).unwrap_or_default()
+            );
+        }
+        ensure!(Instant::now() < deadline, "pgbouncer did not listen");
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(guard)
+}
+
+/// Stops a helper by its PID when the benchmark ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
