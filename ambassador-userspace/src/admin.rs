@@ -110,14 +110,7 @@ fn register_state(live: Weak<Live>) {
 fn postgres_rows(rows: &mut metrics::StateRows, service: &str, pg: &crate::postgres::PgService) {
     let mut sum = crate::postgres::PoolSnapshot::default();
     for p in pg.pools() {
-        let s = p.stats;
-        sum.servers += s.servers;
-        sum.idle += s.idle;
-        sum.in_use += s.in_use;
-        sum.waiting += s.waiting;
-        sum.opened += s.opened;
-        sum.errors += s.errors;
-        sum.exhausted += s.exhausted;
+        sum += p.stats;
     }
     let name = || service.to_string();
     let g = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
@@ -282,13 +275,8 @@ pub struct PoolStatus {
     pub service: String,
     /// `user@database`.
     pub pool: String,
-    pub servers: usize,
-    pub idle: usize,
-    pub in_use: usize,
-    pub waiting: usize,
-    pub opened: u64,
-    pub errors: u64,
-    pub exhausted: u64,
+    #[serde(flatten)]
+    pub stats: crate::postgres::PoolSnapshot,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -327,13 +315,7 @@ fn status(live: &Live) -> Status {
             .map(|p| PoolStatus {
                 service: p.service,
                 pool: p.pool,
-                servers: p.stats.servers,
-                idle: p.stats.idle,
-                in_use: p.stats.in_use,
-                waiting: p.stats.waiting,
-                opened: p.stats.opened,
-                errors: p.stats.errors,
-                exhausted: p.stats.exhausted,
+                stats: p.stats,
             })
             .collect(),
         services: table

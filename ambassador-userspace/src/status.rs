@@ -128,13 +128,13 @@ pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
             "  pool {} {}: {} server connection(s), {} idle, {} in use, {} waiting; opened {}, errors {}, exhausted {}",
             p.service,
             p.pool,
-            p.servers,
-            p.idle,
-            p.in_use,
-            p.waiting,
-            p.opened,
-            p.errors,
-            p.exhausted
+            p.stats.servers,
+            p.stats.idle,
+            p.stats.in_use,
+            p.stats.waiting,
+            p.stats.opened,
+            p.stats.errors,
+            p.stats.exhausted
         );
     }
     Some(out)

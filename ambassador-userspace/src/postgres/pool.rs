@@ -65,7 +65,7 @@ pub struct PoolStats {
 }
 
 /// A point-in-time copy of [`PoolStats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct PoolSnapshot {
     pub servers: usize,
     pub idle: usize,
@@ -74,6 +74,18 @@ pub struct PoolSnapshot {
     pub opened: u64,
     pub errors: u64,
     pub exhausted: u64,
+}
+
+impl std::ops::AddAssign for PoolSnapshot {
+    fn add_assign(&mut self, o: PoolSnapshot) {
+        self.servers += o.servers;
+        self.idle += o.idle;
+        self.in_use += o.in_use;
+        self.waiting += o.waiting;
+        self.opened += o.opened;
+        self.errors += o.errors;
+        self.exhausted += o.exhausted;
+    }
 }
 
 impl PoolStats {
