@@ -187,12 +187,12 @@ pub fn run() -> anyhow::Result<String> {
         ),
         mode(Via::Haproxy, true, None, "HAProxy, TLS to origin".into()),
         mode(Via::Nginx, true, None, "nginx, TLS to origin".into()),
-        // ambassador as deployed by default: min(2, cores) workers.
+        // Two workers, next to the default one.
         mode(
             Via::Ambassador,
             false,
-            None,
-            format!("ambassador, default workers ({})", cores().min(2)),
+            Some(2),
+            "ambassador, 2 workers".into(),
         ),
     ];
     // Per mode: (fixed-rate load, max req/s) for each round.
@@ -867,7 +867,7 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
          Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
          ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last row is ambassador's default workers. ambassador: the client runs in the Pod's app cgroup\n\
+         the last row is ambassador with 2 workers. ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin; x still to plain direct.\n\

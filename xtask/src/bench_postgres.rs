@@ -102,8 +102,12 @@ pub fn run() -> anyhow::Result<String> {
     fs::write(&creds, format!("bench: {PASSWORD}\n"))?;
     fs::write(
         &pod.config,
+        // One worker and no access log: PgBouncer is single-threaded and
+        // logs no connections here either.
         format!(
-            "services:\n\
+            "proxy: {{ workers: 1 }}\n\
+             telemetry: {{ access_log: false }}\n\
+             services:\n\
              \x20 - name: orders-db\n\
              \x20   match: {{ cidr: {VIP}/32, port: 5432 }}\n\
              \x20   protocol: postgres\n\
@@ -177,8 +181,8 @@ pub fn run() -> anyhow::Result<String> {
     let failed: u64 = rows.iter().map(|(_, _, r)| r.failed).sum();
     r.push_str(&format!(
         "\n-C = a new connection per transaction. The ambassador and PgBouncer keep their TLS+SCRAM \
-         server connections;\ndirect -C pays a TLS handshake and SCRAM per transaction. Failed \
-         transactions: {failed}.\n"
+         server connections;\ndirect -C pays a TLS handshake and SCRAM per transaction. Both run one thread (ambassador \
+         proxy.workers 1) without connection logs. Failed transactions: {failed}.\n"
     ));
     Ok(r)
 }

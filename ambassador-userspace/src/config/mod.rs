@@ -165,7 +165,10 @@ pub struct ProxyConfig {
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     #[schemars(with = "DurationText")]
     pub dns_refresh: Duration,
-    /// Runtime worker threads; 0 picks min(2, cores): a sidecar shares its Pod's CPU.
+    /// Runtime worker threads. 1 (the default) runs a single-threaded
+    /// runtime: a sidecar shares its Pod's CPU, and on a 2-core node one
+    /// thread measured faster than two (no cross-thread wake-ups). 0 picks
+    /// min(2, cores).
     pub workers: usize,
     /// The admin API: an address (loopback by default, 127.0.0.1:15020 for
     /// `proxy`) or `off`. `run` serves it only when this is set.
@@ -184,7 +187,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Duration::from_secs(10),
             dns_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
-            workers: 0,
+            workers: 1,
             admin: None,
         }
     }
