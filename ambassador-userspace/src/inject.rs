@@ -43,6 +43,8 @@ pub const INIT_CONTAINER: &str = "ambassador-init";
 pub const PROXY_CONTAINER: &str = "ambassador-proxy";
 const VOL_CONFIG: &str = "ambassador-config";
 const VOL_BPFFS: &str = "ambassador-bpffs";
+/// Where the sidecar sees its Pod's shared maps (`proxy --kernel-maps`).
+const KERNEL_MAPS_DIR: &str = "/var/run/ambassador/kernel";
 const VOL_CGROUP: &str = "ambassador-cgroup";
 const VOL_SECRET: &str = "ambassador-secret-";
 
@@ -505,7 +507,7 @@ fn inject_template(
     } else {
         let mut init_list = vec![
             init_container(&opts.image, &ports, &cidrs),
-            proxy_container(&opts.image, &secrets),
+            proxy_container(&opts.image, &secrets, &ports, &cidrs),
         ];
         if let Some(Value::Sequence(existing)) = spec.remove("initContainers") {
             init_list.extend(existing);
@@ -595,6 +597,17 @@ fn json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("strings and lists serialize")
 }
 
+/// The annotation exclusions, as flags: `init` writes them to the kernel, and
+/// the proxy keeps them across reloads.
+fn exclusion_args(args: &mut Vec<String>, ports: &[String], cidrs: &[String]) {
+    if !ports.is_empty() {
+        args.extend(["--exclude-ports".into(), ports.join(",")]);
+    }
+    if !cidrs.is_empty() {
+        args.extend(["--exclude-cidrs".into(), cidrs.join(",")]);
+    }
+}
+
 fn init_container(image: &str, ports: &[String], cidrs: &[String]) -> Value {
     let mut args = vec![
         "init".to_string(),
@@ -603,12 +616,7 @@ fn init_container(image: &str, ports: &[String], cidrs: &[String]) -> Value {
         "--config".into(),
         format!("{CONFIG_DIR}/config.yaml"),
     ];
-    if !ports.is_empty() {
-        args.extend(["--exclude-ports".into(), ports.join(",")]);
-    }
-    if !cidrs.is_empty() {
-        args.extend(["--exclude-cidrs".into(), cidrs.join(",")]);
-    }
+    exclusion_args(&mut args, ports, cidrs);
     from_template(&format!(
         r#"
 name: {INIT_CONTAINER}
@@ -651,13 +659,26 @@ volumeMounts:
     ))
 }
 
-fn proxy_container(image: &str, secrets: &[String]) -> Value {
+fn proxy_container(image: &str, secrets: &[String], ports: &[String], cidrs: &[String]) -> Value {
+    let mut args = vec![
+        "proxy".to_string(),
+        "--config".into(),
+        format!("{CONFIG_DIR}/config.yaml"),
+        "--kernel-maps".into(),
+        KERNEL_MAPS_DIR.into(),
+    ];
+    exclusion_args(&mut args, ports, cidrs);
     let mut c = from_template(&format!(
         r#"
 name: {PROXY_CONTAINER}
 image: {image}
 restartPolicy: Always
-args: [proxy, --config, {CONFIG_DIR}/config.yaml]
+args: {args}
+env:
+  - name: AMBASSADOR_POD_UID
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.uid
 startupProbe:
   exec:
     command: [{BINARY}, probe, ready]
@@ -695,8 +716,15 @@ volumeMounts:
   - name: {VOL_CONFIG}
     mountPath: {CONFIG_DIR}
     readOnly: true
+  # This Pod's counters and exclusion maps, shared by init, and nothing
+  # else of the node's bpffs.
+  - name: {VOL_BPFFS}
+    mountPath: {KERNEL_MAPS_DIR}
+    subPathExpr: ambassador/pod-$(AMBASSADOR_POD_UID)
+    readOnly: true
 "#,
         image = json(&image),
+        args = json(&args),
     ));
     if let Some(Value::Sequence(mounts)) =
         c.as_mapping_mut().and_then(|m| m.get_mut("volumeMounts"))
@@ -994,10 +1022,23 @@ items:
                 "10.0.0.0/8,fd00::1/128"
             ]
         );
+        // The proxy keeps the same exclusions across reloads.
+        let proxy_args: Vec<&str> = spec["initContainers"][1]["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(proxy_args[5..], args[5..]);
         let mounts = &spec["initContainers"][1]["volumeMounts"];
-        assert_eq!(mounts[1]["mountPath"], "/var/run/secrets/ambassador/tok");
         assert_eq!(
-            mounts[2]["mountPath"],
+            mounts[1]["subPathExpr"],
+            "ambassador/pod-$(AMBASSADOR_POD_UID)"
+        );
+        assert_eq!(mounts[1]["readOnly"], true);
+        assert_eq!(mounts[2]["mountPath"], "/var/run/secrets/ambassador/tok");
+        assert_eq!(
+            mounts[3]["mountPath"],
             "/var/run/secrets/ambassador/oauth-client"
         );
         let vols = &spec["volumes"];

@@ -73,6 +73,17 @@ enum Command {
     Proxy {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The Pod's maps that `init --pod-uid` shared with the proxy (its
+        /// `pod-<uid>` pin directory, mounted into the sidecar): kernel counters
+        /// in /metrics, and `intercept` exclusions applied on reload.
+        #[arg(long, env = "AMBASSADOR_KERNEL_MAPS", value_name = "DIR")]
+        kernel_maps: Option<PathBuf>,
+        /// The same `--exclude-ports` `init` was given, so reloads keep them.
+        #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+        exclude_ports: Vec<u16>,
+        /// The same `--exclude-cidrs` `init` was given.
+        #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+        exclude_cidrs: Vec<Cidr>,
     },
     /// Validate a config file as the proxy would (and a bit more), and summarise it.
     Check {
@@ -292,6 +303,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             // Every init on a node cleans up after the Pods deleted before it.
             report_sweep(&pins::sweep_stale());
             let done = pins::install(&cgroup, &cfg, bpf_log as u8)?;
+            if let Some(uid) = &pod_uid {
+                let shared = pins::share_with_proxy(&done.dir, uid)?;
+                println!(
+                    "ambassador: counters and exclusions shared with the Pod's proxy in {}",
+                    shared.display()
+                );
+            }
             println!(
                 "ambassador: {} interception at {} (pins in {})",
                 if done.upgraded {
@@ -304,8 +322,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Proxy { config } => {
-            let cfg = load_config(config.as_ref())?;
+        Command::Proxy {
+            config,
+            kernel_maps,
+            exclude_ports,
+            exclude_cidrs,
+        } => {
+            let mut cfg = load_config(config.as_ref())?;
+            cfg.intercept.exclude_ports.extend(&exclude_ports);
+            cfg.intercept.exclude_cidrs.extend(&exclude_cidrs);
             let config = config.map(|p| std::path::absolute(&p).unwrap_or(p));
             // SAFETY: geteuid has no preconditions.
             let euid = unsafe { libc::geteuid() };
@@ -331,10 +356,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 // The port first: a taken one is the likeliest start failure.
                 let listeners = Listeners::bind(port)?;
                 let live = Live::start(cfg, config, true).await?;
-                match interception::pins::own_counters() {
-                    Ok(counters) => interception::counters_into_metrics(Arc::new(counters)),
-                    Err(e) => interception::no_counters_in_metrics(&e),
-                }
+                live.set_extra_exclusions(exclude_ports, exclude_cidrs);
+                interception::share_maps_with(&live, kernel_maps.as_deref());
                 if let Some(at) = admin_at {
                     admin::start(at, live.clone()).await?;
                 }

@@ -44,6 +44,9 @@ pub struct Live {
     intercept: Mutex<Option<InterceptHook>>,
     /// Access logging when the file does not say.
     access_log_default: bool,
+    /// Exclusions from the command line (Pod annotations), added to every
+    /// file read, as `init` added them.
+    extra: Mutex<(Vec<u16>, Vec<crate::config::Cidr>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,7 @@ impl Live {
             last_reload: Mutex::new(None),
             intercept: Mutex::new(None),
             access_log_default,
+            extra: Mutex::new((Vec::new(), Vec::new())),
         }))
     }
 
@@ -99,6 +103,12 @@ impl Live {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Exclusions every reloaded file gets on top of its own (the config
+    /// given to `start` must already have them).
+    pub fn set_extra_exclusions(&self, ports: Vec<u16>, cidrs: Vec<crate::config::Cidr>) {
+        *self.extra.lock().expect("extra exclusions") = (ports, cidrs);
     }
 
     pub fn set_intercept_hook(&self, hook: InterceptHook) {
@@ -130,7 +140,12 @@ impl Live {
 
     async fn try_reload(&self) -> Result<(), ReloadError> {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
-        let next = Config::load(path)?;
+        let mut next = Config::load(path)?;
+        {
+            let extra = self.extra.lock().expect("extra exclusions");
+            next.intercept.exclude_ports.extend(&extra.0);
+            next.intercept.exclude_cidrs.extend(&extra.1);
+        }
         let table = build(&next).await?;
         let old = self.config.load();
         for what in restart_only(&old, &next) {

@@ -310,9 +310,65 @@ impl Pod {
                 uid,
             },
         );
-        cmd.args(["proxy", "--config"])
-            .arg(&self.config)
-            .env("AMBASSADOR_LOG", filter)
+        cmd.args(["proxy", "--config"]).arg(&self.config);
+        self.spawn_proxy(cmd, filter);
+    }
+
+    /// As `start_proxy`, the way the sidecar runs in Kubernetes with the
+    /// Pod's shared maps: `init --pod-uid` again (it shares them under
+    /// `pod-<uid>/`), then the proxy as uid 1337 in a mount namespace of its
+    /// own where only that directory is mounted (read-only), given with
+    /// `--kernel-maps`.
+    pub fn start_proxy_with_kernel_maps(&mut self, pod_uid: &str, extra: &[&str]) {
+        let out = self.ambassador(
+            &["init", "--pod-uid", pod_uid, "--cgroup"],
+            Some(&self.cgroup.clone()),
+        );
+        assert!(
+            out.status.success(),
+            "init --pod-uid failed: {}",
+            stderr(&out)
+        );
+        let shared = PathBuf::from(format!("/sys/fs/bpf/ambassador/pod-{pod_uid}"));
+        let mount_at = std::env::temp_dir().join(format!(
+            "{}-kernel-maps",
+            self.cgroup.file_name().unwrap().to_string_lossy()
+        ));
+        fs::create_dir_all(&mount_at).expect("mount point");
+        let script = format!(
+            "mount --bind {shared} {at} && mount -o remount,bind,ro {at} && \
+             exec setpriv --reuid {PROXY_UID} --regid {PROXY_UID} --clear-groups \"$@\"",
+            shared = shared.display(),
+            at = mount_at.display()
+        );
+        let mut cmd = placed(
+            "unshare",
+            &Placement {
+                netns: &self.netns,
+                cgroup: &self.proxy_cgroup,
+                uid: None,
+            },
+        );
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(bin())
+        .args(["proxy", "--config"])
+        .arg(&self.config)
+        .arg("--kernel-maps")
+        .arg(&mount_at)
+        .args(extra);
+        self.spawn_proxy(cmd, "ambassador_userspace=debug");
+    }
+
+    fn spawn_proxy(&mut self, mut cmd: Command, filter: &str) {
+        cmd.env("AMBASSADOR_LOG", filter)
             .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

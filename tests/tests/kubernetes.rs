@@ -396,8 +396,18 @@ fn wait_detached(pins: &Path) {
 fn a_deleted_pod_leaves_nothing_once_gc_has_run() {
     let _s = serial();
     let pod = Cg::new(cgroup2_mount().join(unique("amb-gc-")));
-    let out = ambassador(&["init", "--cgroup", pod.0.to_str().unwrap()]);
+    // With the Pod's UID, init also shares maps with the proxy in pod-<uid>/.
+    let uid = unique("uid-");
+    let out = ambassador(&[
+        "init",
+        "--pod-uid",
+        &uid,
+        "--cgroup",
+        pod.0.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
+    let shared = PathBuf::from(format!("/sys/fs/bpf/ambassador/pod-{uid}"));
+    assert!(shared.join("AMB_COUNTERS").exists(), "{}", text(&out));
     let (id, pins) = (pod.id(), pod.pins());
     let ids = pinned_ids(&pins);
     assert_eq!((ids.0.len(), ids.1.len()), (6, 6), "{ids:?}");
@@ -432,6 +442,7 @@ fn a_deleted_pod_leaves_nothing_once_gc_has_run() {
     );
     assert!(stdout(&out).contains(&id.to_string()), "{}", text(&out));
     assert!(!pins.exists(), "{} is still there", pins.display());
+    assert!(!shared.exists(), "{} is still there", shared.display());
     let left = all_gone(&ids);
     assert!(left.is_empty(), "still in the kernel: {left:?}");
 

@@ -726,3 +726,86 @@ fn ambassador_status_shows_the_proxys_services_and_endpoints() {
     // The node's view is there too (root here).
     assert!(text.contains("attached"), "{text}");
 }
+
+/// The Kubernetes arrangement: `init --pod-uid` shares the Pod's counters and
+/// exclusion maps with the proxy's uid; the unprivileged sidecar, which sees
+/// only that directory, serves the kernel counters and applies exclusion
+/// changes on reload, without re-attaching anything.
+#[test]
+fn the_sidecar_serves_its_pods_kernel_counters_and_applies_exclusions_on_reload() {
+    let mut pod = Pod::new(&api_config("one"));
+    let uid = format!("c0ffee-{}", std::process::id());
+    pod.start_proxy_with_kernel_maps(&uid, &["--exclude-ports", "7100"]);
+    let _up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+    let _a = pod.server(SERVER_V4, 7000, Behaviour::Greet);
+    let _b = pod.server(SERVER_V4, 7100, Behaviour::Greet);
+    assert_eq!(
+        pod.http_status(&format!("http://{SERVER_V4}:8080/"), &[]),
+        "200"
+    );
+
+    let m = pod.metrics();
+    let redirected = metric(
+        &m,
+        r#"ambassador_kernel_connects_total{outcome="redirected"}"#,
+    )
+    .unwrap_or_else(|| panic!("no kernel counters in\n{m}\n{}", pod.proxy_log()));
+    assert_eq!(redirected as u64, pod.counters().redirected);
+
+    let greet = |port: &str| {
+        let out = pod.client(&["greet", SERVER_V4, port]);
+        assert!(stdout(&out).contains("ECHO ping"), "{}", stdout(&out));
+    };
+    // The command line's exclusion (a Pod annotation's) is in the kernel.
+    let before = pod.counters();
+    greet("7100");
+    greet("7000");
+    let after = pod.counters();
+    assert_eq!(after.bypassed, before.bypassed + 1, "7100 excluded");
+    assert_eq!(after.redirected, before.redirected + 1, "7000 intercepted");
+
+    // A reload excludes 7000 as well, and keeps the command line's 7100.
+    let links_before = links_of(&pod);
+    pod.rewrite_config(&format!(
+        "intercept: {{ exclude_ports: [22, 7000] }}\n{}",
+        api_config("one")
+    ));
+    pod.hup_proxy();
+    assert!(pod.wait_log("config reloaded"), "{}", pod.proxy_log());
+    let before = pod.counters();
+    greet("7000");
+    greet("7100");
+    let after = pod.counters();
+    assert_eq!(after.bypassed, before.bypassed + 2, "{}", pod.proxy_log());
+    assert_eq!(after.redirected, before.redirected);
+    assert_eq!(links_of(&pod), links_before, "nothing re-attached");
+    let m = pod.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            r#"ambassador_kernel_connects_total{outcome="bypassed"}"#
+        )
+        .unwrap() as u64,
+        after.bypassed
+    );
+}
+
+/// The ids of the links pinned for the Pod.
+fn links_of(pod: &Pod) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&pod.cgroup).unwrap());
+    let mut ids: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["cgroup_id"].as_u64() == Some(ino))
+        .map(|l| l["id"].to_string())
+        .collect();
+    ids.sort();
+    assert!(!ids.is_empty(), "no links for the Pod's cgroup");
+    ids
+}

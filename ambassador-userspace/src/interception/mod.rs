@@ -217,7 +217,34 @@ pub fn configure(
         proxy_mark: cfg.proxy.mark.unwrap_or(0),
         _pad: 0,
     };
-    let mut ports: HashMap<_, u16, u8> = map_mut(bpf, m::EXCLUDE_PORTS)?;
+    excluded_ports(&mut map_mut(bpf, m::EXCLUDE_PORTS)?, cfg)?;
+    excluded_v4(&mut map_mut(bpf, m::EXCLUDE_V4)?, cfg)?;
+    excluded_v6(&mut map_mut(bpf, m::EXCLUDE_V6)?, cfg)?;
+    // The config entry goes last: until it is written the programs touch nothing.
+    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
+    conf.set(0, kcfg, 0)
+        .map_err(InterceptError::map(m::CONFIG))?;
+    Ok(())
+}
+
+/// Makes the exclusion maps say what `cfg.intercept` says (stale entries
+/// removed): at `init` on the loaded object, and on reload by a proxy that
+/// may open its Pod's maps.
+pub fn write_exclusions<T: std::borrow::BorrowMut<MapData>>(
+    ports: &mut HashMap<T, u16, u8>,
+    v4: &mut LpmTrie<T, [u8; 4], u8>,
+    v6: &mut LpmTrie<T, [u8; 16], u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
+    excluded_ports(ports, cfg)?;
+    excluded_v4(v4, cfg)?;
+    excluded_v6(v6, cfg)
+}
+
+fn excluded_ports<T: std::borrow::BorrowMut<MapData>>(
+    ports: &mut HashMap<T, u16, u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
     let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
     for k in stale {
         ports
@@ -229,7 +256,13 @@ pub fn configure(
             .insert(port, 1, 0)
             .map_err(InterceptError::map(m::EXCLUDE_PORTS))?;
     }
-    let mut v4: LpmTrie<_, [u8; 4], u8> = map_mut(bpf, m::EXCLUDE_V4)?;
+    Ok(())
+}
+
+fn excluded_v4<T: std::borrow::BorrowMut<MapData>>(
+    v4: &mut LpmTrie<T, [u8; 4], u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
     let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
     for k in stale {
         v4.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V4))?;
@@ -240,7 +273,13 @@ pub fn configure(
                 .map_err(InterceptError::map(m::EXCLUDE_V4))?;
         }
     }
-    let mut v6: LpmTrie<_, [u8; 16], u8> = map_mut(bpf, m::EXCLUDE_V6)?;
+    Ok(())
+}
+
+fn excluded_v6<T: std::borrow::BorrowMut<MapData>>(
+    v6: &mut LpmTrie<T, [u8; 16], u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
     let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
     for k in stale {
         v6.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V6))?;
@@ -251,10 +290,6 @@ pub fn configure(
                 .map_err(InterceptError::map(m::EXCLUDE_V6))?;
         }
     }
-    // The config entry goes last: until it is written the programs touch nothing.
-    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
-    conf.set(0, kcfg, 0)
-        .map_err(InterceptError::map(m::CONFIG))?;
     Ok(())
 }
 
@@ -316,6 +351,43 @@ pub fn counters_into_metrics(counters: std::sync::Arc<PerCpuArray<MapData, u64>>
 /// Says once why `/metrics` has no kernel counters.
 pub fn no_counters_in_metrics(why: &str) {
     tracing::info!("kernel counters are not in /metrics: {why}");
+}
+
+/// Gives a proxy what it may use of its Pod's maps: the counters for
+/// `/metrics`, and the exclusion maps for reloads. From `dir` (the shared
+/// `pod-<uid>` directory) when given, else from the pins of its own cgroup
+/// when this process may read them.
+pub fn share_maps_with(live: &crate::reload::Live, dir: Option<&std::path::Path>) {
+    let Some(dir) = dir else {
+        match pins::own_counters() {
+            Ok(counters) => counters_into_metrics(std::sync::Arc::new(counters)),
+            Err(e) => no_counters_in_metrics(&e),
+        }
+        return;
+    };
+    match pins::SharedMaps::open(dir) {
+        Ok(mut maps) => {
+            counters_into_metrics(std::sync::Arc::new(maps.counters));
+            // From now on the proxy's view is the kernel's: its exclusions
+            // (the file's and the command line's) go in at once.
+            if let Err(e) = maps.exclusions.write(&live.config()) {
+                tracing::warn!("writing the exclusions to the Pod's maps: {e}");
+            }
+            let exclusions = std::sync::Mutex::new(maps.exclusions);
+            live.set_intercept_hook(Box::new(move |next| {
+                let mut e = exclusions
+                    .lock()
+                    .map_err(|_| "kernel maps lock poisoned".to_string())?;
+                e.write(next).map_err(|e| e.to_string())
+            }));
+            tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions follow reloads");
+        }
+        Err(e) => tracing::warn!(
+            dir = %dir.display(),
+            "cannot open the Pod's shared kernel maps ({e}; did init run with --pod-uid, and is the directory mounted?): \
+             no kernel counters in /metrics, and intercept changes wait for init"
+        ),
+    }
 }
 
 /// Sums the per-CPU counters: (name, value) in `counter::NAMES` order.

@@ -27,6 +27,94 @@ pub fn dir_for(cgroup_id: u64) -> PathBuf {
     root().join(format!("cgroup-{cgroup_id}"))
 }
 
+/// The maps a Pod's own proxy may open (counters to read, exclusions to
+/// update on reload), pinned a second time under the Pod's UID so the
+/// sidecar can be given this one directory and nothing else of the node.
+pub const SHARED_MAPS: [&str; 4] = [m::COUNTERS, m::EXCLUDE_PORTS, m::EXCLUDE_V4, m::EXCLUDE_V6];
+
+pub fn shared_dir_for(pod_uid: &str) -> PathBuf {
+    root().join(format!("pod-{pod_uid}"))
+}
+
+/// Pins the Pod's [`SHARED_MAPS`] again under `pod-<uid>/`, mode 0666: a
+/// pinned map is opened by file permission (no capability), and what limits
+/// who may is the path. bpffs' root is root-only, so on the node only root
+/// reaches these; the Pod's sidecar gets exactly this directory mounted (by
+/// the Pod's UID), so it reaches its own Pod's maps and no other's. (No
+/// chown to the proxy's uid: that would cost the init container CAP_CHOWN.)
+pub fn share_with_proxy(install: &Path, pod_uid: &str) -> Result<PathBuf, InterceptError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let valid = !pod_uid.is_empty()
+        && pod_uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(InterceptError::Pin {
+            path: shared_dir_for(pod_uid),
+            source: std::io::Error::other("a Pod UID is letters, digits, - and _"),
+        });
+    }
+    let dir = shared_dir_for(pod_uid);
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InterceptError::Pin { path, source }
+    };
+    // A re-run of init replaces what an earlier one shared.
+    remove_dir(&dir)?;
+    fs::create_dir_all(&dir).map_err(err(&dir))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(err(&dir))?;
+    for name in SHARED_MAPS {
+        let from = install.join(name);
+        let to = dir.join(name);
+        let map = MapData::from_pin(&from)
+            .map_err(|e| err(&from)(std::io::Error::other(e.to_string())))?;
+        map.pin(&to)
+            .map_err(|e| err(&to)(std::io::Error::other(e.to_string())))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o666)).map_err(err(&to))?;
+    }
+    Ok(dir)
+}
+
+/// The id of the counters map pinned in `dir`: what ties a `pod-<uid>`
+/// directory to its `cgroup-<id>` install.
+fn counters_id(dir: &Path) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(dir.join(m::COUNTERS))
+        .ok()
+        .map(|i| i.id())
+}
+
+/// Removes the `pod-*` directories that share maps with `install`, or, with
+/// `None`, those whose install is gone.
+fn remove_shared(install: Option<&Path>) {
+    let Ok(entries) = fs::read_dir(root()) else {
+        return;
+    };
+    let live: Vec<u32> = match install {
+        Some(_) => Vec::new(),
+        None => fs::read_dir(root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("cgroup-"))
+            .filter_map(|e| counters_id(&e.path()))
+            .collect(),
+    };
+    let target = install.and_then(counters_id);
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("pod-") {
+            continue;
+        }
+        let id = counters_id(&e.path());
+        let remove = match install {
+            Some(_) => target.is_some() && id == target,
+            None => id.is_none_or(|id| !live.contains(&id)),
+        };
+        if remove {
+            let _ = remove_files(&e.path());
+        }
+    }
+}
+
 fn link_path(dir: &Path, prog: &str) -> PathBuf {
     dir.join(format!("link_{prog}"))
 }
@@ -149,6 +237,19 @@ pub fn remove_dir(dir: &Path) -> Result<bool, InterceptError> {
     if !dir.exists() {
         return Ok(false);
     }
+    if dir
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("cgroup-"))
+    {
+        remove_shared(Some(dir));
+    }
+    remove_files(dir)?;
+    let _ = fs::remove_dir(root()); // only succeeds once the last Pod is gone
+    Ok(true)
+}
+
+/// Unpins everything in `dir` and removes it.
+fn remove_files(dir: &Path) -> Result<(), InterceptError> {
     let entries = fs::read_dir(dir).map_err(|source| InterceptError::Pin {
         path: dir.into(),
         source,
@@ -173,9 +274,7 @@ pub fn remove_dir(dir: &Path) -> Result<bool, InterceptError> {
     gone(fs::remove_dir(dir)).map_err(|source| InterceptError::Pin {
         path: dir.into(),
         source,
-    })?;
-    let _ = fs::remove_dir(root()); // only succeeds once the last Pod is gone
-    Ok(true)
+    })
 }
 
 /// What a sweep for installs of deleted Pods found.
@@ -225,6 +324,8 @@ pub fn sweep_stale() -> Sweep {
             Err(err) => sweep.failed.push(err),
         }
     }
+    // Shared copies whose install went with a Pod (or was never finished).
+    remove_shared(None);
     sweep.removed.sort_unstable();
     sweep
 }
@@ -346,4 +447,53 @@ pub fn own_counters() -> Result<PerCpuArray<MapData, u64>, String> {
         dir = d.parent().map(Path::to_path_buf);
     }
     Err("no pins found for this process's cgroup or its ancestors (none installed, or not visible without root / CAP_BPF)".into())
+}
+
+/// A Pod's shared maps as its proxy opens them (`proxy --kernel-maps DIR`,
+/// the `pod-<uid>/` directory mounted into the sidecar).
+pub struct SharedMaps {
+    pub counters: PerCpuArray<MapData, u64>,
+    pub exclusions: Exclusions,
+}
+
+/// The exclusion maps, written on reload.
+pub struct Exclusions {
+    ports: HashMap<MapData, u16, u8>,
+    v4: aya::maps::LpmTrie<MapData, [u8; 4], u8>,
+    v6: aya::maps::LpmTrie<MapData, [u8; 16], u8>,
+}
+
+impl SharedMaps {
+    pub fn open(dir: &Path) -> Result<SharedMaps, InterceptError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(dir.join(name)).map_err(|e| InterceptError::Map {
+                name,
+                source: Box::new(e),
+            })
+        };
+        let conv = |name: &'static str| {
+            move |e| InterceptError::Map {
+                name,
+                source: Box::new(e),
+            }
+        };
+        Ok(SharedMaps {
+            counters: PerCpuArray::try_from(Map::PerCpuArray(open(m::COUNTERS)?))
+                .map_err(conv(m::COUNTERS))?,
+            exclusions: Exclusions {
+                ports: HashMap::try_from(Map::HashMap(open(m::EXCLUDE_PORTS)?))
+                    .map_err(conv(m::EXCLUDE_PORTS))?,
+                v4: aya::maps::LpmTrie::try_from(Map::LpmTrie(open(m::EXCLUDE_V4)?))
+                    .map_err(conv(m::EXCLUDE_V4))?,
+                v6: aya::maps::LpmTrie::try_from(Map::LpmTrie(open(m::EXCLUDE_V6)?))
+                    .map_err(conv(m::EXCLUDE_V6))?,
+            },
+        })
+    }
+}
+
+impl Exclusions {
+    pub fn write(&mut self, cfg: &Config) -> Result<(), InterceptError> {
+        super::write_exclusions(&mut self.ports, &mut self.v4, &mut self.v6, cfg)
+    }
 }
