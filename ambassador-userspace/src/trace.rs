@@ -87,6 +87,11 @@ pub fn init(cfg: &TracingConfig) -> Result<Tracing, TraceError> {
     Ok(Tracing(provider))
 }
 
+/// Whether spans are exported (`telemetry.tracing` was set at start).
+pub fn enabled() -> bool {
+    TRACER.get().is_some()
+}
+
 /// Starts the span of one request and points the request's `traceparent`
 /// at it. `None` when tracing is off.
 pub fn start(

@@ -197,11 +197,14 @@ async fn handle(
             &format!("no service matches {what} and the default policy is deny"),
         );
     }
-    let span = {
-        let name = svc.as_ref().map_or("passthrough", |s| s.name.as_str());
-        let (method, path) = (req.method().clone(), req.uri().path().to_string());
-        crate::trace::start(req.headers_mut(), name, &method, &path)
-    };
+    // Nothing is copied for tracing unless it is on.
+    let span = crate::trace::enabled()
+        .then(|| {
+            let name = svc.as_ref().map_or("passthrough", |s| s.name.as_str());
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            crate::trace::start(req.headers_mut(), name, &method, &path)
+        })
+        .flatten();
     let info = access_log::enabled().then(|| Box::new(RequestInfo::new(&req, dst)));
     let mut exchange = Exchange::default();
     let resp = forward(req, dst, svc.as_ref(), &table, &mut exchange).await;
