@@ -43,6 +43,13 @@ pub const INIT_CONTAINER: &str = "ambassador-init";
 pub const PROXY_CONTAINER: &str = "ambassador-proxy";
 const VOL_CONFIG: &str = "ambassador-config";
 const VOL_BPFFS: &str = "ambassador-bpffs";
+/// Both containers get the Pod's UID: init finds the Pod's cgroup and names
+/// the shared maps by it; the proxy's mount of those maps is named by it.
+const POD_UID_ENV: &str = "env:
+  - name: AMBASSADOR_POD_UID
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.uid";
 /// Where the sidecar sees its Pod's shared maps (`proxy --kernel-maps`).
 const KERNEL_MAPS_DIR: &str = "/var/run/ambassador/kernel";
 const VOL_CGROUP: &str = "ambassador-cgroup";
@@ -622,11 +629,7 @@ fn init_container(image: &str, ports: &[String], cidrs: &[String]) -> Value {
 name: {INIT_CONTAINER}
 image: {image}
 args: {args}
-env:
-  - name: AMBASSADOR_POD_UID
-    valueFrom:
-      fieldRef:
-        fieldPath: metadata.uid
+{POD_UID_ENV}
 resources:
   requests:
     cpu: 10m
@@ -674,11 +677,7 @@ name: {PROXY_CONTAINER}
 image: {image}
 restartPolicy: Always
 args: {args}
-env:
-  - name: AMBASSADOR_POD_UID
-    valueFrom:
-      fieldRef:
-        fieldPath: metadata.uid
+{POD_UID_ENV}
 startupProbe:
   exec:
     command: [{BINARY}, probe, ready]
