@@ -124,7 +124,25 @@ fn setup(credentials: &str) -> Setup {
     }
 }
 
+/// The usual arrangement: the `app` user's credentials, and one TLS server
+/// with an `orders` database that user may log in to.
+fn orders_app() -> (Setup, PgServer) {
+    let s = setup("app: app-pass\n");
+    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    pg.sql("CREATE DATABASE orders");
+    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    (s, pg)
+}
+
 impl Setup {
+    /// The CA file and the credentials file, as config values.
+    fn paths(&self) -> (String, String) {
+        (
+            self.ca_file.display().to_string(),
+            self.creds.display().to_string(),
+        )
+    }
+
     fn start(&mut self, services: &[String]) {
         std::fs::write(
             &self.pod.config,
@@ -172,10 +190,7 @@ fn verify_full_refuses_wrong_name_unknown_ca_and_plaintext_servers() {
             tx.send((req, rest)).unwrap();
         }
     });
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (ca, creds) = s.paths();
     s.start(&[
         service(
             "orders-db",
@@ -251,10 +266,7 @@ fn scram_md5_and_cleartext_offload_rotation_and_unlisted_users() {
     pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass-1'");
     pg.sql("SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-pass'");
     pg.sql("CREATE ROLE clearuser LOGIN PASSWORD 'clear-pass'");
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (ca, creds) = s.paths();
     s.start(&[service(
         "orders-db",
         VIP,
@@ -328,14 +340,8 @@ fn scram_md5_and_cleartext_offload_rotation_and_unlisted_users() {
 
 #[test]
 fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
-    let mut s = setup("app: app-pass\n");
-    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
-    pg.sql("CREATE DATABASE orders");
-    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (mut s, pg) = orders_app();
+    let (ca, creds) = s.paths();
     s.start(&[service(
         "orders-db",
         VIP,
@@ -423,14 +429,8 @@ fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
 
 #[test]
 fn cancel_goes_through_the_ambassador() {
-    let mut s = setup("app: app-pass\n");
-    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
-    pg.sql("CREATE DATABASE orders");
-    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (mut s, pg) = orders_app();
+    let (ca, creds) = s.paths();
     s.start(&[service(
         "orders-db",
         VIP,
@@ -465,14 +465,8 @@ fn cancel_goes_through_the_ambassador() {
 
 #[test]
 fn named_prepared_statements_refused_in_transaction_mode_and_working_in_session_mode() {
-    let mut s = setup("app: app-pass\n");
-    let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
-    pg.sql("CREATE DATABASE orders");
-    pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (mut s, _pg) = orders_app();
+    let (ca, creds) = s.paths();
     s.start(&[
         service(
             "tx",
@@ -530,10 +524,7 @@ fn failover_to_a_promoted_replica() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(replica.sql("select pg_is_in_recovery()"), "t");
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (ca, creds) = s.paths();
     s.start(&[service(
         "orders-db",
         VIP,
@@ -638,10 +629,7 @@ fn direct_tls_with_alpn_postgresql() {
         &key,
         &[],
     );
-    let (ca, creds) = (
-        s.ca_file.display().to_string(),
-        s.creds.display().to_string(),
-    );
+    let (ca, creds) = s.paths();
     let direct = "    postgres:\n      direct_tls: true\n";
     let with_direct = |name: &str, vip: &str, ep: &str| {
         service(name, vip, &[ep], &ca, &creds, "", "{ mode: session }")
