@@ -96,6 +96,19 @@ fn unique_dir() -> PathBuf {
 }
 
 impl PgServer {
+    /// A server not yet created: its directories, where it will listen.
+    fn at(ns: &Netns, addr: &str, port: u16) -> PgServer {
+        let dir = unique_dir();
+        PgServer {
+            data: dir.join("data"),
+            dir,
+            addr: addr.to_string(),
+            port,
+            netns_path: ns.path(),
+            stopped: true,
+        }
+    }
+
     /// initdb (superuser `postgres` with `superuser_password`, SCRAM), the
     /// config, and start; listens on `addr:port` in `ns`.
     pub fn start(
@@ -105,19 +118,10 @@ impl PgServer {
         tls: PgTls,
         superuser_password: &str,
     ) -> PgServer {
-        let dir = unique_dir();
-        let data = dir.join("data");
-        let pw = dir.join("pw");
+        let mut server = PgServer::at(ns, addr, port);
+        let pw = server.dir.join("pw");
         fs::write(&pw, format!("{superuser_password}\n")).expect("write pwfile");
         chown(&pw, Some(PG_UID), Some(PG_UID)).expect("chown pwfile");
-        let mut server = PgServer {
-            dir,
-            data,
-            addr: addr.to_string(),
-            port,
-            netns_path: ns.path(),
-            stopped: true,
-        };
         server.run_ok(
             server
                 .cmd(ns, "initdb")
@@ -149,16 +153,7 @@ impl PgServer {
         port: u16,
         replicator_password: &str,
     ) -> PgServer {
-        let dir = unique_dir();
-        let data = dir.join("data");
-        let mut server = PgServer {
-            dir,
-            data,
-            addr: addr.to_string(),
-            port,
-            netns_path: ns.path(),
-            stopped: true,
-        };
+        let mut server = PgServer::at(ns, addr, port);
         server.run_ok(
             server
                 .cmd(ns, "pg_basebackup")

@@ -135,6 +135,12 @@ fn orders_app() -> (Setup, PgServer) {
 }
 
 impl Setup {
+    /// A postgres service on VIP to the one server, with verified TLS.
+    fn orders_service(&self, name: &str, pool: &str) -> String {
+        let (ca, creds) = self.paths();
+        service(name, VIP, &["198.18.0.2:5432"], &ca, &creds, "", pool)
+    }
+
     /// The CA file and the credentials file, as config values.
     fn paths(&self) -> (String, String) {
         (
@@ -192,15 +198,7 @@ fn verify_full_refuses_wrong_name_unknown_ca_and_plaintext_servers() {
     });
     let (ca, creds) = s.paths();
     s.start(&[
-        service(
-            "orders-db",
-            VIP,
-            &["198.18.0.2:5432"],
-            &ca,
-            &creds,
-            "",
-            "{ mode: transaction }",
-        ),
+        s.orders_service("orders-db", "{ mode: transaction }"),
         service(
             "plain-db",
             SESSION_VIP,
@@ -266,16 +264,7 @@ fn scram_md5_and_cleartext_offload_rotation_and_unlisted_users() {
     pg.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass-1'");
     pg.sql("SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-pass'");
     pg.sql("CREATE ROLE clearuser LOGIN PASSWORD 'clear-pass'");
-    let (ca, creds) = s.paths();
-    s.start(&[service(
-        "orders-db",
-        VIP,
-        &["198.18.0.2:5432"],
-        &ca,
-        &creds,
-        "",
-        "{ mode: session, size: 4 }",
-    )]);
+    s.start(&[s.orders_service("orders-db", "{ mode: session, size: 4 }")]);
     let who = "select current_user, ssl from pg_stat_ssl where pid = pg_backend_pid()";
     assert_eq!(ok(&psql(&s.pod, "app", who)), "app|t");
     assert_eq!(ok(&psql(&s.pod, "md5user", who)), "md5user|t");
@@ -341,14 +330,8 @@ fn scram_md5_and_cleartext_offload_rotation_and_unlisted_users() {
 #[test]
 fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
     let (mut s, pg) = orders_app();
-    let (ca, creds) = s.paths();
-    s.start(&[service(
+    s.start(&[s.orders_service(
         "orders-db",
-        VIP,
-        &["198.18.0.2:5432"],
-        &ca,
-        &creds,
-        "",
         "{ mode: transaction, size: 1, queue_timeout: 1s }",
     )]);
     let mut pids = Vec::new();
@@ -430,16 +413,7 @@ fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
 #[test]
 fn cancel_goes_through_the_ambassador() {
     let (mut s, pg) = orders_app();
-    let (ca, creds) = s.paths();
-    s.start(&[service(
-        "orders-db",
-        VIP,
-        &["198.18.0.2:5432"],
-        &ca,
-        &creds,
-        "",
-        "{ mode: transaction }",
-    )]);
+    s.start(&[s.orders_service("orders-db", "{ mode: transaction }")]);
     let sleeper = psql_cmd(&s.pod, VIP, "app", "select pg_sleep(30)")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -468,15 +442,7 @@ fn named_prepared_statements_refused_in_transaction_mode_and_working_in_session_
     let (mut s, _pg) = orders_app();
     let (ca, creds) = s.paths();
     s.start(&[
-        service(
-            "tx",
-            VIP,
-            &["198.18.0.2:5432"],
-            &ca,
-            &creds,
-            "",
-            "{ mode: transaction }",
-        ),
+        s.orders_service("tx", "{ mode: transaction }"),
         service(
             "session",
             SESSION_VIP,
