@@ -35,8 +35,14 @@ pub mod maps {
     pub const COOKIES: &str = "AMB_COOKIES";
     pub const CONNS: &str = "AMB_CONNS";
     pub const COUNTERS: &str = "AMB_COUNTERS";
+    /// The two local ends of redirected connections (the app's socket and the
+    /// proxy's accepted one), for the sk_msg shortcut between them.
+    pub const SOCKS: &str = "AMB_SOCKS";
+    /// Per sending socket: whether its bytes take the shortcut (decided once,
+    /// at its first send, so a connection's bytes never mix both paths).
+    pub const ACCEL: &str = "AMB_ACCEL";
     /// Every map the programs pin, in the order `status` lists them.
-    pub const PINNED: [&str; 7] = [
+    pub const PINNED: [&str; 9] = [
         CONFIG,
         EXCLUDE_PORTS,
         EXCLUDE_V4,
@@ -44,6 +50,8 @@ pub mod maps {
         COOKIES,
         CONNS,
         COUNTERS,
+        SOCKS,
+        ACCEL,
     ];
     pub const MAX_EXCLUDED_PORTS: u32 = 64;
     pub const MAX_EXCLUDED_CIDRS: u32 = 256;
@@ -57,6 +65,7 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "ambassador_getsockopt";
     pub const GETPEERNAME4: &str = "ambassador_getpeername4";
     pub const GETPEERNAME6: &str = "ambassador_getpeername6";
+    /// The cgroup programs, one link each.
     pub const ALL: [&str; 6] = [
         CONNECT4,
         CONNECT6,
@@ -65,6 +74,8 @@ pub mod programs {
         GETPEERNAME4,
         GETPEERNAME6,
     ];
+    /// The sk_msg program, attached to the `AMB_SOCKS` map rather than a cgroup.
+    pub const ACCEL: &str = "ambassador_accel";
 }
 
 /// Indices into the per-CPU counter array.
@@ -77,8 +88,12 @@ pub mod counter {
     pub const REFUSED: u32 = 2;
     /// Went direct because the proxy was absent under fail-open.
     pub const PASSED: u32 = 3;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; COUNT as usize] = ["redirected", "bypassed", "refused", "passed"];
+    /// Redirected connections whose bytes between app and proxy take the
+    /// sk_msg shortcut (counted once per direction that does).
+    pub const ACCELERATED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["redirected", "bypassed", "refused", "passed", "accelerated"];
 }
 
 /// The single entry of the config map, written by `init` / `run`.
@@ -95,7 +110,10 @@ pub struct Config {
     pub proxy_uid: u32,
     /// Sockets carrying this SO_MARK are never redirected; 0 for none.
     pub proxy_mark: u32,
-    pub _pad: u32,
+    /// 1: bytes between the app and the proxy skip the loopback TCP stack
+    /// (sk_msg redirect between the two sockets).
+    pub accelerate: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Where the app meant to go.

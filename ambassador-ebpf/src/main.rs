@@ -9,6 +9,10 @@
 //! - `getsockopt`: answer `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the
 //!   proxy's accepted socket from that table, exactly as netfilter would.
 //! - `getpeername4/6`: the app sees the original destination as its peer.
+//! - the shortcut: `sockops` also puts both local ends of a redirected
+//!   connection (the app's socket, the proxy's accepted one) into a sockhash,
+//!   and `accel` (sk_msg) hands each one's sends straight to the other's
+//!   receive queue, skipping the loopback TCP stack both ways.
 #![no_std]
 #![no_main]
 
@@ -18,13 +22,14 @@ use ambassador_common::{
 };
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock, bpf_sock_tuple,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock, bpf_sock_tuple, sk_action,
     },
     helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 
@@ -49,6 +54,92 @@ static COOKIES: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(DEFAULT_
 static CONNS: LruHashMap<ConnKey, OrigDst> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
 #[map(name = "AMB_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+/// Both local ends of redirected connections, each under its own view of the
+/// connection (local end first).
+#[map(name = "AMB_SOCKS")]
+static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+/// Sending socket (its own view) -> TAKE / KEEP_TCP, decided at its
+/// first send.
+#[map(name = "AMB_ACCEL")]
+static ACCEL: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+
+const TAKE: u8 = 1;
+const KEEP_TCP: u8 = 2;
+
+/// One TCP connection as one of its local ends sees it; the other end's key
+/// is the same with local and remote swapped. IPv4 (and v4-mapped IPv6) uses
+/// word 0 of each address, so a dual-stack app socket and the proxy's IPv4
+/// socket name the same connection.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockKey {
+    local: [u32; 4],
+    remote: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+    family: u32,
+}
+
+impl SockKey {
+    /// Ports in host order; addresses as the kernel gives them.
+    #[inline(always)]
+    fn new(family: u32, local: [u32; 4], remote: [u32; 4], lport: u32, rport: u32) -> SockKey {
+        let (family, local, remote) = if family == AF_INET as u32 {
+            (family, [local[0], 0, 0, 0], [remote[0], 0, 0, 0])
+        } else if is_v4_mapped(&local) && is_v4_mapped(&remote) {
+            (AF_INET as u32, [local[3], 0, 0, 0], [remote[3], 0, 0, 0])
+        } else {
+            (family, local, remote)
+        };
+        SockKey {
+            local,
+            remote,
+            local_port: lport,
+            remote_port: rport,
+            family,
+        }
+    }
+
+    /// From a context's fields (sock_ops and sk_msg name them alike).
+    #[inline(always)]
+    fn from_fields(
+        family: u32,
+        l4: u32,
+        r4: u32,
+        l6: [u32; 4],
+        r6: [u32; 4],
+        lport: u32,
+        rport: u32,
+    ) -> SockKey {
+        let (local, remote) = if family == AF_INET as u32 {
+            ([l4, 0, 0, 0], [r4, 0, 0, 0])
+        } else {
+            (l6, r6)
+        };
+        SockKey::new(family, local, remote, lport, remote_port_host(rport))
+    }
+
+    #[inline(always)]
+    fn peer(&self) -> SockKey {
+        SockKey {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+        }
+    }
+}
+
+/// A context's remote port, in network order in the context, to host order.
+/// The kernel puts the be16 in the upper half of the u32 (since 5.x, for
+/// both sock_ops and sk_msg); the lower half is taken too, for kernels that
+/// did not shift it.
+#[inline(always)]
+fn remote_port_host(raw: u32) -> u32 {
+    let v = u32::from_be(raw);
+    if v > 0xffff { v >> 16 } else { v }
+}
 
 #[inline(always)]
 fn count(index: u32) {
@@ -353,6 +444,37 @@ fn key_from_ops(ctx: &SockOpsContext) -> ConnKey {
     }
 }
 
+/// This socket's view of its connection, for the shortcut maps.
+#[inline(always)]
+fn sock_key_from_ops(ctx: &SockOpsContext) -> SockKey {
+    // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this callback; every
+    // field is read whole, by its own load (volatile: the verifier refuses a
+    // load through a context pointer the compiler offset by a select).
+    unsafe {
+        let o = &*ctx.ops;
+        SockKey::from_fields(
+            core::ptr::read_volatile(&o.family),
+            core::ptr::read_volatile(&o.local_ip4),
+            core::ptr::read_volatile(&o.remote_ip4),
+            core::ptr::read_volatile(&o.local_ip6),
+            core::ptr::read_volatile(&o.remote_ip6),
+            core::ptr::read_volatile(&o.local_port),
+            core::ptr::read_volatile(&o.remote_port),
+        )
+    }
+}
+
+/// Offers this socket to the shortcut (the config allowing it) and asks for
+/// its state changes, so its entries go when it closes.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext, cfg: &Config) {
+    if cfg.accelerate != 0 {
+        let mut key = sock_key_from_ops(ctx);
+        // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this callback.
+        let _ = SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64);
+    }
+}
+
 #[sock_ops]
 pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -366,16 +488,85 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
             if CONNS.insert(&key, &orig, 0).is_ok() {
                 // Ask for state changes so both entries go when the socket closes.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                if let Some(cfg) = config() {
+                    accelerate(&ctx, &cfg);
+                }
+            }
+        }
+        // The proxy's end of a connection redirected here: the app's end is
+        // already in CONNS (its ACK made this socket).
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let Some(cfg) = config() else { return 1 };
+            if cfg.accelerate == 0 || ctx.local_port() != u32::from(cfg.proxy_port) {
+                return 1;
+            }
+            let app = sock_key_from_ops(&ctx);
+            let key = ConnKey {
+                app_addr: app.remote,
+                app_port: app.remote_port as u16,
+                proxy_port: cfg.proxy_port,
+                family: app.family as u16,
+                _pad: 0,
+            };
+            // SAFETY: presence check only, value not held.
+            if unsafe { CONNS.get(&key) }.is_some() {
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                accelerate(&ctx, &cfg);
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let key = key_from_ops(&ctx);
-            let _ = CONNS.remove(&key);
-            let _ = COOKIES.remove(&cookie_of(ctx.ops));
+            // (The sockhash drops a closing socket by itself.)
+            let _ = ACCEL.remove(&sock_key_from_ops(&ctx));
+            let is_proxy_end =
+                config().is_some_and(|c| ctx.local_port() == u32::from(c.proxy_port));
+            if !is_proxy_end {
+                let key = key_from_ops(&ctx);
+                let _ = CONNS.remove(&key);
+                let _ = COOKIES.remove(&cookie_of(ctx.ops));
+            }
         }
         _ => {}
     }
     1
+}
+
+/// Every send on a socket in `AMB_SOCKS`: hand the bytes to the other local
+/// end's receive queue. Decided once per socket, at its first send: if the
+/// other end is not in the map yet (its handshake still in flight), this
+/// socket keeps to the TCP path for good, so no later bytes can overtake
+/// earlier ones waiting in the peer's TCP receive queue.
+#[sk_msg]
+pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel passes a valid sk_msg_md for the program's
+    // lifetime; fields read whole, each by its own load (see sock_key_from_ops).
+    let me = unsafe {
+        let md = &*ctx.msg;
+        SockKey::from_fields(
+            core::ptr::read_volatile(&md.family),
+            core::ptr::read_volatile(&md.local_ip4),
+            core::ptr::read_volatile(&md.remote_ip4),
+            core::ptr::read_volatile(&md.local_ip6),
+            core::ptr::read_volatile(&md.remote_ip6),
+            core::ptr::read_volatile(&md.local_port),
+            core::ptr::read_volatile(&md.remote_port),
+        )
+    };
+    // SAFETY: copied out at once.
+    let decided = unsafe { ACCEL.get(&me) }.copied();
+    if decided == Some(KEEP_TCP) {
+        return sk_action::SK_PASS;
+    }
+    let mut peer = me.peer();
+    let verdict = SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);
+    if decided.is_none() {
+        let taken = verdict == sk_action::SK_PASS as i64;
+        let _ = ACCEL.insert(&me, &if taken { TAKE } else { KEEP_TCP }, 0);
+        if taken {
+            count(counter::ACCELERATED);
+        }
+    }
+    // A failed lookup (the peer closed) leaves the bytes to TCP.
+    sk_action::SK_PASS
 }
 
 #[repr(C)]

@@ -410,6 +410,8 @@ impl Collector for StateCollector {
                 ConstGauge::new(i64::from(*up)).encode(fam)?;
             }
         }
+        let accelerated =
+            ambassador_common::counter::NAMES[ambassador_common::counter::ACCELERATED as usize];
         if !rows.kernel.is_empty() {
             let c = ConstCounter::new(0u64);
             let mut e = encoder.encode_descriptor(
@@ -418,11 +420,21 @@ impl Collector for StateCollector {
                 None,
                 c.metric_type(),
             )?;
-            for (outcome, v) in &rows.kernel {
+            for (outcome, v) in rows.kernel.iter().filter(|(n, _)| *n != accelerated) {
                 let labels = [("outcome", *outcome)];
                 let fam = e.encode_family(&labels)?;
                 ConstCounter::new(*v).encode(fam)?;
             }
+        }
+        if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {
+            let c = ConstCounter::new(*v);
+            let e = encoder.encode_descriptor(
+                "kernel_accelerated_streams",
+                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(e)?;
         }
         rows.gauges.sort_by_key(|g| g.0);
         for group in rows.gauges.chunk_by(|a, b| a.0 == b.0) {

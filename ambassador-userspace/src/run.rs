@@ -72,6 +72,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         log_level: opts.bpf_log_level,
     })?;
     interception::configure(&mut bpf, &cfg, port, None)?;
+    // The proxy runs outside the command's cgroup, where `sockops` never sees
+    // its sockets: the app<->proxy shortcut needs both ends, so it stays off.
+    interception::set_accelerate(&mut bpf, false)?;
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
     let links = interception::attach(&mut bpf, &cg_dir)?;
     let (counters, conns) = interception::take_tables(&mut bpf)?;
@@ -93,7 +96,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         let mut bpf = bpf
             .lock()
             .map_err(|_| "kernel maps lock poisoned".to_string())?;
-        interception::configure(&mut bpf, next, port, None).map_err(|e| e.to_string())
+        interception::configure(&mut bpf, next, port, None)
+            .and_then(|()| interception::set_accelerate(&mut bpf, false))
+            .map_err(|e| e.to_string())
     }));
     interception::counters_into_metrics(counters.clone());
     if let Some(at) = admin_at {

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use ambassador_common::NO_UID;
+use ambassador_common::{NO_UID, counter};
 
 use crate::interception::pins::{self, InstallStatus};
 
@@ -74,8 +74,27 @@ pub fn render(installs: &[InstallStatus]) -> String {
                 },
             );
         }
-        let counters: Vec<String> = s.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        let accelerated = counter::NAMES[counter::ACCELERATED as usize];
+        let counters: Vec<String> = s
+            .counters
+            .iter()
+            .filter(|(n, _)| *n != accelerated)
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect();
         let _ = writeln!(out, "  connects {}", counters.join(", "));
+        if let Some(c) = &s.config {
+            let n = s.counters.iter().find(|(n, _)| *n == accelerated);
+            let _ = writeln!(
+                out,
+                "  sk_msg   {}",
+                match (c.accelerate != 0, n) {
+                    (true, Some((_, n))) =>
+                        format!("on, {n} app<->proxy stream(s) took the shortcut"),
+                    (true, None) => "on".into(),
+                    (false, _) => "off (app<->proxy bytes take loopback TCP)".into(),
+                }
+            );
+        }
         let _ = writeln!(out, "  tracked  {} connection(s) in flight", s.tracked);
     }
     out

@@ -5,9 +5,11 @@ It knows nothing about ambassador: it connects to the address it is given with
 the plain socket module, and reports what it saw so the tests can assert on it.
 """
 import errno
+import hashlib
 import resource
 import socket
 import sys
+import threading
 import time
 
 
@@ -115,6 +117,40 @@ def main():
                     failed += 1
                 held.append(s)
         print(f"ok {ok} misrouted {misrouted} failed {failed} open {len(held)}")
+    elif mode == "echo":
+        # Each connection writes at once (no wait for the greeting), in
+        # several writes, while a second thread reads the echo back: the
+        # bytes must come back whole and in order.
+        count, size = int(rest[0]), int(rest[1])
+        ok = mismatched = 0
+        for i in range(count):
+            data = hashlib.sha256(str(i).encode()).digest() * (size // 32 + 1)
+            data = data[:size]
+            s = connect(host, port, timeout=30)
+            got = bytearray()
+
+            def read_all():
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    buf += s.recv(1)
+                while len(got) < size:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got.extend(chunk)
+
+            reader = threading.Thread(target=read_all)
+            reader.start()
+            step = max(1, size // 7)
+            for at in range(0, size, step):
+                s.sendall(data[at:at + step])
+            reader.join()
+            s.close()
+            if bytes(got) == data:
+                ok += 1
+            else:
+                mismatched += 1
+        print(f"ok {ok} mismatched {mismatched}")
     elif mode == "raw":
         # Bytes exactly as given (hex), then every status line that comes back.
         s = connect(host, port)
@@ -178,7 +214,6 @@ def main():
     elif mode == "http-many":
         # N concurrent plain HTTP GETs (one connection each), as a busy app would.
         import http.client
-        import threading
         count = int(rest[0])
         want_len = int(rest[1]) if len(rest) > 1 else None
         statuses = []

@@ -404,6 +404,11 @@ impl Pod {
         }
     }
 
+    /// The running proxy's PID.
+    pub fn proxy_pid(&self) -> Option<u32> {
+        self.proxy.as_ref().map(|c| c.id())
+    }
+
     /// Kills the proxy outright (SIGKILL, by its PID), as a crash would.
     pub fn kill_proxy(&mut self) {
         if let Some(mut child) = self.proxy.take() {
@@ -562,6 +567,7 @@ impl Pod {
             bypassed: get(counter::BYPASSED),
             refused: get(counter::REFUSED),
             passed: get(counter::PASSED),
+            accelerated: get(counter::ACCELERATED),
         }
     }
 
@@ -634,6 +640,8 @@ pub struct Counters {
     pub bypassed: u64,
     pub refused: u64,
     pub passed: u64,
+    /// app<->proxy byte streams (one per direction) on the sk_msg shortcut.
+    pub accelerated: u64,
 }
 
 pub fn stdout(o: &Output) -> String {

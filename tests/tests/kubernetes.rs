@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use ambassador_common::{maps, programs as p};
 use ambassador_tests::*;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
@@ -410,8 +411,13 @@ fn a_deleted_pod_leaves_nothing_once_gc_has_run() {
     assert!(shared.join("AMB_COUNTERS").exists(), "{}", text(&out));
     let (id, pins) = (pod.id(), pod.pins());
     let ids = pinned_ids(&pins);
-    assert_eq!((ids.0.len(), ids.1.len()), (6, 6), "{ids:?}");
-    assert_eq!(ids.2.len(), 7, "{ids:?}");
+    // Six cgroup links and the sk_msg link to the sockhash; every map.
+    assert_eq!(
+        (ids.0.len(), ids.1.len()),
+        (p::ALL.len() + 1, p::ALL.len() + 1),
+        "{ids:?}"
+    );
+    assert_eq!(ids.2.len(), maps::PINNED.len(), "{ids:?}");
 
     // The kubelet removes the Pod's cgroup: the kernel detaches our links
     // (they now report cgroup 0) but the pins keep everything alive.

@@ -425,3 +425,51 @@ fn bpf_log_follows_the_installed_programs() {
     let _ = follow.wait();
     assert!(Instant::now() < deadline, "no {want:?} in {seen:?}");
 }
+
+#[test]
+fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7401, Behaviour::Greet);
+    // Many short connections that write the moment connect() returns (the
+    // proxy's end may not have joined the sockhash yet: those streams must
+    // keep to TCP whole, never mix), then one long stream.
+    let out = pod.client(&["echo", SERVER_V4, "7401", "60", "65536"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out).trim(), "ok 60 mismatched 0", "{}", lines(&out));
+    let out = pod.client(&["echo", SERVER_V4, "7401", "1", "16777216"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out).trim(), "ok 1 mismatched 0", "{}", lines(&out));
+
+    let c = pod.counters();
+    assert_eq!(c.redirected, 61, "{c:?}");
+    // The proxy's end always finds the app's (which joined before connect()
+    // returned); the app's end finds the proxy's unless it wrote first.
+    assert!(
+        (61..=122).contains(&c.accelerated),
+        "streams on the shortcut: {c:?}"
+    );
+    let out = pod.ambassador(&["status"], None);
+    assert!(
+        stdout(&out).contains(&format!(
+            "sk_msg   on, {} app<->proxy stream(s) took the shortcut",
+            c.accelerated
+        )),
+        "{}",
+        lines(&out)
+    );
+}
+
+#[test]
+fn without_acceleration_bytes_take_loopback_tcp() {
+    let mut pod = Pod::new("intercept:\n  accelerate: false\n");
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7402, Behaviour::Greet);
+    let out = pod.client(&["echo", SERVER_V4, "7402", "5", "1048576"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out).trim(), "ok 5 mismatched 0", "{}", lines(&out));
+    let c = pod.counters();
+    assert_eq!((c.redirected, c.accelerated), (5, 0), "{c:?}");
+    let out = pod.ambassador(&["status"], None);
+    assert!(stdout(&out).contains("sk_msg   off"), "{}", lines(&out));
+}

@@ -185,8 +185,8 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --only postgres`: the PostgreSQL section alone.
-pub fn run_postgres(bin: &Path) -> anyhow::Result<()> {
+/// `cargo xtask bench --only http|postgres`: one section alone.
+pub fn run_section(bin: &Path, section: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -196,12 +196,16 @@ pub fn run_postgres(bin: &Path) -> anyhow::Result<()> {
     crate::toolchain::ensure_test_tools()?;
     // SAFETY: single-threaded at this point; nothing else reads the environment.
     unsafe { std::env::set_var("AMBASSADOR_BIN", bin) };
-    let report = crate::bench_postgres::run()?;
+    let report = match section {
+        "http" => crate::bench_http::run()?,
+        _ => crate::bench_postgres::run()?,
+    };
     print!("{report}");
     let out = crate::root().join("target/bench");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("postgres.txt"), &report)?;
-    println!("(written to {})", out.join("postgres.txt").display());
+    let file = out.join(format!("{section}.txt"));
+    std::fs::write(&file, &report)?;
+    println!("(written to {})", file.display());
     Ok(())
 }
 

@@ -77,6 +77,9 @@ struct Row {
     p99_range: (f64, f64),
     fixed_rps: f64,
     max_rps: f64,
+    /// The proxy's CPU time per request in the unthrottled run, user and
+    /// system, in microseconds (none for direct).
+    cpu_us: Option<(f64, f64)>,
 }
 
 /// What one oha run measured.
@@ -84,6 +87,7 @@ struct Load {
     p50_us: f64,
     p99_us: f64,
     rps: f64,
+    requests: u64,
 }
 
 /// Runs the HTTP section; returns its report.
@@ -195,8 +199,10 @@ pub fn run() -> anyhow::Result<String> {
             "ambassador, 2 workers".into(),
         ),
     ];
-    // Per mode: (fixed-rate load, max req/s) for each round.
-    let mut runs: Vec<Vec<(Load, f64)>> = modes.iter().map(|_| Vec::new()).collect();
+    // Per mode: (fixed-rate load, max req/s, proxy CPU per request) for each
+    // round.
+    type Run = (Load, f64, Option<(f64, f64)>);
+    let mut runs: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 0..ROUNDS {
         for i in 0..modes.len() {
             let k = (i + round) % modes.len();
@@ -210,13 +216,27 @@ pub fn run() -> anyhow::Result<String> {
             if round == 0 {
                 check(&at, m)?;
             }
+            let pids = match m.via {
+                Via::Direct => Vec::new(),
+                Via::Ambassador => pod.proxy_pid().into_iter().collect(),
+                Via::Haproxy => haproxy.pids(),
+                Via::Nginx => nginx_proxy.pids(),
+            };
             // Unthrottled first: it also warms the proxies' upstream pools
             // (emptied when ambassador restarts).
+            let cpu_before = cpu_ticks(&pids);
             let max = load(&oha, &at, &url(m.via, m.tls), None, MAX_SECONDS)
                 .with_context(|| format!("max rate, {}", m.label))?;
+            let cpu = cpu_before
+                .zip(cpu_ticks(&pids))
+                .filter(|_| max.requests > 0)
+                .map(|((u0, s0), (u1, s1))| {
+                    let per = |t: u64| t as f64 * 1e6 / ticks_per_second() / max.requests as f64;
+                    (per(u1 - u0), per(s1 - s0))
+                });
             let fixed = load(&oha, &at, &url(m.via, m.tls), Some(RATE), FIXED_SECONDS)
                 .with_context(|| format!("fixed rate, {}", m.label))?;
-            runs[k].push((fixed, max.rps));
+            runs[k].push((fixed, max.rps, cpu));
         }
         eprintln!("xtask: bench http round {}/{ROUNDS} done", round + 1);
     }
@@ -228,29 +248,62 @@ pub fn run() -> anyhow::Result<String> {
         .into_iter()
         .zip(runs)
         .map(|(m, r)| {
-            let p99: Vec<f64> = r.iter().map(|(f, _)| f.p99_us).collect();
+            let p99: Vec<f64> = r.iter().map(|(f, ..)| f.p99_us).collect();
+            let cpu: Vec<(f64, f64)> = r.iter().filter_map(|(.., c)| *c).collect();
             Row {
                 via: m.via,
                 tls: m.tls,
                 workers: m.workers,
                 label: m.label,
-                p50_us: median(r.iter().map(|(f, _)| f.p50_us)),
+                p50_us: median(r.iter().map(|(f, ..)| f.p50_us)),
                 p99_us: median(p99.iter().copied()),
                 p99_range: (
                     p99.iter().copied().fold(f64::INFINITY, f64::min),
                     p99.iter().copied().fold(0.0, f64::max),
                 ),
-                fixed_rps: median(r.iter().map(|(f, _)| f.rps)),
-                max_rps: median(r.iter().map(|(_, m)| *m)),
+                fixed_rps: median(r.iter().map(|(f, ..)| f.rps)),
+                max_rps: median(r.iter().map(|(_, m, _)| *m)),
+                cpu_us: (!cpu.is_empty()).then(|| {
+                    (
+                        median(cpu.iter().map(|c| c.0)),
+                        median(cpu.iter().map(|c| c.1)),
+                    )
+                }),
             }
         })
         .collect();
     let notes = Notes {
         redirected: counters.redirected,
+        accelerated: counters.accelerated,
         busy_before,
         busy_after: cpu_busy(),
     };
     Ok(report(&rows, &versions, &notes))
+}
+
+/// Clock ticks of user and system time the processes have used so far
+/// (`/proc/PID/stat`, all threads); none if one of them is gone.
+fn cpu_ticks(pids: &[u32]) -> Option<(u64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold((0, 0), |(u, s), pid| {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces: fields count from after ')'.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line.
+        Some((
+            u + f.get(11)?.parse::<u64>().ok()?,
+            s + f.get(12)?.parse::<u64>().ok()?,
+        ))
+    })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn cores() -> usize {
@@ -451,6 +504,7 @@ fn load(
             .with_context(|| format!("no latencyPercentiles.{p} in oha's output"))
     };
     Ok(Load {
+        requests: statuses["200"].as_u64().unwrap_or(0),
         p50_us: seconds("p50")? * 1e6,
         p99_us: seconds("p99")? * 1e6,
         rps: v["summary"]["requestsPerSec"]
@@ -658,6 +712,16 @@ impl Daemon {
         Ok(Daemon { name, child, log })
     }
 
+    /// The process and its children (nginx's workers).
+    fn pids(&self) -> Vec<u32> {
+        let pid = self.child.id();
+        let children =
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        std::iter::once(pid)
+            .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+            .collect()
+    }
+
     fn output(&self) -> String {
         fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -776,6 +840,7 @@ impl Versions {
 /// What the report says besides the numbers.
 struct Notes {
     redirected: u64,
+    accelerated: u64,
     busy_before: String,
     busy_after: String,
 }
@@ -789,7 +854,7 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         v.oha
     );
     r.push_str(&format!(
-        "{:<34} {:>7} {:>7} {:>11} {:>7} {:>7} {:>6} {:>6} {:>9} {:>6}\n",
+        "{:<34} {:>7} {:>7} {:>11} {:>7} {:>7} {:>6} {:>6} {:>9} {:>6} {:>13}\n",
         "mode",
         "p50 us",
         "p99 us",
@@ -799,7 +864,8 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         "p50 x",
         "p99 x",
         "max req/s",
-        "max x"
+        "max x",
+        "CPU us/req"
     ));
     for row in rows {
         // A mode that fell behind the fixed rate has latencies that mean
@@ -809,8 +875,11 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         } else {
             String::new()
         };
+        let cpu = row
+            .cpu_us
+            .map_or(String::new(), |(u, s)| format!("{u:.1}+{s:.1}"));
         r.push_str(&format!(
-            "{:<34} {:>7.0} {:>7.0} {:>11} {:>7.0} {:>7.0} {:>6.2} {:>6.2} {:>9.0} {:>6.2}{held}\n",
+            "{:<34} {:>7.0} {:>7.0} {:>11} {:>7.0} {:>7.0} {:>6.2} {:>6.2} {:>9.0} {:>6.2} {cpu:>13}{held}\n",
             row.label,
             row.p50_us,
             row.p99_us,
@@ -842,8 +911,8 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
     let added = |row: &Row| (row.p50_us - base.p50_us, row.p99_us - base.p99_us);
     r.push_str(&format!(
         "\nambassador (1 worker) / other: below 1 = less added latency, above 1 = more req/s\n\
-         {:<34} {:>7} {:>7} {:>9}\n",
-        "", "+p50", "+p99", "max req/s"
+         {:<34} {:>7} {:>7} {:>9} {:>7}\n",
+        "", "+p50", "+p99", "max req/s", "CPU/req"
     ));
     for tls in [false, true] {
         let Some(amb) = find(Via::Ambassador, tls) else {
@@ -854,8 +923,14 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
                 continue;
             };
             let ((a50, a99), (o50, o99)) = (added(amb), added(other));
+            let cpu = match (amb.cpu_us, other.cpu_us) {
+                (Some((au, asys)), Some((ou, osys))) if ou + osys > 0.0 => {
+                    format!("{:.2}", (au + asys) / (ou + osys))
+                }
+                _ => "-".into(),
+            };
             r.push_str(&format!(
-                "{:<34} {:>7} {:>7} {:>9.2}\n",
+                "{:<34} {:>7} {:>7} {:>9.2} {cpu:>7}\n",
                 format!("{} vs {name}", if tls { "TLS" } else { "plain" }),
                 ratio(a50, o50),
                 ratio(a99, o99),
@@ -872,12 +947,14 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin; x still to plain direct.\n\
          Client (oha), proxy and origin share the machine's {cores} cores; p99 range = min-max\n\
-         over the rounds; \"-\": an added latency came out at or below 0. Everything runs at nice -10;\n\
-         CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
-         kernel counters for the ambassador runs: redirected {}\n",
+         over the rounds; \"-\": an added latency came out at or below 0. CPU us/req = the proxy's\n\
+         user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
+         Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
+         kernel counters for the ambassador runs: redirected {}, accelerated (sk_msg) {}\n",
         notes.busy_before,
         notes.busy_after,
         notes.redirected,
+        notes.accelerated,
         ngx = v.nginx,
         cores = cores(),
     ));

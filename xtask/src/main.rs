@@ -44,8 +44,8 @@ enum Cmd {
     /// HTTP through ambassador vs HAProxy vs nginx vs direct; pgbench through ambassador vs
     /// PgBouncer vs direct; ratios.
     Bench {
-        /// Run one section only (`postgres`).
-        #[arg(long, value_parser = ["postgres"])]
+        /// Run one section only (`http` or `postgres`).
+        #[arg(long, value_parser = ["http", "postgres"])]
         only: Option<String>,
     },
     #[command(name = "__echo", hide = true)]
@@ -65,7 +65,7 @@ fn main() {
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
         Cmd::Bench { only: None } => build(true).and_then(|bin| bench::run(&bin)),
-        Cmd::Bench { only: Some(_) } => build(true).and_then(|bin| bench::run_postgres(&bin)),
+        Cmd::Bench { only: Some(s) } => build(true).and_then(|bin| bench::run_section(&bin, &s)),
         Cmd::Echo { addr, threads } => bench::echo_server(&addr, threads),
         Cmd::Connect {
             addr,

@@ -215,6 +215,9 @@ pub struct InterceptConfig {
     pub loopback: bool,
     /// Entries in each connection table (original destinations in flight).
     pub table_size: u32,
+    /// Bytes between the app and the proxy skip the loopback TCP stack: an
+    /// sk_msg program hands each side's sends to the other's socket.
+    pub accelerate: bool,
 }
 
 impl Default for InterceptConfig {
@@ -225,6 +228,7 @@ impl Default for InterceptConfig {
             exclude_cidrs: Vec::new(),
             loopback: false,
             table_size: DEFAULT_TABLE_SIZE,
+            accelerate: true,
         }
     }
 }

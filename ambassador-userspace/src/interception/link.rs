@@ -2,7 +2,8 @@
 //!
 //! aya 0.14 cannot turn a cgroup-sockopt link into a pinnable `FdLink`, and an
 //! init container must pin every link, so all six are created here the same
-//! way. A link detaches when its last reference (fd or pin) goes.
+//! way, and the sk_msg link to the sockhash too. A link detaches when its last
+//! reference (fd or pin) goes.
 
 use std::{
     ffi::CString,
@@ -15,12 +16,14 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// enum bpf_attach_type values of the hooks ambassador uses.
 #[derive(Debug, Clone, Copy)]
 #[repr(u32)]
 pub enum AttachType {
     SockOps = 3,
+    SkMsgVerdict = 7,
     Inet4Connect = 10,
     Inet6Connect = 11,
     GetSockopt = 21,
@@ -80,6 +83,35 @@ pub fn create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, at: AttachType) -> i
         flags: 0,
     };
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
+}
+
+/// Attaches `prog` to a sockmap/sockhash as a bpf_link (kernel 6.10+).
+pub fn create_for_map(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    at: AttachType,
+) -> io::Result<OwnedFd> {
+    create(prog, map, at)
+}
+
+/// The prefix of `union bpf_attr` used by BPF_LINK_UPDATE.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Makes `link` run `prog` from now on, atomically.
+pub fn update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {

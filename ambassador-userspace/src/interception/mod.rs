@@ -183,7 +183,7 @@ pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
     let mut bpf = loader
         .load(OBJECT)
         .map_err(|e| InterceptError::Load(Box::new(e)))?;
-    for name in p::ALL {
+    for name in p::ALL.into_iter().chain([p::ACCEL]) {
         let prog = bpf
             .program_mut(name)
             .ok_or_else(|| InterceptError::Program {
@@ -194,6 +194,7 @@ pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
             Program::CgroupSockAddr(p) => p.load(),
             Program::SockOps(p) => p.load(),
             Program::CgroupSockopt(p) => p.load(),
+            Program::SkMsg(p) => p.load(),
             _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
         }
         .map_err(InterceptError::program(name))?;
@@ -215,7 +216,8 @@ pub fn configure(
         loopback: u8::from(cfg.intercept.loopback),
         proxy_uid: proxy_uid.unwrap_or(NO_UID),
         proxy_mark: cfg.proxy.mark.unwrap_or(0),
-        _pad: 0,
+        accelerate: u8::from(cfg.intercept.accelerate),
+        _pad: [0; 3],
     };
     excluded_ports(&mut map_mut(bpf, m::EXCLUDE_PORTS)?, cfg)?;
     excluded_v4(&mut map_mut(bpf, m::EXCLUDE_V4)?, cfg)?;
@@ -225,6 +227,15 @@ pub fn configure(
     conf.set(0, kcfg, 0)
         .map_err(InterceptError::map(m::CONFIG))?;
     Ok(())
+}
+
+/// Turns the sk_msg shortcut on or off in the config map (off where it
+/// cannot be attached, so no socket joins a sockhash for nothing).
+pub fn set_accelerate(bpf: &mut Ebpf, on: bool) -> Result<(), InterceptError> {
+    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
+    let mut k = conf.get(&0, 0).map_err(InterceptError::map(m::CONFIG))?;
+    k.accelerate = u8::from(on);
+    conf.set(0, k, 0).map_err(InterceptError::map(m::CONFIG))
 }
 
 /// Makes the exclusion maps say what `cfg.intercept` says (stale entries
@@ -338,6 +349,58 @@ pub fn attach(
         links.push((name, l));
     }
     Ok(links)
+}
+
+/// Attaches the sk_msg program to the sockhash of the app's and the proxy's
+/// sockets, as a bpf_link (kernel 6.10+), or, given the link pinned by an
+/// earlier `init`, moves that link to the new program (a sockhash takes one
+/// sk_msg program, and the sockets in it stay). `Ok(None)`: the kernel has
+/// no sockmap links, so bytes keep to the TCP path; the caller says so.
+pub fn attach_accel(
+    bpf: &Ebpf,
+    existing: Option<&OwnedFd>,
+) -> Result<Option<OwnedFd>, InterceptError> {
+    let prog = bpf.program(p::ACCEL).ok_or(InterceptError::Program {
+        name: p::ACCEL,
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+    })?;
+    let prog_fd = prog.fd().map_err(InterceptError::program(p::ACCEL))?;
+    if let Some(link) = existing {
+        link::update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
+            InterceptError::Environment {
+                what: format!(
+                    "cannot move the pinned {} link to the new program",
+                    p::ACCEL
+                ),
+                source,
+            }
+        })?;
+        return Ok(None);
+    }
+    let socks = match bpf.map(m::SOCKS) {
+        Some(aya::maps::Map::SockHash(d)) => d,
+        _ => {
+            return Err(InterceptError::Map {
+                name: m::SOCKS,
+                source: Box::new(aya::maps::MapError::InvalidName {
+                    name: m::SOCKS.into(),
+                }),
+            });
+        }
+    };
+    match link::create_for_map(
+        prog_fd.as_fd(),
+        socks.fd().as_fd(),
+        link::AttachType::SkMsgVerdict,
+    ) {
+        Ok(l) => Ok(Some(l)),
+        // Sockmap links came in 6.10; older kernels answer EINVAL.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(source) => Err(InterceptError::Environment {
+            what: format!("cannot attach {} to the {} map", p::ACCEL, m::SOCKS),
+            source,
+        }),
+    }
 }
 
 /// Serves these counters at every `/metrics` scrape.

@@ -222,6 +222,24 @@ pub fn install(
         }
         fs::rename(&new_path, &final_path).map_err(pin_err)?;
     }
+    // The sockhash is reused from its pin, so its sk_msg link is too: moved
+    // to the new program, or made and pinned the first time.
+    let accel_path = link_path(&dir, p::ACCEL);
+    let existing = link::open_pinned(&accel_path).ok().flatten();
+    match super::attach_accel(&bpf, existing.as_ref())? {
+        Some(l) => link::pin(&l, &accel_path).map_err(|source| InterceptError::Pin {
+            path: accel_path.clone(),
+            source,
+        })?,
+        None if existing.is_none() => {
+            tracing::warn!(
+                "this kernel cannot attach sk_msg programs with a bpf_link (Linux 6.10+): \
+                 app<->proxy bytes take the loopback TCP path"
+            );
+            super::set_accelerate(&mut bpf, false)?;
+        }
+        None => {}
+    }
     Ok(Installed { dir, upgraded })
 }
 
