@@ -194,7 +194,7 @@ impl RequestRules {
         }
         // Set last: a rename cannot carry an app's value into a header we own.
         for inj in &self.set {
-            headers.remove(&inj.name);
+            // insert replaces every inbound value of the name.
             headers.insert(inj.name.clone(), inj.value().await?);
         }
         Ok(())

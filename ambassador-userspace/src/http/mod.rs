@@ -43,7 +43,7 @@ pub type Body = Either<ResponseBody, Full<Bytes>>;
 pub struct ResponseBody {
     inner: Incoming,
     deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
-    _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The endpoint stays "outstanding" until the response ends.
     _endpoint: Option<Picked>,
     /// Metrics and the access-log line, done when the body ends or is dropped.
@@ -55,13 +55,13 @@ impl ResponseBody {
     fn new(
         inner: Incoming,
         deadline: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
-        permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
         endpoint: Option<Picked>,
     ) -> ResponseBody {
         ResponseBody {
             inner,
             deadline,
-            _permits: permits,
+            _permit: permit,
             _endpoint: endpoint,
             finish: None,
             sent: 0,
@@ -137,9 +137,10 @@ pub async fn serve(
         Route::Service(s) => s.settings.header_read_timeout,
         _ => settings.header_read_timeout,
     };
+    let conn = Arc::new(AppConn::new(dst, route, table));
     let svc = service_fn(move |req| {
-        let (route, table) = (route.clone(), table.clone());
-        async move { Ok::<_, Infallible>(handle(req, dst, &route, table).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -162,6 +163,37 @@ pub async fn serve(
     }
 }
 
+/// What every request on one app connection shares.
+struct AppConn {
+    dst: SocketAddr,
+    route: Route,
+    table: Arc<ServiceTable>,
+    /// The connection's own service, when it has no fixed endpoints: its
+    /// upstream authority and Host value depend only on `dst`, so they are
+    /// worked out once here rather than per request.
+    upstream: Option<(Authority, HeaderValue)>,
+}
+
+impl AppConn {
+    fn new(dst: SocketAddr, route: Route, table: Arc<ServiceTable>) -> AppConn {
+        let upstream = match &route {
+            Route::Service(s) if s.fixed_authority.is_none() => {
+                let (host, port) = s.authority(dst);
+                let tls = s.tls.is_some();
+                authority(&host, port)
+                    .zip(HeaderValue::from_str(&display_authority(&host, port, tls)).ok())
+            }
+            _ => None,
+        };
+        AppConn {
+            dst,
+            route,
+            table,
+            upstream,
+        }
+    }
+}
+
 /// The Host the request names, lowercased, without port.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_string).or_else(|| {
@@ -172,13 +204,9 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(raw.to_ascii_lowercase())
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    dst: SocketAddr,
-    route: &Route,
-    table: Arc<ServiceTable>,
-) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, conn: &AppConn) -> Response<Body> {
     let start = std::time::Instant::now();
+    let (dst, route, table) = (conn.dst, &conn.route, &conn.table);
     // The Host is looked at only where it decides something.
     let svc = match route {
         Route::Service(s) => match &s.host {
@@ -207,10 +235,12 @@ async fn handle(
         .flatten();
     let info = access_log::enabled().then(|| Box::new(RequestInfo::new(&req, dst)));
     let mut exchange = Exchange::default();
-    let resp = forward(req, dst, svc.as_ref(), &table, &mut exchange).await;
+    // The connection's worked-out authority holds for its own service only.
+    let upstream = svc.as_ref().and(conn.upstream.as_ref());
+    let resp = forward(req, dst, svc.as_ref(), upstream, table, &mut exchange).await;
     let who = match svc {
         Some(s) => Who::Service(s),
-        None => Who::Passthrough(table),
+        None => Who::Passthrough(table.clone()),
     };
     let finish = Finish {
         who,
@@ -369,6 +399,7 @@ async fn forward(
     mut req: Request<Incoming>,
     dst: SocketAddr,
     svc: Option<&Arc<Service>>,
+    upstream: Option<&(Authority, HeaderValue)>,
     table: &ServiceTable,
     exchange: &mut Exchange,
 ) -> Response<Body> {
@@ -378,9 +409,10 @@ async fn forward(
     // it end to end. Over TLS, ALPN decides.
     let h2c = req.version() == Version::HTTP_2 && svc.is_none_or(|s| s.tls.is_none());
     // Circuit breaking: refuse at once rather than queue without bound.
-    let mut permits = Vec::with_capacity(2);
+    // [max_requests, max_pending]; the second goes when the response starts.
+    let mut permits = [None, None];
     if let Some(s) = svc {
-        for (sem, what, max, rejected) in [
+        for (slot, (sem, what, max, rejected)) in [
             (
                 &s.limits.requests,
                 "max_requests",
@@ -393,9 +425,12 @@ async fn forward(
                 s.limits.config.max_pending,
                 &metrics.rejected_pending,
             ),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             match sem.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
+                Ok(p) => permits[slot] = Some(p),
                 Err(_) => {
                     rejected.inc();
                     warn!(service = name, "circuit breaker: {what} ({max}) reached");
@@ -428,8 +463,10 @@ async fn forward(
     // had called it directly; the connector knows which endpoint to dial.
     let tls = svc.is_some_and(|s| s.tls.is_some());
     let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
-    let (authority, host_value) = match svc.and_then(|s| s.fixed_authority.as_ref()) {
-        // Services with endpoints: worked out once, at start.
+    let fixed = svc.and_then(|s| s.fixed_authority.as_ref()).or(upstream);
+    let (authority, host_value) = match fixed {
+        // Services with endpoints: worked out once, at start; without, once
+        // per app connection.
         Some((a, v)) => (a.clone(), Some(v.clone())),
         None => {
             let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.authority(dst));
@@ -463,7 +500,7 @@ async fn forward(
     // The upstream connection decides the wire version (ALPN, or h2c); hyper
     // sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;
-    let (head, body) = req.into_parts();
+    let (mut head, body) = req.into_parts();
     exchange.bytes_in = body.size_hint().exact();
     let policy = svc
         .map(|s| &s.retry)
@@ -529,7 +566,12 @@ async fn forward(
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = head.uri.clone();
         *req.version_mut() = head.version;
-        *req.headers_mut() = head.headers.clone();
+        // Kept for another attempt only where one may follow.
+        *req.headers_mut() = if policy.is_some() {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
+        };
         let sent = match deadline.as_mut() {
             Some(sleep) => tokio::select! {
                 r = client.request(req) => r,
@@ -548,23 +590,24 @@ async fn forward(
         retry += 1;
         let failure = match &sent {
             Ok(resp) => {
-                if let Some(tag) = resp.extensions().get::<upstream::EndpointTag>() {
+                let info = resp.extensions().get::<upstream::ConnInfo>();
+                if let Some(ep) = info.and_then(|i| i.endpoint.as_ref()) {
                     if let Some(svc) = svc {
-                        note_health(svc, &tag.0, !resp.status().is_server_error());
+                        note_health(svc, ep, !resp.status().is_server_error());
                     }
-                    exchange.endpoint = Some(tag.0.clone());
+                    exchange.endpoint = Some(ep.clone());
                 }
-                exchange.tls = resp.extensions().get::<upstream::TlsInfo>().map(|t| t.0);
+                exchange.tls = info.and_then(|i| i.tls);
                 resp.status()
                     .is_server_error()
                     .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
             Err(e) => {
-                if let Some(tag) = extra::<upstream::EndpointTag>(e) {
+                if let Some(ep) = extra::<upstream::ConnInfo>(e).and_then(|i| i.endpoint) {
                     if let Some(svc) = svc {
-                        note_health(svc, &tag.0, false);
+                        note_health(svc, &ep, false);
                     }
-                    exchange.endpoint = Some(tag.0);
+                    exchange.endpoint = Some(ep);
                 }
                 // Connect failures were already tried on every endpoint.
                 if is_connect_error(e) {
@@ -588,7 +631,8 @@ async fn forward(
             continue;
         }
         // The response has started: no longer pending, still in flight.
-        permits.truncate(1);
+        let [request_permit, pending_permit] = permits;
+        drop(pending_permit);
         return match sent {
             Ok(mut resp) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -596,12 +640,11 @@ async fn forward(
                 {
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
-                    return resp
-                        .map(|b| Either::Left(ResponseBody::new(b, None, Vec::new(), None)));
+                    return resp.map(|b| Either::Left(ResponseBody::new(b, None, None, None)));
                 }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ResponseBody::new(body, deadline.zip(timeout), permits, picked);
+                let body = ResponseBody::new(body, deadline.zip(timeout), request_permit, picked);
                 Response::from_parts(parts, Either::Left(body))
             }
             Err(e) => exchange_failed(&e, svc, name, dst),
@@ -665,8 +708,8 @@ fn exchange_failed(
                     .to_string()
             } else {
                 // An alert after the handshake explains a "canceled" best.
-                extra::<upstream::LastTlsError>(e)
-                    .and_then(|t| t.get())
+                extra::<upstream::ConnInfo>(e)
+                    .and_then(|i| i.last_tls_error.get())
                     .unwrap_or_else(|| describe(e))
             };
             (
@@ -760,6 +803,21 @@ pub fn display_authority(host: &str, port: u16, tls: bool) -> String {
 /// named in `Connection`, and the standard hop-by-hop set. `TE: trailers` is
 /// end-to-end in practice (gRPC needs it) and is kept.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard ones
+    // compare without hashing) spares the removals below.
+    if !h.keys().any(|k| {
+        k == header::CONNECTION
+            || k == header::TE
+            || k == header::TRAILER
+            || k == header::TRANSFER_ENCODING
+            || k == header::UPGRADE
+            || k == header::PROXY_AUTHENTICATE
+            || k == header::PROXY_AUTHORIZATION
+            || k.as_str() == "keep-alive"
+            || k.as_str() == "proxy-connection"
+    }) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -855,6 +913,21 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+
+        // Only end-to-end headers: all kept (the one-pass shortcut).
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-keep-alive-ish", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+
+        // A custom header named in Connection goes even with no standard one.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

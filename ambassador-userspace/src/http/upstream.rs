@@ -78,9 +78,16 @@ impl hyper::body::Body for AppBody {
     }
 }
 
-/// The negotiated TLS version of an upstream connection, for access logs.
-#[derive(Clone, Copy, Debug)]
-pub struct TlsInfo(pub &'static str);
+/// What a pooled connection tells each response (and failed request) about
+/// itself: one extension, so one insertion per response.
+#[derive(Clone, Debug, Default)]
+pub struct ConnInfo {
+    /// The endpoint it goes to: its status counts toward that endpoint's health.
+    pub endpoint: Option<Arc<Endpoint>>,
+    /// The negotiated TLS version, for access logs.
+    pub tls: Option<&'static str>,
+    pub last_tls_error: LastTlsError,
+}
 
 /// Why no upstream connection could be had. The reason goes to the app in a
 /// response header, so it is short and holds no secret.
@@ -123,11 +130,6 @@ pub struct UpstreamConnector {
     /// when it cannot be reached (and such connections are not pooled).
     preferred: Option<Arc<Endpoint>>,
 }
-
-/// Which endpoint a pooled connection goes to: rides on the response, so its
-/// status counts toward that endpoint's health.
-#[derive(Clone, Debug)]
-pub struct EndpointTag(pub Arc<Endpoint>);
 
 impl UpstreamConnector {
     pub fn new(settings: Settings, tls: Option<Arc<TlsOrigin>>) -> UpstreamConnector {
@@ -321,27 +323,22 @@ impl UpstreamStream {
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        let mut c = Connected::new().extra(self.last_tls_error.clone());
-        if let Some(ep) = &self.endpoint {
-            c = c.extra(EndpointTag(ep.clone()));
+        let mut info = ConnInfo {
+            endpoint: self.endpoint.clone(),
+            tls: None,
+            last_tls_error: self.last_tls_error.clone(),
+        };
+        let mut h2 = false;
+        if let Inner::Tls(s) = &self.inner {
+            let conn = s.get_ref().1;
+            info.tls = conn.protocol_version().and_then(|v| v.as_str());
+            h2 = conn.alpn_protocol() == Some(b"h2");
         }
+        let c = Connected::new().extra(info);
         if self.fallback {
             c.poison();
         }
-        match &self.inner {
-            Inner::Tls(s) => {
-                let conn = s.get_ref().1;
-                if let Some(v) = conn.protocol_version().and_then(|v| v.as_str()) {
-                    c = c.extra(TlsInfo(v));
-                }
-                if conn.alpn_protocol() == Some(b"h2") {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
-            _ => c,
-        }
+        if h2 { c.negotiated_h2() } else { c }
     }
 }
 
