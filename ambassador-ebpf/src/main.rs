@@ -58,13 +58,29 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// connection (local end first).
 #[map(name = "AMB_SOCKS")]
 static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(DEFAULT_TABLE_SIZE, 0);
-/// Sending socket (its own view) -> TAKE / KEEP_TCP, decided at its
-/// first send.
+/// Sending socket (its own view) -> whether its bytes take the shortcut.
 #[map(name = "AMB_ACCEL")]
-static ACCEL: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
+static ACCEL: LruHashMap<SockKey, Accel> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
 
-const TAKE: u8 = 1;
-const KEEP_TCP: u8 = 2;
+const TAKE: u32 = 1;
+const KEEP_TCP: u32 = 2;
+
+/// One direction's state. A redirect into the peer's receive queue is not
+/// held back by the peer's receive buffer (the kernel charges it against
+/// global TCP memory only), so a direction that keeps sending while the other
+/// side stays silent (a large body towards a reader that has stopped) goes
+/// back to TCP, and its flow control, after `ONE_WAY_LIMIT` bytes. Request and
+/// response traffic resets the count at every turn and stays on the shortcut.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Accel {
+    state: u32,
+    /// Bytes sent on the shortcut since the peer last sent anything.
+    one_way: u32,
+}
+
+/// About one default TCP receive window.
+const ONE_WAY_LIMIT: u32 = 256 * 1024;
 
 /// One TCP connection as one of its local ends sees it; the other end's key
 /// is the same with local and remote swapped. IPv4 (and v4-mapped IPv6) uses
@@ -531,10 +547,12 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// Every send on a socket in `AMB_SOCKS`: hand the bytes to the other local
-/// end's receive queue. Decided once per socket, at its first send: if the
-/// other end is not in the map yet (its handshake still in flight), this
-/// socket keeps to the TCP path for good, so no later bytes can overtake
-/// earlier ones waiting in the peer's TCP receive queue.
+/// end's receive queue. Decided at the socket's first send: if the other end
+/// is not in the map yet (its handshake still in flight), this socket keeps
+/// to the TCP path for good, so no later bytes can overtake earlier ones
+/// waiting in the peer's TCP receive queue. The one move allowed is from the
+/// shortcut to TCP (see `Accel`), never back: the receiver reads its
+/// shortcut queue before its TCP queue, so order holds.
 #[sk_msg]
 pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel passes a valid sk_msg_md for the program's
@@ -551,19 +569,41 @@ pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
             core::ptr::read_volatile(&md.remote_port),
         )
     };
-    // SAFETY: copied out at once.
-    let decided = unsafe { ACCEL.get(&me) }.copied();
-    if decided == Some(KEEP_TCP) {
-        return sk_action::SK_PASS;
-    }
+    // SAFETY: md is valid for the program's lifetime.
+    let size = unsafe { core::ptr::read_volatile(&(*ctx.msg).size) };
     let mut peer = me.peer();
-    let verdict = SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);
-    if decided.is_none() {
-        let taken = verdict == sk_action::SK_PASS as i64;
-        let _ = ACCEL.insert(&me, &if taken { TAKE } else { KEEP_TCP }, 0);
-        if taken {
-            count(counter::ACCELERATED);
+    // The peer's silence ends: its one-way count starts again.
+    if let Some(p) = ACCEL.get_ptr_mut(&peer) {
+        // SAFETY: a pointer into the map's value, written in place; a racing
+        // update from another CPU only makes the count less exact.
+        unsafe { (*p).one_way = 0 };
+    }
+    match ACCEL.get_ptr_mut(&me) {
+        None => {
+            let verdict = SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);
+            let taken = verdict == sk_action::SK_PASS as i64;
+            let state = Accel {
+                state: if taken { TAKE } else { KEEP_TCP },
+                one_way: if taken { size } else { 0 },
+            };
+            let _ = ACCEL.insert(&me, &state, 0);
+            if taken {
+                count(counter::ACCELERATED);
+            }
         }
+        // SAFETY: as above.
+        Some(a) => unsafe {
+            if (*a).state != TAKE {
+                return sk_action::SK_PASS;
+            }
+            let one_way = (*a).one_way.saturating_add(size);
+            if one_way > ONE_WAY_LIMIT {
+                (*a).state = KEEP_TCP;
+                return sk_action::SK_PASS;
+            }
+            (*a).one_way = one_way;
+            SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);
+        },
     }
     // A failed lookup (the peer closed) leaves the bytes to TCP.
     sk_action::SK_PASS

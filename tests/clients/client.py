@@ -151,6 +151,25 @@ def main():
             else:
                 mismatched += 1
         print(f"ok {ok} mismatched {mismatched}")
+    elif mode == "flood":
+        # Writes without ever reading until a write has blocked for a second:
+        # how much the path buffers for a peer that does not read.
+        s = connect(host, port)
+        s.settimeout(1.0)
+        total, chunk = 0, b"x" * 65536
+        limit = int(rest[0]) if rest else 1 << 30
+        try:
+            while total < limit:
+                total += s.send(chunk)
+        except (socket.timeout, TimeoutError):
+            pass
+        print(f"buffered {total}")
+    elif mode == "readfirst-stall":
+        # Connects, reads nothing for a while, then closes.
+        s = connect(host, port)
+        time.sleep(3)
+        s.close()
+        print("closed")
     elif mode == "raw":
         # Bytes exactly as given (hex), then every status line that comes back.
         s = connect(host, port)

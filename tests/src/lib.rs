@@ -665,6 +665,9 @@ pub enum Behaviour {
     CloseFirst,
     /// Resets the connection as soon as it is accepted and something arrives.
     Reset,
+    /// Writes without reading until a write has blocked for a second, then
+    /// records "flooded N" (how much the path took from it) and closes.
+    Flood,
 }
 
 /// A server running on threads; its events are recorded for assertions.
@@ -760,6 +763,19 @@ fn serve(mut conn: TcpStream, behaviour: Behaviour, me: SocketAddr, ev: &Mutex<V
                 Ok(_) => record(format!("then read {:?}", String::from_utf8_lossy(&got))),
                 Err(e) => record(format!("error {:?}", e.kind())),
             }
+        }
+        Behaviour::Flood => {
+            let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+            let chunk = [b'y'; 65536];
+            let mut total = 0usize;
+            // At most 1 GiB: a path that never pushes back shows as that.
+            while total < 1 << 30 {
+                match conn.write(&chunk) {
+                    Ok(n) => total += n,
+                    Err(_) => break,
+                }
+            }
+            record(format!("flooded {total}"));
         }
         Behaviour::Reset => {
             let mut buf = [0u8; 16];

@@ -208,7 +208,14 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
     let again = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
     assert!(again.status.success(), "{}", lines(&again));
     assert!(stdout(&again).contains("upgraded"), "{}", lines(&again));
-    let attached = attached_programs(&pod.cgroup);
+    // The kernel releases an unpinned link from a work queue: the old ones
+    // go a moment after `init` returns.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut attached = attached_programs(&pod.cgroup);
+    while attached.matches("connect4").count() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        attached = attached_programs(&pod.cgroup);
+    }
     assert_eq!(attached.matches("connect4").count(), 1, "{attached}");
 
     let out = pod.ambassador(&["uninstall", "--cgroup"], Some(&pod.cgroup));
@@ -218,7 +225,12 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
         "pins left in {}",
         pod.pin_dir().display()
     );
-    let attached = attached_programs(&pod.cgroup);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut attached = attached_programs(&pod.cgroup);
+    while attached.contains("ambassador") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        attached = attached_programs(&pod.cgroup);
+    }
     assert!(
         !attached.contains("ambassador"),
         "still attached:\n{attached}"
@@ -472,4 +484,41 @@ fn without_acceleration_bytes_take_loopback_tcp() {
     assert_eq!((c.redirected, c.accelerated), (5, 0), "{c:?}");
     let out = pod.ambassador(&["status"], None);
     assert!(stdout(&out).contains("sk_msg   off"), "{}", lines(&out));
+}
+
+#[test]
+fn a_reader_that_stops_pushes_back_on_the_shortcut_too() {
+    // A redirect into a receive queue is not limited by the receiver's buffer:
+    // a direction that only sends goes back to TCP flow control after 256 KiB.
+    // Without that, both of these reach the 1 GiB cap.
+    const BOUND: usize = 64 << 20;
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    // Upload to an upstream that does not read: the app is held back.
+    let _s = pod.server(SERVER_V4, 7403, Behaviour::Greet);
+    let out = pod.client(&["flood", SERVER_V4, "7403"]);
+    let text = stdout(&out);
+    let sent: usize = text
+        .trim()
+        .strip_prefix("buffered ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", lines(&out)));
+    assert!(
+        (1 << 20..BOUND).contains(&sent),
+        "the app wrote {sent} bytes into a stalled path"
+    );
+    // Download to an app that does not read: the upstream is held back.
+    let s = pod.server(SERVER_V4, 7404, Behaviour::Flood);
+    let out = pod.client(&["readfirst-stall", SERVER_V4, "7404"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    let ev = s
+        .wait_event("flooded", Duration::from_secs(20))
+        .expect("the upstream's writes stalled");
+    let flooded: usize = ev["flooded ".len()..].parse().unwrap();
+    assert!(
+        (1 << 20..BOUND).contains(&flooded),
+        "the upstream wrote {flooded} bytes towards an app that reads nothing"
+    );
+    let c = pod.counters();
+    assert!(c.accelerated >= 2, "{c:?}");
 }
