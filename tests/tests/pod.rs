@@ -445,20 +445,25 @@ fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
     let _s = pod.server(SERVER_V4, 7401, Behaviour::Greet);
     // Many short connections that write the moment connect() returns (the
     // proxy's end may not have joined the sockhash yet: those streams must
-    // keep to TCP whole, never mix), then one long stream.
+    // keep to TCP whole, never mix), then one long stream (past 256 KiB each
+    // direction moves to TCP mid-stream: the order must survive the move).
     let out = pod.client(&["echo", SERVER_V4, "7401", "60", "65536"]);
     assert!(out.status.success(), "{}", lines(&out));
     assert_eq!(stdout(&out).trim(), "ok 60 mismatched 0", "{}", lines(&out));
     let out = pod.client(&["echo", SERVER_V4, "7401", "1", "16777216"]);
     assert!(out.status.success(), "{}", lines(&out));
     assert_eq!(stdout(&out).trim(), "ok 1 mismatched 0", "{}", lines(&out));
+    // sendfile(2) takes the kernel's splice path into the same program.
+    let out = pod.client(&["echo", SERVER_V4, "7401", "3", "200000", "sendfile"]);
+    assert!(out.status.success(), "{}", lines(&out));
+    assert_eq!(stdout(&out).trim(), "ok 3 mismatched 0", "{}", lines(&out));
 
     let c = pod.counters();
-    assert_eq!(c.redirected, 61, "{c:?}");
+    assert_eq!(c.redirected, 64, "{c:?}");
     // The proxy's end always finds the app's (which joined before connect()
     // returned); the app's end finds the proxy's unless it wrote first.
     assert!(
-        (61..=122).contains(&c.accelerated),
+        (64..=128).contains(&c.accelerated),
         "streams on the shortcut: {c:?}"
     );
     let out = pod.ambassador(&["status"], None);

@@ -63,6 +63,8 @@ struct Mode {
     tls: bool,
     /// ambassador's `proxy.workers` (ignored for the others).
     workers: Option<u32>,
+    /// ambassador's `intercept.accelerate` (ignored for the others).
+    accelerate: bool,
     label: String,
 }
 
@@ -71,6 +73,7 @@ struct Row {
     via: Via,
     tls: bool,
     workers: Option<u32>,
+    accelerate: bool,
     label: String,
     p50_us: f64,
     p99_us: f64,
@@ -109,8 +112,8 @@ pub fn run() -> anyhow::Result<String> {
     fs::write(&key_file, key).context("writing the origin key")?;
 
     // One proxy thread, like HAProxy's nbthread 1 and nginx's one worker.
-    let mut workers = Some(1);
-    start_ambassador(&mut pod, workers, &ca_file)?;
+    let mut setup = (Some(1), true);
+    start_ambassador(&mut pod, setup, &ca_file)?;
 
     let root_cg = cgroup2_mount();
     let servers_at = Placement {
@@ -166,6 +169,7 @@ pub fn run() -> anyhow::Result<String> {
         via,
         tls,
         workers,
+        accelerate: true,
         label,
     };
     let modes = [
@@ -198,6 +202,16 @@ pub fn run() -> anyhow::Result<String> {
             Some(2),
             "ambassador, 2 workers".into(),
         ),
+        // The app<->proxy hop over loopback TCP, as HAProxy and nginx have it.
+        Mode {
+            accelerate: false,
+            ..mode(
+                Via::Ambassador,
+                false,
+                Some(1),
+                "ambassador, accelerate: false".into(),
+            )
+        },
     ];
     // Per mode: (fixed-rate load, max req/s, proxy CPU per request) for each
     // round.
@@ -207,10 +221,10 @@ pub fn run() -> anyhow::Result<String> {
         for i in 0..modes.len() {
             let k = (i + round) % modes.len();
             let m = &modes[k];
-            if m.via == Via::Ambassador && m.workers != workers {
-                workers = m.workers;
+            if m.via == Via::Ambassador && (m.workers, m.accelerate) != setup {
+                setup = (m.workers, m.accelerate);
                 pod.kill_proxy();
-                start_ambassador(&mut pod, workers, &ca_file)?;
+                start_ambassador(&mut pod, setup, &ca_file)?;
             }
             let at = client_at(&pod, &root_cg, m.via);
             if round == 0 {
@@ -254,6 +268,7 @@ pub fn run() -> anyhow::Result<String> {
                 via: m.via,
                 tls: m.tls,
                 workers: m.workers,
+                accelerate: m.accelerate,
                 label: m.label,
                 p50_us: median(r.iter().map(|(f, ..)| f.p50_us)),
                 p99_us: median(p99.iter().copied()),
@@ -372,11 +387,23 @@ fn cpu_busy() -> String {
     }
 }
 
-/// (Re)writes the Pod's config for `workers` (`None`: ambassador's default)
+/// (Re)writes the Pod's config for (`workers` (`None`: ambassador's
+/// default), `accelerate`), applies it to the kernel side (`init` again:
+/// `accelerate` is read there) and starts the proxy.
 /// and starts the proxy.
-fn start_ambassador(pod: &mut Pod, workers: Option<u32>, ca_file: &Path) -> anyhow::Result<()> {
-    fs::write(&pod.config, ambassador_config(workers, ca_file))
+fn start_ambassador(
+    pod: &mut Pod,
+    (workers, accelerate): (Option<u32>, bool),
+    ca_file: &Path,
+) -> anyhow::Result<()> {
+    fs::write(&pod.config, ambassador_config(workers, accelerate, ca_file))
         .context("writing the ambassador config")?;
+    let init = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup.clone()));
+    ensure!(
+        init.status.success(),
+        "ambassador init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     pod.start_proxy_logging(LOG_FILTER);
     Ok(())
 }
@@ -514,10 +541,13 @@ fn load(
 }
 
 /// `workers: None` leaves ambassador's default.
-fn ambassador_config(workers: Option<u32>, ca_file: &Path) -> String {
-    let proxy = workers
+fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> String {
+    let mut proxy = workers
         .map(|w| format!("proxy:\n  workers: {w}\n"))
         .unwrap_or_default();
+    if !accelerate {
+        proxy.push_str("intercept: { accelerate: false }\n");
+    }
     let auth = format!("{{ set_headers: {{ authorization: {{ value: \"{AUTHORIZATION}\" }} }} }}");
     // alpn http/1.1: the same protocol to the origin as HAProxy and nginx use.
     // Access logs off: HAProxy and nginx run without them too.
@@ -896,7 +926,9 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
     // The one-thread ambassador rows are the ones set against the others.
     let find = |via: Via, tls: bool| {
         rows.iter().find(|x| {
-            x.via == via && x.tls == tls && (via != Via::Ambassador || x.workers == Some(1))
+            x.via == via
+                && x.tls == tls
+                && (via != Via::Ambassador || (x.workers == Some(1) && x.accelerate))
         })
     };
     // Added latency can come out ~0 or below in a noisy run; a ratio with
@@ -942,7 +974,8 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
          Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
          ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last row is ambassador with 2 workers. ambassador: the client runs in the Pod's app cgroup\n\
+         the last rows are ambassador with 2 workers, and with the app<->proxy hop over loopback TCP\n\
+         (intercept.accelerate false, as HAProxy and nginx have it). ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin; x still to plain direct.\n\
