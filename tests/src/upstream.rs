@@ -515,6 +515,13 @@ async fn handle(
             body_len,
         });
     let mut resp = Response::new(Full::new(Bytes::from(text)));
+    if parts.uri.path() == "/close" {
+        // hyper closes the connection after this answer.
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            "close".parse().expect("a header value"),
+        );
+    }
     resp.headers_mut().insert(
         "x-upstream-version",
         version

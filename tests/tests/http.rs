@@ -862,3 +862,36 @@ fn insecure_skip_verify_works_and_is_warned_about() {
         pod.proxy_log()
     );
 }
+
+#[test]
+fn plain_upstream_connections_are_pooled_across_app_connections() {
+    let mut pod = Pod::new("");
+    std::fs::write(
+        &pod.config,
+        format!(
+            "services:\n\
+             \x20 - name: plain\n\
+             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8090 }}\n\
+             \x20   protocol: http\n"
+        ),
+    )
+    .unwrap();
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8090));
+    // Three app connections (one curl each), one upstream connection.
+    for i in 0..3 {
+        let r = curl(&pod, &format!("http://{SERVER_V4}:8090/n{i}?q={i}"), &[]);
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
+    }
+    assert_eq!(up.accepted(), 1, "the pooled connection was not reused");
+    // HTTP/1.1 to an origin server: the request line carries the path only.
+    let uris: Vec<String> = up.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(uris, ["/n0?q=0", "/n1?q=1", "/n2?q=2"]);
+    // The upstream closes after its answer: the next request gets a new
+    // connection, and succeeds.
+    let r = curl(&pod, &format!("http://{SERVER_V4}:8090/close"), &[]);
+    assert_eq!(r.status, 200);
+    let r = curl(&pod, &format!("http://{SERVER_V4}:8090/after"), &[]);
+    assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
+    assert_eq!(up.accepted(), 2);
+}

@@ -45,7 +45,7 @@ const CONNECTIONS: u32 = 32;
 /// Every mode is measured once per round, modes interleaved and their order
 /// rotated, so a burst of other work on the machine lands on all of them
 /// alike rather than on one; the report gives the median round.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const FIXED_SECONDS: u32 = 3;
 const MAX_SECONDS: u32 = 2;
 const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";

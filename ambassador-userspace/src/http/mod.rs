@@ -2,6 +2,7 @@
 //! knowledge), per-request service choice by Host, the service's request
 //! policy, and a pooled upstream client. Bodies stream both ways.
 
+pub mod pool;
 pub mod upstream;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -49,6 +50,10 @@ pub struct ResponseBody {
     /// Metrics and the access-log line, done when the body ends or is dropped.
     finish: Option<Finish>,
     sent: u64,
+    /// The HTTP/1.1 pool's connection: back to the pool once the body has
+    /// ended, closed if the body is dropped before.
+    lease: Option<upstream::Lease>,
+    ended: bool,
 }
 
 impl ResponseBody {
@@ -59,12 +64,15 @@ impl ResponseBody {
         endpoint: Option<Picked>,
     ) -> ResponseBody {
         ResponseBody {
+            // An empty body may never be polled: it has ended already.
+            ended: inner.is_end_stream(),
             inner,
             deadline,
             _permit: permit,
             _endpoint: endpoint,
             finish: None,
             sent: 0,
+            lease: None,
         }
     }
 }
@@ -73,6 +81,11 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(f) = self.finish.take() {
             f.done(self.sent);
+        }
+        if let Some(l) = self.lease.take()
+            && self.ended
+        {
+            l.release();
         }
     }
 }
@@ -103,10 +116,15 @@ impl hyper::body::Body for ResponseBody {
         let r = std::pin::Pin::new(&mut this.inner)
             .poll_frame(cx)
             .map_err(|e| Box::new(e) as Self::Error);
-        if let std::task::Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            this.sent += d.len() as u64;
+        match &r {
+            std::task::Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.sent += d.len() as u64;
+                }
+                this.ended = this.inner.is_end_stream();
+            }
+            std::task::Poll::Ready(None) => this.ended = true,
+            _ => {}
         }
         r
     }
@@ -589,28 +607,31 @@ async fn forward(
         };
         retry += 1;
         let failure = match &sent {
-            Ok(resp) => {
-                let info = resp.extensions().get::<upstream::ConnInfo>();
-                if let Some(ep) = info.and_then(|i| i.endpoint.as_ref()) {
+            Ok(upstream::Answer {
+                response: resp,
+                info,
+                ..
+            }) => {
+                if let Some(ep) = info.as_ref().and_then(|i| i.endpoint.as_ref()) {
                     if let Some(svc) = svc {
                         note_health(svc, ep, !resp.status().is_server_error());
                     }
                     exchange.endpoint = Some(ep.clone());
                 }
-                exchange.tls = info.and_then(|i| i.tls);
+                exchange.tls = info.as_ref().and_then(|i| i.tls);
                 resp.status()
                     .is_server_error()
                     .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
             Err(e) => {
-                if let Some(ep) = extra::<upstream::ConnInfo>(e).and_then(|i| i.endpoint) {
+                if let Some(ep) = e.conn_info().and_then(|i| i.endpoint) {
                     if let Some(svc) = svc {
                         note_health(svc, &ep, false);
                     }
                     exchange.endpoint = Some(ep);
                 }
                 // Connect failures were already tried on every endpoint.
-                if is_connect_error(e) {
+                if e.connect_error().is_some() {
                     None
                 } else if refused_stream(e) {
                     Some(retry::Failure::Refused)
@@ -634,17 +655,24 @@ async fn forward(
         let [request_permit, pending_permit] = permits;
         drop(pending_permit);
         return match sent {
-            Ok(mut resp) => {
+            Ok(upstream::Answer {
+                response: mut resp,
+                lease,
+                ..
+            }) => {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                     && let Some(app_side) = app_upgraded.take()
                 {
+                    // The connection becomes the byte relay: never pooled again.
                     let upstream_side = hyper::upgrade::on(&mut resp);
                     tokio::spawn(splice_upgraded(app_side, upstream_side, name.to_string()));
                     return resp.map(|b| Either::Left(ResponseBody::new(b, None, None, None)));
                 }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ResponseBody::new(body, deadline.zip(timeout), request_permit, picked);
+                let mut body =
+                    ResponseBody::new(body, deadline.zip(timeout), request_permit, picked);
+                body.lease = lease;
                 Response::from_parts(parts, Either::Left(body))
             }
             Err(e) => exchange_failed(&e, svc, name, dst),
@@ -661,14 +689,6 @@ fn note_health(svc: &Service, ep: &Arc<crate::endpoint::Endpoint>, ok: bool) {
     }
 }
 
-/// Extra connection information hyper-util kept with a failed request.
-fn extra<T: Clone + Send + Sync + 'static>(e: &hyper_util::client::legacy::Error) -> Option<T> {
-    let info = e.connect_info()?;
-    let mut ext = http::Extensions::new();
-    info.get_extras(&mut ext);
-    ext.get::<T>().cloned()
-}
-
 /// An HTTP/2 RST_STREAM(REFUSED_STREAM): the upstream did not process it.
 fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -681,20 +701,15 @@ fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn is_connect_error(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<ConnectError>().is_some())
-}
-
 /// The app's answer when no response came: 503 for our limits, 504 for
 /// timeouts, 502 otherwise, with the most telling reason.
 fn exchange_failed(
-    e: &hyper_util::client::legacy::Error,
+    e: &upstream::RequestError,
     svc: Option<&Arc<Service>>,
     name: &str,
     dst: SocketAddr,
 ) -> Response<Body> {
-    let connect = std::error::Error::source(e).and_then(|s| s.downcast_ref::<ConnectError>());
-    let (status, reason) = match connect {
+    let (status, reason) = match e.connect_error() {
         Some(c @ ConnectError::Limit(_)) => (StatusCode::SERVICE_UNAVAILABLE, c.to_string()),
         Some(c) if c.is_timeout() => (StatusCode::GATEWAY_TIMEOUT, c.to_string()),
         Some(c) => (StatusCode::BAD_GATEWAY, c.to_string()),
@@ -708,7 +723,7 @@ fn exchange_failed(
                     .to_string()
             } else {
                 // An alert after the handshake explains a "canceled" best.
-                extra::<upstream::ConnInfo>(e)
+                e.conn_info()
                     .and_then(|i| i.last_tls_error.get())
                     .unwrap_or_else(|| describe(e))
             };

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use http::Uri;
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{
@@ -29,6 +29,8 @@ use tokio_rustls::client::TlsStream;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use super::pool::Lease;
+use super::pool::{H1Pool, PoolError};
 use crate::{
     endpoint::{Endpoint, EndpointError, EndpointSet, resolve},
     proxy::{ProxyError, Settings, connect_upstream},
@@ -38,7 +40,82 @@ use crate::{
 /// A request body toward an upstream: the app's, streamed, or a copy kept
 /// for a replay.
 pub type ReqBody = http_body_util::Either<AppBody, http_body_util::Full<bytes::Bytes>>;
-pub type HttpClient = Client<UpstreamConnector, ReqBody>;
+
+/// The upstream client of one pool: the HTTP/1.1 pool of this module's
+/// sibling where the wire protocol is known to be HTTP/1.1 (plain upstreams),
+/// hyper-util's pooled client where ALPN may pick HTTP/2, and for h2c.
+pub struct HttpClient {
+    legacy: Client<UpstreamConnector, ReqBody>,
+    h1: Option<Arc<H1Pool>>,
+}
+
+/// A response, what is known of the connection it came on, and (from the
+/// HTTP/1.1 pool) the lease to give back once its body has ended.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub info: Option<ConnInfo>,
+    pub lease: Option<Lease>,
+}
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H1(#[from] PoolError),
+}
+
+impl RequestError {
+    /// The connection's details, when the request got as far as one.
+    pub fn conn_info(&self) -> Option<ConnInfo> {
+        match self {
+            RequestError::Pooled(e) => {
+                let info = e.connect_info()?;
+                let mut ext = http::Extensions::new();
+                info.get_extras(&mut ext);
+                ext.get::<ConnInfo>().cloned()
+            }
+            RequestError::H1(e) => e.conn_info().cloned(),
+        }
+    }
+
+    /// No connection could be had (every endpoint was tried).
+    pub fn connect_error(&self) -> Option<&ConnectError> {
+        match self {
+            RequestError::Pooled(e) => {
+                std::error::Error::source(e).and_then(|s| s.downcast_ref::<ConnectError>())
+            }
+            RequestError::H1(PoolError::Connect(c)) => Some(c),
+            RequestError::H1(_) => None,
+        }
+    }
+}
+
+impl HttpClient {
+    pub async fn request(&self, req: Request<ReqBody>) -> Result<Answer, RequestError> {
+        match &self.h1 {
+            Some(pool) => {
+                let (response, lease) = pool.request(req).await?;
+                let info = Some(lease.info().clone());
+                Ok(Answer {
+                    response,
+                    info,
+                    lease: Some(lease),
+                })
+            }
+            None => {
+                let response = self.legacy.request(req).await?;
+                let info = response.extensions().get::<ConnInfo>().cloned();
+                Ok(Answer {
+                    response,
+                    info,
+                    lease: None,
+                })
+            }
+        }
+    }
+}
 
 /// The app's request body, streamed upstream and counted on the way.
 pub struct AppBody {
@@ -87,6 +164,8 @@ pub struct ConnInfo {
     /// The negotiated TLS version, for access logs.
     pub tls: Option<&'static str>,
     pub last_tls_error: LastTlsError,
+    /// Connected to another endpoint than its pool's own: used once.
+    pub fallback: bool,
 }
 
 /// Why no upstream connection could be had. The reason goes to the app in a
@@ -160,19 +239,33 @@ impl UpstreamConnector {
         self
     }
 
+    /// HTTP/1.1, or HTTP/2 where TLS's ALPN picks it.
     pub fn client(self) -> HttpClient {
-        self.client_for()
+        // Without TLS nothing can pick HTTP/2: the HTTP/1.1 pool serves it.
+        let h1 = self.tls.is_none().then(|| H1Pool::new(self.clone()));
+        HttpClient {
+            legacy: self.client_for(),
+            h1,
+        }
+    }
+
+    /// One new connection (with TLS when configured) to the endpoint the
+    /// connector picks, or to the URI's host without endpoints.
+    pub async fn connect(&self, uri: Uri) -> Result<TokioIo<UpstreamStream>, ConnectError> {
+        use tower_service::Service as _;
+        self.clone().call(uri).await
     }
 
     /// A client that speaks HTTP/2 without TLS (h2c, prior knowledge): for
     /// apps that speak HTTP/2 in the clear (gRPC) to plain upstreams.
     pub fn h2c_client(self) -> HttpClient {
-        Client::builder(TokioExecutor::new())
+        let legacy = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .timer(TokioTimer::new())
             .http2_only(true)
-            .build(self)
+            .build(self);
+        HttpClient { legacy, h1: None }
     }
 
     /// A pooled client for request bodies of type `B`.
@@ -321,20 +414,29 @@ impl UpstreamStream {
     }
 }
 
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
+impl UpstreamStream {
+    /// What responses on this connection should know of it.
+    pub fn info(&self) -> ConnInfo {
         let mut info = ConnInfo {
             endpoint: self.endpoint.clone(),
             tls: None,
             last_tls_error: self.last_tls_error.clone(),
+            fallback: self.fallback,
         };
-        let mut h2 = false;
         if let Inner::Tls(s) = &self.inner {
-            let conn = s.get_ref().1;
-            info.tls = conn.protocol_version().and_then(|v| v.as_str());
-            h2 = conn.alpn_protocol() == Some(b"h2");
+            info.tls = s.get_ref().1.protocol_version().and_then(|v| v.as_str());
         }
-        let c = Connected::new().extra(info);
+        info
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        let h2 = match &self.inner {
+            Inner::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+            Inner::Plain(_) => false,
+        };
+        let c = Connected::new().extra(self.info());
         if self.fallback {
             c.poison();
         }
