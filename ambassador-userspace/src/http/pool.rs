@@ -26,6 +26,9 @@ use super::upstream::{ConnInfo, ConnectError, ReqBody, UpstreamConnector};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// At most this many idle connections per upstream authority.
 const MAX_IDLE: usize = 64;
+/// Past this many authorities (passthrough to many destinations), each new
+/// idle connection first sweeps out the closed and expired ones everywhere.
+const SWEEP_ABOVE: usize = 256;
 /// A connection whose last response has ended is ready again as soon as its
 /// task has seen the end; one that is still sending a request body is not
 /// waited for longer than this.
@@ -165,6 +168,9 @@ impl H1Pool {
                         break;
                     }
                 }
+                if list.is_empty() {
+                    map.remove(key);
+                }
                 found?
             };
             let Idle { mut tx, info, .. } = idle;
@@ -205,9 +211,16 @@ impl H1Pool {
         let Ok(mut map) = self.idle.lock() else {
             return;
         };
-        let list = map.entry(key).or_default();
         let now = Instant::now();
-        list.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT);
+        let usable = |i: &Idle| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT;
+        if map.len() > SWEEP_ABOVE {
+            map.retain(|_, list| {
+                list.retain(usable);
+                !list.is_empty()
+            });
+        }
+        let list = map.entry(key).or_default();
+        list.retain(usable);
         if list.len() < MAX_IDLE {
             list.push(Idle {
                 tx,
@@ -228,7 +241,74 @@ fn origin_form(uri: &Uri) -> Uri {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
     use super::*;
+    use crate::proxy::Settings;
+
+    /// A plain HTTP/1.1 server on loopback that counts its connections.
+    async fn server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"hello"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<ReqBody> {
+        Request::get(format!("http://{addr}/x"))
+            .body(http_body_util::Either::Right(Full::new(Bytes::new())))
+            .unwrap()
+    }
+
+    fn idle_count(pool: &H1Pool) -> (usize, usize) {
+        let map = pool.idle.lock().unwrap();
+        (map.len(), map.values().map(Vec::len).sum())
+    }
+
+    #[tokio::test]
+    async fn a_connection_comes_back_after_its_body_and_is_used_again() {
+        let (addr, accepted) = server().await;
+        let settings = Settings::from_config(&crate::config::ProxyConfig::default());
+        let pool = H1Pool::new(UpstreamConnector::new(settings, None));
+        for round in 0..3 {
+            let (resp, lease) = pool.request(get(addr)).await.unwrap();
+            // Checked out: nothing idle, and no empty entry left behind.
+            assert_eq!(idle_count(&pool), (0, 0), "round {round}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"hello");
+            lease.release();
+            assert_eq!(idle_count(&pool), (1, 1), "round {round}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // A lease dropped before its body ended closes its connection.
+        let (_resp, lease) = pool.request(get(addr)).await.unwrap();
+        drop(lease);
+        assert_eq!(idle_count(&pool), (0, 0));
+        let (resp, lease) = pool.request(get(addr)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        lease.release();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn requests_go_out_in_origin_form() {
