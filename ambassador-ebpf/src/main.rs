@@ -546,13 +546,14 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Every send on a socket in `AMB_SOCKS`: hand the bytes to the other local
-/// end's receive queue. Decided at the socket's first send: if the other end
-/// is not in the map yet (its handshake still in flight), this socket keeps
-/// to the TCP path for good, so no later bytes can overtake earlier ones
-/// waiting in the peer's TCP receive queue. The one move allowed is from the
-/// shortcut to TCP (see `Accel`), never back: the receiver reads its
-/// shortcut queue before its TCP queue, so order holds.
+/// Every send on a socket in `AMB_SOCKS`. The proxy's end hands its bytes
+/// straight to the app's receive queue. The app's end keeps to TCP: an app
+/// may have bytes on their way by TCP before its socket joined the sockhash
+/// (data sent with TCP Fast Open, or a send from another thread blocked in
+/// the connect), and shortcut bytes would overtake them, since a receiver
+/// reads its shortcut queue first. The proxy's end joins before `accept()`
+/// returns it, so nothing of it goes by TCP first. The one move allowed is
+/// from the shortcut to TCP (see `Accel`), never back, for the same reason.
 #[sk_msg]
 pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel passes a valid sk_msg_md for the program's
@@ -569,15 +570,21 @@ pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
             core::ptr::read_volatile(&md.remote_port),
         )
     };
+    let mut peer = me.peer();
+    let Some(cfg) = config() else {
+        return sk_action::SK_PASS;
+    };
+    if me.local_port != u32::from(cfg.proxy_port) {
+        // The app's end: the proxy's one-way count starts again.
+        if let Some(p) = ACCEL.get_ptr_mut(&peer) {
+            // SAFETY: a pointer into the map's value, written in place; a
+            // racing update from another CPU only makes the count less exact.
+            unsafe { (*p).one_way = 0 };
+        }
+        return sk_action::SK_PASS;
+    }
     // SAFETY: md is valid for the program's lifetime.
     let size = unsafe { core::ptr::read_volatile(&(*ctx.msg).size) };
-    let mut peer = me.peer();
-    // The peer's silence ends: its one-way count starts again.
-    if let Some(p) = ACCEL.get_ptr_mut(&peer) {
-        // SAFETY: a pointer into the map's value, written in place; a racing
-        // update from another CPU only makes the count less exact.
-        unsafe { (*p).one_way = 0 };
-    }
     match ACCEL.get_ptr_mut(&me) {
         None => {
             let verdict = SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);

@@ -429,8 +429,8 @@ impl Collector for StateCollector {
         if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {
             let c = ConstCounter::new(*v);
             let e = encoder.encode_descriptor(
-                "kernel_accelerated_streams",
-                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
+                "kernel_accelerated_connections",
+                "redirected connections whose proxy-to-app bytes took the sk_msg shortcut past the loopback TCP stack",
                 None,
                 c.metric_type(),
             )?;
@@ -516,6 +516,7 @@ mod tests {
                 rows.endpoint_up
                     .push(("s".into(), "10.0.0.1:80".into(), true));
                 rows.kernel.push(("redirected", 7));
+                rows.kernel.push(("accelerated", 5));
                 rows.gauges.push(("pool_idle", "idle", "db".into(), 3));
             }),
         );
@@ -528,6 +529,12 @@ mod tests {
             text.contains(r#"ambassador_kernel_connects_total{outcome="redirected"} 7"#),
             "{text}"
         );
+        // Not a connect outcome: a series of its own.
+        assert!(
+            text.contains("ambassador_kernel_accelerated_connections_total 5"),
+            "{text}"
+        );
+        assert!(!text.contains(r#"outcome="accelerated""#), "{text}");
         assert!(
             text.contains(r#"ambassador_pool_idle{service="db"} 3"#),
             "{text}"

@@ -89,9 +89,9 @@ pub fn render(installs: &[InstallStatus]) -> String {
                 "  sk_msg   {}",
                 match (c.accelerate != 0, n) {
                     (true, Some((_, n))) =>
-                        format!("on, {n} app<->proxy stream(s) took the shortcut"),
+                        format!("on, {n} connection(s) took the shortcut proxy->app"),
                     (true, None) => "on".into(),
-                    (false, _) => "off (app<->proxy bytes take loopback TCP)".into(),
+                    (false, _) => "off (proxy->app bytes take loopback TCP)".into(),
                 }
             );
         }
