@@ -88,8 +88,8 @@ pub mod counter {
     pub const REFUSED: u32 = 2;
     /// Went direct because the proxy was absent under fail-open.
     pub const PASSED: u32 = 3;
-    /// Redirected connections whose proxy-to-app bytes took the sk_msg
-    /// shortcut.
+    /// app<->proxy byte streams (one per direction of a redirected
+    /// connection) that took the sk_msg shortcut.
     pub const ACCELERATED: u32 = 4;
     pub const COUNT: u32 = 5;
     pub const NAMES: [&str; COUNT as usize] =
@@ -110,8 +110,8 @@ pub struct Config {
     pub proxy_uid: u32,
     /// Sockets carrying this SO_MARK are never redirected; 0 for none.
     pub proxy_mark: u32,
-    /// 1: the proxy's bytes to the app skip the loopback TCP stack (sk_msg
-    /// redirect into the app's socket).
+    /// 1: bytes between the app and the proxy skip the loopback TCP stack
+    /// (sk_msg redirect between the two sockets).
     pub accelerate: u8,
     pub _pad: [u8; 3],
 }

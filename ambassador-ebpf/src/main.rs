@@ -23,8 +23,9 @@ use ambassador_common::{
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        bpf_sock, bpf_sock_tuple, sk_action,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock, bpf_sock_tuple,
+        sk_action,
     },
     helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
@@ -480,6 +481,25 @@ fn sock_key_from_ops(ctx: &SockOpsContext) -> SockKey {
     }
 }
 
+/// This socket's sends keep to TCP for good.
+#[inline(always)]
+fn keep_tcp(me: &SockKey) {
+    match ACCEL.get_ptr_mut(me) {
+        // SAFETY: a pointer into the map's value, written in place.
+        Some(a) => unsafe { (*a).state = KEEP_TCP },
+        None => {
+            let _ = ACCEL.insert(
+                me,
+                &Accel {
+                    state: KEEP_TCP,
+                    one_way: 0,
+                },
+                0,
+            );
+        }
+    }
+}
+
 /// Offers this socket to the shortcut (the config allowing it) and asks for
 /// its state changes, so its entries go when it closes.
 #[inline(always)]
@@ -502,11 +522,39 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
             };
             let key = key_from_ops(&ctx);
             if CONNS.insert(&key, &orig, 0).is_ok() {
-                // Ask for state changes so both entries go when the socket closes.
-                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-                if let Some(cfg) = config() {
+                // Ask for state changes so both entries go when the socket
+                // closes, and, while its sends may take the shortcut, to see
+                // every segment it transmits (see `BPF_SOCK_OPS_HDR_OPT_LEN_CB`).
+                let mut flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+                if let Some(cfg) = config()
+                    && cfg.accelerate != 0
+                {
+                    // Data that left with the SYN (TCP Fast Open) went by TCP.
+                    // SAFETY: a whole-field read of the kernel's bpf_sock_ops.
+                    let sent = unsafe { core::ptr::read_volatile(&(*ctx.ops).data_segs_out) };
+                    if sent > 0 {
+                        keep_tcp(&sock_key_from_ops(&ctx));
+                    } else {
+                        flags |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+                    }
                     accelerate(&ctx, &cfg);
                 }
+                let _ = ctx.set_cb_flags(flags as i32);
+            }
+        }
+        // A segment of the app's socket is about to leave by TCP. With data in
+        // it, bytes went by TCP after the socket joined the sockhash without
+        // passing `accel` (a send that began before the connect finished:
+        // TCP Fast Open without a cookie yet, or another thread's send
+        // blocked in the connect). Later shortcut bytes could overtake them:
+        // the socket keeps to TCP from now on, and stops asking.
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            // SAFETY: a whole-field read of the kernel's bpf_sock_ops.
+            let len = unsafe { core::ptr::read_volatile(&(*ctx.ops).skb_len) };
+            if len > 0 {
+                keep_tcp(&sock_key_from_ops(&ctx));
+                let _ =
+                    ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
             }
         }
         // The proxy's end of a connection redirected here: the app's end is
@@ -546,14 +594,13 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Every send on a socket in `AMB_SOCKS`. The proxy's end hands its bytes
-/// straight to the app's receive queue. The app's end keeps to TCP: an app
-/// may have bytes on their way by TCP before its socket joined the sockhash
-/// (data sent with TCP Fast Open, or a send from another thread blocked in
-/// the connect), and shortcut bytes would overtake them, since a receiver
-/// reads its shortcut queue first. The proxy's end joins before `accept()`
-/// returns it, so nothing of it goes by TCP first. The one move allowed is
-/// from the shortcut to TCP (see `Accel`), never back, for the same reason.
+/// Every send on a socket in `AMB_SOCKS`: hand the bytes to the other local
+/// end's receive queue. A receiver reads that queue before its TCP queue, so
+/// a socket may take the shortcut only while none of its bytes can be on
+/// their way by TCP: decided at its first send (the other end not in the map
+/// yet, its handshake in flight: TCP for good), and ended for good when
+/// `sockops` sees it transmit data by TCP anyway. The one move allowed is
+/// from the shortcut to TCP, never back, for the same reason.
 #[sk_msg]
 pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel passes a valid sk_msg_md for the program's
@@ -571,17 +618,11 @@ pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
         )
     };
     let mut peer = me.peer();
-    let Some(cfg) = config() else {
-        return sk_action::SK_PASS;
-    };
-    if me.local_port != u32::from(cfg.proxy_port) {
-        // The app's end: the proxy's one-way count starts again.
-        if let Some(p) = ACCEL.get_ptr_mut(&peer) {
-            // SAFETY: a pointer into the map's value, written in place; a
-            // racing update from another CPU only makes the count less exact.
-            unsafe { (*p).one_way = 0 };
-        }
-        return sk_action::SK_PASS;
+    // The peer's silence ends: its one-way count starts again.
+    if let Some(p) = ACCEL.get_ptr_mut(&peer) {
+        // SAFETY: a pointer into the map's value, written in place; a racing
+        // update from another CPU only makes the count less exact.
+        unsafe { (*p).one_way = 0 };
     }
     // SAFETY: md is valid for the program's lifetime.
     let size = unsafe { core::ptr::read_volatile(&(*ctx.msg).size) };

@@ -429,8 +429,8 @@ impl Collector for StateCollector {
         if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {
             let c = ConstCounter::new(*v);
             let e = encoder.encode_descriptor(
-                "kernel_accelerated_connections",
-                "redirected connections whose proxy-to-app bytes took the sk_msg shortcut past the loopback TCP stack",
+                "kernel_accelerated_streams",
+                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
                 None,
                 c.metric_type(),
             )?;
@@ -531,7 +531,7 @@ mod tests {
         );
         // Not a connect outcome: a series of its own.
         assert!(
-            text.contains("ambassador_kernel_accelerated_connections_total 5"),
+            text.contains("ambassador_kernel_accelerated_streams_total 5"),
             "{text}"
         );
         assert!(!text.contains(r#"outcome="accelerated""#), "{text}");

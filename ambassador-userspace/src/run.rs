@@ -73,7 +73,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     })?;
     interception::configure(&mut bpf, &cfg, port, None)?;
     // The proxy runs outside the command's cgroup, where `sockops` never sees
-    // its sockets: the proxy->app shortcut needs both ends, so it stays off.
+    // its sockets: the app<->proxy shortcut needs both ends, so it stays off.
     interception::set_accelerate(&mut bpf, false)?;
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
     let links = interception::attach(&mut bpf, &cg_dir)?;

@@ -88,10 +88,9 @@ pub fn render(installs: &[InstallStatus]) -> String {
                 out,
                 "  sk_msg   {}",
                 match (c.accelerate != 0, n) {
-                    (true, Some((_, n))) =>
-                        format!("on, {n} connection(s) took the shortcut proxy->app"),
+                    (true, Some((_, n))) => format!("on, {n} byte stream(s) took the shortcut"),
                     (true, None) => "on".into(),
-                    (false, _) => "off (proxy->app bytes take loopback TCP)".into(),
+                    (false, _) => "off (app<->proxy bytes take loopback TCP)".into(),
                 }
             );
         }

@@ -173,6 +173,29 @@ def main():
         except (socket.timeout, TimeoutError):
             pass
         print(f"buffered {total}")
+    elif mode == "tfo":
+        # TCP Fast Open: the first bytes leave inside sendto (MSG_FASTOPEN),
+        # more follow at once; the echo must come back whole and in order.
+        fam, h = addr_family(host, "auto")
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        first, rest_data = b"A" * 100, b"B" * 3000
+        # Blocking (no timeout yet): the connect happens inside sendto.
+        s.sendto(first, socket.MSG_FASTOPEN, (h, int(port)))
+        s.sendall(rest_data)
+        s.settimeout(3)
+        try:
+            greeting = readline(s)
+        except (socket.timeout, TimeoutError):
+            print("timeout")
+            return
+        want = first + rest_data
+        got = b""
+        while len(got) < len(want):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        print("ok" if got == want else f"mismatch {got[:40]!r}", greeting.split()[0])
     elif mode == "readfirst-stall":
         # Connects, reads nothing for a while, then closes.
         s = connect(host, port)

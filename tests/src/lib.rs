@@ -640,7 +640,7 @@ pub struct Counters {
     pub bypassed: u64,
     pub refused: u64,
     pub passed: u64,
-    /// Connections whose proxy-to-app bytes took the sk_msg shortcut.
+    /// app<->proxy byte streams (one per direction) on the sk_msg shortcut.
     pub accelerated: u64,
 }
 

@@ -443,8 +443,9 @@ fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
     let mut pod = Pod::new(DEFAULTS);
     pod.start_proxy();
     let _s = pod.server(SERVER_V4, 7401, Behaviour::Greet);
-    // Many short connections that write the moment connect() returns, then
-    // one long stream (past 256 KiB the proxy-to-app direction moves to TCP
+    // Many short connections that write the moment connect() returns (the
+    // proxy's end may not have joined yet: that direction keeps to TCP whole),
+    // then one long stream (past 256 KiB one way, a direction moves to TCP
     // mid-stream: the order must survive the move).
     let out = pod.client(&["echo", SERVER_V4, "7401", "60", "65536"]);
     assert!(out.status.success(), "{}", lines(&out));
@@ -460,15 +461,16 @@ fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
     let c = pod.counters();
     assert_eq!(c.redirected, 64, "{c:?}");
     // Every connection's proxy-to-app direction took the shortcut (the app's
-    // end joined before connect() returned); app-to-proxy keeps to TCP.
-    assert_eq!(
-        c.accelerated, c.redirected,
+    // end joined before connect() returned); app-to-proxy did too unless the
+    // app wrote before the proxy's end had joined.
+    assert!(
+        (c.redirected..=2 * c.redirected).contains(&c.accelerated),
         "streams on the shortcut: {c:?}"
     );
     let out = pod.ambassador(&["status"], None);
     assert!(
         stdout(&out).contains(&format!(
-            "sk_msg   on, {} connection(s) took the shortcut proxy->app",
+            "sk_msg   on, {} byte stream(s) took the shortcut",
             c.accelerated
         )),
         "{}",
@@ -493,9 +495,9 @@ fn without_acceleration_bytes_take_loopback_tcp() {
 #[test]
 fn a_reader_that_stops_pushes_back_on_the_shortcut_too() {
     // A redirect into a receive queue is not limited by the receiver's buffer:
-    // the proxy-to-app direction goes back to TCP flow control after 256 KiB
-    // sent while the app says nothing (without that, the download below
-    // reaches the 1 GiB cap). App-to-proxy is TCP throughout.
+    // a direction goes back to TCP flow control after 256 KiB sent while the
+    // other side says nothing (without that, both of these reach the 1 GiB
+    // cap).
     const BOUND: usize = 64 << 20;
     let mut pod = Pod::new(DEFAULTS);
     pod.start_proxy();
@@ -525,5 +527,30 @@ fn a_reader_that_stops_pushes_back_on_the_shortcut_too() {
         "the upstream wrote {flooded} bytes towards an app that reads nothing"
     );
     let c = pod.counters();
-    assert_eq!(c.accelerated, 2, "{c:?}");
+    assert!(c.accelerated >= 2, "{c:?}");
+}
+
+#[test]
+fn tcp_fast_open_bytes_are_never_overtaken_on_the_shortcut() {
+    // The app's first bytes leave inside sendto(MSG_FASTOPEN), by TCP, before
+    // its socket joins the sockhash: none of its later bytes may take the
+    // shortcut past them. (A TFO client without a cookie yet sometimes never
+    // sees the echo through the redirect, shortcut or not: such tries time
+    // out and are tried again; what arrives must be whole and in order.)
+    let mut pod = Pod::new(DEFAULTS);
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7405, Behaviour::Greet);
+    let mut ok = 0;
+    for _ in 0..8 {
+        let out = pod.client(&["tfo", SERVER_V4, "7405"]);
+        let text = stdout(&out);
+        assert!(!text.contains("mismatch"), "{}", lines(&out));
+        if text.trim() == "ok HELLO" {
+            ok += 1;
+            if ok == 2 {
+                break;
+            }
+        }
+    }
+    assert!(ok >= 1, "no TCP Fast Open exchange completed");
 }

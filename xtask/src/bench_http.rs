@@ -202,7 +202,7 @@ pub fn run() -> anyhow::Result<String> {
             Some(2),
             "ambassador, 2 workers".into(),
         ),
-        // The proxy->app hop over loopback TCP, as HAProxy and nginx have it.
+        // The app<->proxy hop over loopback TCP, as HAProxy and nginx have it.
         Mode {
             accelerate: false,
             ..mode(
@@ -974,7 +974,7 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
          Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
          ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last rows are ambassador with 2 workers, and with the proxy->app hop over loopback TCP\n\
+         the last rows are ambassador with 2 workers, and with the app<->proxy hop over loopback TCP\n\
          (intercept.accelerate false, as HAProxy and nginx have it). ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\

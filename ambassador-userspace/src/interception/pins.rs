@@ -234,7 +234,7 @@ pub fn install(
         None if existing.is_none() => {
             tracing::warn!(
                 "this kernel cannot attach sk_msg programs with a bpf_link (Linux 6.10+): \
-                 proxy->app bytes take the loopback TCP path"
+                 app<->proxy bytes take the loopback TCP path"
             );
             super::set_accelerate(&mut bpf, false)?;
         }
