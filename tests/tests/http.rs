@@ -895,3 +895,43 @@ fn plain_upstream_connections_are_pooled_across_app_connections() {
     assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
     assert_eq!(up.accepted(), 2);
 }
+
+#[test]
+fn https_upstreams_offering_only_http1_are_pooled_too() {
+    // ALPN without h2: every connection is HTTP/1.1, so the HTTP/1.1 pool
+    // serves it, over verified TLS.
+    let mut pod = Pod::new("");
+    let ca = TestCa::new("payments-ca");
+    let ca_file = ca.write_ca_file(&pod.shared_dir());
+    let config =
+        payments_pod(&ca_file.display().to_string(), 8444) + "\x20       alpn: [http/1.1]\n";
+    std::fs::write(&pod.config, config).unwrap();
+    pod.start_proxy();
+    let (cert, key) = ca.issue(CertKind::Valid, PAYMENTS, None);
+    let up = HttpUpstream::tls(
+        pod.server_listener(SERVER_V4, 8444),
+        &cert,
+        &key,
+        &["http/1.1"],
+        TlsVersions::default(),
+    );
+    for path in ["/one", "/two", "/three"] {
+        let r = curl(
+            &pod,
+            &format!("http://{NOWHERE}{path}"),
+            &["-H", &format!("Host: {PAYMENTS}")],
+        );
+        assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
+        assert_eq!(
+            r.headers.get("x-upstream-version").map(String::as_str),
+            Some("HTTP/1.1")
+        );
+    }
+    assert_eq!(up.accepted(), 1, "the pooled TLS connection was not reused");
+    let uris: Vec<String> = up.seen().iter().map(|s| s.uri.clone()).collect();
+    assert_eq!(uris, ["/one", "/two", "/three"]);
+    assert!(
+        !up.plaintext_leaked(b"GET /one"),
+        "plaintext reached the upstream"
+    );
+}

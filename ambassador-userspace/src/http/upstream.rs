@@ -241,8 +241,13 @@ impl UpstreamConnector {
 
     /// HTTP/1.1, or HTTP/2 where TLS's ALPN picks it.
     pub fn client(self) -> HttpClient {
-        // Without TLS nothing can pick HTTP/2: the HTTP/1.1 pool serves it.
-        let h1 = self.tls.is_none().then(|| H1Pool::new(self.clone()));
+        // Without TLS, or with ALPN offering no h2, nothing can pick HTTP/2:
+        // the HTTP/1.1 pool serves it.
+        let h1 = self
+            .tls
+            .as_ref()
+            .is_none_or(|t| t.http1_only())
+            .then(|| H1Pool::new(self.clone()));
         HttpClient {
             legacy: self.client_for(),
             h1,

@@ -63,6 +63,13 @@ pub struct TlsOrigin {
     service: String,
 }
 
+impl TlsOrigin {
+    /// ALPN offers no `h2`: the upstream speaks HTTP/1.1 on every connection.
+    pub fn http1_only(&self) -> bool {
+        !self.settings.alpn.iter().any(|p| p == "h2")
+    }
+}
+
 impl std::fmt::Debug for TlsOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsOrigin")
