@@ -154,6 +154,15 @@ fn headers_are_injected_from_value_env_and_rotating_file() {
 }
 
 /// A Pod whose config names `payments` by Host, sent over TLS to `upstream`.
+/// The app's plain GET of `path` from the payments service, by Host.
+fn payments_get(pod: &Pod, path: &str) -> Reply {
+    curl(
+        pod,
+        &format!("http://{NOWHERE}{path}"),
+        &["-H", &format!("Host: {PAYMENTS}")],
+    )
+}
+
 fn payments_pod(ca_file: &str, port: u16) -> String {
     format!(
         "default: deny\n\
@@ -191,11 +200,7 @@ fn plain_http_is_upgraded_to_verified_https_and_http2() {
     );
 
     // The app calls plain http://payments.example.test/charge.
-    let r = curl(
-        &pod,
-        &format!("http://{NOWHERE}/charge"),
-        &["-H", &format!("Host: {PAYMENTS}")],
-    );
+    let r = payments_get(&pod, "/charge");
     assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
     // HTTP/1.1 from the app, HTTP/2 over verified TLS to the upstream.
     assert_eq!(
@@ -209,11 +214,7 @@ fn plain_http_is_upgraded_to_verified_https_and_http2() {
     assert!(seen[0].uri.contains(PAYMENTS), "authority: {}", seen[0].uri);
 
     // Keep-alive toward the upstream: a second request reuses the connection.
-    let r = curl(
-        &pod,
-        &format!("http://{NOWHERE}/again"),
-        &["-H", &format!("Host: {PAYMENTS}")],
-    );
+    let r = payments_get(&pod, "/again");
     assert_eq!(r.status, 200);
     assert_eq!(up.accepted(), 1, "the pooled connection was not reused");
 
@@ -916,11 +917,7 @@ fn https_upstreams_offering_only_http1_are_pooled_too() {
         TlsVersions::default(),
     );
     for path in ["/one", "/two", "/three"] {
-        let r = curl(
-            &pod,
-            &format!("http://{NOWHERE}{path}"),
-            &["-H", &format!("Host: {PAYMENTS}")],
-        );
+        let r = payments_get(&pod, path);
         assert_eq!(r.status, 200, "{:?} {}", r.headers, r.body);
         assert_eq!(
             r.headers.get("x-upstream-version").map(String::as_str),
