@@ -68,18 +68,8 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
 
     // Access logs off, as for HAProxy and nginx: the same work compared.
     let mut pod = Pod::new("telemetry: { access_log: false }\n");
-    // Thousands of short connections per mode: let TIME_WAIT ports be reused
-    // (in the bench's own namespace only).
-    let sysctl = Command::new("ip")
-        .args(["netns", "exec", &pod.netns.name, "sysctl", "-qw"])
-        .args([
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65000",
-        ])
-        .status()?;
-    if !sysctl.success() {
-        bail!("cannot set sysctls in the bench namespace");
-    }
+    // Thousands of short connections per mode.
+    reuse_time_wait_ports(&pod)?;
     pod.start_proxy_logging("ambassador_userspace=info");
     let root_cg = cgroup2_mount();
     let server_at = Placement {
@@ -206,6 +196,22 @@ pub fn run_section(bin: &Path, section: &str) -> anyhow::Result<()> {
     let file = out.join(format!("{section}.txt"));
     std::fs::write(&file, &report)?;
     println!("(written to {})", file.display());
+    Ok(())
+}
+
+/// For benches that open many short connections: TIME_WAIT ports may be
+/// reused, from a wide range (in the bench's own namespace only).
+pub fn reuse_time_wait_ports(pod: &Pod) -> anyhow::Result<()> {
+    let sysctl = Command::new("ip")
+        .args(["netns", "exec", &pod.netns.name, "sysctl", "-qw"])
+        .args([
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ])
+        .status()?;
+    if !sysctl.success() {
+        bail!("cannot set sysctls in the bench namespace");
+    }
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{PermissionsExt, chown},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -57,19 +57,8 @@ struct Result {
 pub fn run() -> anyhow::Result<String> {
     crate::toolchain::apt_install(&["postgresql", "postgresql-client", "pgbouncer"])?;
     let mut pod = Pod::new("");
-    // A connection per transaction for 10 s: let TIME_WAIT ports be reused
-    // (in the bench's own namespace only).
-    let sysctl = Command::new("ip")
-        .args(["netns", "exec", &pod.netns.name, "sysctl", "-qw"])
-        .args([
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65000",
-        ])
-        .status()?;
-    ensure!(
-        sysctl.success(),
-        "cannot set sysctls in the bench namespace"
-    );
+    // A connection per transaction for 10 s.
+    crate::bench::reuse_time_wait_ports(&pod)?;
     let dir = pod.shared_dir();
     let ca = TestCa::new("pg-bench-ca");
     let ca_file = ca.write_ca_file(&dir);
