@@ -1,8 +1,9 @@
-//! The HTTP/1.1 pool for plain upstreams: connections made by the service's
-//! connector and driven by `hyper::client::conn::http1`, kept per upstream
-//! authority, most recently used first.
+//! The HTTP/1.1 pool: connections made by the service's connector and driven
+//! by `hyper::client::conn::http1`, kept per upstream authority, most recently
+//! used first. For plain upstreams, TLS whose ALPN offers no h2, and
+//! authorities learned to pick HTTP/1.1 (see `upstream::HttpClient`).
 //!
-//! hyper-util's pooled client (still used where ALPN may pick HTTP/2, and for
+//! hyper-util's pooled client (still used where ALPN picks HTTP/2, and for
 //! h2c) costs, per request, a boxed future, two pool locks, an extensions map
 //! for the connection's details, and a spawned task that waits for the
 //! connection to be ready again. Here a request takes one lock to check a
@@ -76,6 +77,15 @@ pub struct H1Pool {
     idle: Mutex<HashMap<Authority, Vec<Idle>>>,
 }
 
+/// What the pool did with a request.
+pub enum Sent {
+    /// Answered on an HTTP/1.1 connection; the lease goes with the response.
+    Answered(Response<Incoming>, Lease),
+    /// A new connection's ALPN picked HTTP/2, which this pool does not speak:
+    /// the request comes back unsent, its URI as it was given.
+    Http2(Request<ReqBody>),
+}
+
 /// A checked-out connection: back to the pool on [`Lease::release`] (once the
 /// response has ended), closed if dropped otherwise.
 pub struct Lease {
@@ -106,10 +116,7 @@ impl H1Pool {
     /// Sends `req` (absolute URI: its authority picks the pool and the
     /// connector's target) on an idle connection or a new one. The lease goes
     /// with the response; release it when the response body has ended.
-    pub async fn request(
-        self: &Arc<Self>,
-        mut req: Request<ReqBody>,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+    pub async fn request(self: &Arc<Self>, mut req: Request<ReqBody>) -> Result<Sent, PoolError> {
         let uri = req.uri().clone();
         let key = uri
             .authority()
@@ -121,10 +128,13 @@ impl H1Pool {
         loop {
             let (mut tx, info, reused) = match self.checkout(&key).await {
                 Some((tx, info)) => (tx, info, true),
-                None => {
-                    let (tx, info) = self.connect(&uri).await?;
-                    (tx, info, false)
-                }
+                None => match self.connect(&uri).await? {
+                    Some((tx, info)) => (tx, info, false),
+                    None => {
+                        *req.uri_mut() = uri;
+                        return Ok(Sent::Http2(req));
+                    }
+                },
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -134,7 +144,7 @@ impl H1Pool {
                         tx,
                         info,
                     };
-                    return Ok((resp, lease));
+                    return Ok(Sent::Answered(resp, lease));
                 }
                 Err(mut e) => match e.take_message() {
                     // Not sent: the upstream closed this idle connection.
@@ -185,11 +195,16 @@ impl H1Pool {
         }
     }
 
+    /// A new connection, or none if its ALPN picked HTTP/2.
     async fn connect(
         &self,
         uri: &Uri,
-    ) -> Result<(http1::SendRequest<ReqBody>, ConnInfo), PoolError> {
+    ) -> Result<Option<(http1::SendRequest<ReqBody>, ConnInfo)>, PoolError> {
         let io = self.connector.connect(uri.clone()).await?;
+        if io.inner().negotiated_h2() {
+            debug!(%uri, "the upstream picked HTTP/2 on a new connection");
+            return Ok(None);
+        }
         let info = io.inner().info();
         let (tx, conn) = http1::Builder::new()
             .handshake(io)
@@ -200,7 +215,7 @@ impl H1Pool {
                 debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
             }
         });
-        Ok((tx, info))
+        Ok(Some((tx, info)))
     }
 
     fn put(&self, key: Authority, tx: http1::SendRequest<ReqBody>, info: ConnInfo) {
@@ -280,6 +295,13 @@ mod tests {
             .unwrap()
     }
 
+    fn answered(sent: Sent) -> (Response<Incoming>, Lease) {
+        match sent {
+            Sent::Answered(r, l) => (r, l),
+            Sent::Http2(_) => panic!("a plain upstream cannot pick HTTP/2"),
+        }
+    }
+
     fn idle_count(pool: &H1Pool) -> (usize, usize) {
         let map = pool.idle.lock().unwrap();
         (map.len(), map.values().map(Vec::len).sum())
@@ -291,7 +313,7 @@ mod tests {
         let settings = Settings::from_config(&crate::config::ProxyConfig::default());
         let pool = H1Pool::new(UpstreamConnector::new(settings, None));
         for round in 0..3 {
-            let (resp, lease) = pool.request(get(addr)).await.unwrap();
+            let (resp, lease) = answered(pool.request(get(addr)).await.unwrap());
             // Checked out: nothing idle, and no empty entry left behind.
             assert_eq!(idle_count(&pool), (0, 0), "round {round}");
             let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -301,10 +323,10 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // A lease dropped before its body ended closes its connection.
-        let (_resp, lease) = pool.request(get(addr)).await.unwrap();
+        let (_resp, lease) = answered(pool.request(get(addr)).await.unwrap());
         drop(lease);
         assert_eq!(idle_count(&pool), (0, 0));
-        let (resp, lease) = pool.request(get(addr)).await.unwrap();
+        let (resp, lease) = answered(pool.request(get(addr)).await.unwrap());
         resp.into_body().collect().await.unwrap();
         lease.release();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);

@@ -1,18 +1,19 @@
 //! Upstream HTTP connections: TCP (excluded from interception), optional TLS
-//! origination with ALPN, pooled by hyper-util's client (HTTP/1.1 keep-alive,
-//! HTTP/2 when the upstream offers `h2`).
+//! origination with ALPN; pooled by the HTTP/1.1 pool where the protocol is
+//! HTTP/1.1, by hyper-util's client where ALPN picks HTTP/2 (and for h2c).
 
 use std::{
+    collections::HashMap,
     future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
 
-use http::{Request, Response, Uri};
+use http::{Request, Response, Uri, Version, uri::Authority};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{
@@ -30,7 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use super::pool::Lease;
-use super::pool::{H1Pool, PoolError};
+use super::pool::{H1Pool, PoolError, Sent};
 use crate::{
     endpoint::{Endpoint, EndpointError, EndpointSet, resolve},
     proxy::{ProxyError, Settings, connect_upstream},
@@ -42,12 +43,33 @@ use crate::{
 pub type ReqBody = http_body_util::Either<AppBody, http_body_util::Full<bytes::Bytes>>;
 
 /// The upstream client of one pool: the HTTP/1.1 pool of this module's
-/// sibling where the wire protocol is known to be HTTP/1.1 (plain upstreams),
-/// hyper-util's pooled client where ALPN may pick HTTP/2, and for h2c.
+/// sibling where the wire protocol is HTTP/1.1, hyper-util's pooled client
+/// where ALPN picks HTTP/2, and for h2c.
 pub struct HttpClient {
     legacy: Client<UpstreamConnector, ReqBody>,
-    h1: Option<Arc<H1Pool>>,
+    h1: Option<H1Route>,
 }
+
+/// Which requests the HTTP/1.1 pool takes.
+enum H1Route {
+    /// All: nothing can pick HTTP/2 (plain, or ALPN without h2).
+    Always(Arc<H1Pool>),
+    /// ALPN offers h2: those to an authority whose connection picked
+    /// HTTP/1.1 (a response over hyper-util's client tells; `true`). A new
+    /// pool connection that picks HTTP/2 (the upstream changed) sends its
+    /// request back to hyper-util's client, and the authority stays there
+    /// (`false`): that client may still hold an HTTP/1.1 connection whose
+    /// responses would teach the pool again, and each new pool connection
+    /// would be one wasted handshake.
+    Learned {
+        pool: Arc<H1Pool>,
+        http1: Mutex<HashMap<Authority, bool>>,
+    },
+}
+
+/// Past this many authorities learned (TLS to many original destinations),
+/// the set starts again.
+const MAX_LEARNED: usize = 1024;
 
 /// A response, what is known of the connection it came on, and (from the
 /// HTTP/1.1 pool) the lease to give back once its body has ended.
@@ -93,28 +115,62 @@ impl RequestError {
 }
 
 impl HttpClient {
-    pub async fn request(&self, req: Request<ReqBody>) -> Result<Answer, RequestError> {
-        match &self.h1 {
-            Some(pool) => {
-                let (response, lease) = pool.request(req).await?;
-                let info = Some(lease.info().clone());
-                Ok(Answer {
-                    response,
-                    info,
-                    lease: Some(lease),
-                })
-            }
-            None => {
-                let response = self.legacy.request(req).await?;
-                let info = response.extensions().get::<ConnInfo>().cloned();
-                Ok(Answer {
-                    response,
-                    info,
-                    lease: None,
-                })
+    pub async fn request(&self, mut req: Request<ReqBody>) -> Result<Answer, RequestError> {
+        let pool = match &self.h1 {
+            Some(H1Route::Always(pool)) => Some(pool),
+            Some(H1Route::Learned { pool, http1 }) => req
+                .uri()
+                .authority()
+                .is_some_and(|a| lock(http1).get(a) == Some(&true))
+                .then_some(pool),
+            None => None,
+        };
+        if let Some(pool) = pool {
+            match pool.request(req).await? {
+                Sent::Answered(response, lease) => {
+                    return Ok(Answer {
+                        response,
+                        info: Some(lease.info().clone()),
+                        lease: Some(lease),
+                    });
+                }
+                Sent::Http2(unsent) => {
+                    if let (Some(H1Route::Learned { http1, .. }), Some(a)) =
+                        (&self.h1, unsent.uri().authority())
+                    {
+                        lock(http1).insert(a.clone(), false);
+                    }
+                    req = unsent;
+                }
             }
         }
+        let learn = match &self.h1 {
+            Some(H1Route::Learned { http1, .. }) => req.uri().authority().cloned().zip(Some(http1)),
+            _ => None,
+        };
+        let response = self.legacy.request(req).await?;
+        if let Some((authority, http1)) = learn
+            && response.version() == Version::HTTP_11
+        {
+            let mut learned = lock(http1);
+            if learned.len() >= MAX_LEARNED {
+                learned.clear();
+            }
+            learned.entry(authority).or_insert(true);
+        }
+        let info = response.extensions().get::<ConnInfo>().cloned();
+        Ok(Answer {
+            response,
+            info,
+            lease: None,
+        })
     }
+}
+
+/// The learned set stays usable if a holder panicked: at worst a request
+/// takes hyper-util's client once more.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The app's request body, streamed upstream and counted on the way.
@@ -241,16 +297,19 @@ impl UpstreamConnector {
 
     /// HTTP/1.1, or HTTP/2 where TLS's ALPN picks it.
     pub fn client(self) -> HttpClient {
-        // Without TLS, or with ALPN offering no h2, nothing can pick HTTP/2:
-        // the HTTP/1.1 pool serves it.
-        let h1 = self
-            .tls
-            .as_ref()
-            .is_none_or(|t| t.http1_only())
-            .then(|| H1Pool::new(self.clone()));
+        let pool = H1Pool::new(self.clone());
+        // Without TLS, or with ALPN offering no h2, nothing can pick HTTP/2.
+        let h1 = if self.tls.as_ref().is_none_or(|t| t.http1_only()) {
+            H1Route::Always(pool)
+        } else {
+            H1Route::Learned {
+                pool,
+                http1: Mutex::new(HashMap::new()),
+            }
+        };
         HttpClient {
             legacy: self.client_for(),
-            h1,
+            h1: Some(h1),
         }
     }
 
@@ -420,6 +479,14 @@ impl UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// TLS's ALPN picked HTTP/2.
+    pub fn negotiated_h2(&self) -> bool {
+        match &self.inner {
+            Inner::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+            Inner::Plain(_) => false,
+        }
+    }
+
     /// What responses on this connection should know of it.
     pub fn info(&self) -> ConnInfo {
         let mut info = ConnInfo {
@@ -437,15 +504,15 @@ impl UpstreamStream {
 
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
-        let h2 = match &self.inner {
-            Inner::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
-            Inner::Plain(_) => false,
-        };
         let c = Connected::new().extra(self.info());
         if self.fallback {
             c.poison();
         }
-        if h2 { c.negotiated_h2() } else { c }
+        if self.negotiated_h2() {
+            c.negotiated_h2()
+        } else {
+            c
+        }
     }
 }
 
@@ -522,5 +589,146 @@ impl AsyncWrite for UpstreamStream {
             Inner::Plain(s) => s.is_write_vectored(),
             Inner::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+    use rustls::pki_types::pem::PemObject as _;
+
+    use crate::config::service::{TlsConfig, TlsVersion};
+
+    /// A TLS server on loopback for `name` that picks `h2` by ALPN while
+    /// `h2` is set, else `http/1.1`; counts its connections. Returns its
+    /// address and its (self-signed) certificate as PEM.
+    async fn server(name: &str, h2: Arc<AtomicBool>) -> (SocketAddr, String, Arc<AtomicUsize>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = |alpn: &[u8]| {
+            let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(c))
+        };
+        let (with_h2, with_h1) = (config(b"h2"), config(b"http/1.1"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = if h2.load(Ordering::SeqCst) {
+                    with_h2.clone()
+                } else {
+                    with_h1.clone()
+                };
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let v = format!("{:?}", req.version());
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(v))))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, cert.pem(), accepted)
+    }
+
+    fn get(addr: SocketAddr) -> Request<ReqBody> {
+        Request::get(format!("https://{addr}/x"))
+            .body(http_body_util::Either::Right(Full::new(Bytes::new())))
+            .unwrap()
+    }
+
+    /// One exchange: the protocol the server saw, and whether the HTTP/1.1
+    /// pool carried it (only it hands out a lease).
+    async fn exchange(client: &HttpClient, addr: SocketAddr) -> (String, bool) {
+        let answer = client.request(get(addr)).await.unwrap();
+        let pooled = answer.lease.is_some();
+        let body = answer.response.into_body().collect().await.unwrap();
+        if let Some(lease) = answer.lease {
+            lease.release();
+        }
+        (String::from_utf8(body.to_bytes().to_vec()).unwrap(), pooled)
+    }
+
+    #[tokio::test]
+    async fn tls_offering_h2_learns_which_authorities_pick_http1() {
+        let h2 = Arc::new(AtomicBool::new(false));
+        let (addr, ca, accepted) = server("learn.test", h2.clone()).await;
+        let dir = std::env::temp_dir().join(format!("amb-alpn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        let tls = TlsConfig {
+            server_name: Some("learn.test".into()),
+            ca_file: Some(ca_file),
+            client_cert: None,
+            client_key: None,
+            min_version: TlsVersion::V1_2,
+            alpn: vec!["h2".into(), "http/1.1".into()],
+            insecure_skip_verify: false,
+        };
+        let origin = Arc::new(TlsOrigin::new("test", &tls, None).unwrap());
+        let settings = Settings::from_config(&crate::config::ProxyConfig::default());
+        let client_tls = Some(origin);
+        let client = UpstreamConnector::new(settings, client_tls.clone()).client();
+
+        // The first goes by hyper-util's client, which finds HTTP/1.1; the
+        // next ones by the HTTP/1.1 pool, on one new connection.
+        assert_eq!(exchange(&client, addr).await, ("HTTP/1.1".into(), false));
+        for _ in 0..3 {
+            assert_eq!(exchange(&client, addr).await, ("HTTP/1.1".into(), true));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // The upstream now picks h2: the pool's idle connection is still
+        // HTTP/1.1 and serves; dropped unreleased, it closes, and the pool's
+        // next connection picks h2: that request goes to hyper-util's client
+        // unsent, and the authority stays with hyper-util's client, whose
+        // first HTTP/1.1 connection is still open.
+        let answer = client.request(get(addr)).await.unwrap();
+        assert!(answer.lease.is_some());
+        h2.store(true, Ordering::SeqCst);
+        drop(answer);
+        for _ in 0..3 {
+            assert_eq!(exchange(&client, addr).await, ("HTTP/1.1".into(), false));
+        }
+        // Connections: the first two and the pool's h2 one (closed at once).
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        // A fresh client (a reload) asks hyper-util's client first: h2.
+        let settings = Settings::from_config(&crate::config::ProxyConfig::default());
+        let fresh = UpstreamConnector::new(settings, client_tls.clone()).client();
+        for _ in 0..2 {
+            assert_eq!(exchange(&fresh, addr).await, ("HTTP/2.0".into(), false));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
