@@ -833,16 +833,30 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }) {
         return;
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        if n != header::TE {
-            h.remove(n);
+    // The names Connection lists go too (TE has its own rule below). One
+    // Connection field (nginx's `keep-alive` on every response) is taken out
+    // and its names removed by &str, which allocates nothing.
+    let fields = h.get_all(header::CONNECTION).iter().count();
+    if fields == 1 {
+        if let Some(v) = h.remove(header::CONNECTION) {
+            for n in v.to_str().unwrap_or("").split(',').map(str::trim) {
+                if !n.is_empty() && !n.eq_ignore_ascii_case("te") {
+                    h.remove(n);
+                }
+            }
+        }
+    } else if fields > 1 {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            if n != header::TE {
+                h.remove(n);
+            }
         }
     }
     for n in [
@@ -943,6 +957,25 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty(), "{h:?}");
+
+        // Names in any case, TE listed yet kept for trailers, a token that
+        // is no header name ignored; and the same over two Connection fields.
+        for fields in [
+            &["X-Hop, TE, bad name, "][..],
+            &["X-Hop", "te,bad name"][..],
+        ] {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::CONNECTION, HeaderValue::from_static(f));
+            }
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+            h.insert("x-end", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            left.sort_unstable();
+            assert_eq!(left, ["te", "x-end"], "{fields:?}");
+        }
     }
 
     #[test]
