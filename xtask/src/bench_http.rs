@@ -628,7 +628,9 @@ fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> 
         proxy.push_str("intercept: { accelerate: false }\n");
     }
     let auth = format!("{{ set_headers: {{ authorization: {{ value: \"{AUTHORIZATION}\" }} }} }}");
-    // alpn http/1.1: the same protocol to the origin as HAProxy and nginx use.
+    // ALPN as users leave it ([h2, http/1.1]): the origin picks http/1.1, the
+    // protocol HAProxy and nginx speak to it, and after the first response
+    // the service's requests take the HTTP/1.1 pool.
     // Access logs off: HAProxy and nginx run without them too.
     format!(
         "{proxy}telemetry: {{ access_log: false }}\n\
@@ -642,7 +644,7 @@ fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> 
          \x20   protocol: http\n\
          \x20   upstream:\n\
          \x20     endpoints: [{{ address: \"{SERVER_V4}:{ORIGIN_TLS_PORT}\" }}]\n\
-         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{}\", alpn: [http/1.1] }}\n\
+         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{}\" }}\n\
          \x20   request: {auth}\n",
         ca_file.display()
     )
