@@ -1060,7 +1060,8 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          (intercept.accelerate false, as HAProxy and nginx have it). ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
-         verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin; x still to plain direct.\n\
+         verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
+         (ambassador offers ALPN [h2, http/1.1], its default; the others offer none); x still to plain direct.\n\
          Client (oha), proxy and origin share the machine's {cores} cores; p99 range = the lowest and\n\
          highest p99 of one round; \"-\": an added latency came out at or below 0. CPU us/req = the proxy's\n\
          user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
