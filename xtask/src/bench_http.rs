@@ -1061,7 +1061,7 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
-         (ambassador offers ALPN [h2, http/1.1], its default; the others offer none); x still to plain direct.\n\
+         (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
          Client (oha), proxy and origin share the machine's {cores} cores; p99 range = the lowest and\n\
          highest p99 of one round; \"-\": an added latency came out at or below 0. CPU us/req = the proxy's\n\
          user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
