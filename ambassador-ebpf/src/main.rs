@@ -461,24 +461,31 @@ fn key_from_ops(ctx: &SockOpsContext) -> ConnKey {
     }
 }
 
+/// The socket key from a context whose fields are named as in
+/// `bpf_sock_ops` and `sk_msg_md` (two kernel structs, the same names). Each
+/// field is read whole, by its own load (volatile: the verifier refuses a
+/// load through a context pointer the compiler offset by a select). Expands
+/// to unsafe reads: the caller's SAFETY says why the pointer is valid.
+macro_rules! sock_key_of {
+    ($ctx:expr) => {{
+        let c = &*$ctx;
+        SockKey::from_fields(
+            core::ptr::read_volatile(&c.family),
+            core::ptr::read_volatile(&c.local_ip4),
+            core::ptr::read_volatile(&c.remote_ip4),
+            core::ptr::read_volatile(&c.local_ip6),
+            core::ptr::read_volatile(&c.remote_ip6),
+            core::ptr::read_volatile(&c.local_port),
+            core::ptr::read_volatile(&c.remote_port),
+        )
+    }};
+}
+
 /// This socket's view of its connection, for the shortcut maps.
 #[inline(always)]
 fn sock_key_from_ops(ctx: &SockOpsContext) -> SockKey {
-    // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this callback; every
-    // field is read whole, by its own load (volatile: the verifier refuses a
-    // load through a context pointer the compiler offset by a select).
-    unsafe {
-        let o = &*ctx.ops;
-        SockKey::from_fields(
-            core::ptr::read_volatile(&o.family),
-            core::ptr::read_volatile(&o.local_ip4),
-            core::ptr::read_volatile(&o.remote_ip4),
-            core::ptr::read_volatile(&o.local_ip6),
-            core::ptr::read_volatile(&o.remote_ip6),
-            core::ptr::read_volatile(&o.local_port),
-            core::ptr::read_volatile(&o.remote_port),
-        )
-    }
+    // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this callback.
+    unsafe { sock_key_of!(ctx.ops) }
 }
 
 /// This socket's sends keep to TCP for good.
@@ -603,20 +610,8 @@ pub fn ambassador_sockops(ctx: SockOpsContext) -> u32 {
 /// from the shortcut to TCP, never back, for the same reason.
 #[sk_msg]
 pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the kernel passes a valid sk_msg_md for the program's
-    // lifetime; fields read whole, each by its own load (see sock_key_from_ops).
-    let me = unsafe {
-        let md = &*ctx.msg;
-        SockKey::from_fields(
-            core::ptr::read_volatile(&md.family),
-            core::ptr::read_volatile(&md.local_ip4),
-            core::ptr::read_volatile(&md.remote_ip4),
-            core::ptr::read_volatile(&md.local_ip6),
-            core::ptr::read_volatile(&md.remote_ip6),
-            core::ptr::read_volatile(&md.local_port),
-            core::ptr::read_volatile(&md.remote_port),
-        )
-    };
+    // SAFETY: the kernel passes a valid sk_msg_md for the program's lifetime.
+    let me = unsafe { sock_key_of!(ctx.msg) };
     let mut peer = me.peer();
     // The peer's silence ends: its one-way count starts again.
     if let Some(p) = ACCEL.get_ptr_mut(&peer) {

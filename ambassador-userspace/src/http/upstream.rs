@@ -600,63 +600,33 @@ mod tests {
     use http_body_util::{BodyExt, Full};
 
     use super::*;
-    use rustls::pki_types::pem::PemObject as _;
-
-    use crate::config::service::{TlsConfig, TlsVersion};
 
     /// A TLS server on loopback for `name` that picks `h2` by ALPN while
     /// `h2` is set, else `http/1.1`; counts its connections. Returns its
     /// address and its (self-signed) certificate as PEM.
     async fn server(name: &str, h2: Arc<AtomicBool>) -> (SocketAddr, String, Arc<AtomicUsize>) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config = |alpn: &[u8]| {
-            let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
-                    .unwrap(),
-            )
-            .unwrap();
-            c.alpn_protocols = vec![alpn.to_vec()];
-            tokio_rustls::TlsAcceptor::from(Arc::new(c))
-        };
-        let (with_h2, with_h1) = (config(b"h2"), config(b"http/1.1"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let acceptor = if h2.load(Ordering::SeqCst) {
-                    with_h2.clone()
-                } else {
-                    with_h1.clone()
+        let cert = tls::testing::SelfSigned::new(name);
+        let (with_h2, with_h1) = (cert.acceptor(&[b"h2"]), cert.acceptor(&[b"http/1.1"]));
+        let (addr, accepted) = crate::http::pool::counting_server(move |tcp| {
+            let acceptor = if h2.load(Ordering::SeqCst) {
+                with_h2.clone()
+            } else {
+                with_h1.clone()
+            };
+            async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
                 };
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let v = format!("{:?}", req.version());
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(v))))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let v = format!("{:?}", req.version());
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(v))))
                 });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             }
-        });
+        })
+        .await;
         (addr, cert.pem(), accepted)
     }
 
@@ -682,20 +652,8 @@ mod tests {
     async fn tls_offering_h2_learns_which_authorities_pick_http1() {
         let h2 = Arc::new(AtomicBool::new(false));
         let (addr, ca, accepted) = server("learn.test", h2.clone()).await;
-        let dir = std::env::temp_dir().join(format!("amb-alpn-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, ca).unwrap();
-        let tls = TlsConfig {
-            server_name: Some("learn.test".into()),
-            ca_file: Some(ca_file),
-            client_cert: None,
-            client_key: None,
-            min_version: TlsVersion::V1_2,
-            alpn: vec!["h2".into(), "http/1.1".into()],
-            insecure_skip_verify: false,
-        };
-        let origin = Arc::new(TlsOrigin::new("test", &tls, None).unwrap());
+        let (origin, _ca_file) = tls::testing::origin("learn.test", &ca, &["h2", "http/1.1"]);
+        let origin = Arc::new(origin);
         let settings = Settings::from_config(&crate::config::ProxyConfig::default());
         let client_tls = Some(origin);
         let client = UpstreamConnector::new(settings, client_tls.clone()).client();
@@ -729,6 +687,5 @@ mod tests {
             assert_eq!(exchange(&fresh, addr).await, ("HTTP/2.0".into(), false));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -314,6 +314,81 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
+/// For tests across the crate: a server certificate and an origin that
+/// trusts it.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A self-signed certificate for `name` (its own CA) and its key.
+    pub struct SelfSigned {
+        cert: rcgen::Certificate,
+        key: rcgen::KeyPair,
+    }
+
+    impl SelfSigned {
+        pub fn new(name: &str) -> SelfSigned {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            SelfSigned { cert, key }
+        }
+
+        pub fn pem(&self) -> String {
+            self.cert.pem()
+        }
+
+        /// A server config presenting it, offering `alpn`.
+        pub fn acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+            let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.cert.der().clone()],
+                PrivateKeyDer::from_pem_slice(self.key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        }
+    }
+
+    /// An origin for `name` that trusts `ca_pem` (written to a file: the
+    /// setting is a path), offering `alpn`. The file goes with the guard.
+    pub fn origin(name: &str, ca_pem: &str, alpn: &[&str]) -> (TlsOrigin, CaFile) {
+        let dir = std::env::temp_dir().join(format!("amb-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca_pem).unwrap();
+        let settings = TlsConfig {
+            server_name: Some(name.into()),
+            ca_file: Some(ca_file),
+            client_cert: None,
+            client_key: None,
+            min_version: TlsVersion::V1_2,
+            alpn: alpn.iter().map(|p| p.to_string()).collect(),
+            insecure_skip_verify: false,
+        };
+        (
+            TlsOrigin::new("test", &settings, None).unwrap(),
+            CaFile(dir),
+        )
+    }
+
+    pub struct CaFile(std::path::PathBuf);
+
+    impl Drop for CaFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,23 +397,8 @@ mod tests {
     /// A TLS server on loopback for `name`; returns its address and the CA
     /// (here the self-signed certificate itself) as PEM.
     async fn server(name: &str) -> (std::net::SocketAddr, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let cert = testing::SelfSigned::new(name);
+        let acceptor = cert.acceptor(&[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -359,20 +419,7 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_resumed() {
         let (addr, ca) = server("resume.test").await;
-        let dir = std::env::temp_dir().join(format!("amb-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, ca).unwrap();
-        let settings = TlsConfig {
-            server_name: Some("resume.test".into()),
-            ca_file: Some(ca_file),
-            client_cert: None,
-            client_key: None,
-            min_version: TlsVersion::V1_2,
-            alpn: vec!["http/1.1".into()],
-            insecure_skip_verify: false,
-        };
-        let origin = TlsOrigin::new("test", &settings, None).unwrap();
+        let (origin, _ca_file) = testing::origin("resume.test", &ca, &["http/1.1"]);
         let mut kinds = Vec::new();
         for _ in 0..2 {
             let tcp = TcpStream::connect(addr).await.unwrap();
@@ -390,6 +437,5 @@ mod tests {
                 Some(rustls::HandshakeKind::Resumed)
             ]
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
