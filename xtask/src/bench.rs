@@ -12,7 +12,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
     thread,
@@ -52,74 +52,53 @@ struct ConnectResult {
     rate: f64,
 }
 
-pub fn run(bin: &Path) -> anyhow::Result<()> {
+/// What a section's run is for.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Pass {
+    /// Every mode, timed, reported.
+    Measure,
+    /// ambassador's modes only, briefly, to record its profile (`pgo.rs`);
+    /// the proxy is stopped with SIGTERM, so that it exits and writes it.
+    Train,
+}
+
+/// The ambassador binaries a bench run measures: `main` (the PGO build,
+/// unless `--no-pgo`), and the plain release build beside it when `main` is
+/// the PGO one.
+pub struct Bins {
+    pub main: PathBuf,
+    pub plain: Option<PathBuf>,
+}
+
+/// Makes `bin` the binary the test harness's Pod runs (its `bin()` reads
+/// `AMBASSADOR_BIN` at every start).
+pub fn use_binary(bin: &Path) {
+    // SAFETY: the bench's other threads only pump child processes' output;
+    // none reads the environment through libc, and std's accesses are locked.
+    unsafe { std::env::set_var("AMBASSADOR_BIN", bin) };
+}
+
+pub fn require_root() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
             "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
         );
     }
+    Ok(())
+}
+
+/// The tools the L4 section needs besides the test harness's.
+pub fn l4_tools() -> anyhow::Result<()> {
     crate::toolchain::ensure_test_tools()?;
-    crate::toolchain::apt_install(&["iptables", "iperf3"])?;
-    // The harness runs the binary named here.
-    // SAFETY: single-threaded at this point; nothing else reads the environment.
-    unsafe { std::env::set_var("AMBASSADOR_BIN", bin) };
-    let me = std::env::current_exe()?;
+    crate::toolchain::apt_install(&["iptables", "iperf3"])
+}
 
-    // Access logs off, as for HAProxy and nginx: the same work compared.
-    let mut pod = Pod::new("telemetry: { access_log: false }\n");
-    // Thousands of short connections per mode.
-    reuse_time_wait_ports(&pod)?;
-    pod.start_proxy_logging("ambassador_userspace=info");
-    let root_cg = cgroup2_mount();
-    let server_at = Placement {
-        netns: &pod.servers,
-        cgroup: &root_cg,
-        uid: None,
-    };
-    let echo = Guard(
-        placed(&me, &server_at)
-            .args(["__echo", &format!("{SERVER_V4}:{ECHO_PORT}"), "16"])
-            .spawn()?,
-    );
-    let iperf = Guard(
-        placed("iperf3", &server_at)
-            .args(["-s", "-B", SERVER_V4, "-p", &IPERF_PORT.to_string()])
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    thread::sleep(Duration::from_millis(300));
-
-    let mut results = Vec::new();
-    for mode in [Mode::Direct, Mode::Ebpf, Mode::Iptables] {
-        if mode == Mode::Iptables {
-            iptables(&pod, "-A")?;
-        }
-        // eBPF mode runs the client in the app container (intercepted); the
-        // others in the Pod's network namespace but outside the Pod cgroup.
-        let cg = if mode == Mode::Ebpf {
-            pod.app_cgroup.clone()
-        } else {
-            root_cg.clone()
-        };
-        let at = Placement {
-            netns: &pod.netns,
-            cgroup: &cg,
-            uid: None,
-        };
-        let target = format!("{SERVER_V4}:{ECHO_PORT}");
-        let seq = connect_bench(&me, &at, &target, SEQUENTIAL, 1)?;
-        let par = connect_bench(&me, &at, &target, PARALLEL_EACH, PARALLEL_THREADS)?;
-        let gbps = iperf_gbps(&at)?;
-        if mode == Mode::Iptables {
-            iptables(&pod, "-D")?;
-        }
-        eprintln!("xtask: bench {} done", mode.name());
-        results.push((mode, seq, par, gbps));
-    }
-    let counters = pod.counters();
-    drop((echo, iperf));
-    drop(pod);
+pub fn run(bins: &Bins) -> anyhow::Result<()> {
+    require_root()?;
+    l4_tools()?;
+    use_binary(&bins.main);
+    let (results, counters) = l4(Pass::Measure)?;
 
     let base = &results[0];
     let mut report = String::new();
@@ -146,8 +125,12 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     }
     report.push_str(&format!(
         "\nconnect = TCP connect + 1-byte echo + close, from the Pod to a server across a veth.\n\
-         kernel counters for the eBPF run: redirected {} refused {} passed {}\n",
-        counters.redirected, counters.refused, counters.passed
+         kernel counters for the eBPF run: redirected {} refused {} passed {}\n\
+         {}",
+        counters.redirected,
+        counters.refused,
+        counters.passed,
+        crate::pgo::described(bins)
     ));
     print!("{report}");
     let out = crate::root().join("target/bench");
@@ -156,7 +139,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     std::fs::write(out.join("report.txt"), &report)?;
 
     // Its own Pod: its config names HTTP services.
-    let http = crate::bench_http::run()?;
+    let http = crate::bench_http::run(bins, Pass::Measure)?;
     print!("\n{http}");
     report.push('\n');
     report.push_str(&http);
@@ -167,7 +150,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     report.push_str(&failover);
     std::fs::write(out.join("report.txt"), &report)?;
 
-    let postgres = crate::bench_postgres::run()?;
+    let postgres = crate::bench_postgres::run(Pass::Measure)?;
     print!("{postgres}");
     report.push_str(&postgres);
     std::fs::write(out.join("report.txt"), &report)?;
@@ -175,21 +158,98 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --only http|postgres`: one section alone.
-pub fn run_section(bin: &Path, section: &str) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "the benchmark attaches eBPF programs and creates network namespaces: run it as root"
-        );
-    }
-    crate::toolchain::ensure_test_tools()?;
-    // SAFETY: single-threaded at this point; nothing else reads the environment.
-    unsafe { std::env::set_var("AMBASSADOR_BIN", bin) };
-    let report = match section {
-        "http" => crate::bench_http::run()?,
-        _ => crate::bench_postgres::run()?,
+type L4Results = (
+    Vec<(Mode, ConnectResult, ConnectResult, f64)>,
+    ambassador_tests::Counters,
+);
+
+/// The L4 section as training (see [`Pass::Train`]).
+pub fn train_l4() -> anyhow::Result<()> {
+    l4(Pass::Train).map(drop)
+}
+
+/// The L4 section: connects and relay throughput, by mode.
+fn l4(pass: Pass) -> anyhow::Result<L4Results> {
+    let me = std::env::current_exe()?;
+    // Access logs off, as for HAProxy and nginx: the same work compared.
+    let mut pod = Pod::new("telemetry: { access_log: false }\n");
+    // Thousands of short connections per mode.
+    reuse_time_wait_ports(&pod)?;
+    pod.start_proxy_logging("ambassador_userspace=info");
+    let root_cg = cgroup2_mount();
+    let server_at = Placement {
+        netns: &pod.servers,
+        cgroup: &root_cg,
+        uid: None,
     };
+    let echo = Guard(
+        placed(&me, &server_at)
+            .args(["__echo", &format!("{SERVER_V4}:{ECHO_PORT}"), "16"])
+            .spawn()?,
+    );
+    let iperf = Guard(
+        placed("iperf3", &server_at)
+            .args(["-s", "-B", SERVER_V4, "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    thread::sleep(Duration::from_millis(300));
+
+    let modes: &[Mode] = match pass {
+        Pass::Measure => &[Mode::Direct, Mode::Ebpf, Mode::Iptables],
+        Pass::Train => &[Mode::Ebpf],
+    };
+    // Training needs the paths taken, not precise figures.
+    let (scale, iperf_seconds) = match pass {
+        Pass::Measure => (1, IPERF_SECONDS),
+        Pass::Train => (4, "2"),
+    };
+    let mut results = Vec::new();
+    for &mode in modes {
+        if mode == Mode::Iptables {
+            iptables(&pod, "-A")?;
+        }
+        // eBPF mode runs the client in the app container (intercepted); the
+        // others in the Pod's network namespace but outside the Pod cgroup.
+        let cg = if mode == Mode::Ebpf {
+            pod.app_cgroup.clone()
+        } else {
+            root_cg.clone()
+        };
+        let at = Placement {
+            netns: &pod.netns,
+            cgroup: &cg,
+            uid: None,
+        };
+        let target = format!("{SERVER_V4}:{ECHO_PORT}");
+        let seq = connect_bench(&me, &at, &target, SEQUENTIAL / scale, 1)?;
+        let par = connect_bench(&me, &at, &target, PARALLEL_EACH / scale, PARALLEL_THREADS)?;
+        let gbps = iperf_gbps(&at, iperf_seconds)?;
+        if mode == Mode::Iptables {
+            iptables(&pod, "-D")?;
+        }
+        eprintln!("xtask: bench {} done", mode.name());
+        results.push((mode, seq, par, gbps));
+    }
+    let counters = pod.counters();
+    if pass == Pass::Train {
+        pod.terminate_proxy();
+    }
+    drop((echo, iperf));
+    drop(pod);
+    Ok((results, counters))
+}
+
+/// `cargo xtask bench --only http|postgres`: one section alone.
+pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
+    require_root()?;
+    crate::toolchain::ensure_test_tools()?;
+    use_binary(&bins.main);
+    let report = match section {
+        "http" => crate::bench_http::run(bins, Pass::Measure)?,
+        _ => crate::bench_postgres::run(Pass::Measure)?,
+    };
+    let report = format!("{report}{}", crate::pgo::described(bins));
     print!("{report}");
     let out = crate::root().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -279,7 +339,7 @@ fn connect_bench(
     })
 }
 
-fn iperf_gbps(at: &Placement<'_>) -> anyhow::Result<f64> {
+fn iperf_gbps(at: &Placement<'_>, seconds: &str) -> anyhow::Result<f64> {
     let out = placed("iperf3", at)
         .args([
             "-c",
@@ -287,7 +347,7 @@ fn iperf_gbps(at: &Placement<'_>) -> anyhow::Result<f64> {
             "-p",
             &IPERF_PORT.to_string(),
             "-t",
-            IPERF_SECONDS,
+            seconds,
             "-J",
         ])
         .output()?;

@@ -26,11 +26,20 @@ use ambassador_tests::{
 };
 use anyhow::{Context as _, bail, ensure};
 
+use crate::bench::{Bins, Pass};
+
 const ORIGIN_PORT: u16 = 8080;
 const ORIGIN_TLS_PORT: u16 = 8443;
 /// What the app dials for ambassador's TLS variant; the service sends it on to
 /// `ORIGIN_TLS_PORT` over TLS.
 const AMBASSADOR_TLS_PORT: u16 = 8081;
+/// Training only (`Pass::Train`): the app dials this for a service whose
+/// upstream is the origin's TLS listener that picks h2 ...
+const AMBASSADOR_H2_PORT: u16 = 8082;
+const ORIGIN_H2_PORT: u16 = 8444;
+/// ... and speaks h2c (prior knowledge) to this one, which the service passes
+/// through as HTTP/2.
+const ORIGIN_H2C_PORT: u16 = 8083;
 const HAPROXY_PORT: u16 = 18080;
 const HAPROXY_TLS_PORT: u16 = 18443;
 const NGINX_PORT: u16 = 18081;
@@ -61,9 +70,21 @@ enum Via {
     Nginx,
 }
 
+/// Which of the bench's ambassador binaries a mode runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Bin {
+    /// `Bins::main`: the PGO build unless `--no-pgo`.
+    Main,
+    /// `Bins::plain`: the release build without PGO.
+    Plain,
+}
+
 struct Mode {
     via: Via,
     tls: bool,
+    /// HTTP/2 (training only): upstream over TLS (`tls`), or h2c from the app.
+    h2: bool,
+    bin: Bin,
     /// ambassador's `proxy.workers` (ignored for the others).
     workers: Option<u32>,
     /// ambassador's `intercept.accelerate` (ignored for the others).
@@ -75,6 +96,7 @@ struct Mode {
 struct Row {
     via: Via,
     tls: bool,
+    bin: Bin,
     workers: Option<u32>,
     accelerate: bool,
     label: String,
@@ -100,8 +122,8 @@ struct Load {
     latencies_us: Vec<f64>,
 }
 
-/// Runs the HTTP section; returns its report.
-pub fn run() -> anyhow::Result<String> {
+/// Runs the HTTP section; returns its report (empty for [`Pass::Train`]).
+pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
     crate::toolchain::apt_install(&["haproxy", "nginx", "curl", "sqlite3"])?;
     let oha = crate::toolchain::ensure_oha()?;
     let versions = Versions::find(&oha)?;
@@ -119,8 +141,8 @@ pub fn run() -> anyhow::Result<String> {
     fs::write(&key_file, key).context("writing the origin key")?;
 
     // One proxy thread, like HAProxy's nbthread 1 and nginx's one worker.
-    let mut setup = (Some(1), true);
-    start_ambassador(&mut pod, setup, &ca_file)?;
+    let mut setup = (Some(1), true, Bin::Main);
+    start_ambassador(&mut pod, setup, &ca_file, bins)?;
 
     let root_cg = cgroup2_mount();
     let servers_at = Placement {
@@ -146,6 +168,8 @@ pub fn run() -> anyhow::Result<String> {
         &[
             addr(SERVER_V4, ORIGIN_PORT),
             addr(SERVER_V4, ORIGIN_TLS_PORT),
+            addr(SERVER_V4, ORIGIN_H2_PORT),
+            addr(SERVER_V4, ORIGIN_H2C_PORT),
         ],
     )?;
     let haproxy_dir = subdir(&dir, "haproxy")?;
@@ -175,11 +199,13 @@ pub fn run() -> anyhow::Result<String> {
     let mode = |via, tls, workers, label: String| Mode {
         via,
         tls,
+        h2: false,
+        bin: Bin::Main,
         workers,
         accelerate: true,
         label,
     };
-    let modes = [
+    let mut modes = vec![
         mode(Via::Direct, false, None, "direct".into()),
         mode(
             Via::Ambassador,
@@ -220,21 +246,47 @@ pub fn run() -> anyhow::Result<String> {
             )
         },
     ];
+    if bins.plain.is_some() {
+        modes.push(Mode {
+            bin: Bin::Plain,
+            ..mode(Via::Ambassador, false, Some(1), "ambassador, no PGO".into())
+        });
+    }
+    let (rounds, fixed_seconds) = match pass {
+        Pass::Measure => (ROUNDS, FIXED_SECONDS),
+        // ambassador's paths, each briefly: HTTP/1.1 plain and with TLS
+        // origination, HTTP/2 both ways, and the multi-threaded runtime (its
+        // default where there are 2 cores).
+        Pass::Train => {
+            let amb = |tls, h2, workers, label: &str| Mode {
+                h2,
+                ..mode(Via::Ambassador, tls, workers, label.into())
+            };
+            modes = vec![
+                amb(false, false, Some(1), "plain"),
+                amb(true, false, Some(1), "TLS"),
+                amb(true, true, Some(1), "TLS, h2 upstream"),
+                amb(false, true, Some(1), "h2c from the app"),
+                amb(false, false, None, "plain, default workers"),
+            ];
+            (1, 1)
+        }
+    };
     // Per mode: (fixed-rate load, max req/s, proxy CPU per request) for each
     // round.
     type Run = (Load, f64, Option<(f64, f64)>);
     let mut runs: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for i in 0..modes.len() {
             let k = (i + round) % modes.len();
             let m = &modes[k];
-            if m.via == Via::Ambassador && (m.workers, m.accelerate) != setup {
-                setup = (m.workers, m.accelerate);
-                pod.kill_proxy();
-                start_ambassador(&mut pod, setup, &ca_file)?;
+            if m.via == Via::Ambassador && (m.workers, m.accelerate, m.bin) != setup {
+                setup = (m.workers, m.accelerate, m.bin);
+                stop_ambassador(&mut pod, pass);
+                start_ambassador(&mut pod, setup, &ca_file, bins)?;
             }
             let at = client_at(&pod, &root_cg, m.via);
-            if round == 0 {
+            if round == 0 && !m.h2 {
                 check(&at, m)?;
             }
             let pids = match m.via {
@@ -246,7 +298,7 @@ pub fn run() -> anyhow::Result<String> {
             // Unthrottled first: it also warms the proxies' upstream pools
             // (emptied when ambassador restarts).
             let cpu_before = cpu_ticks(&pids);
-            let max = load(&oha, &at, &url(m.via, m.tls), None, MAX_SECONDS, None)
+            let max = load(&oha, &at, m, None, MAX_SECONDS, None)
                 .with_context(|| format!("max rate, {}", m.label))?;
             let cpu = cpu_before
                 .zip(cpu_ticks(&pids))
@@ -256,20 +308,17 @@ pub fn run() -> anyhow::Result<String> {
                     (per(u1 - u0), per(s1 - s0))
                 });
             let db = dir.join("fixed-rate.db");
-            let fixed = load(
-                &oha,
-                &at,
-                &url(m.via, m.tls),
-                Some(RATE),
-                FIXED_SECONDS,
-                Some(&db),
-            )
-            .with_context(|| format!("fixed rate, {}", m.label))?;
+            let fixed = load(&oha, &at, m, Some(RATE), fixed_seconds, Some(&db))
+                .with_context(|| format!("fixed rate, {}", m.label))?;
             runs[k].push((fixed, max.rps, cpu));
         }
-        eprintln!("xtask: bench http round {}/{ROUNDS} done", round + 1);
+        eprintln!("xtask: bench http round {}/{rounds} done", round + 1);
     }
     let counters = pod.counters();
+    if pass == Pass::Train {
+        stop_ambassador(&mut pod, pass);
+        return Ok(String::new());
+    }
     drop((nginx_proxy, haproxy, origin));
     drop(pod);
 
@@ -287,6 +336,7 @@ pub fn run() -> anyhow::Result<String> {
             Row {
                 via: m.via,
                 tls: m.tls,
+                bin: m.bin,
                 workers: m.workers,
                 accelerate: m.accelerate,
                 label: m.label,
@@ -423,9 +473,14 @@ fn cpu_busy() -> String {
 /// and starts the proxy.
 fn start_ambassador(
     pod: &mut Pod,
-    (workers, accelerate): (Option<u32>, bool),
+    (workers, accelerate, bin): (Option<u32>, bool, Bin),
     ca_file: &Path,
+    bins: &Bins,
 ) -> anyhow::Result<()> {
+    crate::bench::use_binary(match (bin, &bins.plain) {
+        (Bin::Plain, Some(plain)) => plain,
+        _ => &bins.main,
+    });
     fs::write(&pod.config, ambassador_config(workers, accelerate, ca_file))
         .context("writing the ambassador config")?;
     let init = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup.clone()));
@@ -436,6 +491,15 @@ fn start_ambassador(
     );
     pod.start_proxy_logging(LOG_FILTER);
     Ok(())
+}
+
+/// Ends the running proxy: SIGTERM when training, so it exits (writing its
+/// profile) as in a Pod's shutdown; SIGKILL otherwise, the quicker.
+fn stop_ambassador(pod: &mut Pod, pass: Pass) {
+    match pass {
+        Pass::Train => drop(pod.terminate_proxy()),
+        Pass::Measure => pod.kill_proxy(),
+    }
 }
 
 /// Where the client runs: in the app container for ambassador (so eBPF
@@ -455,7 +519,7 @@ fn client_at<'a>(pod: &'a Pod, root_cg: &'a Path, via: Via) -> Placement<'a> {
 /// The same job every way: the origin must see the header the proxy set (and
 /// none direct), and the whole body must come back.
 fn check(at: &Placement<'_>, mode: &Mode) -> anyhow::Result<()> {
-    let base = url(mode.via, mode.tls);
+    let base = url(mode);
     let want_auth = if mode.via == Via::Direct {
         ""
     } else {
@@ -483,8 +547,10 @@ fn check(at: &Placement<'_>, mode: &Mode) -> anyhow::Result<()> {
 }
 
 /// Where the client sends its requests in each mode.
-fn url(via: Via, tls: bool) -> String {
-    let (host, port) = match (via, tls) {
+fn url(m: &Mode) -> String {
+    let (host, port) = match (m.via, m.tls) {
+        (Via::Ambassador, true) if m.h2 => (SERVER_V4, AMBASSADOR_H2_PORT),
+        (Via::Ambassador, false) if m.h2 => (SERVER_V4, ORIGIN_H2C_PORT),
         (Via::Direct, _) => (SERVER_V4, ORIGIN_PORT),
         (Via::Ambassador, false) => (SERVER_V4, ORIGIN_PORT),
         (Via::Ambassador, true) => (SERVER_V4, AMBASSADOR_TLS_PORT),
@@ -517,12 +583,17 @@ fn curl(at: &Placement<'_>, url: &str, extra: &[&str]) -> anyhow::Result<String>
 fn load(
     oha: &Path,
     at: &Placement<'_>,
-    url: &str,
+    mode: &Mode,
     rate: Option<u32>,
     seconds: u32,
     db: Option<&Path>,
 ) -> anyhow::Result<Load> {
+    let url = url(mode);
     let mut cmd = placed(oha, at);
+    if mode.h2 && !mode.tls {
+        // h2c with prior knowledge.
+        cmd.arg("--http2");
+    }
     cmd.args(["-z", &format!("{seconds}s"), "-c", &CONNECTIONS.to_string()])
         // Requests in flight at the deadline finish rather than count as errors.
         .args(["-w", "--no-tui", "--output-format", "json"]);
@@ -535,7 +606,7 @@ fn load(
         cmd.arg("--db-url").arg(db);
     }
     let out = cmd
-        .arg(url)
+        .arg(&url)
         .output()
         .with_context(|| format!("cannot start {}", oha.display()))?;
     ensure!(
@@ -644,9 +715,20 @@ fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> 
          \x20   protocol: http\n\
          \x20   upstream:\n\
          \x20     endpoints: [{{ address: \"{SERVER_V4}:{ORIGIN_TLS_PORT}\" }}]\n\
-         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{}\" }}\n\
+         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{ca}\" }}\n\
+         \x20   request: {auth}\n\
+         \x20 - name: origin-h2\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: {AMBASSADOR_H2_PORT} }}\n\
+         \x20   protocol: http\n\
+         \x20   upstream:\n\
+         \x20     endpoints: [{{ address: \"{SERVER_V4}:{ORIGIN_H2_PORT}\" }}]\n\
+         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{ca}\" }}\n\
+         \x20   request: {auth}\n\
+         \x20 - name: origin-h2c\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_H2C_PORT} }}\n\
+         \x20   protocol: http\n\
          \x20   request: {auth}\n",
-        ca_file.display()
+        ca = ca_file.display()
     )
 }
 
@@ -687,14 +769,24 @@ fn origin_config(dir: &Path, cert: &Path, key: &Path) -> String {
          \x20 }}\n\
          \x20 server {{\n\
          \x20   listen {SERVER_V4}:{ORIGIN_TLS_PORT} ssl;\n\
-         \x20   ssl_certificate {};\n\
-         \x20   ssl_certificate_key {};\n\
+         \x20   ssl_certificate {cert};\n\
+         \x20   ssl_certificate_key {key};\n\
+         \x20   {locations}\n\
+         \x20 }}\n\
+         \x20 server {{\n\
+         \x20   listen {SERVER_V4}:{ORIGIN_H2_PORT} ssl http2;\n\
+         \x20   ssl_certificate {cert};\n\
+         \x20   ssl_certificate_key {key};\n\
+         \x20   {locations}\n\
+         \x20 }}\n\
+         \x20 server {{\n\
+         \x20   listen {SERVER_V4}:{ORIGIN_H2C_PORT} http2;\n\
          \x20   {locations}\n\
          \x20 }}\n\
          }}\n",
         nginx_common(dir),
-        cert.display(),
-        key.display()
+        cert = cert.display(),
+        key = key.display()
     )
 }
 
@@ -1006,11 +1098,12 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
     }
 
     // The one-thread ambassador rows are the ones set against the others.
-    let find = |via: Via, tls: bool| {
+    let find = |via: Via, tls: bool, bin: Bin| {
         rows.iter().find(|x| {
             x.via == via
                 && x.tls == tls
-                && (via != Via::Ambassador || (x.workers == Some(1) && x.accelerate))
+                && (via != Via::Ambassador
+                    || (x.workers == Some(1) && x.accelerate && x.bin == bin))
         })
     };
     // Added latency can come out ~0 or below in a noisy run; a ratio with
@@ -1028,12 +1121,12 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          {:<34} {:>7} {:>7} {:>9} {:>7}\n",
         "", "+p50", "+p99", "max req/s", "CPU/req"
     ));
-    for tls in [false, true] {
-        let Some(amb) = find(Via::Ambassador, tls) else {
+    for (tls, bin) in [(false, Bin::Main), (true, Bin::Main), (false, Bin::Plain)] {
+        let Some(amb) = find(Via::Ambassador, tls, bin) else {
             continue;
         };
         for (via, name) in [(Via::Haproxy, "HAProxy"), (Via::Nginx, "nginx")] {
-            let Some(other) = find(via, tls) else {
+            let Some(other) = find(via, tls, Bin::Main) else {
                 continue;
             };
             let ((a50, a99), (o50, o99)) = (added(amb), added(other));
@@ -1045,7 +1138,11 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
             };
             r.push_str(&format!(
                 "{:<34} {:>7} {:>7} {:>9.2} {cpu:>7}\n",
-                format!("{} vs {name}", if tls { "TLS" } else { "plain" }),
+                format!(
+                    "{}{} vs {name}",
+                    if tls { "TLS" } else { "plain" },
+                    if bin == Bin::Plain { ", no PGO" } else { "" }
+                ),
                 ratio(a50, o50),
                 ratio(a99, o99),
                 amb.max_rps / other.max_rps,
@@ -1056,8 +1153,9 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
          Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
          ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last rows are ambassador with 2 workers, and with the app<->proxy hop over loopback TCP\n\
-         (intercept.accelerate false, as HAProxy and nginx have it). ambassador: the client runs in the Pod's app cgroup\n\
+         the last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
+         (intercept.accelerate false, as HAProxy and nginx have it), and (if any) the release build without PGO.\n\
+         ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\

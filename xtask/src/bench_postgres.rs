@@ -24,6 +24,8 @@ use ambassador_tests::{
 };
 use anyhow::{Context as _, bail, ensure};
 
+use crate::bench::Pass;
+
 const VIP: &str = "198.18.0.9";
 const NAME: &str = "orders-db.internal";
 const PASSWORD: &str = "bench-pass";
@@ -54,7 +56,9 @@ struct Result {
     failed: u64,
 }
 
-pub fn run() -> anyhow::Result<String> {
+/// Runs the section; returns its report (empty for [`Pass::Train`], which
+/// runs the ambassador's pgbench runs only, for 3 s each).
+pub fn run(pass: Pass) -> anyhow::Result<String> {
     crate::toolchain::apt_install(&["postgresql", "postgresql-client", "pgbouncer"])?;
     let mut pod = Pod::new("");
     // A connection per transaction for 10 s.
@@ -115,9 +119,13 @@ pub fn run() -> anyhow::Result<String> {
 
     let root = cgroup2_mount();
     let mut rows = Vec::new();
-    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
+    let (vias, seconds): (&[Via], &str) = match pass {
+        Pass::Measure => (&[Via::Direct, Via::Ambassador, Via::PgBouncer], SECONDS),
+        Pass::Train => (&[Via::Ambassador], "3"),
+    };
+    for &via in vias {
         for new_conn in [false, true] {
-            let r = pgbench(&pod, &root, &ca_file, via, new_conn).with_context(|| {
+            let r = pgbench(&pod, &root, &ca_file, via, new_conn, seconds).with_context(|| {
                 let log =
                     fs::read_to_string(dir.join("pgbouncer/pgbouncer.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -132,6 +140,10 @@ pub fn run() -> anyhow::Result<String> {
         }
     }
     drop(bouncer);
+    if pass == Pass::Train {
+        pod.terminate_proxy();
+        return Ok(String::new());
+    }
     drop(pg);
     drop(pod);
 
@@ -184,6 +196,7 @@ fn pgbench(
     ca_file: &Path,
     via: Via,
     new_conn: bool,
+    seconds: &str,
 ) -> anyhow::Result<Result> {
     let cgroup = if via == Via::Ambassador {
         pod.app_cgroup.clone()
@@ -197,7 +210,7 @@ fn pgbench(
     };
     let mut cmd = placed(pg_bin().join("pgbench"), &at);
     cmd.args([
-        "-S", "-n", "-M", "simple", "-c", CLIENTS, "-j", "2", "-T", SECONDS,
+        "-S", "-n", "-M", "simple", "-c", CLIENTS, "-j", "2", "-T", seconds,
     ]);
     if new_conn {
         cmd.arg("-C");

@@ -7,6 +7,7 @@ mod bench_failover;
 mod bench_http;
 mod bench_postgres;
 mod demo;
+mod pgo;
 mod toolchain;
 
 use std::{
@@ -29,8 +30,12 @@ enum Cmd {
     /// Install the BPF toolchain if missing, build the eBPF programs and the `ambassador` binary.
     Build {
         /// Build the userspace binary in debug mode (the eBPF object is always optimised).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pgo")]
         debug: bool,
+        /// Also build the profile-guided release binary (root: its training runs the
+        /// bench's ambassador workloads in a simulated Pod; ~10 min), in target/pgo.
+        #[arg(long)]
+        pgo: bool,
     },
     /// Demo: a local upstream, an unmodified curl under `ambassador run`, the redirect and counters.
     Run,
@@ -47,6 +52,10 @@ enum Cmd {
         /// Run one section only (`http` or `postgres`).
         #[arg(long, value_parser = ["http", "postgres"])]
         only: Option<String>,
+        /// Measure the plain release build only, skipping the PGO build (and its
+        /// no-PGO comparison row).
+        #[arg(long)]
+        no_pgo: bool,
     },
     #[command(name = "__echo", hide = true)]
     Echo { addr: String, threads: usize },
@@ -61,11 +70,14 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Build { debug } => build(!debug).map(|_| ()),
+        Cmd::Build { debug, pgo: false } => build(!debug).map(|_| ()),
+        Cmd::Build { pgo: true, .. } => build(true).and_then(|_| pgo::build()).map(|_| ()),
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
-        Cmd::Bench { only: None } => build(true).and_then(|bin| bench::run(&bin)),
-        Cmd::Bench { only: Some(s) } => build(true).and_then(|bin| bench::run_section(&bin, &s)),
+        Cmd::Bench { only, no_pgo } => bench_bins(no_pgo).and_then(|bins| match only {
+            None => bench::run(&bins),
+            Some(s) => bench::run_section(&bins, &s),
+        }),
         Cmd::Echo { addr, threads } => bench::echo_server(&addr, threads),
         Cmd::Connect {
             addr,
@@ -127,6 +139,23 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join("target")
         .join(if release { "release" } else { "debug" })
         .join("ambassador"))
+}
+
+/// The binaries `cargo xtask bench` measures: the PGO build and the plain one
+/// beside it, or the plain one alone.
+fn bench_bins(no_pgo: bool) -> anyhow::Result<bench::Bins> {
+    let plain = build(true)?;
+    Ok(if no_pgo {
+        bench::Bins {
+            main: plain,
+            plain: None,
+        }
+    } else {
+        bench::Bins {
+            main: pgo::build()?,
+            plain: Some(plain),
+        }
+    })
 }
 
 /// The cargo that runs xtask (rustup's stable), for host builds.

@@ -11,7 +11,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
 use crate::run_cmd;
 
@@ -262,4 +262,47 @@ pub fn ensure_oha() -> anyhow::Result<PathBuf> {
     ]))
     .context("installing oha")?;
     Ok(installed)
+}
+
+/// `llvm-profdata` of the host toolchain's own LLVM (rustup's `llvm-tools`
+/// component), for the PGO build: a profile must be merged by the LLVM that
+/// will read it.
+pub fn ensure_llvm_profdata() -> anyhow::Result<PathBuf> {
+    let rustc = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("rustc")
+            .args(args)
+            .output()
+            .context("cannot run rustc")?;
+        ensure!(out.status.success(), "rustc {args:?} failed");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let sysroot = PathBuf::from(rustc(&["--print", "sysroot"])?.trim());
+    let tool = sysroot
+        .join("lib/rustlib")
+        .join(host_triple()?)
+        .join("bin/llvm-profdata");
+    if !tool.is_file() {
+        eprintln!("xtask: installing rustup's llvm-tools component (llvm-profdata)");
+        run_cmd(Command::new("rustup").args(["component", "add", "llvm-tools"]))
+            .context("installing llvm-tools (`rustup component add llvm-tools`)")?;
+    }
+    ensure!(
+        tool.is_file(),
+        "{} missing after installing llvm-tools",
+        tool.display()
+    );
+    Ok(tool)
+}
+
+/// The host's target triple, as rustc names it.
+pub fn host_triple() -> anyhow::Result<String> {
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("cannot run rustc")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(|h| h.trim().to_string())
+        .context("no host line in `rustc -vV`")
 }

@@ -144,6 +144,18 @@ impl HttpClient {
                 }
             }
         }
+        // Over HTTP/2 the authority goes in :authority (from the URI), and a
+        // Host beside it is refused by some servers (nginx: "duplicate host
+        // header"). On an HTTP/1.1 connection hyper-util puts the same Host
+        // back from the URI. A Host that names something else (the app's
+        // own, kept) stays.
+        if req
+            .headers()
+            .get(http::header::HOST)
+            .is_some_and(|h| names_uri_authority(h, req.uri()))
+        {
+            req.headers_mut().remove(http::header::HOST);
+        }
         let learn = match &self.h1 {
             Some(H1Route::Learned { http1, .. }) => req.uri().authority().cloned().zip(Some(http1)),
             _ => None,
@@ -164,6 +176,24 @@ impl HttpClient {
             info,
             lease: None,
         })
+    }
+}
+
+/// Whether `host` is what hyper-util would write as Host for `uri`: its host,
+/// and its port unless the scheme's default.
+fn names_uri_authority(host: &http::HeaderValue, uri: &Uri) -> bool {
+    let (Some(h), Ok(host)) = (uri.host(), host.to_str()) else {
+        return false;
+    };
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16().filter(|p| *p != default) {
+        Some(p) => host
+            .rsplit_once(':')
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(h) && b == p.to_string()),
+        None => host.eq_ignore_ascii_case(h),
     }
 }
 
@@ -617,9 +647,16 @@ mod tests {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                // As nginx: Host beside :authority is a "duplicate host
+                // header"; and HTTP/1.1 needs one.
                 let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let v = format!("{:?}", req.version());
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(v))))
+                    let host = req.headers().contains_key(http::header::HOST);
+                    let mut resp = Response::new(Full::new(Bytes::from(v)));
+                    if host == (req.version() == Version::HTTP_2) {
+                        *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
@@ -630,8 +667,10 @@ mod tests {
         (addr, cert.pem(), accepted)
     }
 
+    /// A GET with the Host the app's request had, as the service leaves it.
     fn get(addr: SocketAddr) -> Request<ReqBody> {
         Request::get(format!("https://{addr}/x"))
+            .header(http::header::HOST, addr.to_string())
             .body(http_body_util::Either::Right(Full::new(Bytes::new())))
             .unwrap()
     }
@@ -640,12 +679,47 @@ mod tests {
     /// pool carried it (only it hands out a lease).
     async fn exchange(client: &HttpClient, addr: SocketAddr) -> (String, bool) {
         let answer = client.request(get(addr)).await.unwrap();
+        assert_eq!(answer.response.status(), http::StatusCode::OK);
         let pooled = answer.lease.is_some();
         let body = answer.response.into_body().collect().await.unwrap();
         if let Some(lease) = answer.lease {
             lease.release();
         }
         (String::from_utf8(body.to_bytes().to_vec()).unwrap(), pooled)
+    }
+
+    #[test]
+    fn host_is_recognised_as_the_uri_authority() {
+        let v = |s: &str| http::HeaderValue::from_str(s).unwrap();
+        let u = |s: &str| s.parse::<Uri>().unwrap();
+        assert!(names_uri_authority(
+            &v("api.test"),
+            &u("https://api.test/x")
+        ));
+        assert!(names_uri_authority(
+            &v("API.test"),
+            &u("https://api.test:443/")
+        ));
+        assert!(names_uri_authority(
+            &v("api.test:8443"),
+            &u("https://api.test:8443/")
+        ));
+        assert!(names_uri_authority(
+            &v("10.0.0.1:8080"),
+            &u("http://10.0.0.1:8080/")
+        ));
+        assert!(!names_uri_authority(
+            &v("api.test"),
+            &u("https://api.test:8443/")
+        ));
+        assert!(!names_uri_authority(
+            &v("other.test"),
+            &u("https://api.test/")
+        ));
+        assert!(!names_uri_authority(
+            &v("api.test:80"),
+            &u("https://api.test:8443/")
+        ));
     }
 
     #[tokio::test]
