@@ -315,6 +315,8 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
         eprintln!("xtask: bench http round {}/{rounds} done", round + 1);
     }
     let counters = pod.counters();
+    // The sections after this one run the main binary.
+    crate::bench::use_binary(&bins.main);
     if pass == Pass::Train {
         stop_ambassador(&mut pod, pass);
         return Ok(String::new());
@@ -618,7 +620,12 @@ fn load(
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha's JSON output")?;
     let errors = &v["errorDistribution"];
     ensure!(
-        errors.as_object().is_some_and(|e| e.is_empty()),
+        errors.as_object().is_some_and(|e| {
+            // oha's `-w` does not wait for HTTP/2 streams in flight at the
+            // deadline (training only): those are cut, not failed.
+            e.keys()
+                .all(|k| mode.h2 && k.as_str() == "aborted due to deadline")
+        }),
         "oha {url}: request errors {errors}"
     );
     let statuses = &v["statusCodeDistribution"];
