@@ -5,8 +5,8 @@
 //! HTTP/2 to a TLS upstream and h2c from the app, one and two workers,
 //! PostgreSQL transaction pooling), each process writing its counts when it
 //! exits; rustup's `llvm-profdata` merges them, and the final build lays out
-//! and inlines code by them. On this machine that was 7 % more requests per
-//! second and 8 % less CPU per request for plain HTTP (README, Performance).
+//! and inlines code by them. On the test VM: 11-13 % less CPU per proxied
+//! HTTP request (README, `cargo xtask bench`).
 //!
 //! Root, like the bench: the training runs under real interception. Builds
 //! go to `target/pgo/` so they never overwrite `target/release`.
