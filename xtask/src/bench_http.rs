@@ -709,6 +709,19 @@ fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> 
     // ALPN as users leave it ([h2, http/1.1]): the origin picks http/1.1, the
     // protocol HAProxy and nginx speak to it, and after the first response
     // the service's requests take the HTTP/1.1 pool.
+    // What the app dials -> the origin's TLS listener, verified.
+    let tls_service = |name: &str, port: u16, origin_port: u16| {
+        format!(
+            "\x20 - name: {name}\n\
+             \x20   match: {{ cidr: {SERVER_V4}/32, port: {port} }}\n\
+             \x20   protocol: http\n\
+             \x20   upstream:\n\
+             \x20     endpoints: [{{ address: \"{SERVER_V4}:{origin_port}\" }}]\n\
+             \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{}\" }}\n\
+             \x20   request: {auth}\n",
+            ca_file.display()
+        )
+    };
     // Access logs off: HAProxy and nginx run without them too.
     format!(
         "{proxy}telemetry: {{ access_log: false }}\n\
@@ -717,25 +730,14 @@ fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file: &Path) -> 
          \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_PORT} }}\n\
          \x20   protocol: http\n\
          \x20   request: {auth}\n\
-         \x20 - name: origin-tls\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: {AMBASSADOR_TLS_PORT} }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:{ORIGIN_TLS_PORT}\" }}]\n\
-         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{ca}\" }}\n\
-         \x20   request: {auth}\n\
-         \x20 - name: origin-h2\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: {AMBASSADOR_H2_PORT} }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:{ORIGIN_H2_PORT}\" }}]\n\
-         \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{ca}\" }}\n\
-         \x20   request: {auth}\n\
+         {}\
+         {}\
          \x20 - name: origin-h2c\n\
          \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_H2C_PORT} }}\n\
          \x20   protocol: http\n\
          \x20   request: {auth}\n",
-        ca = ca_file.display()
+        tls_service("origin-tls", AMBASSADOR_TLS_PORT, ORIGIN_TLS_PORT),
+        tls_service("origin-h2", AMBASSADOR_H2_PORT, ORIGIN_H2_PORT),
     )
 }
 

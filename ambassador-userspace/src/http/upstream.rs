@@ -690,36 +690,19 @@ mod tests {
 
     #[test]
     fn host_is_recognised_as_the_uri_authority() {
-        let v = |s: &str| http::HeaderValue::from_str(s).unwrap();
-        let u = |s: &str| s.parse::<Uri>().unwrap();
-        assert!(names_uri_authority(
-            &v("api.test"),
-            &u("https://api.test/x")
-        ));
-        assert!(names_uri_authority(
-            &v("API.test"),
-            &u("https://api.test:443/")
-        ));
-        assert!(names_uri_authority(
-            &v("api.test:8443"),
-            &u("https://api.test:8443/")
-        ));
-        assert!(names_uri_authority(
-            &v("10.0.0.1:8080"),
-            &u("http://10.0.0.1:8080/")
-        ));
-        assert!(!names_uri_authority(
-            &v("api.test"),
-            &u("https://api.test:8443/")
-        ));
-        assert!(!names_uri_authority(
-            &v("other.test"),
-            &u("https://api.test/")
-        ));
-        assert!(!names_uri_authority(
-            &v("api.test:80"),
-            &u("https://api.test:8443/")
-        ));
+        for (host, uri, same) in [
+            ("api.test", "https://api.test/x", true),
+            ("API.test", "https://api.test:443/", true),
+            ("api.test:8443", "https://api.test:8443/", true),
+            ("10.0.0.1:8080", "http://10.0.0.1:8080/", true),
+            ("api.test", "https://api.test:8443/", false),
+            ("other.test", "https://api.test/", false),
+            ("api.test:80", "https://api.test:8443/", false),
+        ] {
+            let h = http::HeaderValue::from_str(host).unwrap();
+            let u: Uri = uri.parse().unwrap();
+            assert_eq!(names_uri_authority(&h, &u), same, "{host} vs {uri}");
+        }
     }
 
     #[tokio::test]
