@@ -272,7 +272,6 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
             (1, 1)
         }
     };
-    let split = CpuSplit::new();
     // Per mode: (fixed-rate load, max req/s, proxy CPU per request) for each
     // round.
     type Run = (Load, f64, Option<(f64, f64)>);
@@ -299,7 +298,7 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
             // Unthrottled first: it also warms the proxies' upstream pools
             // (emptied when ambassador restarts).
             let cpu_before = cpu_ticks(&pids);
-            let max = load(&oha, &at, m, None, MAX_SECONDS, None, None)
+            let max = load(&oha, &at, m, None, MAX_SECONDS, None)
                 .with_context(|| format!("max rate, {}", m.label))?;
             let cpu = cpu_before
                 .zip(cpu_ticks(&pids))
@@ -309,19 +308,8 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
                     (per(u1 - u0), per(s1 - s0))
                 });
             let db = dir.join("fixed-rate.db");
-            let cpus = split.as_ref().filter(|_| pass == Pass::Measure);
-            if let Some(c) = cpus {
-                pin(&pids, &c.proxy);
-                pin(&origin.pids(), &c.others);
-            }
-            let others = cpus.map(|c| c.others.as_str());
-            let fixed = load(&oha, &at, m, Some(RATE), fixed_seconds, Some(&db), others)
-                .with_context(|| format!("fixed rate, {}", m.label));
-            if let Some(c) = cpus {
-                pin(&pids, &c.all);
-                pin(&origin.pids(), &c.all);
-            }
-            let fixed = fixed?;
+            let fixed = load(&oha, &at, m, Some(RATE), fixed_seconds, Some(&db))
+                .with_context(|| format!("fixed rate, {}", m.label))?;
             runs[k].push((fixed, max.rps, cpu));
         }
         eprintln!("xtask: bench http round {}/{rounds} done", round + 1);
@@ -379,39 +367,6 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
         busy_after: cpu_busy(),
     };
     Ok(report(&rows, &versions, &notes))
-}
-
-/// Where the fixed-rate runs put things on 2 or more cores: the proxy
-/// (whichever it is) alone on the last CPU, client and origin on the others.
-/// Left to the scheduler, which core the proxy shares with whom changed from
-/// run to run and moved every mode's latency more than the proxies differ.
-struct CpuSplit {
-    proxy: String,
-    others: String,
-    all: String,
-}
-
-impl CpuSplit {
-    fn new() -> Option<CpuSplit> {
-        let n = cores();
-        (n >= 2).then(|| CpuSplit {
-            proxy: (n - 1).to_string(),
-            others: format!("0-{}", n - 2),
-            all: format!("0-{}", n - 1),
-        })
-    }
-}
-
-/// Every thread of each process onto `cpus` (taskset); a process gone since
-/// is skipped.
-fn pin(pids: &[u32], cpus: &str) {
-    for pid in pids {
-        let _ = Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// Clock ticks of user and system time the processes have used so far
@@ -634,17 +589,9 @@ fn load(
     rate: Option<u32>,
     seconds: u32,
     db: Option<&Path>,
-    cpus: Option<&str>,
 ) -> anyhow::Result<Load> {
     let url = url(mode);
-    let mut cmd = match cpus {
-        Some(c) => {
-            let mut t = placed("taskset", at);
-            t.args(["-c", c]).arg(oha);
-            t
-        }
-        None => placed(oha, at),
-    };
+    let mut cmd = placed(oha, at);
     if mode.h2 && !mode.tls {
         // h2c with prior knowledge.
         cmd.arg("--http2");
@@ -1222,8 +1169,7 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
          (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
-         Client (oha), proxy and origin share the machine's {cores} cores; in the fixed-rate runs the proxy\n\
-         has the last CPU to itself (taskset), client and origin the others; p99 range = the lowest and\n\
+         Client (oha), proxy and origin share the machine's {cores} cores; p99 range = the lowest and\n\
          highest p99 of one round; \"-\": an added latency came out at or below 0. CPU us/req = the proxy's\n\
          user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
          Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
