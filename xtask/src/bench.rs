@@ -88,6 +88,21 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a section's client runs: in the Pod's app container when it goes
+/// through ambassador (so eBPF intercepts it), otherwise in the Pod's network
+/// namespace outside the Pod's cgroup.
+pub fn client_at<'a>(pod: &'a Pod, root_cg: &'a Path, intercepted: bool) -> Placement<'a> {
+    Placement {
+        netns: &pod.netns,
+        cgroup: if intercepted {
+            &pod.app_cgroup
+        } else {
+            root_cg
+        },
+        uid: None,
+    }
+}
+
 /// The tools the L4 section needs besides the test harness's.
 pub fn l4_tools() -> anyhow::Result<()> {
     crate::toolchain::ensure_test_tools()?;
@@ -209,18 +224,7 @@ fn l4(pass: Pass) -> anyhow::Result<L4Results> {
         if mode == Mode::Iptables {
             iptables(&pod, "-A")?;
         }
-        // eBPF mode runs the client in the app container (intercepted); the
-        // others in the Pod's network namespace but outside the Pod cgroup.
-        let cg = if mode == Mode::Ebpf {
-            pod.app_cgroup.clone()
-        } else {
-            root_cg.clone()
-        };
-        let at = Placement {
-            netns: &pod.netns,
-            cgroup: &cg,
-            uid: None,
-        };
+        let at = client_at(&pod, &root_cg, mode == Mode::Ebpf);
         let target = format!("{SERVER_V4}:{ECHO_PORT}");
         let seq = connect_bench(&me, &at, &target, SEQUENTIAL / scale, 1)?;
         let par = connect_bench(&me, &at, &target, PARALLEL_EACH / scale, PARALLEL_THREADS)?;

@@ -285,7 +285,7 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
                 stop_ambassador(&mut pod, pass);
                 start_ambassador(&mut pod, setup, &ca_file, bins)?;
             }
-            let at = client_at(&pod, &root_cg, m.via);
+            let at = crate::bench::client_at(&pod, &root_cg, m.via == Via::Ambassador);
             if round == 0 && !m.h2 {
                 check(&at, m)?;
             }
@@ -501,20 +501,6 @@ fn stop_ambassador(pod: &mut Pod, pass: Pass) {
     match pass {
         Pass::Train => drop(pod.terminate_proxy()),
         Pass::Measure => pod.kill_proxy(),
-    }
-}
-
-/// Where the client runs: in the app container for ambassador (so eBPF
-/// intercepts it), otherwise in the Pod's namespace outside the Pod's cgroup.
-fn client_at<'a>(pod: &'a Pod, root_cg: &'a Path, via: Via) -> Placement<'a> {
-    Placement {
-        netns: &pod.netns,
-        cgroup: if via == Via::Ambassador {
-            &pod.app_cgroup
-        } else {
-            root_cg
-        },
-        uid: None,
     }
 }
 

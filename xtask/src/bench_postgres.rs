@@ -198,16 +198,7 @@ fn pgbench(
     new_conn: bool,
     seconds: &str,
 ) -> anyhow::Result<Result> {
-    let cgroup = if via == Via::Ambassador {
-        pod.app_cgroup.clone()
-    } else {
-        root.to_path_buf()
-    };
-    let at = Placement {
-        netns: &pod.netns,
-        cgroup: &cgroup,
-        uid: None,
-    };
+    let at = crate::bench::client_at(pod, root, via == Via::Ambassador);
     let mut cmd = placed(pg_bin().join("pgbench"), &at);
     cmd.args([
         "-S", "-n", "-M", "simple", "-c", CLIENTS, "-j", "2", "-T", seconds,

@@ -268,14 +268,6 @@ pub fn ensure_oha() -> anyhow::Result<PathBuf> {
 /// component), for the PGO build: a profile must be merged by the LLVM that
 /// will read it.
 pub fn ensure_llvm_profdata() -> anyhow::Result<PathBuf> {
-    let rustc = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new("rustc")
-            .args(args)
-            .output()
-            .context("cannot run rustc")?;
-        ensure!(out.status.success(), "rustc {args:?} failed");
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
     let sysroot = PathBuf::from(rustc(&["--print", "sysroot"])?.trim());
     let tool = sysroot
         .join("lib/rustlib")
@@ -296,13 +288,19 @@ pub fn ensure_llvm_profdata() -> anyhow::Result<PathBuf> {
 
 /// The host's target triple, as rustc names it.
 pub fn host_triple() -> anyhow::Result<String> {
-    let out = Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .context("cannot run rustc")?;
-    String::from_utf8_lossy(&out.stdout)
+    rustc(&["-vV"])?
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
         .map(|h| h.trim().to_string())
         .context("no host line in `rustc -vV`")
+}
+
+/// What the host rustc prints for `args`.
+fn rustc(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("rustc")
+        .args(args)
+        .output()
+        .context("cannot run rustc")?;
+    ensure!(out.status.success(), "rustc {args:?} failed");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -192,7 +192,7 @@ fn names_uri_authority(host: &http::HeaderValue, uri: &Uri) -> bool {
     match uri.port_u16().filter(|p| *p != default) {
         Some(p) => host
             .rsplit_once(':')
-            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(h) && b == p.to_string()),
+            .is_some_and(|(a, b)| a.eq_ignore_ascii_case(h) && b.parse() == Ok(p)),
         None => host.eq_ignore_ascii_case(h),
     }
 }
