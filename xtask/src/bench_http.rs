@@ -53,12 +53,14 @@ const RATE: u32 = 2000;
 const CONNECTIONS: u32 = 32;
 /// Every mode is measured once per round, modes interleaved and their order
 /// rotated, so a burst of other work on the machine lands on all of them
-/// alike rather than on one. Latency percentiles are taken over every
-/// request of every round pooled (a round's p99 rests on its slowest 1 %, a
-/// few dozen requests, so one stall on the shared cores moves it); max and
-/// CPU are the median round.
-const ROUNDS: usize = 5;
-const FIXED_SECONDS: u32 = 4;
+/// alike rather than on one. Added latency is paired: a mode's percentile
+/// minus direct's in the same round, then the median over rounds, so a
+/// stall or a slow minute of the shared VM (which moves every mode in that
+/// stretch) decides neither the figure nor the comparison; two modes are
+/// compared round by round too ("won"). Many short rounds rather than a few
+/// long ones, for the same reason. Max and CPU are the median round.
+const ROUNDS: usize = 10;
+const FIXED_SECONDS: u32 = 3;
 const MAX_SECONDS: u32 = 2;
 const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
 
@@ -104,8 +106,9 @@ struct Row {
     p50_us: f64,
     p99_us: f64,
     requests: usize,
-    /// The lowest and highest p99 of one round.
-    p99_range: (f64, f64),
+    /// Each round's own p50 and p99, in round order (the same for every mode).
+    round_p50: Vec<f64>,
+    round_p99: Vec<f64>,
     fixed_rps: f64,
     max_rps: f64,
     /// The proxy's CPU time per request in the unthrottled run, user and
@@ -115,10 +118,10 @@ struct Row {
 
 /// What one oha run measured.
 struct Load {
-    p99_us: f64,
     rps: f64,
     requests: u64,
-    /// Every request's latency (fixed-rate runs only), in microseconds.
+    /// Every request's latency (fixed-rate runs only), in microseconds,
+    /// sorted.
     latencies_us: Vec<f64>,
 }
 
@@ -328,7 +331,13 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
         .into_iter()
         .zip(runs)
         .map(|(m, r)| {
-            let p99: Vec<f64> = r.iter().map(|(f, ..)| f.p99_us).collect();
+            let (round_p50, round_p99) = r
+                .iter()
+                .map(|(f, ..)| {
+                    let l = &f.latencies_us;
+                    (percentile(l, 0.50), percentile(l, 0.99))
+                })
+                .unzip();
             let mut pooled: Vec<f64> = r
                 .iter()
                 .flat_map(|(f, ..)| f.latencies_us.iter().copied())
@@ -345,10 +354,8 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
                 p50_us: percentile(&pooled, 0.50),
                 p99_us: percentile(&pooled, 0.99),
                 requests: pooled.len(),
-                p99_range: (
-                    p99.iter().copied().fold(f64::INFINITY, f64::min),
-                    p99.iter().copied().fold(0.0, f64::max),
-                ),
+                round_p50,
+                round_p99,
                 fixed_rps: median(r.iter().map(|(f, ..)| f.rps)),
                 max_rps: median(r.iter().map(|(_, m, _)| *m)),
                 cpu_us: (!cpu.is_empty()).then(|| {
@@ -408,9 +415,25 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
+    quartiles(values.collect()).1
+}
+
+/// The lower quartile, median and upper quartile (each the mean of the two
+/// middle values where the count splits evenly).
+fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let mid = |v: &[f64]| match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    };
+    let half = v.len() / 2;
+    (mid(&v[..half]), mid(&v), mid(&v[v.len() - half..]))
+}
+
+/// A mode's per-round percentiles minus direct's in the same round.
+fn added(mode: &[f64], direct: &[f64]) -> Vec<f64> {
+    mode.iter().zip(direct).map(|(m, d)| m - d).collect()
 }
 
 /// Everything the section starts (client, proxies, origin) inherits a nice
@@ -626,15 +649,11 @@ fn load(
         size == Some(BODY_BYTES as u64),
         "oha {url}: {size:?} bytes per response, expected {BODY_BYTES}"
     );
-    let seconds = |p: &str| {
-        v["latencyPercentiles"][p]
-            .as_f64()
-            .with_context(|| format!("no latencyPercentiles.{p} in oha's output"))
-    };
     let requests = statuses["200"].as_u64().unwrap_or(0);
     let latencies_us = match db {
         Some(db) => {
-            let l = request_latencies(db)?;
+            let mut l = request_latencies(db)?;
+            l.sort_by(f64::total_cmp);
             ensure!(
                 l.len() as u64 == requests,
                 "{}: {} requests recorded, oha counted {requests}",
@@ -649,7 +668,6 @@ fn load(
     Ok(Load {
         requests,
         latencies_us,
-        p99_us: seconds("p99")? * 1e6,
         rps: v["summary"]["requestsPerSec"]
             .as_f64()
             .context("no summary.requestsPerSec in oha's output")?,
@@ -1048,24 +1066,27 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
     let mut r = format!(
         "ambassador HTTP bench (oha {}: keep-alive HTTP/1.1 GET, {BODY_BYTES}-byte body, {CONNECTIONS} connections;\n\
          latency at a fixed {RATE} req/s for {FIXED_SECONDS} s, corrected for coordinated omission; max = unthrottled for {MAX_SECONDS} s;\n\
-         {ROUNDS} interleaved rounds: p50/p99 over all their requests pooled ({} per mode), max and CPU the median round;\n\
-         +p50/+p99 = added over direct; x = mode / direct)\n\n",
+         {ROUNDS} interleaved rounds, every mode once per round; p50/p99 = over all their requests pooled ({} per mode);\n\
+         +p50/+p99 = added over direct: the median over rounds of (mode - direct in the same round), IQR = its middle half;\n\
+         x = pooled mode / pooled direct; max and CPU the median round)\n\n",
         v.oha, base.requests
     );
     r.push_str(&format!(
-        "{:<34} {:>7} {:>7} {:>11} {:>7} {:>7} {:>6} {:>6} {:>9} {:>6} {:>13}\n",
+        "{:<34} {:>6} {:>6} {:>5} {:>9} {:>5} {:>9} {:>5} {:>5} {:>9} {:>5} {:>10}\n",
         "mode",
         "p50 us",
         "p99 us",
-        "p99 range",
         "+p50",
+        "IQR",
         "+p99",
+        "IQR",
         "p50 x",
         "p99 x",
         "max req/s",
         "max x",
         "CPU us/req"
     ));
+    let spread = |(lo, _, hi): (f64, f64, f64)| format!("{lo:.0}..{hi:.0}");
     for row in rows {
         // A mode that fell behind the fixed rate has latencies that mean
         // "saturated", not "slow": say so.
@@ -1077,14 +1098,19 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
         let cpu = row
             .cpu_us
             .map_or(String::new(), |(u, s)| format!("{u:.1}+{s:.1}"));
+        let (a50, a99) = (
+            quartiles(added(&row.round_p50, &base.round_p50)),
+            quartiles(added(&row.round_p99, &base.round_p99)),
+        );
         r.push_str(&format!(
-            "{:<34} {:>7.0} {:>7.0} {:>11} {:>7.0} {:>7.0} {:>6.2} {:>6.2} {:>9.0} {:>6.2} {cpu:>13}{held}\n",
+            "{:<34} {:>6.0} {:>6.0} {:>5.0} {:>9} {:>5.0} {:>9} {:>5.2} {:>5.2} {:>9.0} {:>5.2} {cpu:>10}{held}\n",
             row.label,
             row.p50_us,
             row.p99_us,
-            format!("{:.0}-{:.0}", row.p99_range.0, row.p99_range.1),
-            row.p50_us - base.p50_us,
-            row.p99_us - base.p99_us,
+            a50.1,
+            spread(a50),
+            a99.1,
+            spread(a99),
             row.p50_us / base.p50_us,
             row.p99_us / base.p99_us,
             row.max_rps,
@@ -1110,11 +1136,15 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
             "-".into()
         }
     };
-    let added = |row: &Row| (row.p50_us - base.p50_us, row.p99_us - base.p99_us);
+    let median_added =
+        |row: &Row, pick: fn(&Row) -> &[f64]| quartiles(added(pick(row), pick(base))).1;
+    let p50s: fn(&Row) -> &[f64] = |x| &x.round_p50;
+    let p99s: fn(&Row) -> &[f64] = |x| &x.round_p99;
     r.push_str(&format!(
-        "\nambassador (1 worker) / other: below 1 = less added latency, above 1 = more req/s\n\
-         {:<34} {:>7} {:>7} {:>9} {:>7}\n",
-        "", "+p50", "+p99", "max req/s", "CPU/req"
+        "\nambassador (1 worker) / other: below 1 = less added latency, above 1 = more req/s;\n\
+         won = rounds in which ambassador's percentile was the lower of the two\n\
+         {:<34} {:>6} {:>6} {:>6} {:>6} {:>9} {:>7}\n",
+        "", "+p50", "won", "+p99", "won", "max req/s", "CPU/req"
     ));
     for (tls, bin) in [(false, Bin::Main), (true, Bin::Main), (false, Bin::Plain)] {
         let Some(amb) = find(Via::Ambassador, tls, bin) else {
@@ -1124,22 +1154,32 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
             let Some(other) = find(via, tls, Bin::Main) else {
                 continue;
             };
-            let ((a50, a99), (o50, o99)) = (added(amb), added(other));
             let cpu = match (amb.cpu_us, other.cpu_us) {
                 (Some((au, asys)), Some((ou, osys))) if ou + osys > 0.0 => {
                     format!("{:.2}", (au + asys) / (ou + osys))
                 }
                 _ => "-".into(),
             };
+            let won = |pick: fn(&Row) -> &[f64]| {
+                let rounds = pick(amb).len().min(pick(other).len());
+                let won = pick(amb)
+                    .iter()
+                    .zip(pick(other))
+                    .filter(|(a, o)| a < o)
+                    .count();
+                format!("{won}/{rounds}")
+            };
             r.push_str(&format!(
-                "{:<34} {:>7} {:>7} {:>9.2} {cpu:>7}\n",
+                "{:<34} {:>6} {:>6} {:>6} {:>6} {:>9.2} {cpu:>7}\n",
                 format!(
                     "{}{} vs {name}",
                     if tls { "TLS" } else { "plain" },
                     if bin == Bin::Plain { ", no PGO" } else { "" }
                 ),
-                ratio(a50, o50),
-                ratio(a99, o99),
+                ratio(median_added(amb, p50s), median_added(other, p50s)),
+                won(p50s),
+                ratio(median_added(amb, p99s), median_added(other, p99s)),
+                won(p99s),
                 amb.max_rps / other.max_rps,
             ));
         }
@@ -1155,8 +1195,8 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
          127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
          verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
          (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
-         Client (oha), proxy and origin share the machine's {cores} cores; p99 range = the lowest and\n\
-         highest p99 of one round; \"-\": an added latency came out at or below 0. CPU us/req = the proxy's\n\
+         Client (oha), proxy and origin share the machine's {cores} cores; \"-\": an added latency\n\
+         came out at or below 0. CPU us/req = the proxy's\n\
          user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
          Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
          kernel counters for the ambassador runs: redirected {}, accelerated (sk_msg) {}\n",
@@ -1172,7 +1212,25 @@ fn report(rows: &[Row], v: &Versions, notes: &Notes) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{added, percentile, quartiles};
+
+    #[test]
+    fn quartiles_split_even_and_odd_counts() {
+        let q = quartiles(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(q, (1.5, 2.5, 3.5));
+        let q = quartiles(vec![5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(q, (1.5, 3.0, 4.5));
+        assert_eq!(quartiles(vec![7.0]).1, 7.0);
+    }
+
+    #[test]
+    fn added_latency_pairs_rounds() {
+        // A slow round moves both; paired, it stays out of the difference.
+        let direct = [70.0, 70.0, 140.0];
+        let mode = [100.0, 110.0, 180.0];
+        assert_eq!(added(&mode, &direct), vec![30.0, 40.0, 40.0]);
+        assert_eq!(quartiles(added(&mode, &direct)).1, 40.0);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
