@@ -228,7 +228,9 @@ fn l4(pass: Pass) -> anyhow::Result<L4Results> {
         let target = format!("{SERVER_V4}:{ECHO_PORT}");
         let seq = connect_bench(&me, &at, &target, SEQUENTIAL / scale, 1)?;
         let par = connect_bench(&me, &at, &target, PARALLEL_EACH / scale, PARALLEL_THREADS)?;
-        let gbps = iperf_gbps(&at, iperf_seconds)?;
+        // Training relays the other way (the server sends, in 16 KiB
+        // writes): the same code, other traffic than the measured run's.
+        let gbps = iperf_gbps(&at, iperf_seconds, pass == Pass::Train)?;
         if mode == Mode::Iptables {
             iptables(&pod, "-D")?;
         }
@@ -343,18 +345,21 @@ fn connect_bench(
     })
 }
 
-fn iperf_gbps(at: &Placement<'_>, seconds: &str) -> anyhow::Result<f64> {
-    let out = placed("iperf3", at)
-        .args([
-            "-c",
-            SERVER_V4,
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            seconds,
-            "-J",
-        ])
-        .output()?;
+fn iperf_gbps(at: &Placement<'_>, seconds: &str, reverse: bool) -> anyhow::Result<f64> {
+    let mut cmd = placed("iperf3", at);
+    cmd.args([
+        "-c",
+        SERVER_V4,
+        "-p",
+        &IPERF_PORT.to_string(),
+        "-t",
+        seconds,
+        "-J",
+    ]);
+    if reverse {
+        cmd.args(["-R", "-l", "16K"]);
+    }
+    let out = cmd.output()?;
     if !out.status.success() {
         bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
     }

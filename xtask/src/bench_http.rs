@@ -45,6 +45,13 @@ const HAPROXY_TLS_PORT: u16 = 18443;
 const NGINX_PORT: u16 = 18081;
 const NGINX_TLS_PORT: u16 = 18444;
 const ORIGIN_NAME: &str = "origin.bench.test";
+/// The PGO training's requests (`Pass::Train`) differ from the measured
+/// ones, so the build is not trained on exactly what the bench measures:
+/// POST with a body of this size and other headers, to this path, whose
+/// answer has another size.
+const TRAIN_PATH: &str = "train";
+const TRAIN_REQUEST_BYTES: usize = 4096;
+const TRAIN_RESPONSE_BYTES: usize = 300;
 const AUTHORIZATION: &str = "Bearer bench";
 const BODY_BYTES: usize = 1024;
 /// Requests per second for the latency runs: well under the slowest mode's
@@ -86,6 +93,8 @@ struct Mode {
     tls: bool,
     /// HTTP/2 (training only): upstream over TLS (`tls`), or h2c from the app.
     h2: bool,
+    /// The training's requests (see [`TRAIN_PATH`]) rather than the bench's.
+    training: bool,
     bin: Bin,
     /// ambassador's `proxy.workers` (ignored for the others).
     workers: Option<u32>,
@@ -203,6 +212,7 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
         via,
         tls,
         h2: false,
+        training: false,
         bin: Bin::Main,
         workers,
         accelerate: true,
@@ -263,6 +273,7 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
         Pass::Train => {
             let amb = |tls, h2, workers, label: &str| Mode {
                 h2,
+                training: true,
                 ..mode(Via::Ambassador, tls, workers, label.into())
             };
             modes = vec![
@@ -599,12 +610,22 @@ fn load(
     seconds: u32,
     db: Option<&Path>,
 ) -> anyhow::Result<Load> {
-    let url = url(mode);
+    let mut url = url(mode);
     let mut cmd = placed(oha, at);
     if mode.h2 && !mode.tls {
         // h2c with prior knowledge.
         cmd.arg("--http2");
     }
+    let response_bytes = if mode.training {
+        url.push_str(TRAIN_PATH);
+        cmd.args(["-m", "POST", "-d", &"t".repeat(TRAIN_REQUEST_BYTES)])
+            .args(["-H", "content-type: application/json"])
+            .args(["-H", "accept: application/json"])
+            .args(["-H", "x-request-id: pgo-training"]);
+        TRAIN_RESPONSE_BYTES
+    } else {
+        BODY_BYTES
+    };
     cmd.args(["-z", &format!("{seconds}s"), "-c", &CONNECTIONS.to_string()])
         // Requests in flight at the deadline finish rather than count as errors.
         .args(["-w", "--no-tui", "--output-format", "json"]);
@@ -646,8 +667,8 @@ fn load(
     );
     let size = v["summary"]["sizePerRequest"].as_u64();
     ensure!(
-        size == Some(BODY_BYTES as u64),
-        "oha {url}: {size:?} bytes per response, expected {BODY_BYTES}"
+        size == Some(response_bytes as u64),
+        "oha {url}: {size:?} bytes per response, expected {response_bytes}"
     );
     let requests = statuses["200"].as_u64().unwrap_or(0);
     let latencies_us = match db {
@@ -769,9 +790,11 @@ fn nginx_common(dir: &Path) -> String {
 
 fn origin_config(dir: &Path, cert: &Path, key: &Path) -> String {
     let body = "x".repeat(BODY_BYTES);
+    let trained = "y".repeat(TRAIN_RESPONSE_BYTES);
     // /auth shows which Authorization arrived, for the checks before each run.
     let locations = format!(
         "location = /auth {{ return 200 \"$http_authorization\"; }}\n\
+         \x20   location = /{TRAIN_PATH} {{ return 200 \"{trained}\"; }}\n\
          \x20   location / {{ return 200 \"{body}\"; }}"
     );
     format!(

@@ -119,13 +119,13 @@ pub fn run(pass: Pass) -> anyhow::Result<String> {
 
     let root = cgroup2_mount();
     let mut rows = Vec::new();
-    let (vias, seconds): (&[Via], &str) = match pass {
-        Pass::Measure => (&[Via::Direct, Via::Ambassador, Via::PgBouncer], SECONDS),
-        Pass::Train => (&[Via::Ambassador], "3"),
+    let vias: &[Via] = match pass {
+        Pass::Measure => &[Via::Direct, Via::Ambassador, Via::PgBouncer],
+        Pass::Train => &[Via::Ambassador],
     };
     for &via in vias {
         for new_conn in [false, true] {
-            let r = pgbench(&pod, &root, &ca_file, via, new_conn, seconds).with_context(|| {
+            let r = pgbench(&pod, &root, &ca_file, via, new_conn, pass).with_context(|| {
                 let log =
                     fs::read_to_string(dir.join("pgbouncer/pgbouncer.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -196,13 +196,21 @@ fn pgbench(
     ca_file: &Path,
     via: Via,
     new_conn: bool,
-    seconds: &str,
+    pass: Pass,
 ) -> anyhow::Result<Result> {
+    let seconds = match pass {
+        Pass::Measure => SECONDS,
+        Pass::Train => "3",
+    };
     let at = crate::bench::client_at(pod, root, via == Via::Ambassador);
     let mut cmd = placed(pg_bin().join("pgbench"), &at);
-    cmd.args([
-        "-S", "-n", "-M", "simple", "-c", CLIENTS, "-j", "2", "-T", seconds,
-    ]);
+    match pass {
+        Pass::Measure => cmd.args(["-S", "-M", "simple"]),
+        // Other traffic than the measured run's through the same pool:
+        // read-write transactions over the extended protocol.
+        Pass::Train => cmd.args(["-b", "tpcb-like", "-M", "extended"]),
+    };
+    cmd.args(["-n", "-c", CLIENTS, "-j", "2", "-T", seconds]);
     if new_conn {
         cmd.arg("-C");
     }

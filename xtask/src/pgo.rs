@@ -1,10 +1,12 @@
 //! `cargo xtask build --pgo`: the release binary, optimised with a profile of
 //! its own hot paths (profile-guided optimisation). An instrumented build
-//! runs a short pass of the bench's ambassador workloads in a simulated Pod
-//! (L4 connects and relaying, HTTP/1.1 plain and with TLS origination,
-//! HTTP/2 to a TLS upstream and h2c from the app, one and two workers,
-//! PostgreSQL transaction pooling), each process writing its counts when it
-//! exits; rustup's `llvm-profdata` merges them, and the final build lays out
+//! runs a short pass of the bench's ambassador set-ups in a simulated Pod
+//! with other traffic than the bench measures (L4 connects and relaying the
+//! other way; HTTP/1.1 POSTs with 4 KiB bodies and 300-byte answers, plain and
+//! with TLS origination, HTTP/2 to a TLS upstream and h2c from the app, one
+//! and two workers; PostgreSQL read-write transactions over the extended
+//! protocol through the transaction pool), each process writing its counts
+//! when it exits; rustup's `llvm-profdata` merges them, and the final build lays out
 //! and inlines code by them. On the test VM: 11-13 % less CPU per proxied
 //! HTTP request (README, `cargo xtask bench`).
 //!
@@ -133,7 +135,8 @@ fn train(bin: &Path) -> anyhow::Result<()> {
 pub fn described(bins: &Bins) -> String {
     match &bins.plain {
         Some(_) => "ambassador: release build with profile-guided optimisation (`cargo xtask build --pgo`: \
-                    trained on a short pass of this bench's ambassador workloads, plus HTTP/2 both ways)\n"
+                    trained in the same set-ups on other traffic: HTTP POSTs with 4 KiB bodies and 300-byte\n\
+                    answers, also over HTTP/2 both ways; pgbench TPC-B-like over the extended protocol; iperf3 reversed)\n"
             .into(),
         None => "ambassador: release build without PGO (`--no-pgo`)\n".into(),
     }
