@@ -624,27 +624,35 @@ async fn forward(
                     .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
             Err(e) => {
+                let failure = if e.connect_error().is_some() {
+                    // Already tried on every endpoint.
+                    None
+                } else {
+                    Some(h2_unprocessed(e).unwrap_or(retry::Failure::Reset))
+                };
                 if let Some(ep) = e.conn_info().and_then(|i| i.endpoint) {
-                    if let Some(svc) = svc {
+                    // A connection's graceful end is no fault of the endpoint.
+                    if let Some(svc) = svc
+                        && failure != Some(retry::Failure::GoneAway)
+                    {
                         note_health(svc, &ep, false);
                     }
                     exchange.endpoint = Some(ep);
                 }
-                // Connect failures were already tried on every endpoint.
-                if e.connect_error().is_some() {
-                    None
-                } else if refused_stream(e) {
-                    Some(retry::Failure::Refused)
-                } else {
-                    Some(retry::Failure::Reset)
-                }
+                failure
             }
         };
         if let (Some(failure), Some(p)) = (failure, policy)
             && let Some(permit) = p.allow(&head.method, replay.is_some(), failure, retry)
         {
-            let wait = p.backoff(retry);
-            info!(service = name, %dst, ?failure, retry, ?wait, "retrying");
+            let wait = p.backoff(retry, failure);
+            if failure == retry::Failure::GoneAway {
+                // Routine: nginx ends an HTTP/2 connection every
+                // keepalive_requests (1000) requests.
+                debug!(service = name, %dst, ?failure, retry, "retrying");
+            } else {
+                info!(service = name, %dst, ?failure, retry, ?wait, "retrying");
+            }
             metrics.retries.inc();
             exchange.retries = retry;
             _retry_permit = Some(permit);
@@ -689,16 +697,27 @@ fn note_health(svc: &Service, ep: &Arc<crate::endpoint::Endpoint>, ok: bool) {
     }
 }
 
-/// An HTTP/2 RST_STREAM(REFUSED_STREAM): the upstream did not process it.
-fn refused_stream(e: &(dyn std::error::Error + 'static)) -> bool {
+/// An HTTP/2 stream the upstream did not process: refused
+/// (RST_STREAM(REFUSED_STREAM)), or above the last stream id of the GOAWAY
+/// it ended the connection with (h2 fails only those with the GOAWAY's
+/// error; RFC 9113 §6.8: they may be sent again). A graceful GOAWAY
+/// (NO_ERROR) is the connection's normal end, any other code trouble.
+fn h2_unprocessed(e: &(dyn std::error::Error + 'static)) -> Option<retry::Failure> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(h2) = c.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => Some(retry::Failure::Refused),
+                Some(h2::Reason::NO_ERROR) if h2.is_go_away() && h2.is_remote() => {
+                    Some(retry::Failure::GoneAway)
+                }
+                _ if h2.is_go_away() && h2.is_remote() => Some(retry::Failure::Refused),
+                _ => None,
+            };
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 /// The app's answer when no response came: 503 for our limits, 504 for
@@ -739,10 +758,12 @@ fn exchange_failed(
 
 /// The most telling cause of a failed exchange: a TLS alert the upstream sent
 /// after the handshake (TLS 1.3 rejects a client certificate then), an I/O
-/// error, or else hyper's own words.
+/// error, HTTP/2's own (a reset or GOAWAY and its code), or else hyper's
+/// words with their causes.
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut io = None;
+    let mut chain = String::new();
     while let Some(c) = cause {
         if let Some(ioe) = c.downcast_ref::<std::io::Error>() {
             if ioe
@@ -753,9 +774,16 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
             }
             io.get_or_insert_with(|| ioe.to_string());
         }
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return format!("HTTP/2: {h2}");
+        }
+        if !chain.is_empty() {
+            chain.push_str(": ");
+        }
+        chain.push_str(&c.to_string());
         cause = c.source();
     }
-    io.unwrap_or_else(|| e.to_string())
+    io.unwrap_or(chain)
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it does.

@@ -2,7 +2,11 @@
 //!
 //! Connect failures never reach this (the connector moves to the next
 //! endpoint itself: nothing was sent), and an HTTP/2 stream the upstream
-//! refused unprocessed may go again whatever its method. Otherwise, after a
+//! refused unprocessed may go again whatever its method; one left
+//! unprocessed by a graceful GOAWAY (the connection's normal end: nginx sends
+//! one every `keepalive_requests`) goes again at once and outside the budget,
+//! as any HTTP/2 client would, since it says nothing of the upstream's
+//! health. Otherwise, after a
 //! `5xx` or a reset, when the request may have reached the upstream, only
 //! idempotent methods whose body is still at hand are retried, so a
 //! non-idempotent request is never processed twice; a budget keeps retries a small share of the requests in flight, so
@@ -41,6 +45,10 @@ pub enum Failure {
     /// The upstream refused the stream unprocessed (HTTP/2 REFUSED_STREAM):
     /// safe to send again whatever the method.
     Refused,
+    /// The upstream ended the connection gracefully (HTTP/2 GOAWAY,
+    /// NO_ERROR) before processing the stream: safe whatever the method,
+    /// and no sign of trouble, so neither budgeted nor delayed.
+    GoneAway,
 }
 
 /// A service's retry policy and its budget's counters.
@@ -60,12 +68,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A retry in flight, counted against the budget while alive.
-pub struct RetryPermit<'a>(&'a RetryPolicy);
+/// A retry in flight, counted against the budget while alive (unless it
+/// is outside it: `None`).
+pub struct RetryPermit<'a>(Option<&'a RetryPolicy>);
 
 impl Drop for RetryPermit<'_> {
     fn drop(&mut self) {
-        self.0.active_retries.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = self.0 {
+            p.active_retries.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -96,9 +107,12 @@ impl RetryPolicy {
         failure: Failure,
         retry: u32,
     ) -> Option<RetryPermit<'_>> {
-        let safe = idempotent(method) || failure == Failure::Refused;
+        let safe = idempotent(method) || matches!(failure, Failure::Refused | Failure::GoneAway);
         if retry > self.cfg.attempts || !safe || !body_replayable {
             return None;
+        }
+        if failure == Failure::GoneAway {
+            return Some(RetryPermit(None));
         }
         if let Failure::Status(s) = failure
             && !(500..600).contains(&s)
@@ -112,12 +126,16 @@ impl RetryPolicy {
             self.active_retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(RetryPermit(self))
+        Some(RetryPermit(Some(self)))
     }
 
-    /// How long to wait before retry number `retry`: uniformly random up to
-    /// base × 2^(retry-1), capped ("full jitter").
-    pub fn backoff(&self, retry: u32) -> Duration {
+    /// How long to wait before retry number `retry` after `failure`:
+    /// uniformly random up to base × 2^(retry-1), capped ("full jitter");
+    /// nothing after a graceful GOAWAY, which only asks for a new connection.
+    pub fn backoff(&self, retry: u32, failure: Failure) -> Duration {
+        if failure == Failure::GoneAway {
+            return Duration::ZERO;
+        }
         let factor = (1u32 << retry.saturating_sub(1).min(16)).min(MAX_BACKOFF_FACTOR);
         let ceiling = self.cfg.backoff.saturating_mul(factor);
         ceiling.mul_f64(fastrand::f64())
@@ -183,21 +201,50 @@ mod tests {
         assert_eq!(few.len(), 3);
     }
 
+    #[test]
+    fn a_graceful_goaway_is_retried_whatever_the_method_and_outside_the_budget() {
+        let p = policy(2, 0.2);
+        let _r = p.request();
+        // The budget's floor of three is taken by resets...
+        let taken: Vec<_> = (0..3)
+            .filter_map(|_| p.allow(&Method::GET, true, Failure::Reset, 1))
+            .collect();
+        assert_eq!(taken.len(), 3);
+        assert!(p.allow(&Method::GET, true, Failure::Reset, 1).is_none());
+        // ...a stream a GOAWAY left unprocessed still goes, POST included.
+        let gone: Vec<_> = (0..10)
+            .filter_map(|_| p.allow(&Method::POST, true, Failure::GoneAway, 1))
+            .collect();
+        assert_eq!(gone.len(), 10);
+        drop(gone);
+        // Still bounded by the attempts and by a body at hand.
+        assert!(p.allow(&Method::POST, true, Failure::GoneAway, 3).is_none());
+        assert!(
+            p.allow(&Method::POST, false, Failure::GoneAway, 1)
+                .is_none()
+        );
+        // And those permits were never counted: the budget is as it was.
+        drop(taken);
+        assert!(p.allow(&Method::GET, true, Failure::Reset, 1).is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn backoff_is_jittered_exponential_and_capped() {
         let p = policy(20, 1.0);
         for retry in 1..=12u32 {
             let ceiling = Duration::from_millis(25) * (1u32 << (retry - 1)).min(10);
             for _ in 0..50 {
-                let b = p.backoff(retry);
+                let b = p.backoff(retry, Failure::Reset);
                 assert!(b <= ceiling, "retry {retry}: {b:?} > {ceiling:?}");
             }
         }
         // Jitter: not always the same wait.
-        let waits: std::collections::HashSet<_> = (0..20).map(|_| p.backoff(3)).collect();
+        let waits: std::collections::HashSet<_> =
+            (0..20).map(|_| p.backoff(3, Failure::Reset)).collect();
         assert!(waits.len() > 1);
         let t = tokio::time::Instant::now();
-        tokio::time::sleep(p.backoff(1)).await;
+        tokio::time::sleep(p.backoff(1, Failure::Status(503))).await;
         assert!(t.elapsed() <= Duration::from_millis(25));
+        assert_eq!(p.backoff(5, Failure::GoneAway), Duration::ZERO);
     }
 }
