@@ -7,7 +7,7 @@
 //! and two workers; PostgreSQL read-write transactions over the extended
 //! protocol through the transaction pool), each process writing its counts
 //! when it exits; rustup's `llvm-profdata` merges them, and the final build lays out
-//! and inlines code by them. On the test VM: 11-13 % less CPU per proxied
+//! and inlines code by them. On the test VM: 8-13 % less CPU per proxied
 //! HTTP request (README, `cargo xtask bench`).
 //!
 //! Root, like the bench: the training runs under real interception. Builds
