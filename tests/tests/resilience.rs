@@ -463,19 +463,26 @@ fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-#[test]
-fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
+/// A Pod whose `grpc` service (HTTP, h2c from the app passed through as
+/// HTTP/2) is the server at `port`, and that server's listener.
+fn grpc_pod(port: u16) -> (Pod, std::net::TcpListener) {
     let mut pod = Pod::new(&format!(
         "services:\n\
          \x20 - name: grpc\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8310 }}\n\
+         \x20   match: {{ cidr: {SERVER_V4}/32, port: {port} }}\n\
          \x20   protocol: http\n"
     ));
     pod.start_proxy();
-    let listener = pod.server_listener(SERVER_V4, 8310);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    // An HTTP/2 server that refuses the first stream unprocessed.
+    let listener = pod.server_listener(SERVER_V4, port);
+    (pod, listener)
+}
+
+/// Runs an async upstream on a thread of its own (a current-thread runtime).
+fn spawn_upstream<F, Fut>(listener: std::net::TcpListener, serve: F)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -483,25 +490,35 @@ fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
             .unwrap();
         rt.block_on(async move {
             listener.set_nonblocking(true).unwrap();
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let mut n = 0;
-            while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    continue;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    n += 1;
-                    log.lock().unwrap().push(format!("{} {n}", req.method()));
-                    if n == 1 {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                    } else {
-                        let resp = http::Response::new(());
-                        let mut send = respond.send_response(resp, false).unwrap();
-                        let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
-                    }
+            serve(tokio::net::TcpListener::from_std(listener).unwrap()).await;
+        });
+    });
+}
+
+#[test]
+fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
+    let (pod, listener) = grpc_pod(8310);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    // An HTTP/2 server that refuses the first stream unprocessed.
+    spawn_upstream(listener, move |listener| async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                continue;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                n += 1;
+                log.lock().unwrap().push(format!("{} {n}", req.method()));
+                if n == 1 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                } else {
+                    let resp = http::Response::new(());
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
                 }
             }
-        });
+        }
     });
     let out = pod.curl(
         &format!("http://{SERVER_V4}:8310/pkg.Service/Create"),
@@ -527,90 +544,75 @@ fn streams_a_graceful_goaway_left_unprocessed_go_again_on_a_new_connection() {
     // GOAWAY(NO_ERROR) naming the last stream it took; streams the client
     // had sent after that were not processed (RFC 9113 §6.8) and must not
     // reach the app as 502s, POSTs included.
-    let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: grpc\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8311 }}\n\
-         \x20   protocol: http\n"
-    ));
-    pod.start_proxy();
-    let listener = pod.server_listener(SERVER_V4, 8311);
+    let (pod, listener) = grpc_pod(8311);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
-    thread::spawn(move || {
+    spawn_upstream(listener, move |listener| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        // The first connection, framed by hand (h2's server counts every
+        // stream it has read as processed): once two requests are in,
+        // GOAWAY naming the first, answer it, close.
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut preface = [0u8; 24];
+        tcp.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        tcp.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
+        let (mut streams, mut ended) = (Vec::new(), Vec::new());
+        while streams.len() < 2 || !ended.contains(&streams[0]) {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            match kind {
+                // SETTINGS, not an ack: acknowledge.
+                0x4 if flags & 0x1 == 0 => {
+                    tcp.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
+                }
+                0x1 => {
+                    if !streams.contains(&stream) {
+                        streams.push(stream);
+                    }
+                    if flags & 0x1 != 0 {
+                        ended.push(stream);
+                    }
+                }
+                0x0 if flags & 0x1 != 0 => ended.push(stream),
+                _ => {}
+            }
+        }
+        log.lock()
+            .unwrap()
+            .push("first connection: 1 of 2".to_string());
+        let mut goaway = streams[0].to_be_bytes().to_vec();
+        goaway.extend_from_slice(&0u32.to_be_bytes());
+        tcp.write_all(&h2_frame(0x7, 0, 0, &goaway)).await.unwrap();
+        // :status 200 (HPACK static index 8), then the body.
+        tcp.write_all(&h2_frame(0x1, 0x4, streams[0], &[0x88]))
+            .await
             .unwrap();
-        rt.block_on(async move {
-            listener.set_nonblocking(true).unwrap();
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            // The first connection, framed by hand (h2's server counts every
-            // stream it has read as processed): once two requests are in,
-            // GOAWAY naming the first, answer it, close.
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut preface = [0u8; 24];
-            tcp.read_exact(&mut preface).await.unwrap();
-            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-            tcp.write_all(&h2_frame(0x4, 0, 0, &[])).await.unwrap();
-            let (mut streams, mut ended) = (Vec::new(), Vec::new());
-            while streams.len() < 2 || !ended.contains(&streams[0]) {
-                let mut head = [0u8; 9];
-                tcp.read_exact(&mut head).await.unwrap();
-                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                let (kind, flags) = (head[3], head[4]);
-                let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                let mut payload = vec![0u8; len];
-                tcp.read_exact(&mut payload).await.unwrap();
-                match kind {
-                    // SETTINGS, not an ack: acknowledge.
-                    0x4 if flags & 0x1 == 0 => {
-                        tcp.write_all(&h2_frame(0x4, 0x1, 0, &[])).await.unwrap();
-                    }
-                    0x1 => {
-                        if !streams.contains(&stream) {
-                            streams.push(stream);
-                        }
-                        if flags & 0x1 != 0 {
-                            ended.push(stream);
-                        }
-                    }
-                    0x0 if flags & 0x1 != 0 => ended.push(stream),
-                    _ => {}
-                }
+        tcp.write_all(&h2_frame(0x0, 0x1, streams[0], b"ok\n"))
+            .await
+            .unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
+        drop(tcp);
+        // Then an ordinary server.
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                continue;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                log.lock().unwrap().push(format!("again: {}", req.method()));
+                let mut send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
             }
-            log.lock()
-                .unwrap()
-                .push("first connection: 1 of 2".to_string());
-            let mut goaway = streams[0].to_be_bytes().to_vec();
-            goaway.extend_from_slice(&0u32.to_be_bytes());
-            tcp.write_all(&h2_frame(0x7, 0, 0, &goaway)).await.unwrap();
-            // :status 200 (HPACK static index 8), then the body.
-            tcp.write_all(&h2_frame(0x1, 0x4, streams[0], &[0x88]))
-                .await
-                .unwrap();
-            tcp.write_all(&h2_frame(0x0, 0x1, streams[0], b"ok\n"))
-                .await
-                .unwrap();
-            tcp.shutdown().await.unwrap();
-            let mut rest = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
-            drop(tcp);
-            // Then an ordinary server.
-            while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                    continue;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    log.lock().unwrap().push(format!("again: {}", req.method()));
-                    let mut send = respond
-                        .send_response(http::Response::new(()), false)
-                        .unwrap();
-                    let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
-                }
-            }
-        });
+        }
     });
     // Two POSTs at once from two app connections; the ambassador sends both
     // on its one HTTP/2 connection to the upstream.
