@@ -422,12 +422,15 @@ fn http2_prior_knowledge_passes_through_as_http2() {
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8081));
-    // gRPC-style: HTTP/2 in the clear, `te: trailers` kept end to end.
+    // gRPC-style: HTTP/2 in the clear, `te: trailers` kept end to end; the
+    // app names the service (curl sends its Host as `:authority`).
     let r = curl(
         &pod,
         &format!("http://{SERVER_V4}:8081/pkg.Service/Method"),
         &[
             "--http2-prior-knowledge",
+            "-H",
+            "host: grpc.example.test:8081",
             "-H",
             "te: trailers",
             "-d",
@@ -438,6 +441,13 @@ fn http2_prior_knowledge_passes_through_as_http2() {
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].version, "HTTP/2.0");
+    // The app's :authority arrives as it sent it (not the address it
+    // dialled), and no Host beside it.
+    assert_eq!(
+        seen[0].uri,
+        "http://grpc.example.test:8081/pkg.Service/Method"
+    );
+    assert_eq!(seen[0].header("host"), None);
     assert_eq!(seen[0].method, "POST");
     assert_eq!(seen[0].body_len, 7);
     assert_eq!(seen[0].header("te"), Some("trailers"));

@@ -464,13 +464,16 @@ fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
 }
 
 /// A Pod whose `grpc` service (HTTP, h2c from the app passed through as
-/// HTTP/2) is the server at `port`, and that server's listener.
+/// HTTP/2) is the server at `port`, and that server's listener. The server is
+/// the service's endpoint, so the requests of all app connections share the
+/// endpoint's pool (one HTTP/2 connection).
 fn grpc_pod(port: u16) -> (Pod, std::net::TcpListener) {
     let mut pod = Pod::new(&format!(
         "services:\n\
          \x20 - name: grpc\n\
          \x20   match: {{ cidr: {SERVER_V4}/32, port: {port} }}\n\
-         \x20   protocol: http\n"
+         \x20   protocol: http\n\
+         \x20   upstream: {{ endpoints: [ {{ address: \"{SERVER_V4}:{port}\" }} ] }}\n"
     ));
     pod.start_proxy();
     let listener = pod.server_listener(SERVER_V4, port);

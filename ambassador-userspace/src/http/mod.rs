@@ -5,7 +5,11 @@
 pub mod pool;
 pub mod upstream;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, PoisonError},
+};
 
 use bytes::Bytes;
 use http::{
@@ -181,6 +185,9 @@ pub async fn serve(
     }
 }
 
+/// An app connection's own HTTP/2 client for one service (`None`: passthrough).
+type OwnClient = (Option<Arc<Service>>, Arc<upstream::HttpClient>);
+
 /// What every request on one app connection shares.
 struct AppConn {
     dst: SocketAddr,
@@ -190,6 +197,12 @@ struct AppConn {
     /// upstream authority and Host value depend only on `dst`, so they are
     /// worked out once here rather than per request.
     upstream: Option<(Authority, HeaderValue)>,
+    /// HTTP/2 from the app to the original destination goes on clients of
+    /// this connection's own (per service; `None`: passthrough), which dial
+    /// `dst` whatever the request names, so the app's `:authority` reaches
+    /// the upstream as it sent it, as a direct connection would have carried
+    /// it; their upstream connection ends with this one.
+    h2c: std::sync::Mutex<Vec<OwnClient>>,
 }
 
 impl AppConn {
@@ -208,7 +221,25 @@ impl AppConn {
             route,
             table,
             upstream,
+            h2c: Default::default(),
         }
+    }
+
+    /// This connection's HTTP/2 client for `svc` (or passthrough).
+    fn h2c_client(&self, svc: Option<&Arc<Service>>) -> Arc<upstream::HttpClient> {
+        let mut own = self.h2c.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = |k: &Option<Arc<Service>>| match (k, svc) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if let Some((_, c)) = own.iter().find(|(k, _)| same(k)) {
+            return c.clone();
+        }
+        let connector = svc.map_or(&self.table.passthrough_connector, |s| &s.connector);
+        let client = Arc::new(connector.clone().dialing(self.dst).h2c_client());
+        own.push((svc.cloned(), client.clone()));
+        client
     }
 }
 
@@ -255,7 +286,7 @@ async fn handle(mut req: Request<Incoming>, conn: &AppConn) -> Response<Body> {
     let mut exchange = Exchange::default();
     // The connection's worked-out authority holds for its own service only.
     let upstream = svc.as_ref().and(conn.upstream.as_ref());
-    let resp = forward(req, dst, svc.as_ref(), upstream, table, &mut exchange).await;
+    let resp = forward(req, conn, svc.as_ref(), upstream, &mut exchange).await;
     let who = match svc {
         Some(s) => Who::Service(s),
         None => Who::Passthrough(table.clone()),
@@ -415,17 +446,23 @@ fn version_name(v: Version) -> &'static str {
 /// timeout, passive health, and retries where they are safe.
 async fn forward(
     mut req: Request<Incoming>,
-    dst: SocketAddr,
+    conn: &AppConn,
     svc: Option<&Arc<Service>>,
     upstream: Option<&(Authority, HeaderValue)>,
-    table: &ServiceTable,
     exchange: &mut Exchange,
 ) -> Response<Body> {
+    let (dst, table) = (conn.dst, &*conn.table);
     let name = svc.map_or("(default)", |s| s.name.as_str());
     let metrics = svc.map_or(&table.passthrough_metrics, |s| &s.metrics);
     // HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC needs
     // it end to end. Over TLS, ALPN decides.
     let h2c = req.version() == Version::HTTP_2 && svc.is_none_or(|s| s.tls.is_none());
+    // To the original destination, on the app connection's own client, with
+    // the app's own :authority (the client dials `dst`).
+    let own_h2c = (h2c && svc.is_none_or(|s| s.endpoints.is_empty())).then(|| conn.h2c_client(svc));
+    let app_authority = own_h2c
+        .as_ref()
+        .and_then(|_| req.uri().authority().cloned());
     // Circuit breaking: refuse at once rather than queue without bound.
     // [max_requests, max_pending]; the second goes when the response starts.
     let mut permits = [None, None];
@@ -482,11 +519,12 @@ async fn forward(
     let tls = svc.is_some_and(|s| s.tls.is_some());
     let rewrites_host = svc.is_some_and(|s| !s.endpoints.is_empty());
     let fixed = svc.and_then(|s| s.fixed_authority.as_ref()).or(upstream);
-    let (authority, host_value) = match fixed {
+    let (authority, host_value) = match (app_authority, fixed) {
+        (Some(app), _) => (app, None),
         // Services with endpoints: worked out once, at start; without, once
         // per app connection.
-        Some((a, v)) => (a.clone(), Some(v.clone())),
-        None => {
+        (None, Some((a, v))) => (a.clone(), Some(v.clone())),
+        (None, None) => {
             let (host, port) = svc.map_or((dst.ip().to_string(), dst.port()), |s| s.authority(dst));
             let Some(a) = authority(&host, port) else {
                 return error_response(StatusCode::BAD_GATEWAY, "bad upstream address");
@@ -567,13 +605,13 @@ async fn forward(
     let mut _retry_permit = None;
     let mut app_upgraded = app_upgraded;
     loop {
-        let (picked, client) = match svc {
-            Some(s) => {
-                let (p, c, h) = s.clients_for_request();
-                (p, if h2c { h } else { c })
-            }
-            None if h2c => (None, &table.passthrough_h2c),
-            None => (None, &table.passthrough),
+        let (picked, client) = match svc.and_then(|s| s.endpoint_for_request()) {
+            Some((p, c, h)) => (Some(p), if h2c { h } else { c }),
+            None => match (&own_h2c, svc) {
+                (Some(own), _) => (None, &**own),
+                (None, Some(s)) => (None, &s.client),
+                (None, None) => (None, &table.passthrough),
+            },
         };
         let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Either::Right(Full::new(b.clone())),

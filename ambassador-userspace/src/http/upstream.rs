@@ -294,6 +294,10 @@ pub struct UpstreamConnector {
     /// The endpoint this connector's pool is for; others are only a fallback
     /// when it cannot be reached (and such connections are not pooled).
     preferred: Option<Arc<Endpoint>>,
+    /// Without endpoints: where to connect whatever the URI names (one app
+    /// connection's original destination, so the URI keeps the app's own
+    /// authority for `:authority`); none: the URI's host.
+    dial: Option<SocketAddr>,
 }
 
 impl UpstreamConnector {
@@ -304,7 +308,14 @@ impl UpstreamConnector {
             endpoints: None,
             connection_limit: None,
             preferred: None,
+            dial: None,
         }
+    }
+
+    /// A connector that connects to `dst` whatever the request URI names.
+    pub fn dialing(mut self, dst: SocketAddr) -> Self {
+        self.dial = Some(dst);
+        self
     }
 
     /// A connector whose pool holds connections to `ep` only.
@@ -430,14 +441,19 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     stream
                 }
                 None => {
-                    let host = uri
-                        .host()
-                        .ok_or_else(|| ConnectError::NoHost(uri.clone()))?;
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let port = uri
-                        .port_u16()
-                        .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
-                    let addr = resolve(host, port).await?;
+                    let addr = match this.dial {
+                        Some(dst) => dst,
+                        None => {
+                            let host = uri
+                                .host()
+                                .ok_or_else(|| ConnectError::NoHost(uri.clone()))?;
+                            let host = host.trim_start_matches('[').trim_end_matches(']');
+                            let port =
+                                uri.port_u16()
+                                    .unwrap_or(if this.tls.is_some() { 443 } else { 80 });
+                            resolve(host, port).await?
+                        }
+                    };
                     let tcp = connect_upstream(addr, &this.settings).await?;
                     handshake(tcp, addr).await?
                 }

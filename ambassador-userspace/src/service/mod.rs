@@ -72,8 +72,9 @@ pub struct Service {
     /// Pooled upstream connections (HTTP services) to the original
     /// destination, when the service has no endpoints.
     pub client: HttpClient,
-    /// HTTP/2 in the clear, for HTTP/2 from the app to a plain upstream.
-    pub h2c: HttpClient,
+    /// Makes the clients for HTTP/2 from the app to the original destination
+    /// (h2c, no endpoints): one per app connection, see `http::AppConn`.
+    pub connector: UpstreamConnector,
     /// One pool pair per endpoint (same order as `endpoints.endpoints()`), so
     /// each request goes where the balancer says and a recovered primary gets
     /// its traffic back at once.
@@ -86,16 +87,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// The endpoint and pooled clients (HTTP/1.1-or-ALPN, h2c) for one
-    /// request; `None` endpoint means the original destination.
-    pub fn clients_for_request(&self) -> (Option<Picked>, &HttpClient, &HttpClient) {
-        if let Some(p) = self.endpoints.pick(&[])
-            && let Some(i) = self.endpoints.index_of(&p.endpoint)
-        {
-            let (c, h) = &self.endpoint_clients[i];
-            return (Some(p), c, h);
-        }
-        (None, &self.client, &self.h2c)
+    /// The endpoint and its pooled clients (HTTP/1.1-or-ALPN, h2c) for one
+    /// request; none without endpoints (the original destination).
+    pub fn endpoint_for_request(&self) -> Option<(Picked, &HttpClient, &HttpClient)> {
+        let p = self.endpoints.pick(&[])?;
+        let (c, h) = &self.endpoint_clients[self.endpoints.index_of(&p.endpoint)?];
+        Some((p, c, h))
     }
 }
 
@@ -201,7 +198,7 @@ impl Service {
             retry: RetryPolicy::new(cfg.retries),
             health_check: cfg.upstream.health_check.clone(),
             client: connector.clone().client(),
-            h2c: connector.h2c_client(),
+            connector,
             endpoint_clients,
             tls,
             upstream_name: cfg
@@ -275,7 +272,8 @@ pub struct ServiceTable {
     pub default: DefaultPolicy,
     /// Plain clients for HTTP requests no service claims, under `passthrough`.
     pub passthrough: HttpClient,
-    pub passthrough_h2c: HttpClient,
+    /// Makes the per-app-connection HTTP/2 clients under `passthrough`.
+    pub passthrough_connector: UpstreamConnector,
     /// The `proxy` section's settings, for connections no service claims.
     pub settings: Settings,
     /// Series for traffic no service claims (`service="passthrough"`).
@@ -305,7 +303,7 @@ impl ServiceTable {
             resolved: Default::default(),
             default: cfg.default,
             passthrough: UpstreamConnector::new(settings.clone(), None).client(),
-            passthrough_h2c: UpstreamConnector::new(settings.clone(), None).h2c_client(),
+            passthrough_connector: UpstreamConnector::new(settings.clone(), None),
             settings: settings.clone(),
             passthrough_metrics: crate::metrics::get().service("passthrough"),
         })
