@@ -498,6 +498,29 @@ where
     });
 }
 
+/// An HTTP/2 server, one connection after another: each stream is reset
+/// with the reason `each` returns for its method, or answered `ok`.
+async fn serve_h2(
+    listener: tokio::net::TcpListener,
+    mut each: impl FnMut(&http::Method) -> Option<h2::Reason>,
+) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let Ok(mut conn) = h2::server::handshake(tcp).await else {
+            continue;
+        };
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            match each(req.method()) {
+                Some(reason) => respond.send_reset(reason),
+                None => {
+                    let resp = http::Response::new(());
+                    let mut send = respond.send_response(resp, false).unwrap();
+                    let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
     let (pod, listener) = grpc_pod(8310);
@@ -506,22 +529,12 @@ fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
     // An HTTP/2 server that refuses the first stream unprocessed.
     spawn_upstream(listener, move |listener| async move {
         let mut n = 0;
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                continue;
-            };
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                n += 1;
-                log.lock().unwrap().push(format!("{} {n}", req.method()));
-                if n == 1 {
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
-                } else {
-                    let resp = http::Response::new(());
-                    let mut send = respond.send_response(resp, false).unwrap();
-                    let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
-                }
-            }
-        }
+        serve_h2(listener, |method| {
+            n += 1;
+            log.lock().unwrap().push(format!("{method} {n}"));
+            (n == 1).then_some(h2::Reason::REFUSED_STREAM)
+        })
+        .await;
     });
     let out = pod.curl(
         &format!("http://{SERVER_V4}:8310/pkg.Service/Create"),
@@ -604,18 +617,11 @@ fn streams_a_graceful_goaway_left_unprocessed_go_again_on_a_new_connection() {
         let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await;
         drop(tcp);
         // Then an ordinary server.
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(mut conn) = h2::server::handshake(tcp).await else {
-                continue;
-            };
-            while let Some(Ok((req, mut respond))) = conn.accept().await {
-                log.lock().unwrap().push(format!("again: {}", req.method()));
-                let mut send = respond
-                    .send_response(http::Response::new(()), false)
-                    .unwrap();
-                let _ = send.send_data(bytes::Bytes::from_static(b"ok\n"), true);
-            }
-        }
+        serve_h2(listener, |method| {
+            log.lock().unwrap().push(format!("again: {method}"));
+            None
+        })
+        .await;
     });
     // Two POSTs at once from two app connections; the ambassador sends both
     // on its one HTTP/2 connection to the upstream.

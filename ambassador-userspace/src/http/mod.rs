@@ -5,11 +5,7 @@
 pub mod pool;
 pub mod upstream;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, PoisonError},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{
@@ -227,7 +223,7 @@ impl AppConn {
 
     /// This connection's HTTP/2 client for `svc` (or passthrough).
     fn h2c_client(&self, svc: Option<&Arc<Service>>) -> Arc<upstream::HttpClient> {
-        let mut own = self.h2c.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut own = upstream::lock(&self.h2c);
         let same = |k: &Option<Arc<Service>>| match (k, svc) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -744,14 +740,14 @@ fn h2_unprocessed(e: &(dyn std::error::Error + 'static)) -> Option<retry::Failur
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
         if let Some(h2) = c.downcast_ref::<h2::Error>() {
-            return match h2.reason() {
-                Some(h2::Reason::REFUSED_STREAM) => Some(retry::Failure::Refused),
-                Some(h2::Reason::NO_ERROR) if h2.is_go_away() && h2.is_remote() => {
-                    Some(retry::Failure::GoneAway)
-                }
-                _ if h2.is_go_away() && h2.is_remote() => Some(retry::Failure::Refused),
-                _ => None,
-            };
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(match h2.reason() {
+                    Some(h2::Reason::NO_ERROR) => retry::Failure::GoneAway,
+                    _ => retry::Failure::Refused,
+                });
+            }
+            return (h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+                .then_some(retry::Failure::Refused);
         }
         cause = c.source();
     }

@@ -197,9 +197,10 @@ fn names_uri_authority(host: &http::HeaderValue, uri: &Uri) -> bool {
     }
 }
 
-/// The learned set stays usable if a holder panicked: at worst a request
-/// takes hyper-util's client once more.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// A lock whose data stays usable if a holder panicked (the learned set: at
+/// worst a request takes hyper-util's client once more; an app connection's
+/// own clients: at worst one is made again).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
