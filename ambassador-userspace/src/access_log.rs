@@ -60,7 +60,7 @@ fn writer(sink: &'static Sink) {
     let mut out: Vec<u8> = Vec::with_capacity(FLUSH_AT);
     loop {
         {
-            let mut buf = sink.buf.lock().expect("access log buffer");
+            let mut buf = crate::sync::lock(&sink.buf);
             if buf.is_empty() {
                 buf = sink
                     .ready
@@ -83,7 +83,7 @@ fn writer(sink: &'static Sink) {
 /// Writes out what is buffered (at exit).
 pub fn flush() {
     let Some(sink) = SINK.get() else { return };
-    let mut buf = sink.buf.lock().expect("access log buffer");
+    let mut buf = crate::sync::lock(&sink.buf);
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(&buf);
     let _ = stdout.flush();
@@ -92,7 +92,7 @@ pub fn flush() {
 
 fn emit(line: &impl Serialize) {
     let Some(sink) = SINK.get() else { return };
-    let mut buf = sink.buf.lock().expect("access log buffer");
+    let mut buf = crate::sync::lock(&sink.buf);
     // Serialising plain structs into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, line);
     buf.push(b'\n');

@@ -1,6 +1,11 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config` (secrets
-//! redacted), `/status`, `/log-level`. Loopback by default: it shows the
-//! config and can change the log level, so it is not for the network.
+//! redacted), `/status`, `/log-level`, `/reload`.
+//!
+//! Two doors. On TCP (the Pod's loopback by default) it only answers
+//! reads: the app shares that loopback, and must not change what the proxy
+//! does to it. Changes (`PUT /log-level`, `POST /reload`) go through a Unix
+//! socket that only the proxy's own user (and root) can open: a file in the
+//! sidecar's own filesystem, mode 0600, each peer's uid checked again.
 
 use std::{
     convert::Infallible,
@@ -35,6 +40,17 @@ pub struct AdminError {
 struct Admin {
     live: Arc<Live>,
     log_level: Option<LogLevel>,
+    /// Whether this door may change things (the Unix socket).
+    mutating: bool,
+}
+
+/// Why the admin socket could not be served (the start goes on without it).
+#[derive(Debug, thiserror::Error)]
+#[error("admin socket {path}: {source}")]
+pub struct SocketError {
+    path: String,
+    #[source]
+    source: std::io::Error,
 }
 
 static LOG_CONTROL: std::sync::OnceLock<LogLevel> = std::sync::OnceLock::new();
@@ -44,43 +60,133 @@ pub fn set_log_control(l: LogLevel) {
     let _ = LOG_CONTROL.set(l);
 }
 
-/// Binds now (so a taken port fails the start) and serves in the background.
+/// Binds now (so a taken port fails the start) and serves the read-only
+/// endpoints in the background.
 pub async fn start(addr: SocketAddr, live: Arc<Live>) -> Result<SocketAddr, AdminError> {
-    let log_level = LOG_CONTROL.get().cloned();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     register_state(Arc::downgrade(&live));
-    let admin = Arc::new(Admin { live, log_level });
-    info!(%bound, "admin API listening");
+    let admin = Arc::new(Admin {
+        live,
+        log_level: LOG_CONTROL.get().cloned(),
+        mutating: false,
+    });
+    info!(%bound, "admin API listening (read-only on TCP)");
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let admin = admin.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), svc);
-                if let Err(e) = conn.await {
-                    debug!(error = %e, "admin connection ended with an error");
-                }
-            });
+            match listener.accept().await {
+                Ok((stream, _)) => serve_one(admin.clone(), stream),
+                Err(e) => accept_failed(&e).await,
+            }
         }
     });
     Ok(bound)
+}
+
+/// Serves every endpoint, changes included, on a Unix socket at `path`:
+/// its directory is made (0700) if missing, a stale socket file replaced,
+/// the socket left at mode 0600, and each peer must be this process's own
+/// user or root.
+pub fn start_socket(path: &std::path::Path, live: Arc<Live>) -> Result<(), SocketError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let err = |source| SocketError {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let admin = Arc::new(Admin {
+        live,
+        log_level: LOG_CONTROL.get().cloned(),
+        mutating: true,
+    });
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    info!(path = %path.display(), "admin socket listening (reads and changes)");
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => match stream.peer_cred() {
+                    Ok(c) if c.uid() == own || c.uid() == 0 => serve_one(admin.clone(), stream),
+                    Ok(c) => warn!(
+                        uid = c.uid(),
+                        "admin socket: refused a peer of another user"
+                    ),
+                    Err(e) => warn!("admin socket: cannot tell the peer's user ({e}): refused"),
+                },
+                Err(e) => accept_failed(&e).await,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Out of fds or memory: back off instead of spinning.
+async fn accept_failed(e: &std::io::Error) {
+    warn!(error = %e, "admin accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+fn serve_one<S>(admin: Arc<Admin>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), svc);
+        if let Err(e) = conn.await {
+            debug!(error = %e, "admin connection ended with an error");
+        }
+    });
+}
+
+/// One request to the admin socket at `path` (the `reload` and `log-level`
+/// commands): (status, body).
+pub fn ask_socket(
+    path: &std::path::Path,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> Result<(u16, String), SocketError> {
+    use std::io::{Read as _, Write as _};
+    let err = |source| SocketError {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(err)?;
+    write!(
+        s,
+        "{method} {uri} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(err)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(err)?;
+    let bad = || err(std::io::Error::other("not an HTTP response"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_string()))
 }
 
 /// Endpoint health, read at each scrape from the table in force.
@@ -215,6 +321,15 @@ impl Admin {
             }
             (&Method::GET, "/config") => json(&*self.live.config()),
             (&Method::GET, "/status") => json(&status(&self.live)),
+            (&Method::PUT | &Method::POST, "/log-level") | (&Method::POST, "/reload")
+                if !self.mutating =>
+            {
+                text(
+                    StatusCode::FORBIDDEN,
+                    "changes are taken on the admin socket (proxy.admin_socket), not on TCP, which the app shares: \
+                     use `ambassador reload` or `ambassador log-level` in the proxy's container\n",
+                )
+            }
             (&Method::POST, "/reload") => match self.live.reload().await {
                 Ok(()) => text(StatusCode::OK, "reloaded\n"),
                 Err(e) => text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),

@@ -43,7 +43,7 @@ impl WatchedFiles {
         if self.paths.is_empty() {
             return false;
         }
-        let mut state = self.state.lock().expect("watched files lock");
+        let mut state = crate::sync::lock(&self.state);
         if state.0.elapsed() < CHECK_EVERY {
             return false;
         }
@@ -59,9 +59,7 @@ impl WatchedFiles {
 
     /// Forces the next `changed` to look at the files (tests, reloads).
     pub fn check_now(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = Instant::now() - CHECK_EVERY;
-        }
+        crate::sync::lock(&self.state).0 = Instant::now() - CHECK_EVERY;
     }
 }
 

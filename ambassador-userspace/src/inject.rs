@@ -53,6 +53,9 @@ const POD_UID_ENV: &str = "env:
 /// Where the sidecar sees its Pod's shared maps (`proxy --kernel-maps`).
 const KERNEL_MAPS_DIR: &str = "/var/run/ambassador/kernel";
 const VOL_CGROUP: &str = "ambassador-cgroup";
+/// The sidecar's own directory for its admin socket (`proxy.admin_socket`).
+const VOL_ADMIN: &str = "ambassador-admin";
+const ADMIN_DIR: &str = "/var/run/ambassador/admin";
 const VOL_SECRET: &str = "ambassador-secret-";
 
 /// Where the image has the binary (deploy/Dockerfile), for exec probes.
@@ -384,7 +387,8 @@ fn strip(spec: &mut Mapping, annotations: Option<&mut Mapping>) -> bool {
         let before = list.len();
         list.retain(|v| {
             !get_str(v, "name").is_some_and(|n| {
-                [VOL_CONFIG, VOL_BPFFS, VOL_CGROUP].contains(&n) || n.starts_with(VOL_SECRET)
+                [VOL_CONFIG, VOL_BPFFS, VOL_CGROUP, VOL_ADMIN].contains(&n)
+                    || n.starts_with(VOL_SECRET)
             })
         });
         found |= list.len() != before;
@@ -721,6 +725,9 @@ volumeMounts:
     mountPath: {KERNEL_MAPS_DIR}
     subPathExpr: ambassador/pod-$(AMBASSADOR_POD_UID)
     readOnly: true
+  # The admin socket, the one door for changes: the app does not mount it.
+  - name: {VOL_ADMIN}
+    mountPath: {ADMIN_DIR}
 "#,
         image = json(&image),
         args = json(&args),
@@ -750,6 +757,9 @@ fn pod_volumes(config_map: &str, secrets: &[String]) -> Vec<Value> {
         )),
         from_template(&format!(
             "{{name: {VOL_CGROUP}, hostPath: {{path: /sys/fs/cgroup, type: Directory}}}}"
+        )),
+        from_template(&format!(
+            "{{name: {VOL_ADMIN}, emptyDir: {{medium: Memory, sizeLimit: 1Mi}}}}"
         )),
     ];
     for s in secrets {
@@ -824,7 +834,7 @@ spec:
         assert_eq!(names(&spec["containers"]), vec!["web"]);
         assert_eq!(
             names(&spec["volumes"]),
-            vec!["data", VOL_CONFIG, VOL_BPFFS, VOL_CGROUP]
+            vec!["data", VOL_CONFIG, VOL_BPFFS, VOL_CGROUP, VOL_ADMIN]
         );
         let proxy = &spec["initContainers"][1];
         assert_eq!(proxy["restartPolicy"], "Always");
@@ -1035,15 +1045,17 @@ items:
             "ambassador/pod-$(AMBASSADOR_POD_UID)"
         );
         assert_eq!(mounts[1]["readOnly"], true);
-        assert_eq!(mounts[2]["mountPath"], "/var/run/secrets/ambassador/tok");
+        assert_eq!(mounts[2]["mountPath"], ADMIN_DIR);
+        assert_eq!(mounts[3]["mountPath"], "/var/run/secrets/ambassador/tok");
         assert_eq!(
-            mounts[3]["mountPath"],
+            mounts[4]["mountPath"],
             "/var/run/secrets/ambassador/oauth-client"
         );
         let vols = &spec["volumes"];
         assert_eq!(vols[1]["configMap"]["name"], "amb-special");
-        assert_eq!(vols[4]["secret"]["secretName"], "tok");
-        assert_eq!(vols[5]["name"], "ambassador-secret-oauth-client");
+        assert_eq!(vols[4]["name"], VOL_ADMIN);
+        assert_eq!(vols[5]["secret"]["secretName"], "tok");
+        assert_eq!(vols[6]["name"], "ambassador-secret-oauth-client");
     }
 
     #[test]

@@ -25,5 +25,6 @@ pub mod retry;
 pub mod run;
 pub mod service;
 pub mod status;
+pub mod sync;
 pub mod tls;
 pub mod trace;

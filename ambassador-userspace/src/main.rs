@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc};
 
 use ambassador_userspace::{
     access_log, admin,
-    config::{self, AdminListen, Cidr, Config, DEFAULT_ADMIN},
+    config::{self, AdminListen, AdminSocket, Cidr, Config, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
     inject,
     interception::{self, pins},
     original_dst::OriginalDst,
@@ -133,10 +133,31 @@ enum Command {
         #[arg(long, default_value = probe::DEFAULT_ADMIN)]
         admin: std::net::SocketAddr,
     },
+    /// Make the proxy read its config file again now (through its admin socket).
+    Reload {
+        /// The proxy's admin socket (`proxy.admin_socket`).
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show, or with FILTER set, the proxy's log filter (through its admin socket).
+    LogLevel {
+        /// A tracing filter such as `info` or `ambassador_userspace=debug`.
+        filter: Option<String>,
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        socket: PathBuf,
+    },
     /// Detach and unpin everything `init` left for a cgroup.
     Uninstall {
         #[arg(long)]
         cgroup: PathBuf,
+    },
+    /// (Started by `run`: cleans up after it, however it ends.)
+    #[command(hide = true)]
+    ReapRun {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        pins: PathBuf,
     },
     /// Run one command with its connections intercepted and proxied.
     Run {
@@ -352,6 +373,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(AdminListen::At(a)) => Some(a),
                 Some(AdminListen::Off) => None,
             };
+            // Not given: the default place, where a sidecar has it; a proxy
+            // started elsewhere goes on without (SIGHUP still reloads).
+            let admin_socket = match &cfg.proxy.admin_socket {
+                None => Some((PathBuf::from(DEFAULT_ADMIN_SOCKET), false)),
+                Some(AdminSocket::At(p)) => Some((p.clone(), true)),
+                Some(AdminSocket::Off) => None,
+            };
             rt.block_on(async {
                 // The port first: a taken one is the likeliest start failure.
                 let listeners = Listeners::bind(port)?;
@@ -360,6 +388,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 interception::share_maps_with(&live, kernel_maps.as_deref());
                 if let Some(at) = admin_at {
                     admin::start(at, live.clone()).await?;
+                }
+                match admin_socket.map(|(p, asked)| (admin::start_socket(&p, live.clone()), asked))
+                {
+                    Some((Err(e), true)) => return Err(e.into()),
+                    Some((Err(e), false)) => tracing::warn!(
+                        "{e}: no admin socket, so no log-level changes or reloads through it \
+                         (SIGHUP and file changes still reload; set proxy.admin_socket)"
+                    ),
+                    _ => {}
                 }
                 reload::watch(live.clone(), std::time::Duration::from_secs(2));
                 live.set_ready(true);
@@ -426,7 +463,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Gc { every } => {
             interception::check_environment()?;
+            let mount = interception::cgroup::cgroup2_mount()?;
             loop {
+                for cg in pins::sweep_stale_runs(&mount) {
+                    println!(
+                        "ambassador: removed {} (its `ambassador run` was killed) and what was left in it",
+                        cg.display()
+                    );
+                }
                 let sweep = pins::sweep_stale();
                 report_sweep(&sweep);
                 if every.is_none() && sweep.removed.is_empty() && sweep.failed.is_empty() {
@@ -474,6 +518,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             probe::probe(what, admin)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { socket } => {
+            let (status, body) = admin::ask_socket(&socket, "POST", "/reload", "")?;
+            anyhow::ensure!(
+                status == 200,
+                "the proxy refused the reload: {}",
+                body.trim()
+            );
+            println!("ambassador: {}", body.trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::LogLevel { filter, socket } => {
+            let (status, body) = match &filter {
+                Some(f) => admin::ask_socket(&socket, "PUT", "/log-level", f)?,
+                None => admin::ask_socket(&socket, "GET", "/log-level", "")?,
+            };
+            anyhow::ensure!(status == 200, "{}", body.trim());
+            println!("{}", body.trim());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Uninstall { cgroup } => {
             interception::check_environment()?;
             if pins::uninstall(&cgroup)? {
@@ -481,6 +544,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("ambassador: nothing installed at {}", cgroup.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ReapRun { cgroup, pins } => {
+            run::reap(&cgroup, &pins)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

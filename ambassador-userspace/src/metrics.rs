@@ -64,8 +64,9 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ProtocolLabel {
+struct DeniedLabels {
     protocol: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,7 +98,9 @@ pub struct Metrics {
     timeouts: Family<ServiceLabel, Counter>,
     endpoint_requests: Family<OutcomeLabels, Counter>,
     ejections: Family<EndpointLabels, Counter>,
-    denied: Family<ProtocolLabel, Counter>,
+    denied: Family<DeniedLabels, Counter>,
+    /// App connections refused because the process is near its fd limit.
+    pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
     /// Scrape-time values: endpoint health, kernel counters, pools.
     state: Arc<StateCollector>,
@@ -180,8 +183,14 @@ impl Metrics {
         let denied = Family::default();
         r.register(
             "denied",
-            "Connections or requests refused by `default: deny`",
+            "Connections or requests refused by policy: `default: deny` (no_service), or a service's name used toward an address it does not own (not_owned)",
             denied.clone(),
+        );
+        let refused_fd_limit = Counter::default();
+        r.register(
+            "fd_limit_refusals",
+            "App connections reset at once because the proxy was near its open-files limit (the rest is kept for the admin API, probes and connections in flight)",
+            refused_fd_limit.clone(),
         );
         let reloads = Family::default();
         r.register(
@@ -205,6 +214,7 @@ impl Metrics {
             endpoint_requests,
             ejections,
             denied,
+            refused_fd_limit,
             reloads,
             state,
         }
@@ -278,8 +288,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn denied(&self, protocol: &'static str) {
-        self.denied.get_or_create(&ProtocolLabel { protocol }).inc();
+    /// A refused connection or request: `reason` is `no_service` (nothing
+    /// matches under `default: deny`) or `not_owned` (a service's name
+    /// toward an address that name does not resolve to).
+    pub fn denied(&self, protocol: &'static str, reason: &'static str) {
+        self.denied
+            .get_or_create(&DeniedLabels { protocol, reason })
+            .inc();
     }
 
     pub fn reload(&self, ok: bool) {
@@ -381,7 +396,7 @@ impl std::fmt::Debug for StateCollector {
 impl StateCollector {
     /// Adds (or replaces, by key) a source.
     pub fn set(&self, key: &'static str, source: StateSource) {
-        let mut s = self.sources.lock().expect("state sources");
+        let mut s = crate::sync::lock(&self.sources);
         s.retain(|(k, _)| *k != key);
         s.push((key, source));
     }
@@ -390,7 +405,7 @@ impl StateCollector {
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut rows = StateRows::default();
-        for (_, source) in self.sources.lock().expect("state sources").iter() {
+        for (_, source) in crate::sync::lock(&self.sources).iter() {
             source(&mut rows);
         }
         if !rows.endpoint_up.is_empty() {

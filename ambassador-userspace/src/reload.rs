@@ -68,7 +68,7 @@ impl Live {
         path: Option<PathBuf>,
         access_log_default: bool,
     ) -> Result<Arc<Live>, ServiceError> {
-        let table = build(&cfg).await?;
+        let table = build(&cfg, None).await?;
         access_log::set_enabled(cfg.telemetry.access_log.unwrap_or(access_log_default));
         Ok(Arc::new(Live {
             table: ArcSwap::from(table),
@@ -108,20 +108,20 @@ impl Live {
     /// Exclusions every reloaded file gets on top of its own (the config
     /// given to `start` must already have them).
     pub fn set_extra_exclusions(&self, ports: Vec<u16>, cidrs: Vec<crate::config::Cidr>) {
-        *self.extra.lock().expect("extra exclusions") = (ports, cidrs);
+        *crate::sync::lock(&self.extra) = (ports, cidrs);
     }
 
     pub fn set_intercept_hook(&self, hook: InterceptHook) {
-        *self.intercept.lock().expect("intercept hook") = Some(hook);
+        *crate::sync::lock(&self.intercept) = Some(hook);
     }
 
     /// The last rejected reload's reason, if the last reload failed.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().expect("last error").clone()
+        crate::sync::lock(&self.last_error).clone()
     }
 
     pub fn last_reload(&self) -> Option<SystemTime> {
-        *self.last_reload.lock().expect("last reload")
+        *crate::sync::lock(&self.last_reload)
     }
 
     /// Reads the file again and, when it is valid, serves with it.
@@ -129,8 +129,8 @@ impl Live {
         let _one_at_a_time = self.reloading.lock().await;
         let result = self.try_reload().await;
         metrics::get().reload(result.is_ok());
-        *self.last_reload.lock().expect("last reload") = Some(SystemTime::now());
-        *self.last_error.lock().expect("last error") = result.as_ref().err().map(|e| e.to_string());
+        *crate::sync::lock(&self.last_reload) = Some(SystemTime::now());
+        *crate::sync::lock(&self.last_error) = result.as_ref().err().map(|e| e.to_string());
         match &result {
             Ok(()) => info!("config reloaded"),
             Err(e) => warn!("config reload rejected, the previous config keeps serving: {e}"),
@@ -139,20 +139,23 @@ impl Live {
     }
 
     async fn try_reload(&self) -> Result<(), ReloadError> {
-        let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
-        let mut next = Config::load(path)?;
+        let path = self.path.clone().ok_or(ReloadError::NoFile)?;
+        // Reading and checking a big file is work for a blocking thread too.
+        let mut next = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ReloadError::Services(ServiceError::Build(e.to_string())))??;
         {
-            let extra = self.extra.lock().expect("extra exclusions");
+            let extra = crate::sync::lock(&self.extra);
             next.intercept.exclude_ports.extend(&extra.0);
             next.intercept.exclude_cidrs.extend(&extra.1);
         }
-        let table = build(&next).await?;
+        let table = build(&next, Some(&self.table())).await?;
         let old = self.config.load();
         for what in restart_only(&old, &next) {
             warn!("config reload: `{what}` changed; it takes effect at the next start");
         }
         if old.intercept != next.intercept
-            && let Some(hook) = self.intercept.lock().expect("intercept hook").as_ref()
+            && let Some(hook) = crate::sync::lock(&self.intercept).as_ref()
         {
             hook(&next).map_err(ReloadError::Intercept)?;
         }
@@ -163,10 +166,27 @@ impl Live {
     }
 }
 
-async fn build(cfg: &Config) -> Result<Arc<ServiceTable>, ServiceError> {
+/// Builds a service table on a blocking thread, off the data path (with
+/// thousands of services that is seconds of work the runtime's workers
+/// must not spend: with one worker, traffic would wait for it). A first
+/// table resolves its names before it serves; one replacing `previous`
+/// starts from the addresses that one knew and resolves in the background.
+async fn build(
+    cfg: &Config,
+    previous: Option<&ServiceTable>,
+) -> Result<Arc<ServiceTable>, ServiceError> {
     let settings = Settings::from_config(&cfg.proxy);
-    let table = Arc::new(ServiceTable::new(cfg, &settings)?);
-    table.keep_names_resolved(cfg.proxy.dns_refresh).await;
+    let owned = cfg.clone();
+    let table = tokio::task::spawn_blocking(move || ServiceTable::new(&owned, &settings))
+        .await
+        .map_err(|e| ServiceError::Build(e.to_string()))??;
+    let table = Arc::new(table);
+    if let Some(p) = previous {
+        table.adopt_names(p);
+    }
+    table
+        .keep_names_resolved(cfg.proxy.dns_refresh, previous.is_none())
+        .await;
     table.start_health_checks();
     Ok(table)
 }

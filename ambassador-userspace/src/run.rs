@@ -7,8 +7,9 @@
 use std::{
     ffi::OsString,
     fs::{File, OpenOptions},
-    os::fd::AsRawFd,
-    process::ExitStatus,
+    os::{fd::AsRawFd, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
     sync::Arc,
     time::Duration,
 };
@@ -22,8 +23,8 @@ use tracing::{debug, warn};
 
 use crate::{
     access_log, admin,
-    config::{AdminListen, Config},
-    interception::{self, LoadOptions, cgroup},
+    config::{AdminListen, AdminSocket, Config},
+    interception::{self, LoadOptions, cgroup, pins},
     original_dst::OriginalDst,
     proxy::{self, Listeners, Settings},
     reload::{self, Live},
@@ -59,11 +60,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
     let mount = cgroup::cgroup2_mount()?;
-    cgroup::sweep_stale_runs(&mount);
+    // Runs killed outright before us (their reapers too): their trees go,
+    // then the pins their cgroups held.
+    pins::sweep_stale_runs(&mount);
     let cg = cgroup::TransientCgroup::create(
         mount.join(format!("ambassador-run-{}", std::process::id())),
     )?;
-    let guard = CgroupGuard(Some(cg));
+    let mut guard = RunGuard {
+        cgroup: Some(cg),
+        pins: None,
+    };
     let cg_path = guard.path().to_path_buf();
 
     let mut bpf = interception::load(&LoadOptions {
@@ -77,6 +83,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     interception::set_accelerate(&mut bpf, false)?;
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
     let links = interception::attach(&mut bpf, &cg_dir)?;
+    // Pinned, the programs outlive this process however it ends: the
+    // command tree can never go direct behind the fail mode's back.
+    let pin_dir = pins::pin_links(&cg_path, &links)?;
+    guard.pins = Some(pin_dir.clone());
+    drop(links);
+    let _reaper = spawn_reaper(&cg_path, &pin_dir)?;
     let (counters, conns) = interception::take_tables(&mut bpf)?;
     let counters = Arc::new(counters);
     let (log_stop, log_stop_rx) = watch::channel(false);
@@ -93,9 +105,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     // This process owns the maps: intercept changes apply on reload.
     let bpf = std::sync::Mutex::new(bpf);
     live.set_intercept_hook(Box::new(move |next: &Config| {
-        let mut bpf = bpf
-            .lock()
-            .map_err(|_| "kernel maps lock poisoned".to_string())?;
+        let mut bpf = crate::sync::lock(&bpf);
         interception::configure(&mut bpf, next, port, None)
             .and_then(|()| interception::set_accelerate(&mut bpf, false))
             .map_err(|e| e.to_string())
@@ -103,6 +113,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     interception::counters_into_metrics(counters.clone());
     if let Some(at) = admin_at {
         admin::start(at, live.clone()).await?;
+    }
+    if let Some(AdminSocket::At(p)) = &cfg.proxy.admin_socket {
+        admin::start_socket(p, live.clone())?;
     }
     reload::watch(live.clone(), Duration::from_secs(2));
     live.set_ready(true);
@@ -152,7 +165,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let _ = stop_tx.send(true);
     let _ = proxy.await;
     access_log::flush();
-    drop(links); // detach
     if let Some(task) = bpf_log {
         let _ = log_stop.send(true);
         let _ = task.await;
@@ -164,8 +176,72 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
             .collect();
         eprintln!("ambassador: {}", line.join(" "));
     }
-    drop(guard); // kills leftovers, removes the cgroup
+    drop(guard); // kills leftovers, removes the cgroup, then the pins
     Ok(exit_code(status))
+}
+
+/// Starts the reaper: this program again, outside the command's cgroup and
+/// in a session of its own (a terminal's Ctrl-C or hang-up does not reach
+/// it), reading a pipe whose write end only this process holds. However
+/// `run` ends (`kill -9` included), the pipe closes; the reaper then kills
+/// what is left of the command tree and removes the pins, unless `run` did.
+fn spawn_reaper(cgroup: &Path, pins: &Path) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe().context("cannot find this program for the reaper")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("reap-run")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("--pins")
+        .arg(pins)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and changes only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start the reaper of `run`")
+}
+
+/// The reaper's work (`ambassador reap-run`, started by `run` only): waits
+/// until its `run` is gone, then kills what is left in the run's cgroup and
+/// removes it and the pins.
+pub fn reap(cgroup: &Path, pins: &Path) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let is_run = |p: &Path, prefix: &str| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
+    };
+    anyhow::ensure!(
+        is_run(cgroup, "ambassador-run-") && is_run(pins, "cgroup-"),
+        "reap-run is started by `ambassador run` with its own cgroup and pins"
+    );
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 64];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if cgroup.exists() {
+        eprintln!(
+            "ambassador: `run` ended without cleaning up: killing what is left of its command ({})",
+            cgroup.display()
+        );
+        cgroup::TransientCgroup::adopt(cgroup.to_path_buf())
+            .remove(Duration::from_secs(5))
+            .with_context(|| format!("cannot remove {}", cgroup.display()))?;
+    }
+    pins::remove_dir(pins)?;
+    Ok(())
 }
 
 /// The signals `run` handles, registered before the command starts.
@@ -219,22 +295,32 @@ fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
-/// Removes the transient cgroup on every path out of `run`, errors included.
-struct CgroupGuard(Option<cgroup::TransientCgroup>);
+/// Removes the transient cgroup on every path out of `run`, errors included:
+/// what is left of the command is killed first, while the pinned programs
+/// still hold it, then the pins go.
+struct RunGuard {
+    cgroup: Option<cgroup::TransientCgroup>,
+    pins: Option<PathBuf>,
+}
 
-impl CgroupGuard {
-    fn path(&self) -> &std::path::Path {
-        self.0.as_ref().expect("present until drop").path()
+impl RunGuard {
+    fn path(&self) -> &Path {
+        self.cgroup.as_ref().expect("present until drop").path()
     }
 }
 
-impl Drop for CgroupGuard {
+impl Drop for RunGuard {
     fn drop(&mut self) {
-        if let Some(cg) = self.0.take() {
+        if let Some(cg) = self.cgroup.take() {
             let path = cg.path().to_path_buf();
             if let Err(e) = cg.remove(Duration::from_secs(5)) {
                 warn!(cgroup = %path.display(), error = %e, "could not remove transient cgroup");
             }
+        }
+        if let Some(dir) = self.pins.take()
+            && let Err(e) = pins::remove_dir(&dir)
+        {
+            warn!(pins = %dir.display(), "could not remove the pins: {e}");
         }
     }
 }

@@ -79,6 +79,11 @@ pub fn client_py() -> PathBuf {
     workspace().join("tests/clients/client.py")
 }
 
+/// The hostile app's script (raw bytes, TLS with any SNI, held connections).
+pub fn hostile_py() -> PathBuf {
+    workspace().join("tests/clients/hostile.py")
+}
+
 fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!(
@@ -222,6 +227,12 @@ pub struct Pod {
     proxy_stdout: Arc<Mutex<String>>,
     /// Environment for the proxy process (set before `start_proxy`).
     pub proxy_env: Vec<(String, String)>,
+    /// Names the proxy resolves, `(name, address)`: given, the proxy runs
+    /// in a mount namespace of its own with these as its `/etc/hosts`
+    /// (set before `start_proxy`).
+    pub proxy_hosts: Vec<(String, String)>,
+    /// The proxy's open-files limit, soft and hard (set before `start_proxy`).
+    pub proxy_fd_limit: Option<u64>,
 }
 
 impl Pod {
@@ -269,6 +280,8 @@ impl Pod {
             proxy_log: Arc::new(Mutex::new(String::new())),
             proxy_stdout: Arc::new(Mutex::new(String::new())),
             proxy_env: Vec::new(),
+            proxy_hosts: Vec::new(),
+            proxy_fd_limit: None,
         };
         let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
         assert!(out.status.success(), "init failed: {}", stderr(&out));
@@ -302,6 +315,9 @@ impl Pod {
     /// Starts the proxy as `uid` (`None`: root).
     pub fn start_proxy_as(&mut self, uid: Option<u32>, filter: &str) {
         assert!(self.proxy.is_none(), "proxy already running");
+        if !self.proxy_hosts.is_empty() {
+            return self.start_proxy_with_hosts(uid, filter);
+        }
         let mut cmd = placed(
             bin(),
             &Placement {
@@ -311,6 +327,49 @@ impl Pod {
             },
         );
         cmd.args(["proxy", "--config"]).arg(&self.config);
+        self.spawn_proxy(cmd, filter);
+    }
+
+    /// The proxy in a mount namespace of its own whose `/etc/hosts` holds
+    /// `proxy_hosts` (the machine's own file is not touched).
+    fn start_proxy_with_hosts(&mut self, uid: Option<u32>, filter: &str) {
+        let hosts = std::env::temp_dir().join(format!(
+            "{}-hosts",
+            self.cgroup.file_name().unwrap().to_string_lossy()
+        ));
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (name, addr) in &self.proxy_hosts {
+            text.push_str(&format!("{addr} {name}\n"));
+        }
+        fs::write(&hosts, text).expect("write hosts file");
+        let drop_to = match uid {
+            Some(u) => format!("setpriv --reuid {u} --regid {u} --clear-groups "),
+            None => String::new(),
+        };
+        let script = format!(
+            "mount --bind {hosts} /etc/hosts && exec {drop_to}\"$@\"",
+            hosts = hosts.display()
+        );
+        let mut cmd = placed(
+            "unshare",
+            &Placement {
+                netns: &self.netns,
+                cgroup: &self.proxy_cgroup,
+                uid: None,
+            },
+        );
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .arg(bin())
+        .args(["proxy", "--config"])
+        .arg(&self.config);
         self.spawn_proxy(cmd, filter);
     }
 
@@ -368,6 +427,21 @@ impl Pod {
     }
 
     fn spawn_proxy(&mut self, mut cmd: Command, filter: &str) {
+        if let Some(n) = self.proxy_fd_limit {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe; lim is plain data.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.env("AMBASSADOR_LOG", filter)
             .envs(self.proxy_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
@@ -480,6 +554,40 @@ impl Pod {
         (status, body.to_string())
     }
 
+    /// Where a test's config may put the proxy's admin socket
+    /// (`proxy.admin_socket`): a directory the proxy makes itself.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        std::env::temp_dir()
+            .join(format!(
+                "{}-admin",
+                self.cgroup.file_name().unwrap().to_string_lossy()
+            ))
+            .join("admin.sock")
+    }
+
+    /// One request on the admin socket at `admin_socket_path`: (status, body).
+    pub fn admin_socket(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.admin_socket_path())
+            .expect("connect to the admin socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("admin response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        (status, body.to_string())
+    }
+
     /// `/metrics`, as text.
     pub fn metrics(&self) -> String {
         let (status, body) = self.admin("GET", "/metrics", "");
@@ -550,6 +658,19 @@ impl Pod {
         let mut cmd = self.app("python3");
         cmd.arg(client_py()).args(args);
         cmd.output().expect("run client")
+    }
+
+    /// Runs the hostile app script in the app container; its stdout.
+    pub fn hostile(&self, args: &[&str]) -> String {
+        let mut cmd = self.app("python3");
+        cmd.arg(hostile_py()).args(args);
+        let out = cmd.output().expect("run hostile.py");
+        assert!(
+            out.status.success(),
+            "hostile.py {args:?}: {}",
+            stderr(&out)
+        );
+        stdout(&out)
     }
 
     pub fn pin_dir(&self) -> PathBuf {

@@ -35,7 +35,13 @@ fn json(line: &str) -> serde_json::Value {
 
 #[test]
 fn admin_api_answers_live_ready_config_status_and_log_level() {
-    let mut pod = Pod::new(&api_config("one"));
+    let mut pod = Pod::new("");
+    let socket = pod.admin_socket_path();
+    pod.rewrite_config(&format!(
+        "proxy: {{ admin_socket: {} }}\n{}",
+        socket.display(),
+        api_config("one")
+    ));
     pod.start_proxy();
     assert_eq!(pod.admin("GET", "/live", ""), (200, "live\n".into()));
     assert_eq!(pod.admin("GET", "/ready", ""), (200, "ready\n".into()));
@@ -56,17 +62,60 @@ fn admin_api_answers_live_ready_config_status_and_log_level() {
     let (s, body) = pod.admin("GET", "/log-level", "");
     assert_eq!(s, 200);
     assert!(body.contains("ambassador_userspace=debug"), "{body}");
+    // Changes are not taken on TCP, which the app shares.
+    for (method, path) in [
+        ("PUT", "/log-level"),
+        ("POST", "/log-level"),
+        ("POST", "/reload"),
+    ] {
+        let (s, body) = pod.admin(method, path, "ambassador_userspace=trace");
+        assert_eq!(s, 403, "{method} {path}: {body}");
+        assert!(body.contains("admin socket"), "{body}");
+    }
     assert_eq!(
-        pod.admin("PUT", "/log-level", "ambassador_userspace=trace"),
+        pod.admin("GET", "/log-level", "").1.trim(),
+        "ambassador_userspace=debug"
+    );
+    // An operator opens the socket (here the test, as root; in a Pod,
+    // `kubectl exec` into the sidecar, whose emptyDir the app does not mount).
+    assert_eq!(
+        pod.admin_socket("PUT", "/log-level", "ambassador_userspace=trace"),
         (200, "ambassador_userspace=trace\n".into())
     );
     assert_eq!(
         pod.admin("GET", "/log-level", "").1.trim(),
         "ambassador_userspace=trace"
     );
-    let (s, body) = pod.admin("PUT", "/log-level", "[[[nonsense");
+    let (s, body) = pod.admin_socket("PUT", "/log-level", "[[[nonsense");
     assert_eq!(s, 400, "{body}");
     assert!(body.contains("bad log filter"), "{body}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    // The CLI, as the proxy's own user would run it in its container.
+    let out = Command::new(bin())
+        .args(["log-level", "info", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "info");
+    let out = Command::new(bin())
+        .args(["reload", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("reloaded"), "{}", stdout(&out));
+    // Another user is refused even past the file mode.
+    let mut other = Command::new("setpriv");
+    other
+        .args(["--reuid", "4242", "--regid", "4242", "--clear-groups"])
+        .arg(bin())
+        .args(["reload", "--socket"])
+        .arg(&socket);
+    let out = other.output().unwrap();
+    assert!(!out.status.success(), "{}", stdout(&out));
     assert_eq!(pod.admin("GET", "/nope", "").0, 404);
     assert_eq!(pod.admin("POST", "/metrics", "").0, 405);
 }

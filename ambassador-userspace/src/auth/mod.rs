@@ -130,7 +130,7 @@ impl Injector {
                 watch,
                 cached,
             } => {
-                let mut cached = cached.lock().expect("header cache lock");
+                let mut cached = crate::sync::lock(cached);
                 if watch.changed() {
                     match read_file(self.name.as_str(), path, prefix) {
                         Ok(v) => *cached = v,

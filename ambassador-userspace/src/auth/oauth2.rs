@@ -128,12 +128,12 @@ impl OAuth2Source {
         };
         if self.secret_watch.changed() {
             match read_secret(&self.header, &self.cfg.client_secret_file) {
-                Ok(s) => *self.secret.lock().expect("secret lock") = s,
+                Ok(s) => *crate::sync::lock(&self.secret) = s,
                 Err(e) => tracing::warn!("{e}; keeping the previous client secret"),
             }
         }
         let basic = {
-            let secret = self.secret.lock().expect("secret lock");
+            let secret = crate::sync::lock(&self.secret);
             let pair = format!("{}:{}", form(&self.cfg.client_id), form(&secret));
             base64::engine::general_purpose::STANDARD.encode(pair)
         };
@@ -175,15 +175,7 @@ impl OAuth2Source {
         }
         let parsed: TokenResponse = serde_json::from_slice(&bytes)
             .map_err(|_| err("token response is not the expected JSON".into()))?;
-        let lifetime = parsed
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_LIFETIME);
-        let refresh_in = lifetime.mul_f64(REFRESH_AT).min(
-            lifetime
-                .saturating_sub(REFRESH_MARGIN)
-                .max(lifetime.mul_f64(0.5)),
-        );
+        let (lifetime, refresh_in) = lifetimes(parsed.expires_in);
         let prefix = match &self.prefix {
             Some(p) => p.clone(),
             None => match parsed.token_type.as_deref() {
@@ -236,6 +228,20 @@ fn form(s: &str) -> String {
     out
 }
 
+/// How long a token lives and when to fetch the next, from the token
+/// endpoint's `expires_in` (bounded: it is added to the clock).
+fn lifetimes(expires_in: Option<u64>) -> (Duration, Duration) {
+    let lifetime = expires_in
+        .map(|s| Duration::from_secs(s).min(crate::config::MAX_DURATION))
+        .unwrap_or(DEFAULT_LIFETIME);
+    let refresh_in = lifetime.mul_f64(REFRESH_AT).min(
+        lifetime
+            .saturating_sub(REFRESH_MARGIN)
+            .max(lifetime.mul_f64(0.5)),
+    );
+    (lifetime, refresh_in)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +250,20 @@ mod tests {
     fn form_encoding() {
         assert_eq!(form("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
         assert_eq!(form("plain-ID_1.x"), "plain-ID_1.x");
+    }
+
+    #[test]
+    fn any_expires_in_from_the_network_fits_the_clock() {
+        let now = Instant::now();
+        for expires_in in [None, Some(0), Some(60), Some(u64::MAX)] {
+            let (lifetime, refresh) = lifetimes(expires_in);
+            assert!(refresh <= lifetime);
+            // Panicked with "overflow when adding duration to instant".
+            let _ = (now + lifetime, now + refresh);
+        }
+        assert_eq!(
+            lifetimes(Some(600)),
+            (Duration::from_secs(600), Duration::from_secs(480))
+        );
     }
 }

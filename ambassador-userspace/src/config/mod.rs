@@ -135,6 +135,54 @@ impl<'de> Deserialize<'de> for AdminListen {
     }
 }
 
+/// Where the admin socket is: the door for changes (`PUT /log-level`,
+/// `POST /reload`), which TCP does not take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminSocket {
+    Off,
+    At(std::path::PathBuf),
+}
+
+/// The sidecar's admin socket unless `proxy.admin_socket` says otherwise: in
+/// a directory of its own container (an emptyDir the app does not mount).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/ambassador/admin/admin.sock";
+
+impl schemars::JsonSchema for AdminSocket {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AdminSocket".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "an absolute path for the admin socket (reads and changes), or `off`",
+            "examples": [DEFAULT_ADMIN_SOCKET, "off"]
+        })
+    }
+}
+
+impl Serialize for AdminSocket {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AdminSocket::Off => s.serialize_str("off"),
+            AdminSocket::At(p) => s.collect_str(&p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminSocket {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "off" => Ok(AdminSocket::Off),
+            p if p.starts_with('/') && p.len() < 100 => Ok(AdminSocket::At(p.into())),
+            _ => Err(de::Error::custom(format!(
+                "`{}` is not an absolute path (under 100 bytes: a socket's limit) or `off`",
+                clip(&s)
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
@@ -174,6 +222,11 @@ pub struct ProxyConfig {
     /// `proxy`) or `off`. `run` serves it only when this is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminListen>,
+    /// The admin socket, the one door for changes: a path (for `proxy`
+    /// /var/run/ambassador/admin/admin.sock by default) or `off`. `run`
+    /// serves it only when this is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<AdminSocket>,
 }
 
 impl Default for ProxyConfig {
@@ -189,6 +242,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             workers: 1,
             admin: None,
+            admin_socket: None,
         }
     }
 }
@@ -298,10 +352,75 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// `1500ms`, `30s`, `5m`, `1h`.
+/// Runtime threads a proxy may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+/// The longest duration any setting takes: longer ones are mistakes, and
+/// would overflow the clock where they are added to it.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `1500ms`, `30s`, `5m`, `1h`; at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|_| format!("`{s}` is not a duration (like 1500ms, 30s, 5m)"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|_| format!("`{}` is not a duration (like 1500ms, 30s, 5m)", clip(s)))?;
+    if d > MAX_DURATION {
+        return Err(format!("`{}` is too long: at most 365d", clip(s)));
+    }
+    Ok(d)
+}
+
+/// Longest value an error quotes, and longest error line: a huge value in
+/// a file must not come back as a huge error.
+const MAX_QUOTED: usize = 64;
+const MAX_ERROR: usize = 512;
+
+/// `s`, cut in the middle when longer than an error should quote.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_QUOTED {
+        return s.into();
+    }
+    let head: String = s.chars().take(MAX_QUOTED / 2).collect();
+    let tail: String = {
+        let t: Vec<char> = s.chars().rev().take(MAX_QUOTED / 4).collect();
+        t.into_iter().rev().collect()
+    };
+    format!("{head}…{tail} ({} bytes)", s.len()).into()
+}
+
+/// An error line as shown: quoted runs (in backticks or double quotes) cut
+/// by [`clip`], the whole at most [`MAX_ERROR`] bytes.
+fn shorten(msg: String) -> String {
+    if msg.len() <= MAX_ERROR / 2 {
+        return msg;
+    }
+    let mut out = String::with_capacity(MAX_ERROR);
+    let mut rest = msg.as_str();
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('`');
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        match rest.find(quote) {
+            Some(close) => {
+                out.push_str(&clip(&rest[..close]));
+                out.push(quote);
+                rest = &rest[close + 1..];
+            }
+            None => {
+                out.push_str(&clip(rest));
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    if out.len() > MAX_ERROR {
+        let mut cut = MAX_ERROR;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("… (cut)");
+    }
+    out
 }
 
 pub(crate) fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -350,12 +469,17 @@ impl Config {
         })
     }
 
-    /// Parses and validates; the error is one line with the field path and line.
+    /// Parses and validates; the error is one line with the field path and
+    /// line, of bounded length whatever the file holds.
     pub fn parse(text: &str) -> Result<Config, String> {
+        Config::parse_unbounded(text).map_err(shorten)
+    }
+
+    fn parse_unbounded(text: &str) -> Result<Config, String> {
         // An empty file (or only comments) is the all-defaults config.
         let value: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&e))?;
-        let cfg: Config = if value.is_null() {
+        let mut cfg: Config = if value.is_null() {
             Config::default()
         } else {
             serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(
@@ -378,6 +502,15 @@ impl Config {
                 },
             )?
         };
+        // Under `deny` nothing leaves the Pod unnamed: the default exclusion
+        // (22) would let any host be reached on that port.
+        let ports_given = value
+            .get("intercept")
+            .and_then(|i| i.get("exclude_ports"))
+            .is_some();
+        if cfg.default == service::DefaultPolicy::Deny && !ports_given {
+            cfg.intercept.exclude_ports.clear();
+        }
         cfg.validate(text)?;
         Ok(cfg)
     }
@@ -416,6 +549,12 @@ impl Config {
                 maps::MAX_EXCLUDED_CIDRS
             ));
         }
+        if !(0..=MAX_WORKERS).contains(&self.proxy.workers) {
+            return Err(format!(
+                "{}proxy.workers: at most {MAX_WORKERS}",
+                at("workers")
+            ));
+        }
         if !(256..=1 << 22).contains(&self.intercept.table_size) {
             return Err(format!(
                 "{}intercept.table_size: must be between 256 and 4194304",
@@ -447,139 +586,154 @@ impl Config {
 
 impl Config {
     /// Checks between services and fields that no single value can check.
+    /// Linear in the number of services: where an error is, is looked up
+    /// only once there is one.
     fn validate_services(&self, text: &str) -> Result<(), String> {
-        use service::{Protocol, SourceKind};
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::with_capacity(self.services.len());
         for (i, s) in self.services.iter().enumerate() {
-            let at = match line_of(text, &format!("name: {}", s.name)) {
-                Some(l) => format!("line {l}: services[{i}]"),
-                None => format!("services[{i}]"),
+            let checked = if seen.insert(s.name.as_str()) {
+                check_service(s)
+            } else {
+                Err(format!(".name: `{}` is used twice", clip(&s.name)))
             };
-            if s.name.is_empty() {
-                return Err(format!("{at}.name: must not be empty"));
-            }
-            if !seen.insert(s.name.as_str()) {
-                return Err(format!("{at}.name: `{}` is used twice", s.name));
-            }
-            let has_policy = !s.request.set_headers.is_empty()
-                || !s.request.remove_headers.is_empty()
-                || !s.request.rename_headers.is_empty();
-            if s.protocol == Protocol::Tcp && has_policy {
-                return Err(format!(
-                    "{at}.request: header policy needs `protocol: http` (service `{}`)",
-                    s.name
-                ));
-            }
-            let t = &s.timeouts;
-            for (name, d) in [
-                ("connect", t.connect),
-                ("request", t.request),
-                ("idle", t.idle),
-                ("header_read", t.header_read),
-            ] {
-                if d.is_some_and(|d| d.is_zero()) {
-                    return Err(format!("{at}.timeouts.{name}: must be more than 0"));
-                }
-            }
-            let l = &s.limits;
-            for (name, v) in [
-                ("max_connections", l.max_connections),
-                ("max_pending", l.max_pending),
-                ("max_requests", l.max_requests),
-            ] {
-                if v == 0 {
-                    return Err(format!("{at}.limits.{name}: must be at least 1"));
-                }
-            }
-            if !(0.0..=1.0).contains(&s.retries.budget) {
-                return Err(format!("{at}.retries.budget: a share between 0 and 1"));
-            }
-            let o = &s.outlier;
-            if o.consecutive_failures == 0 {
-                return Err(format!(
-                    "{at}.outlier.consecutive_failures: must be at least 1"
-                ));
-            }
-            if !(0.0..=1.0).contains(&o.max_ejected) {
-                return Err(format!("{at}.outlier.max_ejected: a share between 0 and 1"));
-            }
-            if o.base_ejection.is_zero() || o.max_ejection < o.base_ejection {
-                return Err(format!(
-                    "{at}.outlier: base_ejection must be more than 0 and at most max_ejection"
-                ));
-            }
-            if let Some(tls) = &s.upstream.tls {
-                let named_endpoint = s
-                    .upstream
-                    .endpoints
-                    .iter()
-                    .any(|e| e.address.host.parse::<IpAddr>().is_err());
-                if tls.server_name.is_none() && !named_endpoint {
-                    return Err(format!(
-                        "{at}.upstream.tls.server_name: required when no endpoint is named by host \
-                         (the certificate is checked against it)"
-                    ));
-                }
-            }
-            match (&s.postgres, s.protocol == Protocol::Postgres) {
-                (None, true) => {
-                    return Err(format!(
-                        "{at}.postgres: `protocol: postgres` needs a postgres section (credentials_file at least)"
-                    ));
-                }
-                (Some(_), false) => {
-                    return Err(format!("{at}.postgres: needs `protocol: postgres`"));
-                }
-                (Some(pg), true) => {
-                    let p = &pg.pool;
-                    if p.size == 0 || p.max_clients == 0 {
-                        return Err(format!(
-                            "{at}.postgres.pool: size and max_clients must be at least 1"
-                        ));
-                    }
-                    if p.min_idle > p.size {
-                        return Err(format!(
-                            "{at}.postgres.pool.min_idle: at most pool.size ({})",
-                            p.size
-                        ));
-                    }
-                    if p.queue_timeout.is_zero() {
-                        return Err(format!(
-                            "{at}.postgres.pool.queue_timeout: must be more than 0"
-                        ));
-                    }
-                    if pg.direct_tls && s.upstream.tls.is_none() {
-                        return Err(format!("{at}.postgres.direct_tls: needs upstream.tls"));
-                    }
-                    if has_policy {
-                        return Err(format!(
-                            "{at}.request: header policy needs `protocol: http` (service `{}`)",
-                            s.name
-                        ));
-                    }
-                }
-                (None, false) => {}
-            }
-            if s.upstream.target.is_some() && s.protocol != Protocol::Postgres {
-                return Err(format!(
-                    "{at}.upstream.target: only postgres services check a server's role"
-                ));
-            }
-            for (name, src) in &s.request.set_headers {
-                if let SourceKind::OAuth2(o) = &src.kind
-                    && !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
-                {
-                    {
-                        return Err(format!(
-                            "{at}.request.set_headers.{}.oauth2_client_credentials.token_url: must be an http(s) URL",
-                            name.0
-                        ));
-                    }
-                }
+            if let Err(e) = checked {
+                let at = match line_of(text, &format!("name: {}", s.name)) {
+                    Some(l) => format!("line {l}: services[{i}]"),
+                    None => format!("services[{i}]"),
+                };
+                return Err(format!("{at}{e}"));
             }
         }
         Ok(())
     }
+}
+
+/// The most connections, requests or pooled clients any limit may name.
+pub const MAX_LIMIT: usize = 1_000_000;
+/// The most retries of one request.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// The most failures or checks in a row any threshold may ask for.
+pub const MAX_COUNT: u32 = 10_000;
+
+/// One service's own checks; the error starts with the field (`.name: ...`).
+fn check_service(s: &service::ServiceConfig) -> Result<(), String> {
+    use service::{Protocol, SourceKind};
+    if s.name.is_empty() {
+        return Err(".name: must not be empty".into());
+    }
+    let has_policy = !s.request.set_headers.is_empty()
+        || !s.request.remove_headers.is_empty()
+        || !s.request.rename_headers.is_empty();
+    if s.protocol == Protocol::Tcp && has_policy {
+        return Err(format!(
+            ".request: header policy needs `protocol: http` (service `{}`)",
+            s.name
+        ));
+    }
+    let t = &s.timeouts;
+    for (name, d) in [
+        ("connect", t.connect),
+        ("request", t.request),
+        ("idle", t.idle),
+        ("header_read", t.header_read),
+    ] {
+        if d.is_some_and(|d| d.is_zero()) {
+            return Err(format!(".timeouts.{name}: must be more than 0"));
+        }
+    }
+    let l = &s.limits;
+    for (name, v) in [
+        ("max_connections", l.max_connections),
+        ("max_pending", l.max_pending),
+        ("max_requests", l.max_requests),
+    ] {
+        if !(1..=MAX_LIMIT).contains(&v) {
+            return Err(format!(".limits.{name}: between 1 and {MAX_LIMIT}"));
+        }
+    }
+    if s.retries.attempts > MAX_ATTEMPTS {
+        return Err(format!(".retries.attempts: at most {MAX_ATTEMPTS}"));
+    }
+    if !(0.0..=1.0).contains(&s.retries.budget) {
+        return Err(".retries.budget: a share between 0 and 1".into());
+    }
+    let o = &s.outlier;
+    if !(1..=MAX_COUNT).contains(&o.consecutive_failures) {
+        return Err(format!(
+            ".outlier.consecutive_failures: between 1 and {MAX_COUNT}"
+        ));
+    }
+    if !(0.0..=1.0).contains(&o.max_ejected) {
+        return Err(".outlier.max_ejected: a share between 0 and 1".into());
+    }
+    if o.base_ejection.is_zero() || o.max_ejection < o.base_ejection {
+        return Err(".outlier: base_ejection must be more than 0 and at most max_ejection".into());
+    }
+    if let Some(tls) = &s.upstream.tls {
+        let named_endpoint = s
+            .upstream
+            .endpoints
+            .iter()
+            .any(|e| e.address.host.parse::<IpAddr>().is_err());
+        if tls.server_name.is_none() && !named_endpoint {
+            return Err(
+                ".upstream.tls.server_name: required when no endpoint is named by host \
+                 (the certificate is checked against it)"
+                    .into(),
+            );
+        }
+    }
+    match (&s.postgres, s.protocol == Protocol::Postgres) {
+        (None, true) => {
+            return Err(".postgres: `protocol: postgres` needs a postgres section (credentials_file at least)".into());
+        }
+        (Some(_), false) => {
+            return Err(".postgres: needs `protocol: postgres`".into());
+        }
+        (Some(pg), true) => {
+            let p = &pg.pool;
+            if !(1..=MAX_LIMIT).contains(&p.size) || !(1..=MAX_LIMIT).contains(&p.max_clients) {
+                return Err(format!(
+                    ".postgres.pool: size and max_clients between 1 and {MAX_LIMIT}"
+                ));
+            }
+            if p.min_idle > p.size {
+                return Err(format!(
+                    ".postgres.pool.min_idle: at most pool.size ({})",
+                    p.size
+                ));
+            }
+            if p.queue_timeout.is_zero() {
+                return Err(".postgres.pool.queue_timeout: must be more than 0".into());
+            }
+            if pg.direct_tls && s.upstream.tls.is_none() {
+                return Err(".postgres.direct_tls: needs upstream.tls".into());
+            }
+            if has_policy {
+                return Err(format!(
+                    ".request: header policy needs `protocol: http` (service `{}`)",
+                    s.name
+                ));
+            }
+        }
+        (None, false) => {}
+    }
+    if s.upstream.target.is_some() && s.protocol != Protocol::Postgres {
+        return Err(".upstream.target: only postgres services check a server's role".into());
+    }
+    for (name, src) in &s.request.set_headers {
+        if let SourceKind::OAuth2(o) = &src.kind
+            && !(o.token_url.starts_with("https://") || o.token_url.starts_with("http://"))
+        {
+            {
+                return Err(format!(
+                    ".request.set_headers.{}.oauth2_client_credentials.token_url: must be an http(s) URL",
+                    name.0
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// serde_yaml_ng says "path: problem at line L column C"; put the line first so
@@ -613,6 +767,89 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn under_deny_exclusions_are_only_the_ones_written() {
+        assert_eq!(Config::parse("").unwrap().intercept.exclude_ports, [22]);
+        assert_eq!(
+            Config::parse("default: passthrough")
+                .unwrap()
+                .intercept
+                .exclude_ports,
+            [22]
+        );
+        assert!(
+            Config::parse("default: deny")
+                .unwrap()
+                .intercept
+                .exclude_ports
+                .is_empty()
+        );
+        assert_eq!(
+            Config::parse("default: deny\nintercept: { exclude_ports: [22] }")
+                .unwrap()
+                .intercept
+                .exclude_ports,
+            [22]
+        );
+    }
+
+    #[test]
+    fn every_duration_and_count_is_bounded() {
+        for (text, field) in [
+            ("proxy: { idle_timeout: 10000000000000000000s }", "too long"),
+            ("proxy: { header_read_timeout: 366d }", "too long"),
+            ("proxy: { workers: 1000000 }", "proxy.workers: at most 256"),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, outlier: { base_ejection: 1s, max_ejection: 100000000000s } }]",
+                "too long",
+            ),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, limits: { max_requests: 100000000 } }]",
+                "services[0].limits.max_requests: between 1 and 1000000",
+            ),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, retries: { attempts: 4000000000 } }]",
+                "services[0].retries.attempts: at most 10",
+            ),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, outlier: { consecutive_failures: 4000000000 } }]",
+                "consecutive_failures: between 1 and 10000",
+            ),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { health_check: { interval: 1s, tcp: {}, healthy_threshold: 4000000000 } } }]",
+                "thresholds between 1 and 10000",
+            ),
+            (
+                "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { health_check: { interval: 1s, http: { path: \"/a b\" } } } }]",
+                "must be a path",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        let max = Config::parse("proxy: { idle_timeout: 365d, workers: 256 }").unwrap();
+        assert_eq!(max.proxy.idle_timeout, MAX_DURATION);
+    }
+
+    #[test]
+    fn a_huge_value_comes_back_as_a_short_error() {
+        let huge = "x".repeat(4 << 20);
+        for text in [
+            format!("proxy: {{ idle_timeout: {huge} }}"),
+            format!("default: {huge}"),
+            format!("services: [{{ name: a, match: {{ host: {huge} }} }}]"),
+            format!("{huge}: 1"),
+        ] {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.len() < 600, "{} bytes: {}", err.len(), &err[..200]);
+            assert!(!err.contains(&"x".repeat(100)), "{err}");
+        }
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        let c = clip(&long);
+        assert!(c.ends_with("(2000 bytes)") && c.len() < 200, "{c}");
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

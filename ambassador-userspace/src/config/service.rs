@@ -464,14 +464,18 @@ impl TryFrom<RawHealthCheck> for HealthCheck {
         if r.interval.is_zero() {
             return Err("interval must be more than 0".into());
         }
-        if r.unhealthy_threshold == 0 || r.healthy_threshold == 0 {
-            return Err("thresholds must be at least 1".into());
+        let counts = 1..=super::MAX_COUNT;
+        if !counts.contains(&r.unhealthy_threshold) || !counts.contains(&r.healthy_threshold) {
+            return Err(format!("thresholds between 1 and {}", super::MAX_COUNT));
         }
         let kind = match (r.tcp, r.http) {
             (Some(_), None) => CheckKind::Tcp,
             (None, Some(h)) => {
-                if !h.path.starts_with('/') {
-                    return Err(format!("http.path `{}` must start with /", h.path));
+                if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+                    return Err(format!(
+                        "http.path `{}` must be a path starting with /",
+                        super::clip(&h.path)
+                    ));
                 }
                 if !(100..600).contains(&h.expect) {
                     return Err(format!("http.expect {} is not an HTTP status", h.expect));

@@ -135,7 +135,7 @@ impl Endpoint {
         if self.down.load(Ordering::Relaxed) {
             return true;
         }
-        let h = self.health.lock().expect("endpoint health lock");
+        let h = crate::sync::lock(&self.health);
         h.ejected_until.is_some_and(|t| now < t)
     }
 
@@ -277,7 +277,7 @@ impl EndpointSet {
     /// forgets earlier ejections.
     pub fn success(&self, ep: &Endpoint) {
         ep.metrics.success.inc();
-        let mut h = ep.health.lock().expect("endpoint health lock");
+        let mut h = crate::sync::lock(&ep.health);
         h.consecutive_failures = 0;
         if let Some(last) = h.last_ejected
             && Instant::now().duration_since(last) > self.outlier.max_ejection
@@ -292,7 +292,7 @@ impl EndpointSet {
         ep.metrics.failure.inc();
         let now = Instant::now();
         let ejected_now = self.endpoints.iter().filter(|e| e.ejected(now)).count();
-        let mut h = ep.health.lock().expect("endpoint health lock");
+        let mut h = crate::sync::lock(&ep.health);
         if h.ejected_until.is_some_and(|t| now < t) {
             return None;
         }

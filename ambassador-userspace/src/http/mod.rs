@@ -2,7 +2,10 @@
 //! knowledge), per-request service choice by Host, the service's request
 //! policy, and a pooled upstream client. Bodies stream both ways.
 
+mod activity;
+mod app_io;
 pub mod pool;
+pub mod target;
 pub mod upstream;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -141,32 +144,60 @@ impl hyper::body::Body for ResponseBody {
 /// The header that tells the app why the ambassador answered itself.
 pub const ERROR_HEADER: &str = "x-ambassador-error";
 
-/// Serves one app connection until it closes.
+/// HTTP/2 connections from the app are pinged when they have been quiet this
+/// long, and closed when the ping goes unanswered for `H2_PING_TIMEOUT`: a
+/// peer that vanished does not hold its connection until the idle timeout.
+const H2_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// The largest request head the app may send (as Envoy's default, 60 KiB
+/// and a little): a bigger one is refused (431) before any policy runs, and
+/// no head ties up more memory than this.
+const MAX_HEAD: usize = 64 * 1024;
+/// How long a connection asked to close gracefully (idle, or draining) may
+/// take to finish before it is dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves one app connection until it closes. `accepted` is when the proxy
+/// took it: the first request must begin within the header-read timeout of
+/// that (protocol detection and an HTTP/2 preface included); after, the
+/// connection closes once no request has been in flight for the idle
+/// timeout.
 pub async fn serve(
     app: TcpStream,
+    accepted: tokio::time::Instant,
     dst: SocketAddr,
     route: Route,
     table: Arc<ServiceTable>,
     settings: &Settings,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
-    // A connection that belongs to one service reads heads under its timeout.
-    let header_read = match &route {
-        Route::Service(s) => s.settings.header_read_timeout,
-        _ => settings.header_read_timeout,
+    // A connection that belongs to one service reads heads under its timeouts.
+    let (header_read, idle) = match &route {
+        Route::Service(s) => (s.settings.header_read_timeout, s.settings.idle_timeout),
+        _ => (settings.header_read_timeout, settings.idle_timeout),
     };
     let conn = Arc::new(AppConn::new(dst, route, table));
+    let watched = conn.clone();
     let svc = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+        async move { Ok::<_, Infallible>(handle(req, conn).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(app), svc);
+        .header_read_timeout(header_read)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEAD as u32)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let (io, abort) = app_io::AppIo::new(app);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
+    let idle_close = watched.activity.until_idle(accepted + header_read, idle);
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
@@ -175,9 +206,48 @@ pub async fn serve(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = idle_close => {
+            if !watched.activity.any() {
+                debug!(%dst, "closing an app connection: no request began within the header-read timeout");
+                return;
+            }
+            // Idle: a GOAWAY first over HTTP/2 (whose graceful end waits for
+            // the client to answer a PING), bounded.
+            debug!(%dst, "closing an idle app connection");
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
     };
     if let Err(e) = result {
-        debug!(%dst, error = %e, "app connection ended with an error");
+        // A response cut short after its head went out (the upstream reset
+        // mid-body, or the request timeout): the app gets a reset, not a
+        // clean end that could pass a truncated body for a whole one.
+        let body_broke = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user);
+        if body_broke {
+            abort.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        debug!(%dst, error = %e, reset = body_broke, "app connection ended with an error");
+    }
+}
+
+/// A request in flight on its app connection, until its response ends.
+struct InFlight(Arc<AppConn>);
+
+impl InFlight {
+    fn new(conn: Arc<AppConn>) -> InFlight {
+        conn.activity.start();
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.activity.end();
     }
 }
 
@@ -199,6 +269,7 @@ struct AppConn {
     /// the upstream as it sent it, as a direct connection would have carried
     /// it; their upstream connection ends with this one.
     h2c: std::sync::Mutex<Vec<OwnClient>>,
+    activity: activity::Activity,
 }
 
 impl AppConn {
@@ -218,12 +289,13 @@ impl AppConn {
             table,
             upstream,
             h2c: Default::default(),
+            activity: activity::Activity::new(),
         }
     }
 
     /// This connection's HTTP/2 client for `svc` (or passthrough).
     fn h2c_client(&self, svc: Option<&Arc<Service>>) -> Arc<upstream::HttpClient> {
-        let mut own = upstream::lock(&self.h2c);
+        let mut own = crate::sync::lock(&self.h2c);
         let same = |k: &Option<Arc<Service>>| match (k, svc) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -239,37 +311,24 @@ impl AppConn {
     }
 }
 
-/// The Host the request names, lowercased, without port.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req.uri().host().map(str::to_string).or_else(|| {
-        let h = req.headers().get(header::HOST)?.to_str().ok()?;
-        let h = h.parse::<Authority>().ok()?;
-        Some(h.host().to_string())
-    })?;
-    Some(raw.to_ascii_lowercase())
-}
-
-async fn handle(mut req: Request<Incoming>, conn: &AppConn) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, conn: Arc<AppConn>) -> Response<Body> {
+    let in_flight = InFlight::new(conn.clone());
+    let conn = &*conn;
     let start = std::time::Instant::now();
-    let (dst, route, table) = (conn.dst, &conn.route, &conn.table);
-    // The Host is looked at only where it decides something.
-    let svc = match route {
-        Route::Service(s) => match &s.host {
-            Some(h) if request_host(&req).as_deref() != Some(h.as_str()) => None,
-            _ => Some(s.clone()),
-        },
-        Route::ByHost => request_host(&req).and_then(|h| table.by_host(&h, dst.port())),
-        Route::Default => None,
-    };
-    if svc.is_none() && table.default == DefaultPolicy::Deny {
-        let what = request_host(&req).unwrap_or_else(|| dst.to_string());
-        info!(%dst, host = %what, "denied: no service matches and the default is deny");
-        crate::metrics::get().denied("http");
+    let (dst, table) = (conn.dst, &conn.table);
+    if req.method() == http::Method::CONNECT {
+        // A tunnel to wherever the app names would step around every
+        // service's policy; the app's connections are intercepted anyway.
+        info!(%dst, "refused: CONNECT");
         return error_response(
-            StatusCode::FORBIDDEN,
-            &format!("no service matches {what} and the default policy is deny"),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied: the ambassador intercepts connections transparently, connect to the destination directly",
         );
     }
+    let svc = match choose_service(&req, conn).await {
+        Ok(svc) => svc,
+        Err(refused) => return refused,
+    };
     // Nothing is copied for tracing unless it is on.
     let span = crate::trace::enabled()
         .then(|| {
@@ -289,6 +348,7 @@ async fn handle(mut req: Request<Incoming>, conn: &AppConn) -> Response<Body> {
     };
     let finish = Finish {
         who,
+        _in_flight: in_flight,
         start,
         status: resp.status().as_u16(),
         exchange,
@@ -311,6 +371,56 @@ async fn handle(mut req: Request<Incoming>, conn: &AppConn) -> Response<Body> {
             finish.done(full.size_hint().exact().unwrap_or(0));
             Response::from_parts(parts, Either::Right(full))
         }
+    }
+}
+
+/// The service a request belongs to (`None`: no service, under
+/// `passthrough`), or the answer that refuses it: 400 for a request that
+/// names its destination twice, 403 under `deny`, and 403 for a service's
+/// name used toward an address the service does not own.
+async fn choose_service(
+    req: &Request<Incoming>,
+    conn: &AppConn,
+) -> Result<Option<Arc<Service>>, Response<Body>> {
+    let (dst, table) = (conn.dst, &conn.table);
+    let host = target::request_host(req).map_err(|e| {
+        info!(%dst, "refused: {e}");
+        error_response(StatusCode::BAD_REQUEST, &e.to_string())
+    })?;
+    // The Host is looked at only where it decides something.
+    let svc = match &conn.route {
+        Route::Service(s) => match &s.host {
+            Some(h) if host.as_deref() != Some(h.as_str()) => None,
+            _ => Some(s.clone()),
+        },
+        Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
+        Route::Default => None,
+    };
+    match svc {
+        Some(s) if !table.owns(&s, dst.ip()).await => {
+            let name = crate::config::clip(host.as_deref().unwrap_or(""));
+            warn!(%dst, service = %s.name, host = %name, "denied: the request names a service's host toward an address that name does not resolve to");
+            crate::metrics::get().denied("http", "not_owned");
+            Err(error_response(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "{name} (service {}) does not resolve to {}: the request was not sent",
+                    s.name,
+                    dst.ip()
+                ),
+            ))
+        }
+        None if table.default == DefaultPolicy::Deny => {
+            let what =
+                host.map_or_else(|| dst.to_string(), |h| crate::config::clip(&h).into_owned());
+            info!(%dst, host = %what, "denied: no service matches and the default is deny");
+            crate::metrics::get().denied("http", "no_service");
+            Err(error_response(
+                StatusCode::FORBIDDEN,
+                &format!("no service matches {what} and the default policy is deny"),
+            ))
+        }
+        svc => Ok(svc),
     }
 }
 
@@ -377,6 +487,8 @@ impl RequestInfo {
 /// The end of one request: its series, and its access-log line.
 struct Finish {
     who: Who,
+    /// The connection counts the request in flight until this goes.
+    _in_flight: InFlight,
     start: std::time::Instant,
     status: u16,
     exchange: Exchange,
@@ -554,6 +666,17 @@ async fn forward(
     *req.version_mut() = Version::HTTP_11;
     let (mut head, body) = req.into_parts();
     exchange.bytes_in = body.size_hint().exact();
+    if !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && matches!(head.method, http::Method::GET | http::Method::HEAD)
+    {
+        // hyper sends no body of unknown length with these methods unless
+        // the framing is asked for: the app's chunked body would vanish.
+        head.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let policy = svc
         .map(|s| &s.retry)
         .filter(|p| p.enabled() && upgrade.is_none());
@@ -658,6 +781,12 @@ async fn forward(
                     .then(|| retry::Failure::Status(resp.status().as_u16()))
             }
             Err(e) => {
+                if let Some(app) = upstream::AppBodyError::in_chain(e) {
+                    // The app's own request was broken: nothing the
+                    // upstream or its health has to answer for.
+                    info!(service = name, %dst, "{app}");
+                    return error_response(StatusCode::BAD_REQUEST, &app.to_string());
+                }
                 let failure = if e.connect_error().is_some() {
                     // Already tried on every endpoint.
                     None
@@ -821,6 +950,9 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it does.
+/// An upgrade to h2c is never passed on (the headers go as hop-by-hop): once
+/// the upstream switched, every request on that connection would go past
+/// the proxy's per-request policy (h2c is served by prior knowledge).
 fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -832,8 +964,11 @@ fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let proto = req.headers().get(header::UPGRADE).filter(|_| asks)?;
+    let h2c = proto.to_str().map_or(true, |p| {
+        p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
+    });
+    (!h2c).then(|| proto.clone())
 }
 
 /// Relays an upgraded connection's bytes both ways until either side ends.

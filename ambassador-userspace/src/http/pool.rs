@@ -168,7 +168,7 @@ impl H1Pool {
     async fn checkout(&self, key: &Authority) -> Option<(http1::SendRequest<ReqBody>, ConnInfo)> {
         loop {
             let idle = {
-                let mut map = self.idle.lock().ok()?;
+                let mut map = crate::sync::lock(&self.idle);
                 let list = map.get_mut(key)?;
                 let now = Instant::now();
                 let mut found = None;
@@ -223,9 +223,7 @@ impl H1Pool {
         if tx.is_closed() || info.fallback {
             return;
         }
-        let Ok(mut map) = self.idle.lock() else {
-            return;
-        };
+        let mut map = crate::sync::lock(&self.idle);
         let now = Instant::now();
         let usable = |i: &Idle| !i.tx.is_closed() && now.duration_since(i.since) < IDLE_TIMEOUT;
         if map.len() > SWEEP_ABOVE {

@@ -121,7 +121,7 @@ impl HttpClient {
             Some(H1Route::Learned { pool, http1 }) => req
                 .uri()
                 .authority()
-                .is_some_and(|a| lock(http1).get(a) == Some(&true))
+                .is_some_and(|a| crate::sync::lock(http1).get(a) == Some(&true))
                 .then_some(pool),
             None => None,
         };
@@ -138,7 +138,7 @@ impl HttpClient {
                     if let (Some(H1Route::Learned { http1, .. }), Some(a)) =
                         (&self.h1, unsent.uri().authority())
                     {
-                        lock(http1).insert(a.clone(), false);
+                        crate::sync::lock(http1).insert(a.clone(), false);
                     }
                     req = unsent;
                 }
@@ -164,7 +164,7 @@ impl HttpClient {
         if let Some((authority, http1)) = learn
             && response.version() == Version::HTTP_11
         {
-            let mut learned = lock(http1);
+            let mut learned = crate::sync::lock(http1);
             if learned.len() >= MAX_LEARNED {
                 learned.clear();
             }
@@ -197,11 +197,24 @@ fn names_uri_authority(host: &http::HeaderValue, uri: &Uri) -> bool {
     }
 }
 
-/// A lock whose data stays usable if a holder panicked (the learned set: at
-/// worst a request takes hyper-util's client once more; an app connection's
-/// own clients: at worst one is made again).
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The app's request body broke (bad chunked framing, a reset, a stream
+/// error): the app's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body from the app: {0}")]
+pub struct AppBodyError(#[source] pub hyper::Error);
+
+impl AppBodyError {
+    /// Whether this error (or one of its causes) is the app's body failing.
+    pub fn in_chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AppBodyError> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if let Some(b) = c.downcast_ref::<AppBodyError>() {
+                return Some(b);
+            }
+            cause = c.source();
+        }
+        None
+    }
 }
 
 /// The app's request body, streamed upstream and counted on the way.
@@ -218,13 +231,15 @@ impl AppBody {
 
 impl hyper::body::Body for AppBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = AppBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, AppBodyError>>> {
+        let r = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(AppBodyError);
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
@@ -473,16 +488,15 @@ pub struct LastTlsError(Arc<std::sync::Mutex<Option<String>>>);
 
 impl LastTlsError {
     pub fn get(&self) -> Option<String> {
-        self.0.lock().ok()?.clone()
+        crate::sync::lock(&self.0).clone()
     }
 
     fn note(&self, e: &io::Error) {
         tracing::trace!(error = %e, kind = ?e.kind(), "upstream stream error");
         if e.get_ref()
             .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
-            && let Ok(mut slot) = self.0.lock()
         {
-            *slot = Some(tls::reason(e));
+            *crate::sync::lock(&self.0) = Some(tls::reason(e));
         }
     }
 }

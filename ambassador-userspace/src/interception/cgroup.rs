@@ -306,12 +306,29 @@ pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
     None
 }
 
-/// Removes `ambassador-run-<pid>` cgroups whose ambassador is gone (killed
-/// with SIGKILL, so it could not clean up) and that are empty.
-pub fn sweep_stale_runs(mount: &Path) {
+/// The inode of the initial PID namespace (`PROC_PID_INIT_INO`, a kernel
+/// constant): only there do the PIDs in `ambassador-run-<pid>` names mean
+/// the processes this one sees.
+const INIT_PID_NS: u64 = 0xEFFF_FFFC;
+
+fn in_initial_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INIT_PID_NS)
+}
+
+/// Removes the `ambassador-run-<pid>` cgroups whose `ambassador run` is gone
+/// (killed outright, its reaper too, so nothing cleaned up): what is left of
+/// its command tree is killed (the pins kept it from going direct, but its
+/// proxy is gone for good), then the cgroup goes, and with it the links'
+/// hold. Returns the cgroups removed, with their ids (what their pins are
+/// named by). Outside the initial PID namespace a PID says nothing about the
+/// host's processes: only empty cgroups are removed there.
+pub fn sweep_stale_runs(mount: &Path) -> Vec<(PathBuf, u64)> {
     let Ok(entries) = fs::read_dir(mount) else {
-        return;
+        return Vec::new();
     };
+    let pids_are_ours = in_initial_pid_namespace();
+    let mut removed = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(pid) = name
@@ -321,10 +338,20 @@ pub fn sweep_stale_runs(mount: &Path) {
         else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() && procs(&e.path()).is_empty() {
-            let _ = fs::remove_dir(e.path());
+        let gone = pids_are_ours && !Path::new(&format!("/proc/{pid}")).exists();
+        let empty = procs(&e.path()).is_empty();
+        let Ok(id) = cgroup_id(&e.path()) else {
+            continue;
+        };
+        if (gone || (empty && !pids_are_ours))
+            && TransientCgroup::adopt(e.path())
+                .remove(Duration::from_secs(5))
+                .is_ok()
+        {
+            removed.push((e.path(), id));
         }
     }
+    removed
 }
 
 /// A cgroup this process created and removes again.
@@ -344,6 +371,11 @@ impl TransientCgroup {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// One this process did not create (a dead `run`'s, for its reaper).
+    pub fn adopt(path: PathBuf) -> Self {
+        TransientCgroup { path }
     }
 
     /// Kills whatever is left in it (a command's background children) and

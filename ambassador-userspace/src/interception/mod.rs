@@ -438,10 +438,9 @@ pub fn share_maps_with(live: &crate::reload::Live, dir: Option<&std::path::Path>
             }
             let exclusions = std::sync::Mutex::new(maps.exclusions);
             live.set_intercept_hook(Box::new(move |next| {
-                let mut e = exclusions
-                    .lock()
-                    .map_err(|_| "kernel maps lock poisoned".to_string())?;
-                e.write(next).map_err(|e| e.to_string())
+                crate::sync::lock(&exclusions)
+                    .write(next)
+                    .map_err(|e| e.to_string())
             }));
             tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions follow reloads");
         }

@@ -243,6 +243,43 @@ pub fn install(
     Ok(Installed { dir, upgraded })
 }
 
+/// Pins the links `ambassador run` attached to its transient cgroup, so its
+/// command tree stays intercepted (and its fail mode holds) whatever becomes
+/// of the `run` process: `kill -9` included. Removed by `run` at its end, by
+/// its reaper, or by the next `run` or `gc` once the cgroup is gone.
+pub fn pin_links(
+    cgroup_path: &Path,
+    links: &[(&'static str, std::os::fd::OwnedFd)],
+) -> Result<PathBuf, InterceptError> {
+    let id = cgroup::cgroup_id(cgroup_path)?;
+    ensure_bpffs()?;
+    let dir = dir_for(id);
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InterceptError::Pin { path, source }
+    };
+    fs::create_dir_all(&dir).map_err(err(&dir))?;
+    for (name, l) in links {
+        let path = link_path(&dir, name);
+        link::pin(l, &path).map_err(err(&path))?;
+    }
+    Ok(dir)
+}
+
+/// Removes what `ambassador run`s killed outright (their reapers too) left:
+/// their command trees and cgroups, then their pins (a removed cgroup lets
+/// go of its links only later, so the pins are named by the ids).
+pub fn sweep_stale_runs(mount: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (cg, id) in cgroup::sweep_stale_runs(mount) {
+        if let Err(e) = remove_dir(&dir_for(id)) {
+            tracing::warn!("cannot remove the pins of {}: {e}", cg.display());
+        }
+        removed.push(cg);
+    }
+    removed
+}
+
 /// Detaches and unpins everything for `cgroup_path`. Returns false when there
 /// was nothing to remove.
 pub fn uninstall(cgroup_path: &Path) -> Result<bool, InterceptError> {

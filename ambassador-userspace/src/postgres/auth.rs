@@ -66,12 +66,12 @@ impl Credentials {
             match read(&self.path) {
                 Ok(t) => {
                     tracing::info!(file = %self.path.display(), users = t.len(), "credentials file changed: reloaded");
-                    *self.current.lock().expect("credentials lock") = Arc::new(t);
+                    *crate::sync::lock(&self.current) = Arc::new(t);
                 }
                 Err(e) => tracing::warn!("{e}; keeping the previous credentials"),
             }
         }
-        let table = self.current.lock().expect("credentials lock").clone();
+        let table = crate::sync::lock(&self.current).clone();
         table.get(user).cloned()
     }
 }

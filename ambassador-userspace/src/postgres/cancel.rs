@@ -33,7 +33,7 @@ pub struct Registration {
 impl Registry {
     /// A fresh, unguessable (pid, key) for a new session.
     pub fn register(self: &Arc<Self>) -> Registration {
-        let mut sessions = self.sessions.lock().expect("cancel registry lock");
+        let mut sessions = crate::sync::lock(&self.sessions);
         loop {
             // Positive like a real backend pid; the key is the secret part.
             let pid = (rand::random::<u32>() >> 1) as i32;
@@ -50,9 +50,7 @@ impl Registry {
     }
 
     pub fn target(&self, pid: i32, key: i32) -> Option<CancelTarget> {
-        self.sessions
-            .lock()
-            .expect("cancel registry lock")
+        crate::sync::lock(&self.sessions)
             .get(&(pid, key))
             .copied()
             .flatten()
@@ -61,13 +59,7 @@ impl Registry {
 
 impl Registration {
     pub fn set(&self, target: Option<CancelTarget>) {
-        if let Some(t) = self
-            .registry
-            .sessions
-            .lock()
-            .expect("cancel registry lock")
-            .get_mut(&(self.pid, self.key))
-        {
+        if let Some(t) = crate::sync::lock(&self.registry.sessions).get_mut(&(self.pid, self.key)) {
             *t = target;
         }
     }
@@ -75,9 +67,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.registry.sessions.lock() {
-            s.remove(&(self.pid, self.key));
-        }
+        crate::sync::lock(&self.registry.sessions).remove(&(self.pid, self.key));
     }
 }
 

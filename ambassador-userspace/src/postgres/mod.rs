@@ -226,7 +226,7 @@ impl PgService {
 
     /// Every pool's counters.
     pub fn pools(&self) -> Vec<PoolReport> {
-        let pools = self.pools.lock().expect("pools lock");
+        let pools = crate::sync::lock(&self.pools);
         let mut out: Vec<PoolReport> = pools
             .values()
             .map(|p| PoolReport {
@@ -245,7 +245,7 @@ impl PgService {
     }
 
     fn pool_for(self: &Arc<Self>, key: PoolKey) -> Arc<Pool> {
-        let mut pools = self.pools.lock().expect("pools lock");
+        let mut pools = crate::sync::lock(&self.pools);
         if let Some(p) = pools.get(&key) {
             return p.clone();
         }

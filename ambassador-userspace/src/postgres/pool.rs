@@ -143,11 +143,11 @@ impl Pool {
     }
 
     pub fn cached_params(&self) -> Option<Vec<(String, String)>> {
-        self.params.lock().expect("pool params lock").clone()
+        crate::sync::lock(&self.params).clone()
     }
 
     fn take_idle(&self) -> Option<Counted> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = crate::sync::lock(&self.idle);
         // Most recently used first: its TLS session and caches are warm.
         while let Some(mut c) = idle.pop() {
             self.stats.idle.fetch_sub(1, Ordering::Relaxed);
@@ -223,7 +223,7 @@ impl Pool {
         };
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.stats.servers.fetch_add(1, Ordering::Relaxed);
-        let mut params = self.params.lock().expect("pool params lock");
+        let mut params = crate::sync::lock(&self.params);
         if params.is_none() {
             *params = Some(conn.params.clone());
         }
@@ -241,7 +241,7 @@ impl Pool {
         self.stats.in_use.fetch_sub(1, Ordering::Relaxed);
         if reusable {
             self.stats.idle.fetch_add(1, Ordering::Relaxed);
-            self.idle.lock().expect("pool lock").push(lease.conn);
+            crate::sync::lock(&self.idle).push(lease.conn);
         }
     }
 
@@ -262,7 +262,7 @@ impl Pool {
                     match pool.open(&pg).await {
                         Ok(c) => {
                             pool.stats.idle.fetch_add(1, Ordering::Relaxed);
-                            pool.idle.lock().expect("pool lock").push(c);
+                            crate::sync::lock(&pool.idle).push(c);
                             drop(permit);
                             continue;
                         }

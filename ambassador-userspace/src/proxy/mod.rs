@@ -228,6 +228,68 @@ pub fn raise_fd_limit() -> Option<libc::rlimit> {
     Some(old)
 }
 
+/// Keeps the last part of the open-files limit for what must go on working
+/// when app connections pile up: the admin API and its probes, upstream
+/// connects of connections already taken, files. An app connection whose
+/// socket is numbered past the rest is reset at once: the lowest free number
+/// is what accept returns, so a number that high means the ones below are
+/// all in use.
+#[derive(Debug, Clone, Copy)]
+struct FdBudget {
+    last_for_apps: u64,
+}
+
+impl FdBudget {
+    fn now() -> FdBudget {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: lim is a valid out-pointer for getrlimit.
+        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            1024
+        };
+        FdBudget::of(limit)
+    }
+
+    fn of(limit: u64) -> FdBudget {
+        let keep = (limit / 8).clamp(32, 1024);
+        FdBudget {
+            last_for_apps: limit.saturating_sub(keep),
+        }
+    }
+
+    fn allows(&self, fd: i32) -> bool {
+        (fd as u64) < self.last_for_apps
+    }
+}
+
+/// Says at most once a second that app connections are being refused.
+struct Throttled {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Throttled {
+    fn refused(&mut self, budget: FdBudget) {
+        self.since += 1;
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            warn!(
+                refused = self.since,
+                fds_for_apps = budget.last_for_apps,
+                "near the open-files limit: resetting new app connections (raise the limit, or find what holds them)"
+            );
+            self.last = Some(Instant::now());
+            self.since = 0;
+        }
+    }
+}
+
 /// Runs the proxy until `shutdown` turns true, then stops accepting and lets
 /// live connections finish (up to `drain`).
 pub async fn serve(
@@ -247,6 +309,11 @@ pub async fn serve(
     let mut conns = JoinSet::new();
     let v6 = listeners.v6;
     let v4 = listeners.v4;
+    let budget = FdBudget::now();
+    let mut refusals = Throttled {
+        last: None,
+        since: 0,
+    };
     info!(port, ipv6 = v6.is_some(), "proxy listening");
     loop {
         let accepted = tokio::select! {
@@ -256,6 +323,11 @@ pub async fn serve(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         match accepted {
+            Ok((stream, _)) if !budget.allows(std::os::fd::AsRawFd::as_raw_fd(&stream)) => {
+                crate::metrics::get().refused_fd_limit.inc();
+                refusals.refused(budget);
+                relay::reset(&stream);
+            }
             Ok((stream, peer)) => {
                 let ctx = ctx.clone();
                 conns.spawn(async move { ctx.handle(stream, peer).await });
@@ -303,6 +375,7 @@ struct Ctx {
 
 impl Ctx {
     async fn handle(&self, app: TcpStream, peer: SocketAddr) {
+        let accepted = tokio::time::Instant::now();
         let dst = match self.original_destination(&app) {
             Ok(dst) => dst,
             Err(e) => return self.refuse(&app, peer, &e),
@@ -327,10 +400,18 @@ impl Ctx {
                     Route::ByHost => None,
                 };
                 let settings = table.settings.clone();
-                return http::serve(app, dst, route, table, &settings, self.draining.clone()).await;
+                let draining = self.draining.clone();
+                return http::serve(app, accepted, dst, route, table, &settings, draining).await;
             }
             (Route::ByHost, Some(Detected::Tls { sni: Some(name) })) => {
                 if let Some(svc) = table.by_host(name, dst.port()) {
+                    if !table.owns(&svc, dst.ip()).await {
+                        // An allowed name toward any address would be a
+                        // tunnel to anywhere.
+                        warn!(%peer, %dst, service = %svc.name, sni = %name, "denied: TLS names a service's host toward an address that name does not resolve to");
+                        crate::metrics::get().denied("tcp", "not_owned");
+                        return relay::reset(&app);
+                    }
                     // The app does TLS itself: relay its bytes, originate nothing.
                     return self.relay_to_service(app, peer, dst, &svc, false).await;
                 }
@@ -358,7 +439,7 @@ impl Ctx {
             }
             _ if table.default == DefaultPolicy::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
-                crate::metrics::get().denied("tcp");
+                crate::metrics::get().denied("tcp", "no_service");
                 relay::reset(&app);
             }
             _ => self.passthrough(app, peer, dst, &table).await,
@@ -563,5 +644,20 @@ pub async fn connect_upstream(
             Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
             Err(_) => Err(ProxyError::ConnectTimeout(dst)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FdBudget;
+
+    #[test]
+    fn the_last_part_of_the_fd_limit_is_kept_back_from_apps() {
+        // 1024 (a common default): 128 kept; tiny limits keep 32, huge 1024.
+        assert_eq!(FdBudget::of(1024).last_for_apps, 896);
+        assert_eq!(FdBudget::of(128).last_for_apps, 96);
+        assert_eq!(FdBudget::of(20).last_for_apps, 0);
+        assert_eq!(FdBudget::of(1 << 20).last_for_apps, (1 << 20) - 1024);
+        assert!(FdBudget::of(1024).allows(895) && !FdBudget::of(1024).allows(896));
     }
 }

@@ -41,6 +41,8 @@ pub enum ServiceError {
         #[source]
         source: AuthError,
     },
+    #[error("building the service table: {0}")]
+    Build(String),
     #[error("service {service}: {source}")]
     Postgres {
         service: String,
@@ -55,6 +57,8 @@ pub struct Service {
     pub protocol: Protocol,
     /// Requests must also carry this Host (when matched by address too).
     pub host: Option<String>,
+    /// The address block it is matched by, when it is.
+    pub cidr: Option<Cidr>,
     /// Where to go; empty means the original destination.
     pub endpoints: Arc<EndpointSet>,
     /// This service's timeouts and connect behaviour.
@@ -191,6 +195,7 @@ impl Service {
             name: cfg.name.clone(),
             protocol: cfg.protocol,
             host: cfg.matcher.host.clone(),
+            cidr: cfg.matcher.cidr,
             endpoints,
             settings: svc_settings,
             request_timeout: t.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
@@ -258,12 +263,49 @@ pub enum Route {
     Default,
 }
 
+/// The shortest wait between two on-demand lookups of one name.
+const RELOOKUP_EVERY: Duration = Duration::from_secs(1);
+
+/// The addresses `host` resolves to now (bounded in time); `None` when it
+/// does not resolve.
+async fn lookup(host: &str) -> Option<Vec<IpAddr>> {
+    let found =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, 0))).await;
+    match found {
+        Ok(Ok(addrs)) => Some(addrs.map(|a| a.ip()).collect()),
+        _ => None,
+    }
+}
+
+/// Lookups at once when many names are resolved.
+const PARALLEL_LOOKUPS: usize = 32;
+
+/// The addresses a resolved map holds for `host`.
+fn addresses_of(resolved: &HashMap<IpAddr, PortServices>, host: &str) -> Vec<IpAddr> {
+    resolved
+        .iter()
+        .filter(|(_, v)| v.iter().any(|(_, s)| s.host.as_deref() == Some(host)))
+        .map(|(ip, _)| *ip)
+        .collect()
+}
+
+/// Adds `services` to one address's list, each once.
+fn add(entry: &mut PortServices, services: &PortServices) {
+    for (port, svc) in services {
+        if !entry.iter().any(|(p, s)| p == port && Arc::ptr_eq(s, svc)) {
+            entry.push((*port, svc.clone()));
+        }
+    }
+}
+
 /// Services with the port each one is limited to.
 type PortServices = Vec<(Option<u16>, Arc<Service>)>;
 /// Services named by host.
 type HostServices = HashMap<String, PortServices>;
 
 pub struct ServiceTable {
+    /// Every service, in config order.
+    all: Vec<Arc<Service>>,
     by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
     by_host: HostServices,
     /// The addresses the host names resolve to, refreshed in the background,
@@ -278,16 +320,21 @@ pub struct ServiceTable {
     pub settings: Settings,
     /// Series for traffic no service claims (`service="passthrough"`).
     pub passthrough_metrics: crate::metrics::ServiceMetrics,
+    /// When each name was last looked up on demand (an address it did not
+    /// cover), so a stream of such connections costs one lookup a second.
+    relookups: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl ServiceTable {
     pub fn new(cfg: &Config, settings: &Settings) -> Result<ServiceTable, ServiceError> {
         let mut by_addr = Vec::new();
         let mut by_host: HashMap<String, Vec<_>> = HashMap::new();
+        let mut all = Vec::with_capacity(cfg.services.len());
         for (index, sc) in cfg.services.iter().enumerate() {
             let mut svc = Service::new(sc, settings)?;
             svc.index = index;
             let svc = Arc::new(svc);
+            all.push(svc.clone());
             match (&sc.matcher.cidr, &sc.matcher.host) {
                 (Some(cidr), _) => by_addr.push((*cidr, sc.matcher.port, svc)),
                 (None, Some(host)) => by_host
@@ -298,6 +345,7 @@ impl ServiceTable {
             }
         }
         Ok(ServiceTable {
+            all,
             by_addr,
             by_host,
             resolved: Default::default(),
@@ -306,7 +354,69 @@ impl ServiceTable {
             passthrough_connector: UpstreamConnector::new(settings.clone(), None),
             settings: settings.clone(),
             passthrough_metrics: crate::metrics::get().service("passthrough"),
+            relookups: Default::default(),
         })
+    }
+
+    /// Whether a connection the app made to `dst` may go to `svc`: a name
+    /// match must also hold for the address. A service with endpoints sends
+    /// everything to them (its own); one matched by address block owns the
+    /// block; one named only by host owns the addresses that name resolves
+    /// to. Anything else (a Host or SNI naming the service toward another
+    /// address) would carry the service's credentials, or the app's bytes,
+    /// to a destination the config never named.
+    pub async fn owns(&self, svc: &Arc<Service>, dst: IpAddr) -> bool {
+        if !svc.endpoints.is_empty() {
+            return true;
+        }
+        if let Some(c) = &svc.cidr {
+            return c.0.contains(&dst);
+        }
+        let Some(host) = svc.host.as_deref() else {
+            return false;
+        };
+        if self.resolves_to(svc, dst) {
+            return true;
+        }
+        // The app may have resolved the name more recently than we did.
+        self.relookup(host).await && self.resolves_to(svc, dst)
+    }
+
+    fn resolves_to(&self, svc: &Arc<Service>, ip: IpAddr) -> bool {
+        let resolved = crate::sync::read(&self.resolved);
+        resolved
+            .get(&ip)
+            .is_some_and(|v| v.iter().any(|(_, s)| Arc::ptr_eq(s, svc)))
+    }
+
+    /// Looks `host` up again now (at most once a second per name) and adds
+    /// what it resolves to; false when it was looked up too recently.
+    async fn relookup(&self, host: &str) -> bool {
+        {
+            let mut last = crate::sync::lock(&self.relookups);
+            let now = std::time::Instant::now();
+            if last
+                .get(host)
+                .is_some_and(|t| now.duration_since(*t) < RELOOKUP_EVERY)
+            {
+                return false;
+            }
+            if last.len() >= self.by_host.len().max(1) * 2 {
+                last.clear();
+            }
+            last.insert(host.to_string(), now);
+        }
+        let Some(services) = self.by_host.get(host) else {
+            return false;
+        };
+        let Some(ips) = lookup(host).await else {
+            return false;
+        };
+        let mut resolved = crate::sync::write(&self.resolved);
+        for ip in ips {
+            add(resolved.entry(ip).or_default(), services);
+        }
+        true
     }
 
     /// First service (in config order) whose address and port match; else
@@ -320,9 +430,8 @@ impl ServiceTable {
         {
             return Route::Service(svc.clone());
         }
-        if let Ok(resolved) = self.resolved.read()
-            && let Some(named) = resolved.get(&dst.ip())
-        {
+        let resolved = crate::sync::read(&self.resolved);
+        if let Some(named) = resolved.get(&dst.ip()) {
             let mut hits = named.iter().filter(|(p, _)| port_ok(p)).peekable();
             // A TCP service has no Host or SNI to tell it apart: it takes the
             // connection. HTTP and auto services share IPs (virtual hosts):
@@ -346,73 +455,80 @@ impl ServiceTable {
     /// and replaces the address map. A name that does not resolve keeps its
     /// previous addresses until it does.
     pub async fn refresh_names(&self) {
+        let previous = crate::sync::read(&self.resolved).clone();
         let mut next: HashMap<IpAddr, PortServices> = HashMap::new();
-        let previous = self.resolved.read().map(|r| r.clone()).unwrap_or_default();
-        for (host, services) in &self.by_host {
-            let lookup = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                tokio::net::lookup_host((host.as_str(), 0)),
-            )
-            .await;
-            let ips: Vec<IpAddr> = match lookup {
-                Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
-                _ => {
-                    tracing::debug!(%host, "name did not resolve; keeping its last addresses");
-                    previous
-                        .iter()
-                        .filter(|(_, v)| v.iter().any(|(_, s)| s.host.as_deref() == Some(host)))
-                        .map(|(ip, _)| *ip)
-                        .collect()
-                }
+        let mut names = self.by_host.keys();
+        let mut lookups = tokio::task::JoinSet::new();
+        loop {
+            // Many names: a bounded number of lookups at once.
+            while lookups.len() < PARALLEL_LOOKUPS
+                && let Some(host) = names.next()
+            {
+                let host = host.clone();
+                lookups.spawn(async move {
+                    let ips = lookup(&host).await;
+                    (host, ips)
+                });
+            }
+            let Some(done) = lookups.join_next().await else {
+                break;
             };
+            let Ok((host, ips)) = done else { continue };
+            let ips = ips.unwrap_or_else(|| {
+                tracing::debug!(%host, "name did not resolve; keeping its last addresses");
+                addresses_of(&previous, &host)
+            });
+            let services = &self.by_host[&host];
             for ip in ips {
-                let entry = next.entry(ip).or_default();
-                for (port, svc) in services {
-                    if !entry.iter().any(|(p, s)| p == port && Arc::ptr_eq(s, svc)) {
-                        entry.push((*port, svc.clone()));
-                    }
-                }
+                add(next.entry(ip).or_default(), services);
             }
         }
-        if let Ok(mut r) = self.resolved.write() {
-            *r = next;
+        *crate::sync::write(&self.resolved) = next;
+    }
+
+    /// Takes the addresses `previous` (the table this one replaces) knew
+    /// for the names both have, so a reload serves at once and resolves
+    /// again in the background.
+    pub fn adopt_names(&self, previous: &ServiceTable) {
+        let known = crate::sync::read(&previous.resolved);
+        let mut resolved = crate::sync::write(&self.resolved);
+        for (ip, list) in known.iter() {
+            for host in list.iter().filter_map(|(_, s)| s.host.as_deref()) {
+                if let Some(services) = self.by_host.get(host) {
+                    add(resolved.entry(*ip).or_default(), services);
+                }
+            }
         }
     }
 
     /// Every service once, in config order.
-    pub fn services(&self) -> Vec<Arc<Service>> {
-        let all = self
-            .by_addr
-            .iter()
-            .map(|(_, _, s)| s)
-            .chain(self.by_host.values().flatten().map(|(_, s)| s));
-        let mut out: Vec<Arc<Service>> = Vec::new();
-        for svc in all {
-            if !out.iter().any(|s| Arc::ptr_eq(s, svc)) {
-                out.push(svc.clone());
-            }
-        }
-        out.sort_by_key(|s| s.index);
-        out
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.all
     }
 
     /// Starts the active health checks of every service that has them.
     pub fn start_health_checks(&self) {
         for svc in self.services() {
             if let Some(check) = &svc.health_check {
-                crate::endpoint::health::spawn(&svc, check.clone());
+                crate::endpoint::health::spawn(svc, check.clone());
             }
         }
     }
 
-    /// Resolves now, then every `every` in the background.
-    pub async fn keep_names_resolved(self: &Arc<Self>, every: std::time::Duration) {
+    /// Resolves now (or, `at_once` false, first in the background), then
+    /// every `every`.
+    pub async fn keep_names_resolved(self: &Arc<Self>, every: std::time::Duration, at_once: bool) {
         if self.by_host.is_empty() {
             return;
         }
-        self.refresh_names().await;
+        if at_once {
+            self.refresh_names().await;
+        }
         let table = Arc::downgrade(self);
         tokio::spawn(async move {
+            if !at_once && let Some(t) = table.upgrade() {
+                t.refresh_names().await;
+            }
             loop {
                 tokio::time::sleep(every).await;
                 let Some(t) = table.upgrade() else { return };
@@ -432,26 +548,14 @@ impl ServiceTable {
 
     /// The counters of every postgres pool (for `status` views and metrics).
     pub fn postgres_pools(&self) -> Vec<crate::postgres::PoolReport> {
-        let mut seen: Vec<*const Service> = Vec::new();
-        let mut out = Vec::new();
-        let all = self
-            .by_addr
+        self.all
             .iter()
-            .map(|(_, _, s)| s)
-            .chain(self.by_host.values().flatten().map(|(_, s)| s));
-        for svc in all {
-            if seen.contains(&Arc::as_ptr(svc)) {
-                continue;
-            }
-            seen.push(Arc::as_ptr(svc));
-            if let Some(pg) = &svc.postgres {
-                out.extend(pg.pools());
-            }
-        }
-        out
+            .filter_map(|s| s.postgres.as_ref())
+            .flat_map(|pg| pg.pools())
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_addr.is_empty() && self.by_host.is_empty()
+        self.all.is_empty()
     }
 }

@@ -128,14 +128,14 @@ impl TlsOrigin {
             match build(&self.settings, &self.cert_requested) {
                 Ok(c) => {
                     info!(server_name = ?self.server_name, "TLS files changed: reloaded");
-                    *self.current.lock().expect("tls config lock") = Arc::new(c);
+                    *crate::sync::lock(&self.current) = Arc::new(c);
                 }
                 Err(e) => {
                     warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones")
                 }
             }
         }
-        self.current.lock().expect("tls config lock").clone()
+        crate::sync::lock(&self.current).clone()
     }
 
     /// True once the upstream has asked for a client certificate and none is
