@@ -197,7 +197,7 @@ fn register_state(live: Weak<Live>) {
             let Some(live) = live.upgrade() else { return };
             let table = live.table();
             for svc in table.services() {
-                if let Some(pg) = &svc.postgres {
+                if let crate::service::Kind::Postgres(pg) = &svc.kind {
                     postgres_rows(rows, &svc.name, pg);
                 }
                 for ep in svc.endpoints.endpoints() {
@@ -438,7 +438,7 @@ fn status(live: &Live) -> Status {
             .iter()
             .map(|s| ServiceStatus {
                 name: s.name.clone(),
-                protocol: s.protocol,
+                protocol: s.protocol(),
                 requests_in_flight: s.limits.config.max_requests
                     - s.limits.requests.available_permits(),
                 connections_open: s.metrics.active.get(),

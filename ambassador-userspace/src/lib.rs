@@ -3,28 +3,28 @@
 //! The tree follows the data path: [`interception`] (kernel programs, maps,
 //! cgroups, pins) sends an app's connects to the [`proxy`], which asks
 //! [`original_dst`] where each was going and relays it there. [`config`] is the
-//! one file all commands read; [`run`] puts it together for one command.
+//! one file all commands read; [`cmd`] holds the commands.
 
 pub mod access_log;
 pub mod admin;
 pub mod auth;
-pub mod check;
+pub mod cmd;
 pub mod config;
 pub mod endpoint;
+pub mod error;
 pub mod files;
 pub mod http;
 pub mod inject;
 pub mod interception;
 pub mod metrics;
+pub mod net;
 pub mod original_dst;
 pub mod postgres;
-pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod retry;
-pub mod run;
 pub mod service;
-pub mod status;
 pub mod sync;
 pub mod tls;
 pub mod trace;
+pub mod upstream;

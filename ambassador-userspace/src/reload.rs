@@ -23,13 +23,11 @@ use crate::{
     access_log,
     config::Config,
     metrics,
-    proxy::Settings,
+    net::Settings,
     service::{ServiceError, ServiceTable},
 };
 
-/// Applies `intercept` changes to the kernel maps (only where this process
-/// may write them: `ambassador run`).
-pub type InterceptHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
+pub use crate::interception::InterceptHook;
 
 /// What the proxy serves with now.
 pub struct Live {

@@ -21,6 +21,14 @@ so the tests can assert on it. Modes:
                                or OPEN after SECS
   rate HOST PORT SECS RPS      GET / on a new connection RPS times a second
                                for SECS: print REQUESTS n ERRORS e MAX ms
+  pgbig HOST PORT USER DB DECLARED SEND
+                               a PostgreSQL session (startup, then up to
+                               ReadyForQuery), then a Query declared DECLARED
+                               bytes long of which SEND are sent: SENT, then
+                               3 s before closing
+  echo HOST PORT SECS RPS      a new connection RPS times a second for SECS:
+                               read the greeting line, send a line, read its
+                               echo; print CONNS n ERRORS e MAX ms
   loop HOST PORT FILE          forever: connect every 50 ms, append
                                "<CLOCK_MONOTONIC> OK" or "... ERR <errno>" to
                                FILE (first line: "PID <pid>")
@@ -132,6 +140,9 @@ def tls(host, port, sni):
 
 
 def hold(host, port, n, secs, hexbytes):
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     payload = bytes.fromhex(hexbytes)
     conns = []
     for _ in range(int(n)):
@@ -140,6 +151,7 @@ def hold(host, port, n, secs, hexbytes):
             s.sendall(payload)
         s.setblocking(False)
         conns.append(s)
+    print("HELD", flush=True)
     started = time.monotonic()
     deadline = started + float(secs)
     open_ = set(range(len(conns)))
@@ -230,6 +242,61 @@ def rate(host, port, secs, rps):
     print(f"REQUESTS {n} ERRORS {errors} MAX {worst * 1000:.0f}")
 
 
+def pgbig(host, port, user, db, declared, send):
+    import struct
+    s = connect(host, port)
+    params = b"user\0" + user.encode() + b"\0database\0" + db.encode() + b"\0\0"
+    s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    buf, ready = b"", False
+    while not ready:
+        chunk = s.recv(65536)
+        if not chunk:
+            print("CLOSED before ReadyForQuery")
+            return
+        buf += chunk
+        while len(buf) >= 5 and not ready:
+            tag, n = buf[0:1], struct.unpack("!i", buf[1:5])[0]
+            if len(buf) < 1 + n:
+                break
+            if tag == b"E":
+                print("ERROR " + buf[5:1 + n].decode(errors="replace"))
+                return
+            buf, ready = buf[1 + n:], tag == b"Z"
+    s.sendall(b"Q" + struct.pack("!i", int(declared) + 4))
+    chunk = b"x" * 65536
+    left = int(send)
+    while left > 0:
+        s.sendall(chunk[:left])
+        left -= len(chunk[:left])
+    print("SENT", flush=True)
+    time.sleep(3)
+
+
+def echo(host, port, secs, rps):
+    every = 1.0 / float(rps)
+    started = time.monotonic()
+    n = errors = 0
+    worst = 0.0
+    while time.monotonic() - started < float(secs):
+        t = time.monotonic()
+        try:
+            s = connect(host, port)
+            f = s.makefile("rwb")
+            f.readline()
+            f.write(b"soak\n")
+            f.flush()
+            if f.readline().strip() != b"soak":
+                errors += 1
+            s.close()
+        except OSError:
+            errors += 1
+        took = time.monotonic() - t
+        worst = max(worst, took)
+        n += 1
+        time.sleep(max(0.0, every - took))
+    print(f"CONNS {n} ERRORS {errors} MAX {worst * 1000:.0f}")
+
+
 def loop(host, port, path):
     with open(path, "a", buffering=1) as out:
         out.write(f"PID {os.getpid()}\n")
@@ -246,7 +313,7 @@ def loop(host, port, path):
 
 def main():
     mode, args = sys.argv[1], sys.argv[2:]
-    {"raw": raw, "tls": tls, "hold": hold, "loop": loop, "h2": h2, "rate": rate}[mode](*args)
+    {"raw": raw, "tls": tls, "hold": hold, "loop": loop, "h2": h2, "rate": rate, "pgbig": pgbig, "echo": echo}[mode](*args)
 
 
 if __name__ == "__main__":

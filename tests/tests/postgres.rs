@@ -615,3 +615,103 @@ fn direct_tls_with_alpn_postgresql() {
     assert!(e.contains("did not agree to ALPN `postgresql`"), "{e}");
     assert_eq!(no_alpn.events(), ["alpn=none", "closed before a packet"]);
 }
+
+/// The proxy's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_huge_message_streams_through_and_is_never_held_whole() {
+    use std::io::{BufRead, BufReader};
+    let (mut s, _pg) = orders_app();
+    let svc = s.orders_service("orders", "{ mode: transaction }");
+    s.start(&[svc]);
+    let pid = s.pod.proxy_pid().unwrap();
+    let before = rss_kib(pid);
+    // A Query declared 100 MB long, 48 MB of it sent: the server reads it as
+    // it comes; the proxy must not keep it.
+    let mut app = s
+        .pod
+        .app("python3")
+        .arg(workspace().join("tests/clients/hostile.py"))
+        .args([
+            "pgbig",
+            VIP,
+            "5432",
+            "app",
+            "orders",
+            "100000000",
+            "48000000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(app.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "SENT");
+    let grew_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    let _ = app.kill();
+    let _ = app.wait();
+    assert!(
+        grew_mib < 16,
+        "the proxy held {grew_mib} MiB of one message"
+    );
+}
+
+#[test]
+fn a_reload_lets_the_old_pools_server_connections_go() {
+    let (mut s, pg) = orders_app();
+    let (ca, creds) = s.paths();
+    // Each generation names the service anew: a new table, new pools.
+    let config = |generation: &str| {
+        let svc = service(
+            &format!("orders-{generation}"),
+            VIP,
+            &["198.18.0.2:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: transaction }",
+        );
+        format!("services:\n{svc}")
+    };
+    let first = config("a");
+    std::fs::write(&s.pod.config, &first).unwrap();
+    s.pod.start_proxy();
+    let servers = || {
+        pg.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(ok(&psql(&s.pod, "app", "SELECT 1")), "1");
+    assert_eq!(servers(), "1", "one pooled server connection");
+    for (i, name) in ["b", "c", "d"].into_iter().enumerate() {
+        s.pod.rewrite_config(&config(name));
+        s.pod.hup_proxy();
+        let reloaded = Instant::now();
+        while count(&s.pod.proxy_log(), "config reloaded") <= i {
+            assert!(reloaded.elapsed() < Duration::from_secs(10), "no reload");
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(ok(&psql(&s.pod, "app", "SELECT 1")), "1");
+    }
+    // The replaced pools' idle connections are closed, not kept for good.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while servers() != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "server connections kept: {}",
+            servers()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -3,11 +3,12 @@
 //! run checks, finds everything, and says nothing).
 
 mod bench;
-mod bench_failover;
-mod bench_http;
-mod bench_postgres;
 mod demo;
+mod fuzz;
+#[cfg(test)]
+mod layers;
 mod pgo;
+mod soak;
 mod toolchain;
 
 use std::{
@@ -56,6 +57,29 @@ enum Cmd {
         /// no-PGO comparison row).
         #[arg(long)]
         no_pgo: bool,
+        /// Measure the plain release build beside this earlier binary (its rows
+        /// say `baseline`), in the same rounds; implies no PGO build.
+        #[arg(long, value_name = "BINARY")]
+        baseline: Option<PathBuf>,
+    },
+    /// Coverage-guided fuzzing (libFuzzer, via cargo-fuzz) of the parsers that take
+    /// bytes from files, the app or servers; crashes land in fuzz/regressions/,
+    /// which the test suite replays.
+    Fuzz {
+        /// One target (config, http_request, detect, pg_startup, pg_messages); default: all.
+        target: Option<String>,
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Mixed HTTP/TCP/PostgreSQL traffic through one proxy with endpoint kills and
+    /// reloads on a schedule; reports errors, RSS and open files over time (not in CI).
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Soak this binary instead of building the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     #[command(name = "__echo", hide = true)]
     Echo { addr: String, threads: usize },
@@ -74,10 +98,19 @@ fn main() {
         Cmd::Build { pgo: true, .. } => build(true).and_then(|_| pgo::build()).map(|_| ()),
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
-        Cmd::Bench { only, no_pgo } => bench_bins(no_pgo).and_then(|bins| match only {
+        Cmd::Bench {
+            only,
+            no_pgo,
+            baseline,
+        } => bench_bins(no_pgo, baseline).and_then(|bins| match only {
             None => bench::run(&bins),
             Some(s) => bench::run_section(&bins, &s),
         }),
+        Cmd::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),
+        Cmd::Soak { minutes, binary } => match binary {
+            Some(bin) => soak::run(&bin, minutes),
+            None => build(true).and_then(|bin| soak::run(&bin, minutes)),
+        },
         Cmd::Echo { addr, threads } => bench::echo_server(&addr, threads),
         Cmd::Connect {
             addr,
@@ -112,6 +145,24 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Builds the eBPF object and the binary; returns the binary's path.
 fn build(release: bool) -> anyhow::Result<PathBuf> {
+    build_ebpf()?;
+    let root = root();
+    let mut user = Command::new(cargo());
+    user.current_dir(&root)
+        .args(["build", "--package", "ambassador-userspace"]);
+    if release {
+        user.arg("--release");
+    }
+    run_cmd(&mut user).context("building ambassador")?;
+    Ok(root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("ambassador"))
+}
+
+/// The eBPF object (installing its toolchain if missing), which the
+/// userspace crate embeds.
+pub fn build_ebpf() -> anyhow::Result<()> {
     let bpf = toolchain::ensure_bpf()?;
     let root = root();
     let mut ebpf = bpf.cargo();
@@ -126,35 +177,30 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         ])
         .env("CARGO_TARGET_DIR", root.join("target/bpf"))
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
-    run_cmd(&mut ebpf).context("building the eBPF programs")?;
-
-    let mut user = Command::new(cargo());
-    user.current_dir(&root)
-        .args(["build", "--package", "ambassador-userspace"]);
-    if release {
-        user.arg("--release");
-    }
-    run_cmd(&mut user).context("building ambassador")?;
-    Ok(root
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("ambassador"))
+    run_cmd(&mut ebpf).context("building the eBPF programs")
 }
 
 /// The binaries `cargo xtask bench` measures: the PGO build and the plain one
 /// beside it, or the plain one alone.
-fn bench_bins(no_pgo: bool) -> anyhow::Result<bench::Bins> {
+fn bench_bins(no_pgo: bool, baseline: Option<PathBuf>) -> anyhow::Result<bench::Bins> {
     let plain = build(true)?;
-    Ok(if no_pgo {
-        bench::Bins {
+    Ok(match (baseline, no_pgo) {
+        // The current build beside an earlier one, in the same rounds.
+        (Some(b), _) => bench::Bins {
+            main: plain,
+            plain: Some(b),
+            plain_label: "baseline",
+        },
+        (None, true) => bench::Bins {
             main: plain,
             plain: None,
-        }
-    } else {
-        bench::Bins {
+            plain_label: "no PGO",
+        },
+        (None, false) => bench::Bins {
             main: pgo::build()?,
             plain: Some(plain),
-        }
+            plain_label: "no PGO",
+        },
     })
 }
 

@@ -121,13 +121,14 @@ fn train(bin: &Path) -> anyhow::Result<()> {
     let bins = Bins {
         main: bin.to_path_buf(),
         plain: None,
+        plain_label: "no PGO",
     };
     eprintln!("xtask: PGO training: L4");
     bench::train_l4()?;
     eprintln!("xtask: PGO training: HTTP");
-    crate::bench_http::run(&bins, Pass::Train)?;
+    bench::http::run(&bins, Pass::Train)?;
     eprintln!("xtask: PGO training: PostgreSQL");
-    crate::bench_postgres::run(Pass::Train)?;
+    bench::postgres::run(Pass::Train)?;
     Ok(())
 }
 

@@ -6,7 +6,10 @@
 //! marked sensitive (never indexed by HPACK) and never appears in a log, an
 //! error or a `Debug` dump; errors say where a value should have come from.
 
+pub mod error;
 pub mod oauth2;
+
+pub use error::AuthError;
 
 use std::{path::PathBuf, sync::Mutex};
 
@@ -15,25 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::{
     config::service::{HeaderKey, HeaderSource, RequestPolicy, SourceKind},
     files::WatchedFiles,
-    proxy::Settings,
+    net::Settings,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("header {header}: environment variable {var} is not set")]
-    Env { header: String, var: String },
-    #[error("header {header}: cannot read {path}: {source}")]
-    File {
-        header: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("header {header}: the value from {from} is not a valid header value")]
-    Invalid { header: String, from: String },
-    #[error("header {header}: OAuth2: {reason}")]
-    OAuth2 { header: String, reason: String },
-}
 
 /// One header the ambassador sets.
 pub struct Injector {

@@ -15,13 +15,13 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 
-use super::AuthError;
+use super::error::AuthError;
 use crate::{
     config::service::{OAuth2Config, TlsConfig},
     files::WatchedFiles,
-    http::upstream::UpstreamConnector,
-    proxy::Settings,
+    net::Settings,
     tls::TlsOrigin,
+    upstream::UpstreamConnector,
 };
 
 /// Refresh when this share of the lifetime has passed (and at least this

@@ -11,30 +11,44 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tracing::{info, warn};
 
-use super::{Endpoint, resolve};
+use super::{Endpoint, EndpointSet, resolve};
 use crate::{
     config::service::{CheckKind, HealthCheck},
-    proxy::{Settings, connect_upstream},
-    service::Service,
+    net::Settings,
+    tls::TlsOrigin,
 };
 
-/// Runs the checks of `svc` until it is dropped.
-pub fn spawn(svc: &Arc<Service>, check: HealthCheck) {
-    let weak: Weak<Service> = Arc::downgrade(svc);
+/// What checking a service's endpoints needs of the service.
+pub struct Target {
+    pub service: String,
+    /// The checks stop when the service's endpoint set goes (a reload).
+    pub endpoints: Weak<EndpointSet>,
+    pub settings: Settings,
+    pub tls: Option<Arc<TlsOrigin>>,
+    /// The name the upstream knows itself by (`Host`), when not the endpoint's.
+    pub upstream_name: Option<String>,
+}
+
+/// Runs the checks of one service's endpoints while they live.
+pub fn spawn(target: Target, check: HealthCheck) {
+    let target = Arc::new(target);
     tokio::spawn(async move {
         let mut streaks: Vec<(u32, u32)> = Vec::new();
         let mut tick = tokio::time::interval(check.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Some(svc) = weak.upgrade() else { return };
-            let eps: Vec<Arc<Endpoint>> = svc.endpoints.endpoints().to_vec();
+            let Some(set) = target.endpoints.upgrade() else {
+                return;
+            };
+            let eps: Vec<Arc<Endpoint>> = set.endpoints().to_vec();
+            drop(set);
             streaks.resize(eps.len(), (0, 0));
             // Side by side: a slow endpoint must not delay the others' checks.
             let mut probes = tokio::task::JoinSet::new();
             for (i, ep) in eps.iter().enumerate() {
-                let (svc, ep, check) = (svc.clone(), ep.clone(), check.clone());
-                probes.spawn(async move { (i, probe(&svc, &ep, &check).await) });
+                let (t, ep, check) = (target.clone(), ep.clone(), check.clone());
+                probes.spawn(async move { (i, probe(&t, &ep, &check).await) });
             }
             let mut results = vec![false; eps.len()];
             while let Some(Ok((i, ok))) = probes.join_next().await {
@@ -46,14 +60,14 @@ pub fn spawn(svc: &Arc<Service>, check: HealthCheck) {
                     *fails = 0;
                     if ep.is_down() && *passes >= check.healthy_threshold {
                         ep.set_down(false);
-                        info!(service = %svc.name, endpoint = %ep.address, "health check passing again: endpoint back in");
+                        info!(service = %target.service, endpoint = %ep.address, "health check passing again: endpoint back in");
                     }
                 } else {
                     *fails += 1;
                     *passes = 0;
                     if !ep.is_down() && *fails >= check.unhealthy_threshold {
                         ep.set_down(true);
-                        warn!(service = %svc.name, endpoint = %ep.address, "health check failing: endpoint marked down");
+                        warn!(service = %target.service, endpoint = %ep.address, "health check failing: endpoint marked down");
                     }
                 }
             }
@@ -62,12 +76,12 @@ pub fn spawn(svc: &Arc<Service>, check: HealthCheck) {
 }
 
 /// One check of one endpoint, bounded by the check's timeout.
-async fn probe(svc: &Service, ep: &Endpoint, check: &HealthCheck) -> bool {
+async fn probe(svc: &Target, ep: &Endpoint, check: &HealthCheck) -> bool {
     let run = async {
         let addr = resolve(&ep.address.host, ep.address.port).await.ok()?;
         let mut settings: Settings = svc.settings.clone();
         settings.connect_timeout = check.timeout;
-        let tcp = connect_upstream(addr, &settings).await.ok()?;
+        let tcp = crate::net::connect(addr, &settings).await.ok()?;
         match (&svc.tls, &check.kind) {
             (None, CheckKind::Tcp) => Some(true),
             (Some(tls), CheckKind::Tcp) => Some(tls.connect(tcp).await.is_ok()),
@@ -88,7 +102,7 @@ async fn probe(svc: &Service, ep: &Endpoint, check: &HealthCheck) -> bool {
 
 async fn http_get<T>(
     io: TokioIo<T>,
-    svc: &Service,
+    svc: &Target,
     ep: &Endpoint,
     path: &str,
     expect: u16,

@@ -22,7 +22,7 @@ use tracing::warn;
 
 use crate::{
     config::service::{Balance, EndpointConfig, HostPort, Outlier},
-    proxy::{ProxyError, Settings, connect_upstream},
+    net::{ConnectError as NetError, Settings},
 };
 
 /// No endpoint could be connected to.
@@ -31,14 +31,14 @@ pub enum EndpointError {
     #[error("cannot resolve {host}: {reason}")]
     Resolve { host: String, reason: String },
     #[error(transparent)]
-    Connect(#[from] ProxyError),
+    Connect(#[from] NetError),
     #[error("no endpoint left to try")]
     Exhausted,
 }
 
 impl EndpointError {
     pub fn is_timeout(&self) -> bool {
-        matches!(self, EndpointError::Connect(ProxyError::ConnectTimeout(_)))
+        matches!(self, EndpointError::Connect(NetError::Timeout(_)))
     }
 }
 
@@ -85,7 +85,7 @@ impl EndpointSet {
             let ep = &picked.endpoint;
             let attempt = async {
                 let addr = resolve(&ep.address.host, ep.address.port).await?;
-                let tcp = connect_upstream(addr, settings).await?;
+                let tcp = crate::net::connect(addr, settings).await?;
                 Ok::<_, EndpointError>((tcp, addr))
             };
             let result = match attempt.await {

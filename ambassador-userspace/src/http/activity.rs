@@ -3,7 +3,10 @@
 //! idle, HTTP/2 included, where hyper has neither timer.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -65,6 +68,22 @@ impl Activity {
                 tokio::time::sleep(idle).await;
             }
         }
+    }
+}
+
+/// A request in flight on its app connection, until its response ends.
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    pub fn new(activity: &Arc<Activity>) -> InFlight {
+        activity.start();
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 

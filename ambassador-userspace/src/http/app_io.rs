@@ -43,7 +43,7 @@ impl AppIo {
 impl Drop for AppIo {
     fn drop(&mut self) {
         if self.abort.load(Ordering::Relaxed) {
-            crate::proxy::relay::reset(&self.stream);
+            crate::net::reset(&self.stream);
         }
     }
 }

@@ -9,7 +9,7 @@ use aya_log::EbpfLogger;
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::warn;
 
-use super::{InterceptError, link, pins};
+use super::{error::InterceptError, link, pins};
 
 /// Re-emits aya-log records as tracing events with a target of our own (the
 /// programs' module path, `ambassador`, would also match our userspace targets).

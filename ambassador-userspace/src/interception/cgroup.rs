@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::InterceptError;
+use super::error::InterceptError;
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 

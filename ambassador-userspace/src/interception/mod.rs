@@ -4,486 +4,61 @@
 
 pub mod bpf_log;
 pub mod cgroup;
+pub mod error;
 pub mod link;
+pub mod load;
 pub mod pins;
 
-use std::{
-    fs::File,
-    os::fd::{AsFd, OwnedFd},
-    path::{Path, PathBuf},
+use std::path::Path;
+
+pub use error::InterceptError;
+pub use load::{
+    ConnTable, LoadOptions, attach, check_environment, configure, counters_into_metrics, load,
+    no_counters_in_metrics, raise_memlock, read_counters, set_accelerate, take_tables,
 };
 
-use ambassador_common::{
-    Config as KernelConfig, ConnKey, NO_UID, OrigDst, counter, maps as m, programs as p,
-};
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::Program,
-};
-use ipnet::IpNet;
+use crate::config::Config;
 
-use crate::config::{Config, FailMode};
-
-/// The compiled programs, built by `cargo xtask build` and embedded.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("AMBASSADOR_BPF_OBJECT"));
-
-/// Minimum kernel: cgroup getpeername hooks and CAP_BPF arrived in 5.8.
-const MIN_KERNEL: (u32, u32) = (5, 8);
-
-/// What went wrong on the kernel side. Never retryable by the proxy; each
-/// message says what to check.
-#[derive(Debug, thiserror::Error)]
-pub enum InterceptError {
-    #[error(
-        "must run as root (with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or CAP_SYS_ADMIN) to load eBPF programs"
-    )]
-    NotRoot,
-    #[error(
-        "cgroup v2 is not mounted (no cgroup2 entry in /proc/mounts): is the node on cgroup v2?"
-    )]
-    NoCgroup2,
-    #[error("cgroup {0} does not exist: pass the Pod's cgroup directory under the cgroup2 mount")]
-    NoSuchCgroup(PathBuf),
-    #[error("{0} is not in a cgroup v2 hierarchy: is the Pod's cgroup v2 mounted there?")]
-    NotCgroup2(PathBuf),
-    #[error("cannot find the Pod's cgroup: {0}")]
-    PodCgroup(String),
-    #[error(
-        "no bpffs at /sys/fs/bpf: mount one on the node and give it to the init container as a \
-         hostPath volume (a bpffs mounted inside the container would vanish with it, and the \
-         interception along)"
-    )]
-    NoBpffs,
-    #[error("nothing is installed at {0}: run `ambassador init --cgroup` first")]
-    NotInstalled(PathBuf),
-    #[error("kernel {found} is too old: ambassador needs Linux 5.8 or newer")]
-    KernelTooOld { found: String },
-    #[error("{what}: {source}")]
-    Environment {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot load the eBPF object: {0} (does the kernel have CONFIG_CGROUP_BPF and BTF?)")]
-    Load(#[source] Box<aya::EbpfError>),
-    #[error("eBPF program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("pin {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl InterceptError {
-    fn program(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Self {
-        move |e| InterceptError::Program {
-            name,
-            source: Box::new(e),
-        }
-    }
-    fn map(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
-        move |e| InterceptError::Map {
-            name,
-            source: Box::new(e),
-        }
-    }
-}
-
-/// Checks what every loading command needs, with a message naming what is missing.
-pub fn check_environment() -> Result<(), InterceptError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(InterceptError::NotRoot);
-    }
-    let (release, version) = kernel_version();
-    if version < MIN_KERNEL {
-        return Err(InterceptError::KernelTooOld { found: release });
-    }
-    cgroup::cgroup2_mount()?;
-    Ok(())
-}
-
-/// The running kernel's release string and (major, minor).
-fn kernel_version() -> (String, (u32, u32)) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim().to_string();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse::<u32>().ok());
-    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (release, version)
-}
-
-/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, which
-/// container runtimes often leave at 64 KiB; later ones charge the memory
-/// cgroup and ignore it. Raising the hard limit needs CAP_SYS_RESOURCE; without
-/// it the soft limit still goes up to the hard one.
-pub fn raise_memlock() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain syscalls on a valid rlimit struct.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 {
-            return;
-        }
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
-            if kernel_version().1 < (5, 11) && lim.rlim_max != libc::RLIM_INFINITY {
-                tracing::warn!(
-                    "RLIMIT_MEMLOCK is {} KiB and this kernel charges eBPF maps to it: if loading \
-                     fails, give the init container CAP_SYS_RESOURCE",
-                    lim.rlim_max / 1024
-                );
-            }
-        }
-    }
-}
-
-/// How the programs are loaded.
-pub struct LoadOptions<'a> {
-    /// Pin (or reuse pinned) maps here; `None` keeps them private to this process.
-    pub pin_dir: Option<&'a Path>,
-    pub table_size: u32,
-    /// aya-log level for the programs (0 off .. 5 trace); fixed at load.
-    pub log_level: u8,
-}
-
-/// Loads the object: maps created (or reopened from pins), programs verified,
-/// nothing attached yet.
-pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
-    let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(m::COOKIES, opts.table_size)
-        .map_max_entries(m::CONNS, opts.table_size)
-        .override_global(aya_log::LEVEL, &opts.log_level, false);
-    let pin_paths: Vec<(&'static str, PathBuf)> = match opts.pin_dir {
-        Some(dir) => m::PINNED.iter().map(|n| (*n, dir.join(n))).collect(),
-        None => Vec::new(),
-    };
-    for (name, path) in &pin_paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut bpf = loader
-        .load(OBJECT)
-        .map_err(|e| InterceptError::Load(Box::new(e)))?;
-    for name in p::ALL.into_iter().chain([p::ACCEL]) {
-        let prog = bpf
-            .program_mut(name)
-            .ok_or_else(|| InterceptError::Program {
-                name,
-                source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-            })?;
-        match prog {
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::SockOps(p) => p.load(),
-            Program::CgroupSockopt(p) => p.load(),
-            Program::SkMsg(p) => p.load(),
-            _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
-        }
-        .map_err(InterceptError::program(name))?;
-    }
-    Ok(bpf)
-}
-
-/// Writes the config map and the exclusion maps; entries no longer configured
-/// are removed, so this also updates pinned maps in place.
-pub fn configure(
-    bpf: &mut Ebpf,
-    cfg: &Config,
-    proxy_port: u16,
-    proxy_uid: Option<u32>,
-) -> Result<(), InterceptError> {
-    let kcfg = KernelConfig {
-        proxy_port,
-        fail_open: u8::from(cfg.intercept.fail == FailMode::Open),
-        loopback: u8::from(cfg.intercept.loopback),
-        proxy_uid: proxy_uid.unwrap_or(NO_UID),
-        proxy_mark: cfg.proxy.mark.unwrap_or(0),
-        accelerate: u8::from(cfg.intercept.accelerate),
-        _pad: [0; 3],
-    };
-    excluded_ports(&mut map_mut(bpf, m::EXCLUDE_PORTS)?, cfg)?;
-    excluded_v4(&mut map_mut(bpf, m::EXCLUDE_V4)?, cfg)?;
-    excluded_v6(&mut map_mut(bpf, m::EXCLUDE_V6)?, cfg)?;
-    // The config entry goes last: until it is written the programs touch nothing.
-    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
-    conf.set(0, kcfg, 0)
-        .map_err(InterceptError::map(m::CONFIG))?;
-    Ok(())
-}
-
-/// Turns the sk_msg shortcut on or off in the config map (off where it
-/// cannot be attached, so no socket joins a sockhash for nothing).
-pub fn set_accelerate(bpf: &mut Ebpf, on: bool) -> Result<(), InterceptError> {
-    let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
-    let mut k = conf.get(&0, 0).map_err(InterceptError::map(m::CONFIG))?;
-    k.accelerate = u8::from(on);
-    conf.set(0, k, 0).map_err(InterceptError::map(m::CONFIG))
-}
-
-/// Makes the exclusion maps say what `cfg.intercept` says (stale entries
-/// removed): at `init` on the loaded object, and on reload by a proxy that
-/// may open its Pod's maps.
-pub fn write_exclusions<T: std::borrow::BorrowMut<MapData>>(
-    ports: &mut HashMap<T, u16, u8>,
-    v4: &mut LpmTrie<T, [u8; 4], u8>,
-    v6: &mut LpmTrie<T, [u8; 16], u8>,
-    cfg: &Config,
-) -> Result<(), InterceptError> {
-    excluded_ports(ports, cfg)?;
-    excluded_v4(v4, cfg)?;
-    excluded_v6(v6, cfg)
-}
-
-fn excluded_ports<T: std::borrow::BorrowMut<MapData>>(
-    ports: &mut HashMap<T, u16, u8>,
-    cfg: &Config,
-) -> Result<(), InterceptError> {
-    let stale: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        ports
-            .remove(&k)
-            .map_err(InterceptError::map(m::EXCLUDE_PORTS))?;
-    }
-    for port in &cfg.intercept.exclude_ports {
-        ports
-            .insert(port, 1, 0)
-            .map_err(InterceptError::map(m::EXCLUDE_PORTS))?;
-    }
-    Ok(())
-}
-
-fn excluded_v4<T: std::borrow::BorrowMut<MapData>>(
-    v4: &mut LpmTrie<T, [u8; 4], u8>,
-    cfg: &Config,
-) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        v4.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V4))?;
-    }
-    for c in &cfg.intercept.exclude_cidrs {
-        if let IpNet::V4(n) = c.0 {
-            v4.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
-                .map_err(InterceptError::map(m::EXCLUDE_V4))?;
-        }
-    }
-    Ok(())
-}
-
-fn excluded_v6<T: std::borrow::BorrowMut<MapData>>(
-    v6: &mut LpmTrie<T, [u8; 16], u8>,
-    cfg: &Config,
-) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        v6.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V6))?;
-    }
-    for c in &cfg.intercept.exclude_cidrs {
-        if let IpNet::V6(n) = c.0 {
-            v6.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
-                .map_err(InterceptError::map(m::EXCLUDE_V6))?;
-        }
-    }
-    Ok(())
-}
-
-fn map_mut<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<T, InterceptError>
-where
-    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = bpf.map_mut(name).ok_or_else(|| InterceptError::Map {
-        name,
-        source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
-    })?;
-    T::try_from(map).map_err(InterceptError::map(name))
-}
-
-/// Attaches every program to `cgroup` and returns the links: dropping one
-/// detaches it, pinning it keeps it. bpf_links coexist with other cgroup
-/// programs (Cilium's, say) on the same hooks.
-pub fn attach(
-    bpf: &mut Ebpf,
-    cgroup: &File,
-) -> Result<Vec<(&'static str, OwnedFd)>, InterceptError> {
-    use link::AttachType as A;
-    let hooks = [
-        (p::CONNECT4, A::Inet4Connect),
-        (p::CONNECT6, A::Inet6Connect),
-        (p::SOCKOPS, A::SockOps),
-        (p::GETSOCKOPT, A::GetSockopt),
-        (p::GETPEERNAME4, A::Inet4GetPeerName),
-        (p::GETPEERNAME6, A::Inet6GetPeerName),
-    ];
-    let mut links = Vec::with_capacity(hooks.len());
-    for (name, at) in hooks {
-        let prog = bpf.program(name).ok_or(InterceptError::Program {
-            name,
-            source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-        })?;
-        let fd = prog.fd().map_err(InterceptError::program(name))?;
-        let l = link::create(fd.as_fd(), cgroup.as_fd(), at).map_err(|source| {
-            InterceptError::Environment {
-                what: format!(
-                    "cannot attach {name} to the cgroup (is cgroup BPF enabled in this kernel?)"
-                ),
-                source,
-            }
-        })?;
-        links.push((name, l));
-    }
-    Ok(links)
-}
-
-/// Attaches the sk_msg program to the sockhash of the app's and the proxy's
-/// sockets, as a bpf_link (kernel 6.10+), or, given the link pinned by an
-/// earlier `init`, moves that link to the new program (a sockhash takes one
-/// sk_msg program, and the sockets in it stay). `Ok(None)`: the kernel has
-/// no sockmap links, so bytes keep to the TCP path; the caller says so.
-pub fn attach_accel(
-    bpf: &Ebpf,
-    existing: Option<&OwnedFd>,
-) -> Result<Option<OwnedFd>, InterceptError> {
-    let prog = bpf.program(p::ACCEL).ok_or(InterceptError::Program {
-        name: p::ACCEL,
-        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
-    })?;
-    let prog_fd = prog.fd().map_err(InterceptError::program(p::ACCEL))?;
-    if let Some(link) = existing {
-        link::update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
-            InterceptError::Environment {
-                what: format!(
-                    "cannot move the pinned {} link to the new program",
-                    p::ACCEL
-                ),
-                source,
-            }
-        })?;
-        return Ok(None);
-    }
-    let socks = match bpf.map(m::SOCKS) {
-        Some(aya::maps::Map::SockHash(d)) => d,
-        _ => {
-            return Err(InterceptError::Map {
-                name: m::SOCKS,
-                source: Box::new(aya::maps::MapError::InvalidName {
-                    name: m::SOCKS.into(),
-                }),
-            });
-        }
-    };
-    match link::create_for_map(
-        prog_fd.as_fd(),
-        socks.fd().as_fd(),
-        link::AttachType::SkMsgVerdict,
-    ) {
-        Ok(l) => Ok(Some(l)),
-        // Sockmap links came in 6.10; older kernels answer EINVAL.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
-        Err(source) => Err(InterceptError::Environment {
-            what: format!("cannot attach {} to the {} map", p::ACCEL, m::SOCKS),
-            source,
-        }),
-    }
-}
-
-/// Serves these counters at every `/metrics` scrape.
-pub fn counters_into_metrics(counters: std::sync::Arc<PerCpuArray<MapData, u64>>) {
-    crate::metrics::get().state().set(
-        "kernel",
-        Box::new(move |rows| rows.kernel = read_counters(&counters)),
-    );
-}
-
-/// Says once why `/metrics` has no kernel counters.
-pub fn no_counters_in_metrics(why: &str) {
-    tracing::info!("kernel counters are not in /metrics: {why}");
-}
+/// Applies a reloaded file's `intercept` exclusions to the kernel maps
+/// (only where this process may write them).
+pub type InterceptHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
 /// Gives a proxy what it may use of its Pod's maps: the counters for
 /// `/metrics`, and the exclusion maps for reloads. From `dir` (the shared
 /// `pod-<uid>` directory) when given, else from the pins of its own cgroup
-/// when this process may read them.
-pub fn share_maps_with(live: &crate::reload::Live, dir: Option<&std::path::Path>) {
+/// when this process may read them. Returns the hook that applies a
+/// reloaded file's exclusions to them, for the caller to install.
+pub fn share_maps(dir: Option<&Path>, current: &Config) -> Option<InterceptHook> {
     let Some(dir) = dir else {
         match pins::own_counters() {
             Ok(counters) => counters_into_metrics(std::sync::Arc::new(counters)),
             Err(e) => no_counters_in_metrics(&e),
         }
-        return;
+        return None;
     };
     match pins::SharedMaps::open(dir) {
         Ok(mut maps) => {
             counters_into_metrics(std::sync::Arc::new(maps.counters));
             // From now on the proxy's view is the kernel's: its exclusions
             // (the file's and the command line's) go in at once.
-            if let Err(e) = maps.exclusions.write(&live.config()) {
+            if let Err(e) = maps.exclusions.write(current) {
                 tracing::warn!("writing the exclusions to the Pod's maps: {e}");
             }
             let exclusions = std::sync::Mutex::new(maps.exclusions);
-            live.set_intercept_hook(Box::new(move |next| {
+            tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions follow reloads");
+            Some(Box::new(move |next: &Config| {
                 crate::sync::lock(&exclusions)
                     .write(next)
                     .map_err(|e| e.to_string())
-            }));
-            tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions follow reloads");
+            }))
         }
-        Err(e) => tracing::warn!(
-            dir = %dir.display(),
-            "cannot open the Pod's shared kernel maps ({e}; did init run with --pod-uid, and is the directory mounted?): \
-             no kernel counters in /metrics, and intercept changes wait for init"
-        ),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "cannot open the Pod's shared kernel maps ({e}; did init run with --pod-uid, and is the directory mounted?): \
+                 no kernel counters in /metrics, and intercept changes wait for init"
+            );
+            None
+        }
     }
-}
-
-/// Sums the per-CPU counters: (name, value) in `counter::NAMES` order.
-pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, u64)> {
-    (0..counter::COUNT)
-        .map(|i| {
-            let total = map.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-            (counter::NAMES[i as usize], total)
-        })
-        .collect()
-}
-
-/// The original-destination table as the proxy reads it when it owns the maps
-/// (`ambassador run`), instead of asking the kernel through getsockopt.
-pub type ConnTable = HashMap<MapData, ConnKey, OrigDst>;
-
-/// Takes the counters and the connection table out of a loaded object.
-pub fn take_tables(
-    bpf: &mut Ebpf,
-) -> Result<(PerCpuArray<MapData, u64>, ConnTable), InterceptError> {
-    let counters = bpf.take_map(m::COUNTERS).ok_or(InterceptError::Map {
-        name: m::COUNTERS,
-        source: Box::new(aya::maps::MapError::InvalidName {
-            name: m::COUNTERS.into(),
-        }),
-    })?;
-    let conns = bpf.take_map(m::CONNS).ok_or(InterceptError::Map {
-        name: m::CONNS,
-        source: Box::new(aya::maps::MapError::InvalidName {
-            name: m::CONNS.into(),
-        }),
-    })?;
-    Ok((
-        PerCpuArray::try_from(counters).map_err(InterceptError::map(m::COUNTERS))?,
-        ConnTable::try_from(conns).map_err(InterceptError::map(m::CONNS))?,
-    ))
 }

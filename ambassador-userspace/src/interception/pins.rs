@@ -13,7 +13,15 @@ use std::{
 use ambassador_common::{Config as KernelConfig, ConnKey, OrigDst, maps as m, programs as p};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 
-use super::{InterceptError, LoadOptions, attach, cgroup, configure, link, load, read_counters};
+use super::{
+    cgroup,
+    error::InterceptError,
+    link,
+    load::{
+        LoadOptions, attach, attach_accel, configure, load, read_counters, set_accelerate,
+        write_exclusions,
+    },
+};
 use crate::config::Config;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -226,7 +234,7 @@ pub fn install(
     // to the new program, or made and pinned the first time.
     let accel_path = link_path(&dir, p::ACCEL);
     let existing = link::open_pinned(&accel_path).ok().flatten();
-    match super::attach_accel(&bpf, existing.as_ref())? {
+    match attach_accel(&bpf, existing.as_ref())? {
         Some(l) => link::pin(&l, &accel_path).map_err(|source| InterceptError::Pin {
             path: accel_path.clone(),
             source,
@@ -236,7 +244,7 @@ pub fn install(
                 "this kernel cannot attach sk_msg programs with a bpf_link (Linux 6.10+): \
                  app<->proxy bytes take the loopback TCP path"
             );
-            super::set_accelerate(&mut bpf, false)?;
+            set_accelerate(&mut bpf, false)?;
         }
         None => {}
     }
@@ -549,6 +557,6 @@ impl SharedMaps {
 
 impl Exclusions {
     pub fn write(&mut self, cfg: &Config) -> Result<(), InterceptError> {
-        super::write_exclusions(&mut self.ports, &mut self.v4, &mut self.v6, cfg)
+        write_exclusions(&mut self.ports, &mut self.v4, &mut self.v6, cfg)
     }
 }

@@ -13,248 +13,28 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod error;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+pub mod service;
 
-use std::{
-    collections::HashMap,
-    io,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+pub use error::{PgError, PgSetupError};
+pub use pool::PoolSnapshot;
+pub use service::{PgService, PoolReport};
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
-    sync::Semaphore,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::{
-    config::service::{PoolConfig, PoolMode, PostgresConfig, TargetRole, TlsConfig},
-    endpoint::EndpointSet,
-    proxy::{Origin, Settings},
-    tls::{TlsError, TlsOrigin},
-};
-use auth::{Credentials, CredentialsError};
-pub use pool::PoolSnapshot;
+use crate::{config::service::PoolMode, error::Classified};
 use pool::{Lease, Pool, PoolKey};
 use protocol::{Severity, Startup};
-
-/// A PostgreSQL session that could not go on, classified; the app gets it as
-/// an ErrorResponse with [`PgError::sqlstate`].
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    #[error("bad startup from the app: {0}")]
-    AppProtocol(#[source] io::Error),
-    #[error(
-        "user \"{user}\" is not allowed through the ambassador for service {service} (no credentials for it)"
-    )]
-    UnknownUser { user: String, service: String },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("too many clients for service {service} (postgres.pool.max_clients {max})")]
-    TooManyClients { service: String, max: usize },
-    #[error(
-        "service {service}: no server connection free for {pool} within {timeout:?} (postgres.pool.size {size})"
-    )]
-    PoolExhausted {
-        service: String,
-        pool: String,
-        timeout: Duration,
-        size: usize,
-    },
-    #[error("cannot reach the server: {0}")]
-    Connect(String),
-    #[error("server {addr} does not support TLS: refusing to continue in plaintext")]
-    NoTls { addr: SocketAddr },
-    #[error("TLS with server {addr} failed: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
-    #[error("server {addr} refused the login: {message}")]
-    ServerRefused {
-        addr: SocketAddr,
-        code: String,
-        message: String,
-    },
-    #[error("server {addr} asks for {method} authentication, which the ambassador does not do")]
-    AuthMethod { addr: SocketAddr, method: String },
-    #[error("SCRAM authentication with server {addr} failed: {reason}")]
-    Scram { addr: SocketAddr, reason: String },
-    #[error("service {service}: no endpoint is a reachable read-write server ({reasons})")]
-    NoServerWithRole { service: String, reasons: String },
-    #[error("server connection to {addr} failed: {source}")]
-    ServerIo {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("server connection to {addr} lost")]
-    ServerLost { addr: SocketAddr },
-}
-
-impl PgError {
-    pub fn origin(&self) -> Origin {
-        match self {
-            PgError::AppProtocol(_)
-            | PgError::UnknownUser { .. }
-            | PgError::Unsupported(_)
-            | PgError::TooManyClients { .. } => Origin::App,
-            PgError::PoolExhausted { .. } => Origin::Internal,
-            _ => Origin::Upstream,
-        }
-    }
-
-    /// Whether the app trying again later could succeed.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            PgError::TooManyClients { .. }
-                | PgError::PoolExhausted { .. }
-                | PgError::Connect(_)
-                | PgError::NoServerWithRole { .. }
-                | PgError::ServerIo { .. }
-                | PgError::ServerLost { .. }
-        )
-    }
-
-    /// The server's fault (unreachable, bad TLS, broken stream): the next
-    /// endpoint may do better. A refused login is an answer, not a fault.
-    pub fn server_fault(&self) -> bool {
-        matches!(
-            self,
-            PgError::Connect(_)
-                | PgError::NoTls { .. }
-                | PgError::Tls { .. }
-                | PgError::ServerIo { .. }
-                | PgError::ServerLost { .. }
-        )
-    }
-
-    pub fn sqlstate(&self) -> &str {
-        match self {
-            PgError::AppProtocol(_) => "08P01",
-            PgError::UnknownUser { .. } | PgError::AuthMethod { .. } | PgError::Scram { .. } => {
-                "28000"
-            }
-            PgError::Unsupported(_) => "0A000",
-            PgError::TooManyClients { .. } | PgError::PoolExhausted { .. } => "53300",
-            PgError::ServerRefused { code, .. } if !code.is_empty() => code,
-            PgError::ServerRefused { .. } => "28000",
-            PgError::ServerIo { .. } | PgError::ServerLost { .. } => "08006",
-            _ => "08001",
-        }
-    }
-}
-
-/// A postgres service that cannot be built.
-#[derive(Debug, thiserror::Error)]
-pub enum PgSetupError {
-    #[error(transparent)]
-    Credentials(#[from] CredentialsError),
-    #[error("TLS: {0}")]
-    Tls(#[from] TlsError),
-}
-
-/// One postgres service, ready for sessions.
-pub struct PgService {
-    pub name: String,
-    pub endpoints: Arc<EndpointSet>,
-    pub settings: Settings,
-    pub tls: Option<TlsOrigin>,
-    pub direct_tls: bool,
-    pub target: TargetRole,
-    pub pool: PoolConfig,
-    pub credentials: Credentials,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    clients: Arc<Semaphore>,
-    cancels: Arc<cancel::Registry>,
-}
-
-impl std::fmt::Debug for PgService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgService")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What `status` views and metrics show of one pool.
-#[derive(Debug, Clone)]
-pub struct PoolReport {
-    pub service: String,
-    pub pool: String,
-    pub stats: PoolSnapshot,
-}
-
-impl PgService {
-    pub fn new(
-        name: &str,
-        cfg: &PostgresConfig,
-        tls: Option<&TlsConfig>,
-        default_name: Option<&str>,
-        target: Option<TargetRole>,
-        endpoints: Arc<EndpointSet>,
-        settings: Settings,
-    ) -> Result<PgService, PgSetupError> {
-        let tls = match tls {
-            Some(t) => {
-                // libpq 17 offers ALPN `postgresql` on every TLS connection;
-                // older servers ignore it, direct TLS requires it.
-                let mut t = t.clone();
-                t.alpn = vec!["postgresql".into()];
-                Some(TlsOrigin::new(name, &t, default_name)?)
-            }
-            None => None,
-        };
-        Ok(PgService {
-            name: name.to_string(),
-            endpoints,
-            settings,
-            tls,
-            direct_tls: cfg.direct_tls,
-            target: target.unwrap_or_default(),
-            pool: cfg.pool,
-            credentials: Credentials::new(&cfg.credentials_file)?,
-            pools: Mutex::new(HashMap::new()),
-            clients: Arc::new(Semaphore::new(cfg.pool.max_clients)),
-            cancels: Arc::new(cancel::Registry::default()),
-        })
-    }
-
-    /// Every pool's counters.
-    pub fn pools(&self) -> Vec<PoolReport> {
-        let pools = crate::sync::lock(&self.pools);
-        let mut out: Vec<PoolReport> = pools
-            .values()
-            .map(|p| PoolReport {
-                service: self.name.clone(),
-                pool: p.key.to_string(),
-                stats: p.stats.snapshot(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.pool.cmp(&b.pool));
-        out
-    }
-
-    /// App sessions open now.
-    pub fn clients(&self) -> usize {
-        self.pool.max_clients - self.clients.available_permits()
-    }
-
-    fn pool_for(self: &Arc<Self>, key: PoolKey) -> Arc<Pool> {
-        let mut pools = crate::sync::lock(&self.pools);
-        if let Some(p) = pools.get(&key) {
-            return p.clone();
-        }
-        let p = Pool::new(key.clone(), self.pool.size);
-        p.keep_min_idle(Arc::downgrade(self), self.pool.min_idle);
-        pools.insert(key, p.clone());
-        p
-    }
-}
 
 /// Serves one app connection of a postgres service.
 /// What one session moved, for metrics and the access log.
@@ -281,11 +61,7 @@ pub async fn serve(
     };
     let result = session(&pg, &mut app, dst, &mut out, &mut tally).await;
     if let Err(e) = &result {
-        match e.origin() {
-            Origin::App => info!(%peer, service = %pg.name, "refused: {e}"),
-            Origin::Upstream => info!(%peer, service = %pg.name, "{e}"),
-            Origin::Internal => warn!(%peer, service = %pg.name, "{e}"),
-        }
+        crate::log_failure!(e.origin(), %peer, service = %pg.servers.name, "{e}");
         protocol::error_response(
             &mut out,
             Severity::Fatal,
@@ -348,15 +124,15 @@ async fn session(
     let user = user
         .ok_or_else(|| PgError::AppProtocol(protocol::invalid("no user in the startup message")))?;
     let database = database.unwrap_or_else(|| user.clone());
-    if pg.credentials.get(&user).is_none() {
+    if pg.servers.credentials.get(&user).is_none() {
         return Err(PgError::UnknownUser {
             user,
-            service: pg.name.clone(),
+            service: pg.servers.name.clone(),
         });
     }
     let Ok(_client) = pg.clients.clone().try_acquire_owned() else {
         return Err(PgError::TooManyClients {
-            service: pg.name.clone(),
+            service: pg.servers.name.clone(),
             max: pg.pool.max_clients,
         });
     };
@@ -364,7 +140,7 @@ async fn session(
         user,
         database,
         params: rest,
-        dst: pg.endpoints.is_empty().then_some(dst),
+        dst: pg.servers.endpoints.is_empty().then_some(dst),
     };
     let pool = pg.pool_for(key);
     let registration = pg.cancels.register();
@@ -374,7 +150,7 @@ async fn session(
     let server_params = match (pg.pool.mode, pool.cached_params()) {
         (PoolMode::Transaction, Some(p)) => p,
         (mode, _) => {
-            let l = pool.checkout(pg, pg.pool.queue_timeout).await?;
+            let l = pool.checkout(&pg.servers, pg.pool.queue_timeout).await?;
             let p = l.conn.conn.params.clone();
             if mode == PoolMode::Session {
                 lease = Some(l);
@@ -390,7 +166,7 @@ async fn session(
     }
     protocol::backend_key_data(out, registration.pid, registration.key);
     protocol::ready_for_query(out, b'I');
-    debug!(service = %pg.name, pool = %pool.key, mode = ?pg.pool.mode, "session started");
+    debug!(service = %pg.servers.name, pool = %pool.key, mode = ?pg.pool.mode, "session started");
     let mut relay = Relay {
         pg,
         pool: &pool,
@@ -402,6 +178,8 @@ async fn session(
         to_app: std::mem::take(out),
         outstanding: 0,
         status: Some(b'I'),
+        app_left: 0,
+        server_left: 0,
         tally,
     };
     if let Some(l) = lease {
@@ -416,12 +194,12 @@ async fn session(
 /// Sends an app's CancelRequest on to the server its session is using.
 async fn forward_cancel(pg: &PgService, pid: i32, key: i32) {
     let Some(t) = pg.cancels.target(pid, key) else {
-        debug!(service = %pg.name, "cancel for no running query (or an unknown key): ignored");
+        debug!(service = %pg.servers.name, "cancel for no running query (or an unknown key): ignored");
         return;
     };
-    match server::send_cancel(pg, t.addr, t.pid, t.key).await {
-        Ok(()) => info!(service = %pg.name, server = %t.addr, "cancel request passed on"),
-        Err(e) => info!(service = %pg.name, server = %t.addr, "cancel request failed: {e}"),
+    match server::send_cancel(&pg.servers, t.addr, t.pid, t.key).await {
+        Ok(()) => info!(service = %pg.servers.name, server = %t.addr, "cancel request passed on"),
+        Err(e) => info!(service = %pg.servers.name, server = %t.addr, "cancel request failed: {e}"),
     }
 }
 
@@ -445,6 +223,11 @@ struct Relay<'a> {
     outstanding: usize,
     /// The last ReadyForQuery's status, `None` once anything was sent after it.
     status: Option<u8>,
+    /// Bytes of the app's (the server's) current message still to pass on:
+    /// a message is looked at by its first bytes and then streamed, so a
+    /// large one (a 100 MB bytea) is never held whole.
+    app_left: usize,
+    server_left: usize,
     tally: &'a mut SessionTally,
 }
 
@@ -475,6 +258,8 @@ impl Relay<'_> {
             && self.status == Some(b'I')
             && self.to_server.is_empty()
             && self.from_server.is_empty()
+            && self.app_left == 0
+            && self.server_left == 0
     }
 
     fn release(&mut self) {
@@ -495,7 +280,7 @@ impl Relay<'_> {
             if self.bound.is_none() && !self.to_server.is_empty() {
                 let lease = self
                     .pool
-                    .checkout(self.pg, self.pg.pool.queue_timeout)
+                    .checkout(&self.pg.servers, self.pg.pool.queue_timeout)
                     .await?;
                 self.bind(lease);
             }
@@ -555,54 +340,65 @@ impl Relay<'_> {
         PgError::ServerLost { addr }
     }
 
-    /// Moves the app's complete messages toward the server.
+    /// Moves the app's messages toward the server, each looked at by its
+    /// header (and a Parse by its first body byte) and then streamed.
     fn frame_app(&mut self) -> Result<Step, PgError> {
-        while let Some((tag, len)) =
-            protocol::frame(&self.from_app).map_err(PgError::AppProtocol)?
-        {
-            if self.from_app.len() < len {
-                break;
+        loop {
+            protocol::pass_on(&mut self.from_app, &mut self.to_server, &mut self.app_left);
+            if self.app_left > 0 {
+                return Ok(Step::Continue);
             }
-            match tag {
+            let Some(m) = protocol::peek(&self.from_app).map_err(PgError::AppProtocol)? else {
+                return Ok(Step::Continue);
+            };
+            match m.tag {
                 b'X' => return Ok(Step::AppDone),
-                b'P' if self.pg.pool.mode == PoolMode::Transaction
-                    && !protocol::first_cstr(&self.from_app[5..len]).is_empty() =>
-                {
-                    return Err(PgError::Unsupported(
-                        "named prepared statements are not supported in transaction pooling mode \
-                         (use unnamed statements, or postgres.pool.mode: session)"
-                            .into(),
-                    ));
-                }
+                // Named or not: the name's first byte tells (NUL: unnamed).
+                b'P' if self.pg.pool.mode == PoolMode::Transaction => match m.first_body_byte {
+                    None if m.len > 5 => return Ok(Step::Continue),
+                    None | Some(0) => {}
+                    Some(_) => {
+                        return Err(PgError::Unsupported(
+                            "named prepared statements are not supported in transaction pooling mode \
+                             (use unnamed statements, or postgres.pool.mode: session)"
+                                .into(),
+                        ));
+                    }
+                },
                 b'Q' | b'S' | b'F' => self.outstanding += 1,
                 _ => {}
             }
             self.status = None;
-            let msg = self.from_app.split_to(len);
-            self.to_server.extend_from_slice(&msg);
+            self.app_left = m.len;
         }
-        Ok(Step::Continue)
     }
 
     /// Moves the server's complete messages toward the app; gives the server
     /// back at an idle ReadyForQuery in transaction mode.
     fn frame_server(&mut self) -> Result<(), PgError> {
         let addr = self.server_addr();
-        while let Some((tag, len)) =
-            protocol::frame(&self.from_server).map_err(|source| PgError::ServerIo {
-                addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
-                source,
-            })?
-        {
-            if self.from_server.len() < len {
+        loop {
+            protocol::pass_on(
+                &mut self.from_server,
+                &mut self.to_app,
+                &mut self.server_left,
+            );
+            if self.server_left > 0 {
                 break;
             }
-            if tag == b'Z' && len == 6 {
+            let peeked = protocol::peek(&self.from_server).map_err(|source| PgError::ServerIo {
+                addr: addr.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+                source,
+            })?;
+            let Some(m) = peeked else { break };
+            if m.tag == b'Z' && m.len == 6 {
+                let Some(status) = m.first_body_byte else {
+                    break;
+                };
                 self.outstanding = self.outstanding.saturating_sub(1);
-                self.status = Some(self.from_server[5]);
+                self.status = Some(status);
             }
-            let msg = self.from_server.split_to(len);
-            self.to_app.extend_from_slice(&msg);
+            self.server_left = m.len;
         }
         if self.pg.pool.mode == PoolMode::Transaction && self.server_idle() {
             self.release();

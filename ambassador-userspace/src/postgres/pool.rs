@@ -16,7 +16,10 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{PgError, PgService, server::ServerConn};
+use super::{
+    error::PgError,
+    server::{ServerConn, Servers},
+};
 
 /// What identifies a pool: connections in it are interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -105,12 +108,17 @@ impl PoolStats {
 /// A server connection counted in its pool's `servers` until dropped.
 pub struct Counted {
     pub conn: ServerConn,
-    pool: Arc<Pool>,
+    /// Weak: the pool holds its idle connections, and a strong reference
+    /// back would keep both alive for good after a reload dropped the pool
+    /// (their server connections with them).
+    pool: Weak<Pool>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.pool.stats.servers.fetch_sub(1, Ordering::Relaxed);
+        if let Some(pool) = self.pool.upgrade() {
+            pool.stats.servers.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -119,6 +127,7 @@ pub struct Pool {
     idle: Mutex<Vec<Counted>>,
     /// One permit per connection in use (or being opened).
     slots: Arc<Semaphore>,
+    size: usize,
     pub stats: PoolStats,
     /// What the first server said at login, for apps that start a session
     /// before they need a server (transaction mode).
@@ -137,6 +146,7 @@ impl Pool {
             key,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size)),
+            size,
             stats: PoolStats::default(),
             params: Mutex::new(None),
         })
@@ -163,7 +173,7 @@ impl Pool {
     /// room; else wait for one up to `queue_timeout`.
     pub async fn checkout(
         self: &Arc<Self>,
-        pg: &PgService,
+        pg: &Servers,
         queue_timeout: Duration,
     ) -> Result<Lease, PgError> {
         let permit = match self.slots.clone().try_acquire_owned() {
@@ -181,7 +191,7 @@ impl Pool {
                             service: pg.name.clone(),
                             pool: self.key.to_string(),
                             timeout: queue_timeout,
-                            size: pg.pool.size,
+                            size: self.size,
                         });
                     }
                 }
@@ -198,7 +208,7 @@ impl Pool {
         })
     }
 
-    async fn open(self: &Arc<Self>, pg: &PgService) -> Result<Counted, PgError> {
+    async fn open(self: &Arc<Self>, pg: &Servers) -> Result<Counted, PgError> {
         let password = pg
             .credentials
             .get(&self.key.user)
@@ -231,7 +241,7 @@ impl Pool {
         tracing::debug!(service = %pg.name, pool = %self.key, server = %conn.addr, "server connection opened");
         Ok(Counted {
             conn,
-            pool: self.clone(),
+            pool: Arc::downgrade(self),
         })
     }
 
@@ -246,7 +256,7 @@ impl Pool {
     }
 
     /// Keeps `min_idle` connections open while the pool and service live.
-    pub fn keep_min_idle(self: &Arc<Self>, pg: Weak<PgService>, min_idle: usize) {
+    pub fn keep_min_idle(self: &Arc<Self>, pg: Weak<Servers>, min_idle: usize) {
         if min_idle == 0 {
             return;
         }

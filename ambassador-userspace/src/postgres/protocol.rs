@@ -98,10 +98,52 @@ pub fn frame(buf: &[u8]) -> io::Result<Option<(u8, usize)>> {
     Ok(Some((buf[0], len as usize + 1)))
 }
 
-/// The first NUL-terminated string of a message body (names in Parse, Bind, ...).
-pub fn first_cstr(body: &[u8]) -> &[u8] {
-    let end = body.iter().position(|&c| c == 0).unwrap_or(body.len());
-    &body[..end]
+/// The largest message the ambassador reads whole from a server itself (at
+/// login, the role check, the reset): those are small. The parser reserves
+/// what a header says, so a bigger length (a broken or hostile server) is
+/// refused before anything is allocated for it.
+pub const MAX_CONTROL_MESSAGE: usize = 1 << 20;
+
+/// The next whole backend message in `buf`, if it is all there.
+pub fn parse_backend(
+    buf: &mut BytesMut,
+) -> io::Result<Option<postgres_protocol::message::backend::Message>> {
+    if let Some((tag, len)) = frame(buf)?
+        && len > MAX_CONTROL_MESSAGE
+    {
+        return Err(invalid(format!(
+            "the server sent a {len}-byte message (tag {tag}) where at most {MAX_CONTROL_MESSAGE} are expected"
+        )));
+    }
+    postgres_protocol::message::backend::Message::parse(buf)
+}
+
+/// What the pump needs of a message before streaming it: its header, and
+/// its first body byte once there (a Parse's name, a ReadyForQuery's status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peeked {
+    pub tag: u8,
+    /// Total length, tag included.
+    pub len: usize,
+    pub first_body_byte: Option<u8>,
+}
+
+/// Moves what is there of the current message (`left` bytes of it still to
+/// go) from one side's buffer to the other's.
+pub fn pass_on(from: &mut BytesMut, to: &mut BytesMut, left: &mut usize) {
+    let n = (*left).min(from.len());
+    if n > 0 {
+        to.extend_from_slice(&from.split_to(n));
+        *left -= n;
+    }
+}
+
+pub fn peek(buf: &[u8]) -> io::Result<Option<Peeked>> {
+    Ok(frame(buf)?.map(|(tag, len)| Peeked {
+        tag,
+        len,
+        first_body_byte: buf.get(5).copied().filter(|_| len > 5),
+    }))
 }
 
 fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
@@ -218,6 +260,25 @@ mod tests {
         // An app speaking TLS first: a ClientHello is no startup packet.
         let hello = [0x16u8, 3, 1, 2, 0, 1, 0, 1, 0xfc];
         assert!(read_startup(&mut &hello[..]).await.is_err());
+    }
+
+    #[test]
+    fn a_server_message_longer_than_any_login_needs_is_refused_before_allocating() {
+        // Found by `cargo xtask fuzz pg_messages` (an out-of-memory): the
+        // parser reserved the 4 GiB this header declares.
+        let mut buf = BytesMut::from(&[b'R', 0xff, 0xff, 0xf5, 0x17, 0, 0, 0, 10][..]);
+        assert!(parse_backend(&mut buf).is_err());
+        let mut buf = BytesMut::from(&[b'R', 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 10][..]);
+        let Err(err) = parse_backend(&mut buf) else {
+            panic!("a 2 MiB message was taken");
+        };
+        let err = err.to_string();
+        assert!(err.contains("2097153-byte message"), "{err}");
+        // A whole small one is parsed; a partial one waits.
+        let mut buf = BytesMut::from(&[b'Z', 0, 0, 0, 5, b'I'][..]);
+        assert!(parse_backend(&mut buf).unwrap().is_some());
+        let mut buf = BytesMut::from(&[b'Z', 0, 0, 0, 5][..]);
+        assert!(parse_backend(&mut buf).unwrap().is_none());
     }
 
     #[test]

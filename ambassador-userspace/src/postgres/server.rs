@@ -27,15 +27,28 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 
 use super::{
-    PgError, PgService,
-    auth::Password,
-    protocol::{error_fields, invalid},
+    auth::{Credentials, Password},
+    error::PgError,
+    protocol::{error_fields, invalid, parse_backend},
 };
 use crate::{
     config::service::TargetRole,
-    endpoint::{Endpoint, resolve},
-    proxy::connect_upstream,
+    endpoint::{Endpoint, EndpointSet, resolve},
+    error::{Classified, Retry},
+    net::Settings,
+    tls::TlsOrigin,
 };
+
+/// How a postgres service's servers are reached and logged in to.
+pub struct Servers {
+    pub name: String,
+    pub endpoints: Arc<EndpointSet>,
+    pub settings: Settings,
+    pub tls: Option<TlsOrigin>,
+    pub direct_tls: bool,
+    pub target: TargetRole,
+    pub credentials: Credentials,
+}
 
 /// Login (TLS, startup, authentication, role check) must finish by then.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,7 +152,7 @@ impl ServerConn {
 /// Reads the next whole backend message.
 async fn read_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<Message> {
     loop {
-        if let Some(m) = Message::parse(buf)? {
+        if let Some(m) = parse_backend(buf)? {
             return Ok(m);
         }
         if r.read_buf(buf).await? == 0 {
@@ -153,7 +166,7 @@ async fn read_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io
 /// answer or have the wrong role. A server that refuses the login ends the
 /// search: the app gets its reason.
 pub async fn open(
-    pg: &PgService,
+    pg: &Servers,
     dst: Option<SocketAddr>,
     user: &str,
     password: &Password,
@@ -208,7 +221,7 @@ pub async fn open(
                 wrong_role = true;
                 reasons.push(format!("{addr} is read-only"));
             }
-            Err(e) if e.server_fault() => {
+            Err(e) if e.retry() == Retry::Elsewhere => {
                 if let Some(ep) = &endpoint
                     && let Some(t) = endpoints.failure(ep)
                 {
@@ -232,8 +245,8 @@ pub async fn open(
 
 /// TCP, then TLS as configured: after an SSLRequest the server accepted, or
 /// directly (PostgreSQL 17). Plaintext only when the service has no TLS.
-pub async fn connect(pg: &PgService, addr: SocketAddr) -> Result<ServerStream, PgError> {
-    let tcp = connect_upstream(addr, &pg.settings)
+pub async fn connect(pg: &Servers, addr: SocketAddr) -> Result<ServerStream, PgError> {
+    let tcp = crate::net::connect(addr, &pg.settings)
         .await
         .map_err(|e| PgError::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
@@ -283,7 +296,7 @@ pub async fn connect(pg: &PgService, addr: SocketAddr) -> Result<ServerStream, P
 
 /// Connects and logs in as `user` with the ambassador's password.
 async fn login(
-    pg: &PgService,
+    pg: &Servers,
     addr: SocketAddr,
     user: &str,
     password: &Password,
@@ -314,24 +327,7 @@ async fn login(
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
             }
             Message::AuthenticationSasl(body) => {
-                let mut mechs = body.mechanisms();
-                let mut offered = false;
-                while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
-                    offered |= m == SCRAM_SHA_256;
-                }
-                if !offered {
-                    return Err(PgError::AuthMethod {
-                        addr,
-                        method: "a SASL mechanism other than SCRAM-SHA-256".into(),
-                    });
-                }
-                // The certificate is verified already; channel binding would
-                // add nothing against a server we trust by name.
-                let s =
-                    ScramSha256::new(password.expose().as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                    .map_err(io)?;
-                scram = Some(s);
+                scram = Some(sasl_start(&body, password, addr, &mut out)?);
             }
             Message::AuthenticationSaslContinue(body) => {
                 let s = scram
@@ -405,8 +401,35 @@ async fn login(
     })
 }
 
+/// SCRAM-SHA-256 if the server offers it (nothing else of SASL is spoken):
+/// the first client message, and the exchange that goes on from it.
+fn sasl_start(
+    body: &postgres_protocol::message::backend::AuthenticationSaslBody,
+    password: &Password,
+    addr: SocketAddr,
+    out: &mut BytesMut,
+) -> Result<ScramSha256, PgError> {
+    let mut mechs = body.mechanisms();
+    let mut offered = false;
+    while let Ok(Some(m)) = fallible_iterator::FallibleIterator::next(&mut mechs) {
+        offered |= m == SCRAM_SHA_256;
+    }
+    if !offered {
+        return Err(PgError::AuthMethod {
+            addr,
+            method: "a SASL mechanism other than SCRAM-SHA-256".into(),
+        });
+    }
+    // The certificate is verified already; channel binding would add
+    // nothing against a server we trust by name.
+    let s = ScramSha256::new(password.expose().as_bytes(), ChannelBinding::unsupported());
+    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), out)
+        .map_err(|source| PgError::ServerIo { addr, source })?;
+    Ok(s)
+}
+
 /// The ErrorResponse body's fields, re-encoded for `error_fields`.
-fn body_bytes(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Vec<u8> {
+pub fn body_bytes(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Vec<u8> {
     let mut raw = Vec::new();
     let mut fields = body.fields();
     while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
@@ -462,7 +485,7 @@ async fn role_ok(target: TargetRole, conn: &mut ServerConn) -> Result<bool, PgEr
 
 /// Passes an app's cancel on to the server connection it names.
 pub async fn send_cancel(
-    pg: &PgService,
+    pg: &Servers,
     addr: SocketAddr,
     pid: i32,
     key: i32,

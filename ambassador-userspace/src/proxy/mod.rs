@@ -2,36 +2,38 @@
 //! recovers each one's original destination, connects there and relays.
 
 pub mod detect;
+pub mod plan;
 pub mod relay;
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
 
-use detect::{Detected, detect};
+use detect::detect;
+use plan::Plan;
 
 use crate::{
     access_log,
-    config::service::{DefaultPolicy, Protocol},
+    error::{Classified, Origin, Retry},
     http,
+    net::{self, FdBudget, Listeners},
     original_dst::OriginalDst,
     reload::Live,
     service::{Route, Service, ServiceTable},
 };
 use relay::Totals;
 
-/// A connection-level failure, classified by where it came from and whether
-/// trying again could help.
+/// Why an app connection could not be taken on.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("connection was not redirected by ambassador (no original destination): refusing it")]
@@ -42,227 +44,24 @@ pub enum ProxyError {
         "cannot read the original destination: {0} (is the getsockopt program attached to an ancestor of the proxy's cgroup?)"
     )]
     OriginalDst(#[source] io::Error),
-    #[error("connect to {addr} failed: {source}")]
-    Connect {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("connect to {0} timed out")]
-    ConnectTimeout(SocketAddr),
-    #[error(
-        "the proxy's own connection to {0} was intercepted: is proxy.uid the uid the proxy runs as (or proxy.mark set)?"
-    )]
-    Intercepted(SocketAddr),
+    #[error(transparent)]
+    Connect(#[from] net::ConnectError),
 }
 
-/// Where a failure originated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    App,
-    Upstream,
-    Internal,
-}
-
-impl ProxyError {
-    pub fn origin(&self) -> Origin {
+impl Classified for ProxyError {
+    fn origin(&self) -> Origin {
         match self {
             ProxyError::NotRedirected | ProxyError::Loop(_) => Origin::App,
-            ProxyError::OriginalDst(_) | ProxyError::Intercepted(_) => Origin::Internal,
-            ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_) => Origin::Upstream,
+            ProxyError::OriginalDst(_) => Origin::Internal,
+            ProxyError::Connect(e) => e.origin(),
         }
     }
 
-    /// Whether the same request could succeed on another attempt (no byte of it
-    /// has reached anyone yet).
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::Connect { .. } | ProxyError::ConnectTimeout(_)
-        )
-    }
-}
-
-/// Why the proxy could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    #[error(
-        "port {port} on {ip} is in use (is another ambassador or program listening there? set proxy.port)"
-    )]
-    InUse { ip: IpAddr, port: u16 },
-    #[error(
-        "cannot set proxy.mark {mark} on sockets: {source} (the proxy needs CAP_NET_ADMIN for a mark; or use proxy.uid)"
-    )]
-    Mark {
-        mark: u32,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-}
-
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// SO_MARK for upstream sockets, so the kernel programs skip them.
-    pub mark: Option<u32>,
-    /// An HTTP client that has not sent its request head by then is dropped.
-    pub header_read_timeout: Duration,
-}
-
-impl Settings {
-    pub fn from_config(cfg: &crate::config::ProxyConfig) -> Settings {
-        Settings {
-            connect_timeout: cfg.connect_timeout,
-            idle_timeout: cfg.idle_timeout,
-            mark: cfg.mark,
-            header_read_timeout: cfg.header_read_timeout,
+    fn retry(&self) -> Retry {
+        match self {
+            ProxyError::Connect(e) => e.retry(),
+            _ => Retry::Never,
         }
-    }
-
-    /// Fails at start-up, not on the first connection, when the mark cannot be set.
-    pub fn check(&self) -> Result<(), ListenError> {
-        if let Some(mark) = self.mark {
-            let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .and_then(|s| s.set_mark(mark));
-            if let Err(source) = probe {
-                return Err(ListenError::Mark { mark, source });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The listeners of one proxy: 127.0.0.1:port always, [::1]:port when the host
-/// has IPv6.
-pub struct Listeners {
-    pub v4: TcpListener,
-    pub v6: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds both loopback listeners on `port`; port 0 picks a free port (the
-    /// same one on both families).
-    pub fn bind(port: u16) -> Result<Listeners, ListenError> {
-        for _ in 0..16 {
-            let v4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
-            let actual = v4.local_addr().map(|a| a.port()).unwrap_or(port);
-            match listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), actual)) {
-                Ok(v6) => return Ok(Listeners { v4, v6: Some(v6) }),
-                // Picked a port that is taken on ::1 only: try another.
-                Err(ListenError::InUse { .. }) if port == 0 => continue,
-                Err(ListenError::Bind { source, .. })
-                    if source.raw_os_error() == Some(libc::EADDRNOTAVAIL)
-                        || source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                {
-                    warn!("IPv6 loopback unavailable: listening on 127.0.0.1 only");
-                    return Ok(Listeners { v4, v6: None });
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ListenError::InUse {
-            ip: Ipv6Addr::LOCALHOST.into(),
-            port,
-        })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.v4.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-}
-
-fn listen(addr: SocketAddr) -> Result<TcpListener, ListenError> {
-    let bind_err = |source: io::Error| {
-        if source.kind() == io::ErrorKind::AddrInUse {
-            ListenError::InUse {
-                ip: addr.ip(),
-                port: addr.port(),
-            }
-        } else {
-            ListenError::Bind { addr, source }
-        }
-    };
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(bind_err)?;
-    sock.set_reuseaddr(true).map_err(bind_err)?;
-    if addr.is_ipv6() {
-        socket2::SockRef::from(&sock)
-            .set_only_v6(true)
-            .map_err(bind_err)?;
-    }
-    sock.bind(addr).map_err(bind_err)?;
-    sock.listen(1024).map_err(bind_err)
-}
-
-/// Raises the soft open-files limit to the hard one (each proxied connection
-/// costs two fds; 1024 is a common default soft limit). Returns the old limit
-/// so a spawned command can be given back what it would have had.
-pub fn raise_fd_limit() -> Option<libc::rlimit> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid out-pointer for getrlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return None;
-    }
-    let old = lim;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: lim is a valid, initialised rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            warn!("could not raise the open-files limit");
-        }
-    }
-    Some(old)
-}
-
-/// Keeps the last part of the open-files limit for what must go on working
-/// when app connections pile up: the admin API and its probes, upstream
-/// connects of connections already taken, files. An app connection whose
-/// socket is numbered past the rest is reset at once: the lowest free number
-/// is what accept returns, so a number that high means the ones below are
-/// all in use.
-#[derive(Debug, Clone, Copy)]
-struct FdBudget {
-    last_for_apps: u64,
-}
-
-impl FdBudget {
-    fn now() -> FdBudget {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: lim is a valid out-pointer for getrlimit.
-        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            lim.rlim_cur
-        } else {
-            1024
-        };
-        FdBudget::of(limit)
-    }
-
-    fn of(limit: u64) -> FdBudget {
-        let keep = (limit / 8).clamp(32, 1024);
-        FdBudget {
-            last_for_apps: limit.saturating_sub(keep),
-        }
-    }
-
-    fn allows(&self, fd: i32) -> bool {
-        (fd as u64) < self.last_for_apps
     }
 }
 
@@ -326,7 +125,7 @@ pub async fn serve(
             Ok((stream, _)) if !budget.allows(std::os::fd::AsRawFd::as_raw_fd(&stream)) => {
                 crate::metrics::get().refused_fd_limit.inc();
                 refusals.refused(budget);
-                relay::reset(&stream);
+                net::reset(&stream);
             }
             Ok((stream, peer)) => {
                 let ctx = ctx.clone();
@@ -383,15 +182,12 @@ impl Ctx {
         let _ = app.set_nodelay(true);
         let table = self.live.table();
         let route = table.route(dst);
-        let detected = match &route {
-            Route::Service(svc) if svc.protocol == Protocol::Http => Some(Detected::Http),
-            Route::Service(svc) if svc.protocol == Protocol::Auto => Some(detect(&app).await),
-            // Services here are named by Host or SNI: look at what the app says.
-            Route::ByHost => Some(detect(&app).await),
-            _ => None,
+        let first = match plan::needs_first_bytes(&route) {
+            true => Some(detect(&app).await),
+            false => None,
         };
-        match (&route, &detected) {
-            (_, Some(Detected::Http)) => {
+        match plan::plan(&route, first.as_ref(), &table, dst.port()) {
+            Plan::Http => {
                 // Host-routed connections may carry requests of several
                 // services: those count requests only.
                 let _open = match &route {
@@ -401,48 +197,39 @@ impl Ctx {
                 };
                 let settings = table.settings.clone();
                 let draining = self.draining.clone();
-                return http::serve(app, accepted, dst, route, table, &settings, draining).await;
+                http::serve(app, accepted, dst, route, table, &settings, draining).await
             }
-            (Route::ByHost, Some(Detected::Tls { sni: Some(name) })) => {
-                if let Some(svc) = table.by_host(name, dst.port()) {
-                    if !table.owns(&svc, dst.ip()).await {
-                        // An allowed name toward any address would be a
-                        // tunnel to anywhere.
-                        warn!(%peer, %dst, service = %svc.name, sni = %name, "denied: TLS names a service's host toward an address that name does not resolve to");
-                        crate::metrics::get().denied("tcp", "not_owned");
-                        return relay::reset(&app);
-                    }
-                    // The app does TLS itself: relay its bytes, originate nothing.
-                    return self.relay_to_service(app, peer, dst, &svc, false).await;
+            Plan::Relay { svc, originate } => {
+                self.relay_to_service(app, peer, dst, &svc, originate).await
+            }
+            Plan::RelayNamed { svc, sni } => {
+                if !table.owns(&svc, dst.ip()).await {
+                    // An allowed name toward any address would be a tunnel
+                    // to anywhere.
+                    warn!(%peer, %dst, service = %svc.name, %sni, "denied: TLS names a service's host toward an address that name does not resolve to");
+                    crate::metrics::get().denied("tcp", "not_owned");
+                    return net::reset(&app);
                 }
+                // The app does TLS itself: relay its bytes, originate nothing.
+                self.relay_to_service(app, peer, dst, &svc, false).await
             }
-            _ => {}
-        }
-        match &route {
-            Route::Service(svc) if svc.protocol == Protocol::Postgres => {
-                if let Some(pg) = &svc.postgres {
-                    let m = &svc.metrics;
-                    let _open = m.open();
-                    let start = Instant::now();
-                    let t = crate::postgres::serve(pg.clone(), app, peer, dst).await;
-                    let totals = Totals {
-                        sent: t.from_app,
-                        received: t.to_app,
-                    };
-                    session_log(m, dst, None, start, totals, t.outcome, None);
-                }
+            Plan::Postgres { svc, pg } => {
+                let m = &svc.metrics;
+                let _open = m.open();
+                let start = Instant::now();
+                let t = crate::postgres::serve(pg, app, peer, dst).await;
+                let totals = Totals {
+                    sent: t.from_app,
+                    received: t.to_app,
+                };
+                session_log(m, dst, None, start, totals, t.outcome, None);
             }
-            Route::Service(svc) => {
-                let app_speaks_tls = matches!(detected, Some(Detected::Tls { .. }));
-                self.relay_to_service(app, peer, dst, svc, !app_speaks_tls)
-                    .await
-            }
-            _ if table.default == DefaultPolicy::Deny => {
+            Plan::Passthrough => self.passthrough(app, peer, dst, &table).await,
+            Plan::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
                 crate::metrics::get().denied("tcp", "no_service");
-                relay::reset(&app);
+                net::reset(&app);
             }
-            _ => self.passthrough(app, peer, dst, &table).await,
         }
     }
 
@@ -457,11 +244,11 @@ impl Ctx {
         let m = &table.passthrough_metrics;
         let _open = m.open();
         let start = Instant::now();
-        let upstream = match connect_upstream(dst, &table.settings).await {
+        let upstream = match net::connect(dst, &table.settings).await {
             Ok(u) => u,
             Err(e) => {
                 session_failed(m, dst, None, start, "connect_failed");
-                return self.refuse(&app, peer, &e);
+                return self.refuse(&app, peer, &ProxyError::Connect(e));
             }
         };
         let _ = upstream.set_nodelay(true);
@@ -475,13 +262,9 @@ impl Ctx {
     }
 
     fn refuse(&self, app: &TcpStream, peer: SocketAddr, e: &ProxyError) {
-        match e.origin() {
-            Origin::App => warn!(%peer, "{e}"),
-            Origin::Upstream => info!(%peer, "{e}"),
-            Origin::Internal => warn!(%peer, "{e}"),
-        }
+        crate::log_failure!(e.origin(), %peer, "{e}");
         // The app learns at once, not after its own timeout.
-        relay::reset(app);
+        net::reset(app);
     }
 
     fn original_destination(&self, app: &TcpStream) -> Result<SocketAddr, ProxyError> {
@@ -513,13 +296,13 @@ impl Ctx {
             warn!(service = %svc.name, "circuit breaker: max_connections ({}) reached: refusing", svc.limits.config.max_connections);
             m.rejected_connections.inc();
             session_failed(m, dst, None, start, "max_connections");
-            relay::reset(&app);
+            net::reset(&app);
             return;
         };
         let settings = &svc.settings;
         // Endpoints with failover on connect failure, or the original destination.
         let connected = if svc.endpoints.is_empty() {
-            connect_upstream(dst, settings)
+            net::connect(dst, settings)
                 .await
                 .map(|t| (t, dst, None))
                 .map_err(|e| e.to_string())
@@ -537,13 +320,13 @@ impl Ctx {
             Err(e) => {
                 info!(%peer, service = %svc.name, "{e}");
                 session_failed(m, dst, None, start, "connect_failed");
-                relay::reset(&app);
+                net::reset(&app);
                 return;
             }
         };
         let _ = upstream.set_nodelay(true);
         let idle = settings.idle_timeout;
-        match svc.tls.as_ref().filter(|_| originate) {
+        match svc.relay_tls().filter(|_| originate) {
             None => {
                 let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
                 if outcome == relay::Outcome::Idle {
@@ -568,7 +351,7 @@ impl Ctx {
                     }
                     warn!(service = %svc.name, upstream = %addr, "TLS handshake failed: {}", crate::tls::reason(&e));
                     session_failed(m, dst, Some(addr), start, "tls_failed");
-                    relay::reset(&app);
+                    net::reset(&app);
                 }
             },
         }
@@ -609,55 +392,5 @@ fn session_log(
             outcome,
             upstream_tls,
         });
-    }
-}
-
-/// Connects to an upstream from the proxy: its own socket (marked when
-/// configured), so the kernel programs let it through.
-pub async fn connect_upstream(
-    dst: SocketAddr,
-    settings: &Settings,
-) -> Result<TcpStream, ProxyError> {
-    {
-        let sock = if dst.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(|source| ProxyError::Connect { addr: dst, source })?;
-        if let Some(mark) = settings.mark {
-            socket2::SockRef::from(&sock)
-                .set_mark(mark)
-                .map_err(|source| ProxyError::Connect { addr: dst, source })?;
-        }
-        match tokio::time::timeout(settings.connect_timeout, sock.connect(dst)).await {
-            // A non-loopback destination reached from a loopback address means
-            // the kernel sent our own connect back to us: stop the loop here.
-            Ok(Ok(s))
-                if !dst.ip().is_loopback()
-                    && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
-            {
-                relay::reset(&s);
-                Err(ProxyError::Intercepted(dst))
-            }
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
-            Err(_) => Err(ProxyError::ConnectTimeout(dst)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::FdBudget;
-
-    #[test]
-    fn the_last_part_of_the_fd_limit_is_kept_back_from_apps() {
-        // 1024 (a common default): 128 kept; tiny limits keep 32, huge 1024.
-        assert_eq!(FdBudget::of(1024).last_for_apps, 896);
-        assert_eq!(FdBudget::of(128).last_for_apps, 96);
-        assert_eq!(FdBudget::of(20).last_for_apps, 0);
-        assert_eq!(FdBudget::of(1 << 20).last_for_apps, (1 << 20) - 1024);
-        assert!(FdBudget::of(1024).allows(895) && !FdBudget::of(1024).allows(896));
     }
 }

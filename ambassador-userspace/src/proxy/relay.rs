@@ -78,8 +78,8 @@ pub async fn relay(app: &TcpStream, upstream: &TcpStream, idle: Duration) -> (Ou
             Ok(_) => Outcome::Closed,
             Err(failed) => {
                 // Tell the other side the way the failed side told us.
-                reset(app);
-                reset(upstream);
+                crate::net::reset(app);
+                crate::net::reset(upstream);
                 Outcome::Reset(failed)
             }
         },
@@ -154,11 +154,6 @@ async fn idle_watchdog(start: Instant, last: &AtomicU64, idle: Duration) {
             return;
         }
     }
-}
-
-/// Makes the next close send RST instead of FIN.
-pub fn reset(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 enum Step {
@@ -294,7 +289,7 @@ mod tests {
             drop((app_proxy_end, up_proxy_end));
             r
         });
-        reset(&upstream);
+        crate::net::reset(&upstream);
         drop(upstream);
         let (outcome, _) = relay.await.unwrap();
         assert_eq!(outcome, Outcome::Reset(Side::Upstream));

@@ -1,0 +1,218 @@
+//! `ambassador check FILE`: everything the proxy would verify at start, and a
+//! bit more (certificates that expired, names that do not resolve), without
+//! loading anything into the kernel; then a one-screen summary.
+
+use std::{fmt::Write as _, path::Path, time::Duration};
+
+use crate::{
+    config::{
+        Config, FailMode,
+        service::{DefaultPolicy, Protocol, ServiceConfig, SourceKind},
+    },
+    net::Settings,
+    service::ServiceTable,
+};
+
+/// Something `check` found wrong, as one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CheckError(pub String);
+
+/// Checks the file; returns the summary to print.
+pub async fn check(path: &Path) -> Result<String, CheckError> {
+    let cfg = Config::load(path).map_err(|e| CheckError(e.to_string()))?;
+    let settings = Settings::from_config(&cfg.proxy);
+    // Reads every file and variable the services name, as the proxy does.
+    ServiceTable::new(&cfg, &settings).map_err(|e| CheckError(e.to_string()))?;
+    for s in &cfg.services {
+        certificates_valid(s)?;
+        endpoints_resolve(s).await?;
+    }
+    Ok(summary(path, &cfg))
+}
+
+/// Certificate files a service names must be in date now.
+fn certificates_valid(s: &ServiceConfig) -> Result<(), CheckError> {
+    let Some(tls) = &s.upstream.tls else {
+        return Ok(());
+    };
+    for (what, file) in [("ca_file", &tls.ca_file), ("client_cert", &tls.client_cert)] {
+        let Some(file) = file else { continue };
+        let data = std::fs::read(file).map_err(|e| {
+            CheckError(format!(
+                "service {}: {what} {}: {e}",
+                s.name,
+                file.display()
+            ))
+        })?;
+        for (i, pem) in x509_parser::pem::Pem::iter_from_buffer(&data).enumerate() {
+            let pem = pem.map_err(|e| {
+                CheckError(format!(
+                    "service {}: {what} {}: PEM block {i}: {e}",
+                    s.name,
+                    file.display()
+                ))
+            })?;
+            let Ok(cert) = pem.parse_x509() else { continue };
+            let v = cert.validity();
+            if !v.is_valid() {
+                return Err(CheckError(format!(
+                    "service {}: {what} {}: certificate {} is not valid now (valid {} to {})",
+                    s.name,
+                    file.display(),
+                    cert.subject(),
+                    v.not_before,
+                    v.not_after
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Endpoint names must resolve (within a few seconds each).
+async fn endpoints_resolve(s: &ServiceConfig) -> Result<(), CheckError> {
+    for e in &s.upstream.endpoints {
+        let a = &e.address;
+        if a.host.parse::<std::net::IpAddr>().is_ok() {
+            continue;
+        }
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::lookup_host((a.host.as_str(), a.port)),
+        )
+        .await;
+        let resolved = match r {
+            Ok(Ok(mut addrs)) => addrs.next().is_some(),
+            _ => false,
+        };
+        if !resolved {
+            return Err(CheckError(format!(
+                "service {}: endpoint {a} does not resolve (is the name right, and DNS reachable from here?)",
+                s.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn summary(path: &Path, cfg: &Config) -> String {
+    let mut out = String::new();
+    let i = &cfg.intercept;
+    let _ = writeln!(out, "{}: valid", path.display());
+    let _ = writeln!(
+        out,
+        "intercept  every outbound TCP connect of the Pod{}, except ports {:?}{}; fail-{}",
+        if i.loopback { " (loopback too)" } else { "" },
+        i.exclude_ports,
+        if i.exclude_cidrs.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " and {}",
+                i.exclude_cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+        match i.fail {
+            FailMode::Closed => "closed (connects fail while the proxy is down)",
+            FailMode::Open => "open (connects go direct while the proxy is down)",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "proxy      127.0.0.1:{0} and [::1]:{0}, uid {1}",
+        cfg.proxy.port, cfg.proxy.uid
+    );
+    for s in &cfg.services {
+        let m = &s.matcher;
+        let mut what = Vec::new();
+        if let Some(h) = &m.host {
+            what.push(h.clone());
+        }
+        if let Some(c) = &m.cidr {
+            what.push(c.to_string());
+        }
+        let port = m
+            .port
+            .map_or("any port".to_string(), |p| format!("port {p}"));
+        let to = if s.upstream.endpoints.is_empty() {
+            "the original destination".to_string()
+        } else {
+            s.upstream
+                .endpoints
+                .iter()
+                .map(|e| format!("{} (priority {})", e.address, e.priority))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let proto = match s.protocol {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+            Protocol::Auto => "auto",
+            Protocol::Postgres => "postgres",
+        };
+        let tls = match &s.upstream.tls {
+            Some(t) if t.insecure_skip_verify => ", TLS WITHOUT VERIFICATION",
+            Some(_) => ", TLS verified",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "service    {}: {} {port} ({proto}) -> {to}{tls}",
+            s.name,
+            what.join(" + ")
+        );
+        if let Some(pg) = &s.postgres {
+            let _ = writeln!(
+                out,
+                "             postgres: {} pooling (size {}, min_idle {}, max_clients {}, queue {:?}), target {}{}, credentials from {}",
+                format!("{:?}", pg.pool.mode).to_lowercase(),
+                pg.pool.size,
+                pg.pool.min_idle,
+                pg.pool.max_clients,
+                pg.pool.queue_timeout,
+                match s.upstream.target.unwrap_or_default() {
+                    crate::config::service::TargetRole::ReadWrite => "read-write",
+                    crate::config::service::TargetRole::Any => "any",
+                },
+                if pg.direct_tls { ", direct TLS" } else { "" },
+                pg.credentials_file.display()
+            );
+        }
+        for (name, src) in &s.request.set_headers {
+            let from = match &src.kind {
+                SourceKind::Value(_) => "a literal value".to_string(),
+                SourceKind::Env(v) => format!("${v}"),
+                SourceKind::File(p) => p.display().to_string(),
+                SourceKind::OAuth2(o) => format!("OAuth2 token from {}", o.token_url),
+            };
+            let _ = writeln!(out, "             sets {} from {from}", name.0);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "otherwise  {}",
+        match cfg.default {
+            DefaultPolicy::Passthrough => "relayed as-is (default: passthrough)",
+            DefaultPolicy::Deny => "refused (default: deny)",
+        }
+    );
+    out
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The config file.
+    file: std::path::PathBuf,
+}
+
+pub fn main(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let rt = super::runtime(1)?;
+    let summary = rt.block_on(check(&args.file))?;
+    print!("{summary}");
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,94 @@
+//! `ambassador init`: the Pod's init container. Loads the eBPF programs,
+//! attaches them at the Pod's cgroup and pins them, then exits.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use super::BpfLog;
+use crate::{
+    config::Cidr,
+    interception::{self, pins},
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The Pod's cgroup: the parent of every container's cgroup; `auto`: find
+    /// it from inside the Pod's init container (see deploy/README.md).
+    #[arg(long, value_name = "PATH|auto")]
+    cgroup: CgroupArg,
+    /// With `--cgroup auto`: the Pod's UID (downward API `metadata.uid`), a
+    /// cross-check, and the way to the cgroup when its own is not visible.
+    #[arg(long, env = "AMBASSADOR_POD_UID")]
+    pod_uid: Option<String>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Ports never intercepted, on top of `intercept.exclude_ports` (what the
+    /// Pod annotation `ambassador.io/exclude-outbound-ports` becomes).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    exclude_ports: Vec<u16>,
+    /// Destinations never intercepted, on top of `intercept.exclude_cidrs`.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    exclude_cidrs: Vec<Cidr>,
+    /// Log level of the kernel programs (aya-log), fixed at load.
+    #[arg(long, value_enum, default_value_t)]
+    bpf_log: BpfLog,
+}
+
+/// `--cgroup PATH` or `--cgroup auto` (a cgroup literally named `auto`: `./auto`).
+#[derive(Clone, Debug)]
+enum CgroupArg {
+    Auto,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for CgroupArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == "auto" {
+            CgroupArg::Auto
+        } else {
+            CgroupArg::Path(s.into())
+        })
+    }
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let mut cfg = super::load_config(args.config.as_ref())?;
+    cfg.intercept.exclude_ports.extend(args.exclude_ports);
+    cfg.intercept.exclude_cidrs.extend(args.exclude_cidrs);
+    interception::check_environment()?;
+    interception::raise_memlock();
+    let cgroup = match args.cgroup {
+        CgroupArg::Path(p) => p,
+        CgroupArg::Auto => {
+            pins::require_bpffs()?;
+            let found = interception::cgroup::find_pod_cgroup(args.pod_uid.as_deref())?;
+            println!(
+                "ambassador: Pod cgroup {} ({})",
+                found.path.display(),
+                found.how
+            );
+            found.path
+        }
+    };
+    // Every init on a node cleans up after the Pods deleted before it.
+    super::node::report_sweep(&pins::sweep_stale());
+    let done = pins::install(&cgroup, &cfg, args.bpf_log as u8)?;
+    if let Some(uid) = &args.pod_uid {
+        let shared = pins::share_with_proxy(&done.dir, uid)?;
+        println!(
+            "ambassador: counters and exclusions shared with the Pod's proxy in {}",
+            shared.display()
+        );
+    }
+    println!(
+        "ambassador: {} interception at {} (pins in {})",
+        if done.upgraded {
+            "upgraded"
+        } else {
+            "installed"
+        },
+        cgroup.display(),
+        done.dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

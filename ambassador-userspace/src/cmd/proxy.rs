@@ -1,0 +1,113 @@
+//! `ambassador proxy`: the sidecar. Needs no privileges: it reads original
+//! destinations with `getsockopt(SO_ORIGINAL_DST)`, answered by the kernel
+//! programs `init` attached.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use super::sidecar::{self, Start};
+use crate::{
+    access_log,
+    config::{AdminListen, AdminSocket, Cidr, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
+    interception,
+    net::{self, Listeners, Settings},
+    original_dst::OriginalDst,
+    proxy,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The Pod's maps that `init --pod-uid` shared with the proxy (its
+    /// `pod-<uid>` pin directory, mounted into the sidecar): kernel counters
+    /// in /metrics, and `intercept` exclusions applied on reload.
+    #[arg(long, env = "AMBASSADOR_KERNEL_MAPS", value_name = "DIR")]
+    kernel_maps: Option<PathBuf>,
+    /// The same `--exclude-ports` `init` was given, so reloads keep them.
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    exclude_ports: Vec<u16>,
+    /// The same `--exclude-cidrs` `init` was given.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    exclude_cidrs: Vec<Cidr>,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let mut cfg = super::load_config(args.config.as_ref())?;
+    cfg.intercept.exclude_ports.extend(&args.exclude_ports);
+    cfg.intercept.exclude_cidrs.extend(&args.exclude_cidrs);
+    let path = args.config.map(|p| std::path::absolute(&p).unwrap_or(p));
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != cfg.proxy.uid && cfg.proxy.mark.is_none() {
+        anyhow::bail!(
+            "ambassador proxy runs as uid {euid} but proxy.uid is {}: its own connections would be \
+             redirected back to it; run it as uid {} (securityContext.runAsUser) or set proxy.mark",
+            cfg.proxy.uid,
+            cfg.proxy.uid
+        );
+    }
+    net::raise_fd_limit();
+    let rt = super::runtime(cfg.proxy.workers)?;
+    Settings::from_config(&cfg.proxy).check()?;
+    let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
+    let tracing = crate::trace::init_configured(&cfg)?;
+    let start = Start {
+        admin: match cfg.proxy.admin {
+            None => Some(DEFAULT_ADMIN),
+            Some(AdminListen::At(a)) => Some(a),
+            Some(AdminListen::Off) => None,
+        },
+        // Not given: the default place, where a sidecar has it; a proxy
+        // started elsewhere goes on without (SIGHUP still reloads).
+        admin_socket: match &cfg.proxy.admin_socket {
+            None => Some((PathBuf::from(DEFAULT_ADMIN_SOCKET), false)),
+            Some(AdminSocket::At(p)) => Some((p.clone(), true)),
+            Some(AdminSocket::Off) => None,
+        },
+        config: cfg,
+        path,
+        access_log_default: true,
+    };
+    let (ports, cidrs, maps) = (args.exclude_ports, args.exclude_cidrs, args.kernel_maps);
+    rt.block_on(async {
+        // The port first: a taken one is the likeliest start failure.
+        let listeners = Listeners::bind(port)?;
+        let live = sidecar::start(start, |live| {
+            live.set_extra_exclusions(ports, cidrs);
+            interception::share_maps(maps.as_deref(), &live.config())
+        })
+        .await?;
+        proxy::serve(
+            listeners,
+            OriginalDst::SocketOption,
+            live,
+            stop_on_signal(),
+            drain,
+        )
+        .await;
+        access_log::flush();
+        anyhow::Ok(())
+    })?;
+    drop(rt);
+    if let Some(t) = tracing {
+        t.shutdown();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Turns true on SIGTERM or SIGINT: stop accepting, drain.
+fn stop_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let _ = tx.send(true);
+    });
+    rx
+}

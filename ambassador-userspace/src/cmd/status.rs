@@ -1,0 +1,202 @@
+//! `ambassador status`: what is attached where, counters, pins.
+
+use std::fmt::Write as _;
+
+use ambassador_common::{NO_UID, counter};
+
+use crate::interception::pins::{self, InstallStatus};
+
+/// Renders every install on this host for a terminal.
+pub fn render(installs: &[InstallStatus]) -> String {
+    let mut out = String::new();
+    if installs.is_empty() {
+        let _ = writeln!(
+            out,
+            "no ambassador interception is installed (nothing pinned under {})",
+            pins::root().display()
+        );
+        return out;
+    }
+    for s in installs {
+        let cgroup = s
+            .cgroup
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| {
+                "(cgroup gone: `ambassador gc` or the next `init` removes these pins)".into()
+            });
+        let _ = writeln!(out, "cgroup {cgroup} (id {})", s.cgroup_id);
+        let _ = writeln!(out, "  pins     {}", s.dir.display());
+        let attached: Vec<&str> = s
+            .links
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(n, _)| *n)
+            .collect();
+        let missing: Vec<&str> = s
+            .links
+            .iter()
+            .filter(|(_, ok)| !*ok)
+            .map(|(n, _)| *n)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  attached {}",
+            if attached.is_empty() {
+                "none".into()
+            } else {
+                attached.join(", ")
+            }
+        );
+        if !missing.is_empty() {
+            let _ = writeln!(out, "  MISSING  {}", missing.join(", "));
+        }
+        if let Some(c) = &s.config {
+            let uid = if c.proxy_uid == NO_UID {
+                "none".into()
+            } else {
+                c.proxy_uid.to_string()
+            };
+            let _ = writeln!(
+                out,
+                "  proxy    127.0.0.1:{0} and [::1]:{0}, own uid {uid}{3}, fail-{1}, loopback {2}",
+                c.proxy_port,
+                if c.fail_open != 0 { "open" } else { "closed" },
+                if c.loopback != 0 {
+                    "intercepted"
+                } else {
+                    "bypassed"
+                },
+                if c.proxy_mark != 0 {
+                    format!(", own mark {}", c.proxy_mark)
+                } else {
+                    String::new()
+                },
+            );
+        }
+        let accelerated = counter::NAMES[counter::ACCELERATED as usize];
+        let counters: Vec<String> = s
+            .counters
+            .iter()
+            .filter(|(n, _)| *n != accelerated)
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect();
+        let _ = writeln!(out, "  connects {}", counters.join(", "));
+        if let Some(c) = &s.config {
+            let n = s.counters.iter().find(|(n, _)| *n == accelerated);
+            let _ = writeln!(
+                out,
+                "  sk_msg   {}",
+                match (c.accelerate != 0, n) {
+                    (true, Some((_, n))) => format!("on, {n} byte stream(s) took the shortcut"),
+                    (true, None) => "on".into(),
+                    (false, _) => "off (app<->proxy bytes take loopback TCP)".into(),
+                }
+            );
+        }
+        let _ = writeln!(out, "  tracked  {} connection(s) in flight", s.tracked);
+    }
+    out
+}
+
+/// The proxy's own view, from its admin API (what `/status` says), for a
+/// terminal. `None` when no proxy answers there.
+pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
+    let status: crate::admin::Status = serde_json::from_str(&get(admin, "/status")?).ok()?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "proxy {admin}: {}, config {}, default {}",
+        if status.ready { "ready" } else { "NOT READY" },
+        status
+            .config_file
+            .as_deref()
+            .unwrap_or("(built-in defaults)"),
+        match status.default {
+            crate::config::service::DefaultPolicy::Deny => "deny",
+            crate::config::service::DefaultPolicy::Passthrough => "passthrough",
+        }
+    );
+    if let Some(e) = &status.last_reload_error {
+        let _ = writeln!(out, "  LAST RELOAD REJECTED (old config serving): {e}");
+    }
+    if status.services.is_empty() {
+        let _ = writeln!(out, "  no services: everything follows the default");
+    }
+    for s in &status.services {
+        let _ = writeln!(
+            out,
+            "  service {} ({}): {} request(s) in flight, {} connection(s) open",
+            s.name,
+            format!("{:?}", s.protocol).to_lowercase(),
+            s.requests_in_flight,
+            s.connections_open
+        );
+        for e in &s.endpoints {
+            let _ = writeln!(
+                out,
+                "    {:<8} {} (priority {}, {} outstanding)",
+                e.state, e.address, e.priority, e.outstanding
+            );
+        }
+    }
+    for p in &status.pools {
+        let _ = writeln!(
+            out,
+            "  pool {} {}: {} server connection(s), {} idle, {} in use, {} waiting; opened {}, errors {}, exhausted {}",
+            p.service,
+            p.pool,
+            p.stats.servers,
+            p.stats.idle,
+            p.stats.in_use,
+            p.stats.waiting,
+            p.stats.opened,
+            p.stats.errors,
+            p.stats.exhausted
+        );
+    }
+    Some(out)
+}
+
+/// A GET with a short timeout; the body when the answer is 200.
+fn get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The proxy's admin API.
+    #[arg(long, default_value_t = crate::config::DEFAULT_ADMIN)]
+    admin: std::net::SocketAddr,
+}
+
+/// What is attached where (when this process may see it), then what the
+/// proxy's admin API reports.
+pub fn main(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    use crate::interception::{self, pins};
+    let proxy = proxy_view(args.admin);
+    // In a locked-down sidecar the pins are not visible: the proxy's view
+    // alone is still worth showing.
+    match interception::check_environment() {
+        Ok(()) => print!("{}", render(&pins::list())),
+        Err(e) if proxy.is_some() => println!("interception: not visible here ({e})"),
+        Err(e) => return Err(e.into()),
+    }
+    match proxy {
+        Some(p) => print!("{p}"),
+        None => println!("proxy: no admin API answers at {}", args.admin),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

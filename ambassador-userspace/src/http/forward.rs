@@ -1,0 +1,55 @@
+//! One request, to a service (or, with none, under `passthrough` to the
+//! original destination), in named steps: its share of the limits
+//! ([`admit`]), the request as the upstream must see it ([`rewrite`]), its
+//! body kept for another attempt where one may follow ([`replay`]), then
+//! the attempts ([`attempt`], each judged by [`classify`]).
+
+use http::{HeaderValue, Request, Response, uri::Authority};
+use hyper::body::{Body as _, Incoming};
+
+use super::{
+    admit,
+    attempt::{self, Exchanged},
+    dest::Dest,
+    finish::Exchange,
+    replay,
+    response::Body,
+    rewrite,
+};
+
+pub(super) async fn forward(
+    req: Request<Incoming>,
+    to: Dest<'_>,
+    upstream: Option<&(Authority, HeaderValue)>,
+    exchange: &mut Exchange,
+) -> Response<Body> {
+    let permits = match admit::breakers(&to) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
+    let p = match rewrite::prepare(req, to, upstream).await {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
+    exchange.bytes_in = p.body.size_hint().exact();
+    // An upgrade is never replayed: its bytes are the relay's.
+    let policy = to
+        .http()
+        .map(|h| &h.retry)
+        .filter(|r| r.enabled() && p.upgrade.is_none());
+    let body = match replay::keep(p.body, policy.is_some(), to, exchange).await {
+        Ok(b) => b,
+        Err(refused) => return refused.into_response(),
+    };
+    let x = Exchanged {
+        to,
+        head: p.head,
+        body,
+        h2c: p.h2c,
+        own_h2c: p.own_h2c,
+        upgrade: p.upgrade,
+        permits,
+        policy,
+    };
+    attempt::run(x, exchange).await
+}

@@ -1,0 +1,73 @@
+//! Request bodies on their way to an upstream: the app's, streamed and
+//! counted, whose failures are the app's own; or a copy kept for a replay.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use hyper::body::Incoming;
+
+/// A request body toward an upstream: the app's, streamed, or a copy kept
+/// for a replay.
+pub type ReqBody = http_body_util::Either<AppBody, http_body_util::Full<bytes::Bytes>>;
+
+/// The app's request body broke (bad chunked framing, a reset, a stream
+/// error): the app's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the request body from the app: {0}")]
+pub struct AppBodyError(#[source] pub hyper::Error);
+
+impl AppBodyError {
+    /// Whether this error (or one of its causes) is the app's body failing.
+    pub fn in_chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a AppBodyError> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(c) = cause {
+            if let Some(b) = c.downcast_ref::<AppBodyError>() {
+                return Some(b);
+            }
+            cause = c.source();
+        }
+        None
+    }
+}
+
+/// The app's request body, streamed upstream and counted on the way.
+pub struct AppBody {
+    inner: Incoming,
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+impl AppBody {
+    pub fn new(inner: Incoming, counter: prometheus_client::metrics::counter::Counter) -> AppBody {
+        AppBody { inner, counter }
+    }
+}
+
+impl hyper::body::Body for AppBody {
+    type Data = bytes::Bytes;
+    type Error = AppBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, AppBodyError>>> {
+        let r = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(AppBodyError);
+        if let Poll::Ready(Some(Ok(f))) = &r
+            && let Some(d) = f.data_ref()
+        {
+            self.counter.inc_by(d.len() as u64);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,293 @@
+//! The bench's report: each section's table and the notes under it, as the
+//! text printed and written to `target/bench/`. Formatting only: the figures
+//! come from the sections.
+
+use ambassador_tests::SERVER_V4;
+
+use super::{
+    failover, http, l4, postgres,
+    stats::{added, quartiles},
+};
+
+// Each table names its own section's constants (`use` in the function): the
+// sections share names (RATE, SECONDS) with different values.
+
+/// The L4 section's table; `build` says which ambassador build ran.
+pub(super) fn l4_table((results, counters): &l4::L4Results, build: &str) -> String {
+    use l4::{IPERF_SECONDS, PARALLEL_EACH, PARALLEL_THREADS, SEQUENTIAL};
+    let base = &results[0];
+    let mut report = String::new();
+    report.push_str(&format!(
+        "ambassador bench ({} sequential connects, {}x{} parallel, iperf3 {} s; ratio = mode / direct)\n\n",
+        SEQUENTIAL, PARALLEL_THREADS, PARALLEL_EACH, IPERF_SECONDS
+    ));
+    report.push_str(&format!(
+        "{:<34} {:>10} {:>10} {:>8} {:>12} {:>8} {:>10} {:>8}\n",
+        "mode", "p50 us", "p99 us", "ratio", "connects/s", "ratio", "Gbit/s", "ratio"
+    ));
+    for (mode, seq, par, gbps) in results {
+        report.push_str(&format!(
+            "{:<34} {:>10.1} {:>10.1} {:>8.2} {:>12.0} {:>8.2} {:>10.2} {:>8.2}\n",
+            mode.name(),
+            seq.p50_us,
+            seq.p99_us,
+            seq.p50_us / base.1.p50_us,
+            par.rate,
+            par.rate / base.2.rate,
+            gbps,
+            gbps / base.3,
+        ));
+    }
+    report.push_str(&format!(
+        "\nconnect = TCP connect + 1-byte echo + close, from the Pod to a server across a veth.\n\
+         kernel counters for the eBPF run: redirected {} refused {} passed {}\n\
+         {}",
+        counters.redirected, counters.refused, counters.passed, build
+    ));
+    report
+}
+
+/// What the HTTP report says besides the numbers.
+pub(super) struct HttpNotes {
+    pub(super) redirected: u64,
+    pub(super) accelerated: u64,
+    pub(super) busy_before: String,
+    pub(super) busy_after: String,
+}
+
+/// The HTTP section's table, the comparison of ambassador with HAProxy and
+/// nginx, and the notes.
+pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNotes) -> String {
+    use http::{
+        BODY_BYTES, Bin, CONNECTIONS, FIXED_SECONDS, MAX_SECONDS, ORIGIN_NAME, RATE, ROUNDS, Row,
+        Via, cores,
+    };
+    let base = &rows[0];
+    let mut r = format!(
+        "ambassador HTTP bench (oha {}: keep-alive HTTP/1.1 GET, {BODY_BYTES}-byte body, {CONNECTIONS} connections;\n\
+         latency at a fixed {RATE} req/s for {FIXED_SECONDS} s, corrected for coordinated omission; max = unthrottled for {MAX_SECONDS} s;\n\
+         {ROUNDS} interleaved rounds, every mode once per round; p50/p99 = over all their requests pooled ({} per mode);\n\
+         +p50/+p99 = added over direct: the median over rounds of (mode - direct in the same round), IQR = its middle half;\n\
+         x = pooled mode / pooled direct; max and CPU the median round)\n\n",
+        v.oha, base.requests
+    );
+    r.push_str(&format!(
+        "{:<34} {:>6} {:>6} {:>5} {:>9} {:>5} {:>9} {:>5} {:>5} {:>9} {:>5} {:>10}\n",
+        "mode",
+        "p50 us",
+        "p99 us",
+        "+p50",
+        "IQR",
+        "+p99",
+        "IQR",
+        "p50 x",
+        "p99 x",
+        "max req/s",
+        "max x",
+        "CPU us/req"
+    ));
+    let spread = |(lo, _, hi): (f64, f64, f64)| format!("{lo:.0}..{hi:.0}");
+    for row in rows {
+        // A mode that fell behind the fixed rate has latencies that mean
+        // "saturated", not "slow": say so.
+        let held = if row.fixed_rps < f64::from(RATE) * 0.95 {
+            format!("  (held only {:.0} req/s)", row.fixed_rps)
+        } else {
+            String::new()
+        };
+        let cpu = row
+            .cpu_us
+            .map_or(String::new(), |(u, s)| format!("{u:.1}+{s:.1}"));
+        let (a50, a99) = (
+            quartiles(added(&row.round_p50, &base.round_p50)),
+            quartiles(added(&row.round_p99, &base.round_p99)),
+        );
+        r.push_str(&format!(
+            "{:<34} {:>6.0} {:>6.0} {:>5.0} {:>9} {:>5.0} {:>9} {:>5.2} {:>5.2} {:>9.0} {:>5.2} {cpu:>10}{held}\n",
+            row.label,
+            row.p50_us,
+            row.p99_us,
+            a50.1,
+            spread(a50),
+            a99.1,
+            spread(a99),
+            row.p50_us / base.p50_us,
+            row.p99_us / base.p99_us,
+            row.max_rps,
+            row.max_rps / base.max_rps,
+        ));
+    }
+
+    // The one-thread ambassador rows are the ones set against the others.
+    let find = |via: Via, tls: bool, bin: Bin| {
+        rows.iter().find(|x| {
+            x.via == via
+                && x.tls == tls
+                && (via != Via::Ambassador
+                    || (x.workers == Some(1) && x.accelerate && x.bin == bin))
+        })
+    };
+    // Added latency can come out ~0 or below in a noisy run; a ratio with
+    // that in it means nothing, so it is left out.
+    let ratio = |a: f64, b: f64| {
+        if a >= 1.0 && b >= 1.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    let median_added =
+        |row: &Row, pick: fn(&Row) -> &[f64]| quartiles(added(pick(row), pick(base))).1;
+    let p50s: fn(&Row) -> &[f64] = |x| &x.round_p50;
+    let p99s: fn(&Row) -> &[f64] = |x| &x.round_p99;
+    r.push_str(&format!(
+        "\nambassador (1 worker) / other: below 1 = less added latency, above 1 = more req/s;\n\
+         won = rounds in which ambassador's percentile was the lower of the two\n\
+         {:<34} {:>6} {:>6} {:>6} {:>6} {:>9} {:>7}\n",
+        "", "+p50", "won", "+p99", "won", "max req/s", "CPU/req"
+    ));
+    for (tls, bin) in [(false, Bin::Main), (true, Bin::Main), (false, Bin::Plain)] {
+        let Some(amb) = find(Via::Ambassador, tls, bin) else {
+            continue;
+        };
+        for (via, name) in [(Via::Haproxy, "HAProxy"), (Via::Nginx, "nginx")] {
+            let Some(other) = find(via, tls, Bin::Main) else {
+                continue;
+            };
+            let cpu = match (amb.cpu_us, other.cpu_us) {
+                (Some((au, asys)), Some((ou, osys))) if ou + osys > 0.0 => {
+                    format!("{:.2}", (au + asys) / (ou + osys))
+                }
+                _ => "-".into(),
+            };
+            let won = |pick: fn(&Row) -> &[f64]| {
+                let rounds = pick(amb).len().min(pick(other).len());
+                let won = pick(amb)
+                    .iter()
+                    .zip(pick(other))
+                    .filter(|(a, o)| a < o)
+                    .count();
+                format!("{won}/{rounds}")
+            };
+            r.push_str(&format!(
+                "{:<34} {:>6} {:>6} {:>6} {:>6} {:>9.2} {cpu:>7}\n",
+                format!(
+                    "{}{} vs {name}",
+                    if tls { "TLS" } else { "plain" },
+                    if bin == Bin::Plain {
+                        amb.label.trim_start_matches("ambassador")
+                    } else {
+                        ""
+                    }
+                ),
+                ratio(median_added(amb, p50s), median_added(other, p50s)),
+                won(p50s),
+                ratio(median_added(amb, p99s), median_added(other, p99s)),
+                won(p99s),
+                amb.max_rps / other.max_rps,
+            ));
+        }
+    }
+    r.push_str(&format!(
+        "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
+         Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
+         ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
+         the last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
+         (intercept.accelerate false, as HAProxy and nginx have it), and (if any) the release build without PGO.\n\
+         ambassador: the client runs in the Pod's app cgroup\n\
+         and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
+         127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
+         verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
+         (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
+         Client (oha), proxy and origin share the machine's {cores} cores; \"-\": an added latency\n\
+         came out at or below 0. CPU us/req = the proxy's\n\
+         user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
+         Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
+         kernel counters for the ambassador runs: redirected {}, accelerated (sk_msg) {}\n",
+        notes.busy_before,
+        notes.busy_after,
+        notes.redirected,
+        notes.accelerated,
+        ngx = v.nginx,
+        cores = cores(),
+    ));
+    r
+}
+
+/// The PostgreSQL section's table: each path's pgbench runs, persistent
+/// connections and `-C`.
+pub(super) fn postgres_table(rows: &[(postgres::Via, bool, postgres::Run)]) -> String {
+    use postgres::{CLIENTS, SECONDS, Via};
+    let mut r = format!(
+        "\npostgres bench (pgbench -S select-only, scale 1, {CLIENTS} clients, {SECONDS} s per run; \
+         server PostgreSQL with TLS + SCRAM required; ratio = tps / direct tps)\n\n"
+    );
+    r.push_str(&format!(
+        "{:<40} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}\n",
+        "path", "tps", "ratio", "lat ms", "tps -C", "ratio", "lat ms"
+    ));
+    let base = |new_conn: bool| {
+        rows.iter()
+            .find(|(v, c, _)| *v == Via::Direct && *c == new_conn)
+            .map_or(1.0, |(_, _, r)| r.tps)
+    };
+    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
+        let get = |new_conn: bool| {
+            rows.iter()
+                .find(|(v, c, _)| *v == via && *c == new_conn)
+                .map(|(_, _, r)| r)
+                .expect("every run recorded")
+        };
+        let (p, c) = (get(false), get(true));
+        r.push_str(&format!(
+            "{:<40} {:>12.0} {:>8.2} {:>10.3} {:>12.0} {:>8.2} {:>10.3}\n",
+            via.name(),
+            p.tps,
+            p.tps / base(false),
+            p.latency_ms,
+            c.tps,
+            c.tps / base(true),
+            c.latency_ms
+        ));
+    }
+    let failed: u64 = rows.iter().map(|(_, _, r)| r.failed).sum();
+    r.push_str(&format!(
+        "\n-C = a new connection per transaction. The ambassador and PgBouncer keep their TLS+SCRAM \
+         server connections;\ndirect -C pays a TLS handshake and SCRAM per transaction. Both run one thread (ambassador \
+         proxy.workers 1) without connection logs. Failed transactions: {failed}.\n"
+    ));
+    r
+}
+
+/// The failover table: the steady run, the run with an endpoint killed and
+/// restarted, and how many requests the restarted endpoint served (`back`).
+pub(super) fn failover_table(steady: &failover::Run, chaos: &failover::Run, back: usize) -> String {
+    use failover::{BACK_AT, KILL_AT, RATE, SECONDS};
+    let mut r = format!(
+        "\nambassador failover bench (oha: GET at a fixed {RATE} req/s for {SECONDS} s, latency-corrected;\n\
+         a service with two endpoints; in the second run one is killed at {} s and restarted at {} s)\n\n",
+        KILL_AT.as_secs(),
+        BACK_AT.as_secs()
+    );
+    r.push_str(&format!(
+        "{:<36} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
+        "run", "p50 ms", "p99 ms", "p99.9 ms", "requests", "failed"
+    ));
+    for (name, x) in [("steady", steady), ("endpoint killed and restarted", chaos)] {
+        r.push_str(&format!(
+            "{:<36} {:>8.2} {:>8.2} {:>9.2} {:>9} {:>7.3}%\n",
+            name,
+            x.p50_ms,
+            x.p99_ms,
+            x.p999_ms,
+            x.requests,
+            100.0 * x.failed as f64 / x.requests.max(1) as f64
+        ));
+    }
+    r.push_str(&format!(
+        "ratio (killed / steady): p99 {:.2}, p99.9 {:.2}; the restarted endpoint served {back} requests again\n",
+        chaos.p99_ms / steady.p99_ms,
+        chaos.p999_ms / steady.p999_ms
+    ));
+    r
+}
