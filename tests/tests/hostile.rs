@@ -14,16 +14,18 @@ const CANARY: &str = "hostile-canary-7f3a9";
 /// a credential.
 fn named_service_pod() -> Pod {
     let mut pod = Pod::new(&format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ host: api.allowed.test, port: 8080 }}\n\
-         \x20   protocol: http\n\
-         \x20   request:\n\
-         \x20     set_headers:\n\
-         \x20       authorization: {{ value: \"Bearer {CANARY}\" }}\n\
-         \x20 - name: api-tls\n\
-         \x20   match: {{ host: api.allowed.test, port: 8443 }}\n"
+        r#"
+default: deny
+services:
+  - name: api
+    match: {{ host: api.allowed.test, port: 8080 }}
+    protocol: http
+    request:
+      set_headers:
+        authorization: {{ value: "Bearer {CANARY}" }}
+  - name: api-tls
+    match: {{ host: api.allowed.test, port: 8443 }}
+"#
     ));
     pod.proxy_hosts = vec![("api.allowed.test".into(), SERVER_V4.into())];
     pod.start_proxy();
@@ -319,11 +321,13 @@ fn closed_of(out: &str) -> (usize, usize, f64) {
 #[test]
 fn silent_slow_and_idle_http_connections_are_closed_on_time() {
     let mut pod = Pod::new(&format!(
-        "proxy: {{ header_read_timeout: 2s, idle_timeout: 3s }}\n\
-         services:\n\
-         \x20 - name: web\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
-         \x20   protocol: http\n"
+        r#"
+proxy: {{ header_read_timeout: 2s, idle_timeout: 3s }}
+services:
+  - name: web
+    match: {{ cidr: {SERVER_V4}/32, port: 8080 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
@@ -366,17 +370,19 @@ fn silent_slow_and_idle_http_connections_are_closed_on_time() {
 /// failures would eject.
 fn ejectable_pod(port: u16) -> Pod {
     let mut pod = Pod::new(&format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: 198.18.0.99/32, port: 80 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:{port}\" }}]\n\
-         \x20   outlier: {{ consecutive_failures: 3 }}\n\
-         \x20   request:\n\
-         \x20     set_headers:\n\
-         \x20       authorization: {{ value: \"Bearer {CANARY}\" }}\n"
+        r#"
+default: deny
+services:
+  - name: api
+    match: {{ cidr: 198.18.0.99/32, port: 80 }}
+    protocol: http
+    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:{port}" }}]
+    outlier: {{ consecutive_failures: 3 }}
+    request:
+      set_headers:
+        authorization: {{ value: "Bearer {CANARY}" }}
+"#
     ));
     pod.start_proxy();
     pod
@@ -460,11 +466,13 @@ fn an_upstream_reset_mid_body_reaches_the_app_as_a_reset() {
 /// test uses; `generation` changes them all.
 fn ten_thousand_services(generation: u32) -> String {
     let mut c = format!(
-        "proxy: {{ workers: 1 }}\n\
-         services:\n\
-         \x20 - name: web\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8090 }}\n\
-         \x20   protocol: http\n"
+        r#"
+proxy: {{ workers: 1 }}
+services:
+  - name: web
+    match: {{ cidr: {SERVER_V4}/32, port: 8090 }}
+    protocol: http
+"#
     );
     for i in 0..10_000u32 {
         let (a, b) = (i / 256, i % 256);
@@ -522,11 +530,13 @@ fn reloading_ten_thousand_services_does_not_stall_traffic() {
 #[test]
 fn under_deny_nothing_unnamed_leaves_by_any_way_of_dialling() {
     let mut pod = Pod::new(&format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: db\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 7001 }}\n\
-         \x20   protocol: tcp\n"
+        r#"
+default: deny
+services:
+  - name: db
+    match: {{ cidr: {SERVER_V4}/32, port: 7001 }}
+    protocol: tcp
+"#
     ));
     pod.start_proxy();
     let allowed = pod.server(SERVER_V4, 7001, Behaviour::Greet);
@@ -574,10 +584,12 @@ fn under_deny_nothing_unnamed_leaves_by_any_way_of_dialling() {
 #[test]
 fn near_the_fd_limit_new_relays_are_refused_and_the_admin_api_answers() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: web\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 7003 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: web
+    match: {{ cidr: {SERVER_V4}/32, port: 7003 }}
+    protocol: http
+"#
     ));
     // 128 files: 96 for app connections and their upstreams, 32 kept back.
     pod.proxy_fd_limit = Some(128);
@@ -1056,10 +1068,12 @@ fn rss_per_connection(pod: &Pod, host: &str, port: u16, n: usize, first: &[u8]) 
 /// connection), then `n` idle connections to one service of `protocol`.
 fn rss_of_idle(protocol: &str, first: &[u8]) -> f64 {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: s\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 7010 }}\n\
-         \x20   protocol: {protocol}\n"
+        r#"
+services:
+  - name: s
+    match: {{ cidr: {SERVER_V4}/32, port: 7010 }}
+    protocol: {protocol}
+"#
     ));
     pod.start_proxy_logging("ambassador_userspace=info");
     let _s = pod.server(SERVER_V4, 7010, Behaviour::ReadAll);

@@ -78,17 +78,19 @@ fn headers_are_injected_from_value_env_and_rotating_file() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: api\n\
-             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
-             \x20   protocol: http\n\
-             \x20   request:\n\
-             \x20     set_headers:\n\
-             \x20       authorization: {{ file: {token}, prefix: \"Bearer \" }}\n\
-             \x20       x-tenant: {{ value: acme }}\n\
-             \x20       x-from-env: {{ env: AMB_TEST_KEY }}\n\
-             \x20     remove_headers: [x-debug]\n\
-             \x20     rename_headers: {{ x-app-trace: x-trace }}\n"
+            r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8080 }}
+    protocol: http
+    request:
+      set_headers:
+        authorization: {{ file: {token}, prefix: "Bearer " }}
+        x-tenant: {{ value: acme }}
+        x-from-env: {{ env: AMB_TEST_KEY }}
+      remove_headers: [x-debug]
+      rename_headers: {{ x-app-trace: x-trace }}
+"#
         ),
     )
     .unwrap();
@@ -165,17 +167,19 @@ fn payments_get(pod: &Pod, path: &str) -> Reply {
 
 fn payments_pod(ca_file: &str, port: u16) -> String {
     format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: payments\n\
-         \x20   match: {{ host: {PAYMENTS}, port: 80 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - address: {SERVER_V4}:{port}\n\
-         \x20     tls:\n\
-         \x20       server_name: {PAYMENTS}\n\
-         \x20       ca_file: {ca_file}\n"
+        r#"
+default: deny
+services:
+  - name: payments
+    match: {{ host: {PAYMENTS}, port: 80 }}
+    protocol: http
+    upstream:
+      endpoints:
+        - address: {SERVER_V4}:{port}
+      tls:
+        server_name: {PAYMENTS}
+        ca_file: {ca_file}
+"#
     )
 }
 
@@ -249,12 +253,14 @@ fn bad_upstream_certificates_are_refused_with_the_reason_and_nothing_sent() {
     for (i, _) in cases.iter().enumerate() {
         let port = 9443 + i as u16;
         config.push_str(&format!(
-            "  - name: case{i}\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: {} }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream:\n\
-             \x20     endpoints: [{{ address: \"{SERVER_V4}:{port}\" }}]\n\
-             \x20     tls: {{ server_name: {PAYMENTS}, ca_file: {} }}\n",
+            r#"
+  - name: case{i}
+    match: {{ cidr: {NOWHERE}/32, port: {} }}
+    protocol: http
+    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:{port}" }}]
+      tls: {{ server_name: {PAYMENTS}, ca_file: {} }}
+"#,
             8000 + i,
             ca_file.display()
         ));
@@ -365,13 +371,15 @@ fn oauth2_tokens_are_fetched_once_cached_and_refreshed() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: internal-api\n\
-             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
-             \x20   protocol: http\n\
-             \x20   request:\n\
-             \x20     set_headers:\n\
-             \x20       authorization: {{ oauth2_client_credentials: {{ token_url: \"http://{SERVER_V4}:9000/token\", client_id: app, client_secret_file: {secret} }} }}\n"
+            r#"
+services:
+  - name: internal-api
+    match: {{ cidr: {SERVER_V4}/32, port: 8080 }}
+    protocol: http
+    request:
+      set_headers:
+        authorization: {{ oauth2_client_credentials: {{ token_url: "http://{SERVER_V4}:9000/token", client_id: app, client_secret_file: {secret} }} }}
+"#
         ),
     )
     .unwrap();
@@ -414,11 +422,13 @@ fn oauth2_tokens_are_fetched_once_cached_and_refreshed() {
 #[test]
 fn http2_prior_knowledge_passes_through_as_http2() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: grpc\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8081 }}\n\
-         \x20   protocol: http\n\
-         \x20   request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}\n"
+        r#"
+services:
+  - name: grpc
+    match: {{ cidr: {SERVER_V4}/32, port: 8081 }}
+    protocol: http
+    request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8081));
@@ -457,11 +467,13 @@ fn http2_prior_knowledge_passes_through_as_http2() {
 #[test]
 fn secrets_never_reach_the_log_even_at_trace_level() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8082 }}\n\
-         \x20   protocol: http\n\
-         \x20   request: {{ set_headers: {{ authorization: {{ value: canary-9f3e2d, prefix: \"Bearer \" }} }} }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8082 }}
+    protocol: http
+    request: {{ set_headers: {{ authorization: {{ value: canary-9f3e2d, prefix: "Bearer " }} }} }}
+"#
     ));
     pod.start_proxy_as(Some(PROXY_UID), "trace");
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8082));
@@ -486,10 +498,12 @@ fn hex(s: &str) -> String {
 #[test]
 fn request_smuggling_is_refused_and_never_reaches_the_upstream() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8083 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8083 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8083));
@@ -547,10 +561,12 @@ fn request_smuggling_is_refused_and_never_reaches_the_upstream() {
 #[test]
 fn large_expect_continue_and_chunked_bodies_stream_through() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8084 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8084 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8084));
@@ -583,10 +599,12 @@ fn large_expect_continue_and_chunked_bodies_stream_through() {
 fn protocol_upgrades_become_a_byte_relay() {
     use std::io::{BufRead, BufReader, Write};
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: ws\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8085 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: ws
+    match: {{ cidr: {SERVER_V4}/32, port: 8085 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let listener = pod.server_listener(SERVER_V4, 8085);
@@ -641,19 +659,21 @@ fn mutual_tls_and_minimum_version_toward_the_upstream() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: mtls\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: 8101 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9101\" }}], tls: {} }}\n\
-             \x20 - name: no-client-cert\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: 8102 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9101\" }}], tls: {} }}\n\
-             \x20 - name: tls13-only\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: 8103 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9103\" }}], tls: {} }}\n",
+            r#"
+services:
+  - name: mtls
+    match: {{ cidr: {NOWHERE}/32, port: 8101 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9101" }}], tls: {} }}
+  - name: no-client-cert
+    match: {{ cidr: {NOWHERE}/32, port: 8102 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9101" }}], tls: {} }}
+  - name: tls13-only
+    match: {{ cidr: {NOWHERE}/32, port: 8103 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9103" }}], tls: {} }}
+"#,
             tls(&format!(
                 ", client_cert: {ccert_file}, client_key: {ckey_file}"
             )),
@@ -720,11 +740,13 @@ fn a_tls_1_0_only_upstream_is_refused_with_the_reason() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: legacy\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: 8110 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9110\" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {} }} }}\n",
+            r#"
+services:
+  - name: legacy
+    match: {{ cidr: {NOWHERE}/32, port: 8110 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9110" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {} }} }}
+"#,
             ca_file.display()
         ),
     )
@@ -778,11 +800,13 @@ fn a_rotated_ca_file_is_picked_up_without_restart() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: rotating\n\
-             \x20   match: {{ cidr: {NOWHERE}/32, port: 8120 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9120\" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {ca_file} }} }}\n"
+            r#"
+services:
+  - name: rotating
+    match: {{ cidr: {NOWHERE}/32, port: 8120 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9120" }}], tls: {{ server_name: {PAYMENTS}, ca_file: {ca_file} }} }}
+"#
         ),
     )
     .unwrap();
@@ -823,11 +847,13 @@ fn a_rotated_ca_file_is_picked_up_without_restart() {
 #[test]
 fn a_client_that_never_finishes_its_request_head_is_dropped() {
     let mut pod = Pod::new(&format!(
-        "proxy: {{ header_read_timeout: 1s }}\n\
-         services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8130 }}\n\
-         \x20   protocol: http\n"
+        r#"
+proxy: {{ header_read_timeout: 1s }}
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8130 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8130));
@@ -846,11 +872,13 @@ fn a_client_that_never_finishes_its_request_head_is_dropped() {
 #[test]
 fn insecure_skip_verify_works_and_is_warned_about() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: lab\n\
-         \x20   match: {{ cidr: {NOWHERE}/32, port: 8140 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:9140\" }}], tls: {{ server_name: {PAYMENTS}, insecure_skip_verify: true }} }}\n"
+        r#"
+services:
+  - name: lab
+    match: {{ cidr: {NOWHERE}/32, port: 8140 }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:9140" }}], tls: {{ server_name: {PAYMENTS}, insecure_skip_verify: true }} }}
+"#
     ));
     pod.start_proxy();
     let ca = TestCa::new("unknown-ca");
@@ -880,10 +908,12 @@ fn plain_upstream_connections_are_pooled_across_app_connections() {
     std::fs::write(
         &pod.config,
         format!(
-            "services:\n\
-             \x20 - name: plain\n\
-             \x20   match: {{ cidr: {SERVER_V4}/32, port: 8090 }}\n\
-             \x20   protocol: http\n"
+            r#"
+services:
+  - name: plain
+    match: {{ cidr: {SERVER_V4}/32, port: 8090 }}
+    protocol: http
+"#
         ),
     )
     .unwrap();
@@ -914,8 +944,7 @@ fn https_upstreams_offering_only_http1_are_pooled_too() {
     let mut pod = Pod::new("");
     let ca = TestCa::new("payments-ca");
     let ca_file = ca.write_ca_file(&pod.shared_dir());
-    let config =
-        payments_pod(&ca_file.display().to_string(), 8444) + "\x20       alpn: [http/1.1]\n";
+    let config = payments_pod(&ca_file.display().to_string(), 8444) + "        alpn: [http/1.1]\n";
     std::fs::write(&pod.config, config).unwrap();
     pod.start_proxy();
     let (cert, key) = ca.issue(CertKind::Valid, PAYMENTS, None);

@@ -13,13 +13,15 @@ use ambassador_tests::{upstream::HttpUpstream, *};
 /// A service on SERVER_V4:8080 that adds `x-ver: {ver}`.
 fn api_config(ver: &str) -> String {
     format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
-         \x20   protocol: http\n\
-         \x20   request:\n\
-         \x20     set_headers:\n\
-         \x20       x-ver: {{ value: {ver} }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8080 }}
+    protocol: http
+    request:
+      set_headers:
+        x-ver: {{ value: {ver} }}
+"#
     )
 }
 
@@ -123,9 +125,10 @@ fn admin_api_answers_live_ready_config_status_and_log_level() {
 #[test]
 fn metrics_follow_the_traffic() {
     let mut pod = Pod::new(&format!(
-        "{}\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:8080\" }}]\n",
+        r#"
+{}    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:8080" }}]
+"#,
         api_config("one")
     ));
     pod.start_proxy();
@@ -346,18 +349,20 @@ fn a_live_connection_keeps_the_config_it_started_with() {
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
     // Two requests on one keep-alive connection, with a reload between them.
     let script = format!(
-        "import socket,time,sys\n\
-         s=socket.create_connection(('{SERVER_V4}',8080))\n\
-         def get():\n\
-         \x20   s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n\
-         \x20   d=b''\n\
-         \x20   while b'\\r\\n\\r\\n' not in d: d+=s.recv(4096)\n\
-         \x20   h,b=d.split(b'\\r\\n\\r\\n',1)\n\
-         \x20   n=int([l.split(b':')[1] for l in h.split(b'\\r\\n') if l.lower().startswith(b'content-length')][0])\n\
-         \x20   while len(b)<n: b+=s.recv(4096)\n\
-         get(); print('first', flush=True)\n\
-         sys.stdin.readline()\n\
-         get(); print('second', flush=True)\n"
+        r#"
+import socket,time,sys
+s=socket.create_connection(('{SERVER_V4}',8080))
+def get():
+    s.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+    d=b''
+    while b'\r\n\r\n' not in d: d+=s.recv(4096)
+    h,b=d.split(b'\r\n\r\n',1)
+    n=int([l.split(b':')[1] for l in h.split(b'\r\n') if l.lower().startswith(b'content-length')][0])
+    while len(b)<n: b+=s.recv(4096)
+get(); print('first', flush=True)
+sys.stdin.readline()
+get(); print('second', flush=True)
+"#
     );
     let mut child = pod
         .app("python3")
@@ -402,15 +407,17 @@ fn a_canary_secret_is_in_no_log_metric_or_config_dump() {
     let file = dir.join("token");
     std::fs::write(&file, FROM_FILE).unwrap();
     pod.rewrite_config(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8080 }}\n\
-         \x20   protocol: http\n\
-         \x20   request:\n\
-         \x20     set_headers:\n\
-         \x20       authorization: {{ value: {LITERAL}, prefix: \"Bearer \" }}\n\
-         \x20       x-file: {{ file: {} }}\n\
-         \x20       x-env: {{ env: AMB_CANARY }}\n",
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8080 }}
+    protocol: http
+    request:
+      set_headers:
+        authorization: {{ value: {LITERAL}, prefix: "Bearer " }}
+        x-file: {{ file: {} }}
+        x-env: {{ env: AMB_CANARY }}
+"#,
         file.display()
     ));
     pod.proxy_env.push(("AMB_CANARY".into(), FROM_ENV.into()));
@@ -655,9 +662,10 @@ fn fifty_malformed_configs_each_get_a_one_line_error_naming_the_field() {
 #[test]
 fn spans_reach_an_otlp_collector_with_the_apps_trace_id() {
     let mut pod = Pod::new(&format!(
-        "telemetry:\n\
-         \x20 tracing: {{ otlp_endpoint: \"http://127.0.0.1:4318\", service_name: pod-ambassador }}\n\
-         {}",
+        r#"
+telemetry:
+  tracing: {{ otlp_endpoint: "http://127.0.0.1:4318", service_name: pod-ambassador }}
+{}"#,
         api_config("one")
     ));
     let collector = OtlpReceiver::start(&pod.netns, "127.0.0.1:4318");
@@ -746,11 +754,12 @@ fn without_a_collector_requests_are_not_touched() {
 #[test]
 fn ambassador_status_shows_the_proxys_services_and_endpoints() {
     let mut pod = Pod::new(&format!(
-        "{}\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:8080\" }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:8080\", priority: 1 }}\n",
+        r#"
+{}    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:8080" }}
+        - {{ address: "{SERVER2_V4}:8080", priority: 1 }}
+"#,
         api_config("one")
     ));
     pod.start_proxy();

@@ -45,15 +45,17 @@ fn slow_server_body(listener: TcpListener, delay: Duration, body: Vec<u8>) {
 #[test]
 fn a_dead_primary_fails_over_to_the_secondary_and_comes_back() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {NOWHERE}/32, port: 8200 }}\n\
-         \x20   protocol: http\n\
-         \x20   outlier: {{ consecutive_failures: 2, base_ejection: 1s, max_ejection: 10s }}\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:9200\", priority: 0 }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:9200\", priority: 1 }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {NOWHERE}/32, port: 8200 }}
+    protocol: http
+    outlier: {{ consecutive_failures: 2, base_ejection: 1s, max_ejection: 10s }}
+    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:9200", priority: 0 }}
+        - {{ address: "{SERVER2_V4}:9200", priority: 1 }}
+"#
     ));
     pod.start_proxy();
     let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9200));
@@ -87,11 +89,13 @@ fn a_dead_primary_fails_over_to_the_secondary_and_comes_back() {
 #[test]
 fn circuit_breaker_limits_answer_503_at_once() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8210 }}\n\
-         \x20   protocol: http\n\
-         \x20   limits: {{ max_requests: 2 }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8210 }}
+    protocol: http
+    limits: {{ max_requests: 2 }}
+"#
     ));
     pod.start_proxy();
     slow_server(
@@ -109,11 +113,13 @@ fn circuit_breaker_limits_answer_503_at_once() {
 #[test]
 fn the_request_timeout_answers_504_and_names_itself() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8220 }}\n\
-         \x20   protocol: http\n\
-         \x20   timeouts: {{ request: 500ms }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8220 }}
+    protocol: http
+    timeouts: {{ request: 500ms }}
+"#
     ));
     pod.start_proxy();
     slow_server(pod.server_listener(SERVER_V4, 8220), Duration::from_secs(5));
@@ -135,10 +141,12 @@ fn the_request_timeout_answers_504_and_names_itself() {
 #[test]
 fn a_stalled_tcp_upstream_is_cut_by_the_idle_timeout() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: db\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8230 }}\n\
-         \x20   timeouts: {{ idle: 1s }}\n"
+        r#"
+services:
+  - name: db
+    match: {{ cidr: {SERVER_V4}/32, port: 8230 }}
+    timeouts: {{ idle: 1s }}
+"#
     ));
     pod.start_proxy();
     // Accepts, greets, then never says another word.
@@ -166,10 +174,12 @@ fn a_stalled_tcp_upstream_is_cut_by_the_idle_timeout() {
 #[test]
 fn sigterm_lets_in_flight_requests_finish() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8240 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8240 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     slow_server_body(
@@ -247,11 +257,13 @@ fn flaky_server(
 #[test]
 fn idempotent_requests_are_retried_and_a_sent_post_never_is() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32 }}\n\
-         \x20   protocol: http\n\
-         \x20   retries: {{ attempts: 2, backoff: 10ms, budget: 0.5 }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32 }}
+    protocol: http
+    retries: {{ attempts: 2, backoff: 10ms, budget: 0.5 }}
+"#
     ));
     pod.start_proxy();
     let code = |method: &str, port: u16| {
@@ -319,15 +331,17 @@ fn active_health_checks_move_traffic_before_any_request_fails() {
         atomic::{AtomicBool, Ordering},
     };
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {NOWHERE}/32, port: 8260 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:9260\", priority: 0 }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:9260\", priority: 1 }}\n\
-         \x20     health_check: {{ interval: 100ms, unhealthy_threshold: 2, healthy_threshold: 2, http: {{ path: /healthz, expect: 200 }} }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {NOWHERE}/32, port: 8260 }}
+    protocol: http
+    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:9260", priority: 0 }}
+        - {{ address: "{SERVER2_V4}:9260", priority: 1 }}
+      health_check: {{ interval: 100ms, unhealthy_threshold: 2, healthy_threshold: 2, http: {{ path: /healthz, expect: 200 }} }}
+"#
     ));
     let primary_ok = Arc::new(AtomicBool::new(true));
     health_server(
@@ -359,14 +373,16 @@ fn active_health_checks_move_traffic_before_any_request_fails() {
 #[test]
 fn killing_the_primary_under_steady_load_fails_no_request() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {NOWHERE}/32, port: 8270 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:9270\", priority: 0 }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:9270\", priority: 1 }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {NOWHERE}/32, port: 8270 }}
+    protocol: http
+    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:9270", priority: 0 }}
+        - {{ address: "{SERVER2_V4}:9270", priority: 1 }}
+"#
     ));
     pod.start_proxy();
     let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9270));
@@ -390,16 +406,18 @@ fn killing_the_primary_under_steady_load_fails_no_request() {
 #[test]
 fn consecutive_5xx_eject_an_endpoint_which_is_readmitted_later() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {NOWHERE}/32, port: 8280 }}\n\
-         \x20   protocol: http\n\
-         \x20   outlier: {{ consecutive_failures: 5, base_ejection: 2s }}\n\
-         \x20   upstream:\n\
-         \x20     balance: round_robin\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:9280\" }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:9280\" }}\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {NOWHERE}/32, port: 8280 }}
+    protocol: http
+    outlier: {{ consecutive_failures: 5, base_ejection: 2s }}
+    upstream:
+      balance: round_robin
+      endpoints:
+        - {{ address: "{SERVER_V4}:9280" }}
+        - {{ address: "{SERVER2_V4}:9280" }}
+"#
     ));
     pod.start_proxy();
     // One endpoint always answers 503, the other is fine.
@@ -430,10 +448,12 @@ fn consecutive_5xx_eject_an_endpoint_which_is_readmitted_later() {
 #[test]
 fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 8290 }}\n\
-         \x20   protocol: http\n"
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {SERVER_V4}/32, port: 8290 }}
+    protocol: http
+"#
     ));
     pod.start_proxy();
     let l = pod.server_listener(SERVER_V4, 8290);
@@ -469,11 +489,13 @@ fn an_upstream_reset_mid_body_is_passed_on_not_hidden() {
 /// endpoint's pool (one HTTP/2 connection).
 fn grpc_pod(port: u16) -> (Pod, std::net::TcpListener) {
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: grpc\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: {port} }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream: {{ endpoints: [ {{ address: \"{SERVER_V4}:{port}\" }} ] }}\n"
+        r#"
+services:
+  - name: grpc
+    match: {{ cidr: {SERVER_V4}/32, port: {port} }}
+    protocol: http
+    upstream: {{ endpoints: [ {{ address: "{SERVER_V4}:{port}" }} ] }}
+"#
     ));
     pod.start_proxy();
     let listener = pod.server_listener(SERVER_V4, port);

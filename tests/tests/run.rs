@@ -107,9 +107,11 @@ fn two_runs_at_once_do_not_interfere() {
     let (_s, port) = greet_server();
     // Each run holds its interception for a while, overlapping the other's.
     let script = format!(
-        "import socket,time\n\
-         for i in range(5):\n\
-         \x20   s=socket.create_connection(('127.0.0.1',{port}));assert s.recv(64).startswith(b'HELLO');s.close();time.sleep(0.1)\n"
+        r#"
+import socket,time
+for i in range(5):
+    s=socket.create_connection(('127.0.0.1',{port}));assert s.recv(64).startswith(b'HELLO');s.close();time.sleep(0.1)
+"#
     );
     let spawn = || {
         run_cmd(&cfg)
@@ -269,15 +271,17 @@ fn check_validates_everything_the_proxy_would_and_summarises() {
     let ca_file = ca.write_ca_file(&dir);
     let config = |ca: &std::path::Path| {
         format!(
-            "default: deny\n\
-             services:\n\
-             \x20 - name: payments\n\
-             \x20   match: {{ host: payments.example.test, port: 80 }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream:\n\
-             \x20     endpoints: [{{ address: \"127.0.0.1:8443\" }}]\n\
-             \x20     tls: {{ server_name: payments.example.test, ca_file: {} }}\n\
-             \x20   request: {{ set_headers: {{ authorization: {{ value: s3cret-canary }} }} }}\n",
+            r#"
+default: deny
+services:
+  - name: payments
+    match: {{ host: payments.example.test, port: 80 }}
+    protocol: http
+    upstream:
+      endpoints: [{{ address: "127.0.0.1:8443" }}]
+      tls: {{ server_name: payments.example.test, ca_file: {} }}
+    request: {{ set_headers: {{ authorization: {{ value: s3cret-canary }} }} }}
+"#,
             ca.display()
         )
     };

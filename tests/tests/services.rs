@@ -10,11 +10,13 @@ fn lines(out: &std::process::Output) -> String {
 #[test]
 fn default_deny_refuses_what_no_service_claims() {
     let mut pod = Pod::new(&format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: db\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: 7701 }}\n\
-         \x20   protocol: tcp\n"
+        r#"
+default: deny
+services:
+  - name: db
+    match: {{ cidr: {SERVER_V4}/32, port: 7701 }}
+    protocol: tcp
+"#
     ));
     pod.start_proxy();
     let _a = pod.server(SERVER_V4, 7701, Behaviour::Greet);
@@ -49,12 +51,14 @@ fn default_passthrough_relays_what_no_service_claims() {
 fn a_tcp_service_can_send_connections_elsewhere() {
     // The app dials an address nobody has; the service's endpoint answers.
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: moved\n\
-         \x20   match: {{ cidr: 198.18.0.99/32, port: 7703 }}\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - address: {SERVER_V4}:7704\n"
+        r#"
+services:
+  - name: moved
+    match: {{ cidr: 198.18.0.99/32, port: 7703 }}
+    upstream:
+      endpoints:
+        - address: {SERVER_V4}:7704
+"#
     ));
     pod.start_proxy();
     let _s = pod.server(SERVER_V4, 7704, Behaviour::Greet);
@@ -77,13 +81,15 @@ fn a_tcp_service_can_send_connections_elsewhere() {
 fn tls_from_the_app_is_routed_by_sni_and_relayed_untouched() {
     use ambassador_tests::upstream::{CertKind, HttpUpstream, TestCa, TlsVersions};
     let mut pod = Pod::new(&format!(
-        "default: deny\n\
-         services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ host: api.example.test, port: 443 }}\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - address: {SERVER_V4}:9443\n"
+        r#"
+default: deny
+services:
+  - name: api
+    match: {{ host: api.example.test, port: 443 }}
+    upstream:
+      endpoints:
+        - address: {SERVER_V4}:9443
+"#
     ));
     pod.start_proxy();
     let ca = TestCa::new("app-ca");
@@ -121,11 +127,13 @@ fn tls_from_the_app_is_routed_by_sni_and_relayed_untouched() {
 fn auto_detects_http_and_leaves_server_first_protocols_alone() {
     use ambassador_tests::upstream::HttpUpstream;
     let mut pod = Pod::new(&format!(
-        "services:\n\
-         \x20 - name: mixed\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32 }}\n\
-         \x20   protocol: auto\n\
-         \x20   request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}\n"
+        r#"
+services:
+  - name: mixed
+    match: {{ cidr: {SERVER_V4}/32 }}
+    protocol: auto
+    request: {{ set_headers: {{ x-via: {{ value: ambassador }} }} }}
+"#
     ));
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8090));
@@ -147,14 +155,16 @@ fn auto_detects_http_and_leaves_server_first_protocols_alone() {
 fn a_service_named_by_host_also_matches_the_addresses_it_resolves_to() {
     // `localhost` is the one name every machine resolves (from /etc/hosts).
     let mut pod = Pod::new(&format!(
-        "intercept: {{ loopback: true }}\n\
-         default: deny\n\
-         services:\n\
-         \x20 - name: named\n\
-         \x20   match: {{ host: localhost, port: 8095 }}\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - address: {SERVER_V4}:7706\n"
+        r#"
+intercept: {{ loopback: true }}
+default: deny
+services:
+  - name: named
+    match: {{ host: localhost, port: 8095 }}
+    upstream:
+      endpoints:
+        - address: {SERVER_V4}:7706
+"#
     ));
     pod.start_proxy();
     let _s = pod.server(SERVER_V4, 7706, Behaviour::Greet);

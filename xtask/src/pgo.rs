@@ -135,6 +135,10 @@ fn train(bin: &Path) -> anyhow::Result<()> {
 /// One line for a report: which ambassador build it measured.
 pub fn described(bins: &Bins) -> String {
     match &bins.plain {
+        Some(b) if bins.plain_label == "baseline" => format!(
+            "ambassador: release build of this tree without PGO; `ambassador, baseline`: {}\n",
+            b.display()
+        ),
         Some(_) => "ambassador: release build with profile-guided optimisation (`cargo xtask build --pgo`: \
                     trained in the same set-ups on other traffic: HTTP POSTs with 4 KiB bodies and 300-byte\n\
                     answers, also over HTTP/2 both ways; pgbench TPC-B-like over the extended protocol; iperf3 reversed)\n"

@@ -31,25 +31,27 @@ const PG_NAME: &str = "soak-db.internal";
 
 fn config(generation: u32, ca: &str, creds: &str) -> String {
     format!(
-        "proxy: {{ workers: 1 }}\n\
-         telemetry: {{ access_log: false }}\n\
-         services:\n\
-         \x20 - name: web\n\
-         \x20   match: {{ cidr: {HTTP_VIP}/32, port: 80 }}\n\
-         \x20   protocol: http\n\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:8181\" }}, {{ address: \"{SERVER2_V4}:8181\" }}]\n\
-         \x20   request: {{ set_headers: {{ x-generation: {{ value: \"{generation}\" }} }} }}\n\
-         \x20 - name: echo\n\
-         \x20   match: {{ cidr: {TCP_VIP}/32, port: 7000 }}\n\
-         \x20   upstream: {{ endpoints: [{{ address: \"{SERVER_V4}:7000\" }}] }}\n\
-         \x20 - name: db\n\
-         \x20   match: {{ cidr: {PG_VIP}/32, port: 5432 }}\n\
-         \x20   protocol: postgres\n\
-         \x20   upstream:\n\
-         \x20     endpoints: [{{ address: \"{SERVER_V4}:5432\" }}]\n\
-         \x20     tls: {{ server_name: {PG_NAME}, ca_file: {ca} }}\n\
-         \x20   postgres: {{ credentials_file: {creds}, pool: {{ mode: transaction, size: 4 }} }}\n"
+        r#"
+proxy: {{ workers: 1 }}
+telemetry: {{ access_log: false }}
+services:
+  - name: web
+    match: {{ cidr: {HTTP_VIP}/32, port: 80 }}
+    protocol: http
+    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:8181" }}, {{ address: "{SERVER2_V4}:8181" }}]
+    request: {{ set_headers: {{ x-generation: {{ value: "{generation}" }} }} }}
+  - name: echo
+    match: {{ cidr: {TCP_VIP}/32, port: 7000 }}
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:7000" }}] }}
+  - name: db
+    match: {{ cidr: {PG_VIP}/32, port: 5432 }}
+    protocol: postgres
+    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:5432" }}]
+      tls: {{ server_name: {PG_NAME}, ca_file: {ca} }}
+    postgres: {{ credentials_file: {creds}, pool: {{ mode: transaction, size: 4 }} }}
+"#
     )
 }
 

@@ -20,11 +20,7 @@ use postgres_protocol::{
     },
     message::{backend::Message, frontend},
 };
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf},
-    net::TcpStream,
-};
-use tokio_rustls::client::TlsStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
 use super::{
     auth::{Credentials, Password},
@@ -36,7 +32,7 @@ use crate::{
     endpoint::{Endpoint, EndpointSet, resolve},
     error::{Classified, Retry},
     net::Settings,
-    tls::TlsOrigin,
+    tls::{PlainOrTls, TlsOrigin},
 };
 
 /// How a postgres service's servers are reached and logged in to.
@@ -53,56 +49,10 @@ pub struct Servers {
 /// Login (TLS, startup, authentication, role check) must finish by then.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A server connection's byte stream.
-pub enum ServerStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
 /// A logged-in server connection, ready for queries.
 pub struct ServerConn {
-    pub rd: ReadHalf<ServerStream>,
-    pub wr: WriteHalf<ServerStream>,
+    pub rd: ReadHalf<PlainOrTls>,
+    pub wr: WriteHalf<PlainOrTls>,
     pub addr: SocketAddr,
     pub endpoint: Option<Arc<Endpoint>>,
     /// The server's cancel key for this connection.
@@ -245,7 +195,7 @@ pub async fn open(
 
 /// TCP, then TLS as configured: after an SSLRequest the server accepted, or
 /// directly (PostgreSQL 17). Plaintext only when the service has no TLS.
-pub async fn connect(pg: &Servers, addr: SocketAddr) -> Result<ServerStream, PgError> {
+pub async fn connect(pg: &Servers, addr: SocketAddr) -> Result<PlainOrTls, PgError> {
     let tcp = crate::net::connect(addr, &pg.settings)
         .await
         .map_err(|e| PgError::Connect(e.to_string()))?;
@@ -257,7 +207,7 @@ pub async fn connect(pg: &Servers, addr: SocketAddr) -> Result<ServerStream, PgE
         .with_retries(3);
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
     let Some(tls) = &pg.tls else {
-        return Ok(ServerStream::Plain(tcp));
+        return Ok(PlainOrTls::Plain(tcp));
     };
     let mut tcp = tcp;
     let io = |source| PgError::ServerIo { addr, source };
@@ -291,7 +241,7 @@ pub async fn connect(pg: &Servers, addr: SocketAddr) -> Result<ServerStream, PgE
                     .into(),
         });
     }
-    Ok(ServerStream::Tls(Box::new(stream)))
+    Ok(PlainOrTls::tls(stream))
 }
 
 /// Connects and logs in as `user` with the ambassador's password.

@@ -29,6 +29,9 @@ use crate::{
     files::WatchedFiles,
 };
 
+mod stream;
+pub use stream::PlainOrTls;
+
 /// A TLS configuration that could not be built from its files.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

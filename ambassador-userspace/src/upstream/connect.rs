@@ -22,7 +22,7 @@ use super::stream::UpstreamStream;
 use crate::{
     endpoint::{Endpoint, EndpointError, EndpointSet, resolve},
     net::{ConnectError as NetError, Settings},
-    tls::{self, TlsOrigin},
+    tls::{self, PlainOrTls, TlsOrigin},
 };
 
 /// Why no upstream connection could be had. The reason goes to the app in a
@@ -156,9 +156,9 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 async move {
                     let _ = tcp.set_nodelay(true);
                     match tls {
-                        None => Ok(UpstreamStream::plain(tcp)),
+                        None => Ok(UpstreamStream::new(PlainOrTls::Plain(tcp))),
                         Some(origin) => match origin.connect(tcp).await {
-                            Ok(s) => Ok(UpstreamStream::tls(s)),
+                            Ok(s) => Ok(UpstreamStream::new(PlainOrTls::tls(s))),
                             Err(e) => Err(ConnectError::Tls {
                                 addr,
                                 reason: tls::reason(&e),

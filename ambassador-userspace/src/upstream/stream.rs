@@ -1,5 +1,5 @@
-//! The one plain-or-TLS stream toward an upstream, and what it tells each
-//! response about itself.
+//! An upstream connection: the plain-or-TLS stream with what its pool and
+//! each response need to know of it.
 
 use std::{
     io,
@@ -11,12 +11,13 @@ use std::{
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
     sync::OwnedSemaphorePermit,
 };
-use tokio_rustls::client::TlsStream;
 
-use crate::{endpoint::Endpoint, tls};
+use crate::{
+    endpoint::Endpoint,
+    tls::{self, PlainOrTls},
+};
 
 /// What a pooled connection tells each response (and failed request) about
 /// itself: one extension, so one insertion per response.
@@ -53,7 +54,7 @@ impl LastTlsError {
 }
 
 pub struct UpstreamStream {
-    inner: Inner,
+    inner: PlainOrTls,
     last_tls_error: LastTlsError,
     /// The endpoint it goes to.
     pub(super) endpoint: Option<Arc<Endpoint>>,
@@ -63,15 +64,10 @@ pub struct UpstreamStream {
     pub(super) permit: Option<OwnedSemaphorePermit>,
 }
 
-enum Inner {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
 impl UpstreamStream {
-    pub(super) fn plain(s: TcpStream) -> UpstreamStream {
+    pub(super) fn new(inner: PlainOrTls) -> UpstreamStream {
         UpstreamStream {
-            inner: Inner::Plain(s),
+            inner,
             last_tls_error: LastTlsError::default(),
             endpoint: None,
             fallback: false,
@@ -79,38 +75,19 @@ impl UpstreamStream {
         }
     }
 
-    pub(super) fn tls(s: TlsStream<TcpStream>) -> UpstreamStream {
-        UpstreamStream {
-            inner: Inner::Tls(Box::new(s)),
-            last_tls_error: LastTlsError::default(),
-            endpoint: None,
-            fallback: false,
-            permit: None,
-        }
-    }
-}
-
-impl UpstreamStream {
     /// TLS's ALPN picked HTTP/2.
     pub fn negotiated_h2(&self) -> bool {
-        match &self.inner {
-            Inner::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
-            Inner::Plain(_) => false,
-        }
+        self.inner.negotiated_h2()
     }
 
     /// What responses on this connection should know of it.
     pub fn info(&self) -> ConnInfo {
-        let mut info = ConnInfo {
+        ConnInfo {
             endpoint: self.endpoint.clone(),
-            tls: None,
+            tls: self.inner.tls_version(),
             last_tls_error: self.last_tls_error.clone(),
             fallback: self.fallback,
-        };
-        if let Inner::Tls(s) = &self.inner {
-            info.tls = s.get_ref().1.protocol_version().and_then(|v| v.as_str());
         }
-        info
     }
 }
 
@@ -135,10 +112,7 @@ impl AsyncRead for UpstreamStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let r = match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Err(e)) = &r {
             this.last_tls_error.note(e);
         }
@@ -153,36 +127,25 @@ impl AsyncWrite for UpstreamStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Inner::Tls(s) => {
-                let r = Pin::new(s.as_mut()).poll_write(cx, buf);
-                if let Poll::Ready(Err(_)) = &r {
-                    // The peer may have said why before it closed (an alert
-                    // waiting in the receive buffer): read it for the reason.
-                    let mut scratch = [0u8; 512];
-                    let mut rb = ReadBuf::new(&mut scratch);
-                    if let Poll::Ready(Err(e)) = Pin::new(s.as_mut()).poll_read(cx, &mut rb) {
-                        this.last_tls_error.note(&e);
-                    }
-                }
-                r
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Err(_))) && this.inner.is_tls() {
+            // The peer may have said why before it closed (an alert waiting
+            // in the receive buffer): read it for the reason.
+            let mut scratch = [0u8; 512];
+            let mut rb = ReadBuf::new(&mut scratch);
+            if let Poll::Ready(Err(e)) = Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                this.last_tls_error.note(&e);
             }
         }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -190,16 +153,10 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Inner::Plain(s) => s.is_write_vectored(),
-            Inner::Tls(s) => s.is_write_vectored(),
-        }
+        self.inner.is_write_vectored()
     }
 }

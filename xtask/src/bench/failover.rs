@@ -34,16 +34,18 @@ pub(super) struct Run {
 pub(super) fn run() -> anyhow::Result<String> {
     let oha = crate::toolchain::ensure_oha()?;
     let config = format!(
-        "telemetry: {{ access_log: false }}\n\
-         services:\n\
-         \x20 - name: api\n\
-         \x20   match: {{ cidr: {SERVICE_IP}/32, port: {PORT} }}\n\
-         \x20   protocol: http\n\
-         \x20   outlier: {{ consecutive_failures: 3, base_ejection: 2s }}\n\
-         \x20   upstream:\n\
-         \x20     endpoints:\n\
-         \x20       - {{ address: \"{SERVER_V4}:{ORIGIN_PORT}\" }}\n\
-         \x20       - {{ address: \"{SERVER2_V4}:{ORIGIN_PORT}\" }}\n"
+        r#"
+telemetry: {{ access_log: false }}
+services:
+  - name: api
+    match: {{ cidr: {SERVICE_IP}/32, port: {PORT} }}
+    protocol: http
+    outlier: {{ consecutive_failures: 3, base_ejection: 2s }}
+    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:{ORIGIN_PORT}" }}
+        - {{ address: "{SERVER2_V4}:{ORIGIN_PORT}" }}
+"#
     );
     let mut pod = Pod::new(&config);
     pod.start_proxy_logging("warn,ambassador_userspace::proxy=info");

@@ -98,18 +98,20 @@ pub fn run(pass: Pass) -> anyhow::Result<String> {
         // One worker and no access log: PgBouncer is single-threaded and
         // logs no connections here either.
         format!(
-            "proxy: {{ workers: 1 }}\n\
-             telemetry: {{ access_log: false }}\n\
-             services:\n\
-             \x20 - name: orders-db\n\
-             \x20   match: {{ cidr: {VIP}/32, port: 5432 }}\n\
-             \x20   protocol: postgres\n\
-             \x20   upstream:\n\
-             \x20     endpoints: [ {{ address: \"{SERVER_V4}:5432\" }} ]\n\
-             \x20     tls: {{ server_name: {NAME}, ca_file: {} }}\n\
-             \x20   postgres:\n\
-             \x20     credentials_file: {}\n\
-             \x20     pool: {{ mode: transaction, size: {CLIENTS}, max_clients: 500 }}\n",
+            r#"
+proxy: {{ workers: 1 }}
+telemetry: {{ access_log: false }}
+services:
+  - name: orders-db
+    match: {{ cidr: {VIP}/32, port: 5432 }}
+    protocol: postgres
+    upstream:
+      endpoints: [ {{ address: "{SERVER_V4}:5432" }} ]
+      tls: {{ server_name: {NAME}, ca_file: {} }}
+    postgres:
+      credentials_file: {}
+      pool: {{ mode: transaction, size: {CLIENTS}, max_clients: 500 }}
+"#,
             ca_file.display(),
             creds.display()
         ),

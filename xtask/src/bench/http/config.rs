@@ -27,30 +27,33 @@ pub(super) fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file:
     // What the app dials -> the origin's TLS listener, verified.
     let tls_service = |name: &str, port: u16, origin_port: u16| {
         format!(
-            "\x20 - name: {name}\n\
-             \x20   match: {{ cidr: {SERVER_V4}/32, port: {port} }}\n\
-             \x20   protocol: http\n\
-             \x20   upstream:\n\
-             \x20     endpoints: [{{ address: \"{SERVER_V4}:{origin_port}\" }}]\n\
-             \x20     tls: {{ server_name: {ORIGIN_NAME}, ca_file: \"{}\" }}\n\
-             \x20   request: {auth}\n",
+            r#"
+  - name: {name}
+    match: {{ cidr: {SERVER_V4}/32, port: {port} }}
+    protocol: http
+    upstream:
+      endpoints: [{{ address: "{SERVER_V4}:{origin_port}" }}]
+      tls: {{ server_name: {ORIGIN_NAME}, ca_file: "{}" }}
+    request: {auth}
+"#,
             ca_file.display()
         )
     };
     // Access logs off: HAProxy and nginx run without them too.
     format!(
-        "{proxy}telemetry: {{ access_log: false }}\n\
-         services:\n\
-         \x20 - name: origin\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_PORT} }}\n\
-         \x20   protocol: http\n\
-         \x20   request: {auth}\n\
-         {}\
-         {}\
-         \x20 - name: origin-h2c\n\
-         \x20   match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_H2C_PORT} }}\n\
-         \x20   protocol: http\n\
-         \x20   request: {auth}\n",
+        r#"
+{proxy}telemetry: {{ access_log: false }}
+services:
+  - name: origin
+    match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_PORT} }}
+    protocol: http
+    request: {auth}
+{}{}
+  - name: origin-h2c
+    match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_H2C_PORT} }}
+    protocol: http
+    request: {auth}
+"#,
         tls_service("origin-tls", AMBASSADOR_TLS_PORT, ORIGIN_TLS_PORT),
         tls_service("origin-h2", AMBASSADOR_H2_PORT, ORIGIN_H2_PORT),
     )
@@ -62,19 +65,21 @@ pub(super) fn ambassador_config(workers: Option<u32>, accelerate: bool, ca_file:
 fn nginx_common(dir: &Path) -> String {
     let d = dir.display();
     format!(
-        "worker_processes 1;\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n\
-         \x20 access_log off;\n\
-         \x20 keepalive_requests 1000000;\n\
-         \x20 default_type text/plain;\n\
-         \x20 client_body_temp_path {d}/body;\n\
-         \x20 proxy_temp_path {d}/proxy;\n\
-         \x20 fastcgi_temp_path {d}/fastcgi;\n\
-         \x20 uwsgi_temp_path {d}/uwsgi;\n\
-         \x20 scgi_temp_path {d}/scgi;\n"
+        r#"
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  default_type text/plain;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+"#
     )
 }
 
@@ -83,33 +88,35 @@ pub(super) fn origin_config(dir: &Path, cert: &Path, key: &Path) -> String {
     let trained = "y".repeat(TRAIN_RESPONSE_BYTES);
     // /auth shows which Authorization arrived, for the checks before each run.
     let locations = format!(
-        "location = /auth {{ return 200 \"$http_authorization\"; }}\n\
-         \x20   location = /{TRAIN_PATH} {{ return 200 \"{trained}\"; }}\n\
-         \x20   location / {{ return 200 \"{body}\"; }}"
+        r#"location = /auth {{ return 200 "$http_authorization"; }}
+    location = /{TRAIN_PATH} {{ return 200 "{trained}"; }}
+    location / {{ return 200 "{body}"; }}"#
     );
     format!(
-        "{}\
-         \x20 server {{\n\
-         \x20   listen {SERVER_V4}:{ORIGIN_PORT};\n\
-         \x20   {locations}\n\
-         \x20 }}\n\
-         \x20 server {{\n\
-         \x20   listen {SERVER_V4}:{ORIGIN_TLS_PORT} ssl;\n\
-         \x20   ssl_certificate {cert};\n\
-         \x20   ssl_certificate_key {key};\n\
-         \x20   {locations}\n\
-         \x20 }}\n\
-         \x20 server {{\n\
-         \x20   listen {SERVER_V4}:{ORIGIN_H2_PORT} ssl http2;\n\
-         \x20   ssl_certificate {cert};\n\
-         \x20   ssl_certificate_key {key};\n\
-         \x20   {locations}\n\
-         \x20 }}\n\
-         \x20 server {{\n\
-         \x20   listen {SERVER_V4}:{ORIGIN_H2C_PORT} http2;\n\
-         \x20   {locations}\n\
-         \x20 }}\n\
-         }}\n",
+        r#"
+{}
+  server {{
+    listen {SERVER_V4}:{ORIGIN_PORT};
+    {locations}
+  }}
+  server {{
+    listen {SERVER_V4}:{ORIGIN_TLS_PORT} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    {locations}
+  }}
+  server {{
+    listen {SERVER_V4}:{ORIGIN_H2_PORT} ssl http2;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    {locations}
+  }}
+  server {{
+    listen {SERVER_V4}:{ORIGIN_H2C_PORT} http2;
+    {locations}
+  }}
+}}
+"#,
         nginx_common(dir),
         cert = cert.display(),
         key = key.display()
@@ -120,33 +127,35 @@ pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
     // HTTP/1.1 with `Connection ""` is what lets nginx keep upstream
     // connections open (it sends `Connection: close` otherwise).
     let proxying = format!(
-        "proxy_http_version 1.1;\n\
-         \x20     proxy_set_header Connection \"\";\n\
-         \x20     proxy_set_header Authorization \"{AUTHORIZATION}\";"
+        r#"proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "{AUTHORIZATION}";"#
     );
     format!(
-        "{}\
-         \x20 upstream origin {{ server {SERVER_V4}:{ORIGIN_PORT}; keepalive 32; keepalive_requests 1000000; }}\n\
-         \x20 upstream origin_tls {{ server {SERVER_V4}:{ORIGIN_TLS_PORT}; keepalive 32; keepalive_requests 1000000; }}\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{NGINX_PORT};\n\
-         \x20   location / {{\n\
-         \x20     proxy_pass http://origin;\n\
-         \x20     {proxying}\n\
-         \x20   }}\n\
-         \x20 }}\n\
-         \x20 server {{\n\
-         \x20   listen 127.0.0.1:{NGINX_TLS_PORT};\n\
-         \x20   location / {{\n\
-         \x20     proxy_pass https://origin_tls;\n\
-         \x20     {proxying}\n\
-         \x20     proxy_ssl_verify on;\n\
-         \x20     proxy_ssl_trusted_certificate {};\n\
-         \x20     proxy_ssl_server_name on;\n\
-         \x20     proxy_ssl_name {ORIGIN_NAME};\n\
-         \x20   }}\n\
-         \x20 }}\n\
-         }}\n",
+        r#"
+{}
+  upstream origin {{ server {SERVER_V4}:{ORIGIN_PORT}; keepalive 32; keepalive_requests 1000000; }}
+  upstream origin_tls {{ server {SERVER_V4}:{ORIGIN_TLS_PORT}; keepalive 32; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{NGINX_PORT};
+    location / {{
+      proxy_pass http://origin;
+      {proxying}
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{NGINX_TLS_PORT};
+    location / {{
+      proxy_pass https://origin_tls;
+      {proxying}
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {};
+      proxy_ssl_server_name on;
+      proxy_ssl_name {ORIGIN_NAME};
+    }}
+  }}
+}}
+"#,
         nginx_common(dir),
         ca_file.display()
     )
@@ -155,27 +164,29 @@ pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
 pub(super) fn haproxy_config(ca_file: &Path) -> String {
     let ca = ca_file.display();
     format!(
-        "global\n\
-         \x20 nbthread 1\n\
-         \x20 maxconn 4096\n\
-         defaults\n\
-         \x20 mode http\n\
-         \x20 option http-keep-alive\n\
-         \x20 timeout connect 5s\n\
-         \x20 timeout client 30s\n\
-         \x20 timeout server 30s\n\
-         \x20 timeout http-keep-alive 30s\n\
-         frontend plain\n\
-         \x20 bind 127.0.0.1:{HAPROXY_PORT}\n\
-         \x20 http-request set-header Authorization \"{AUTHORIZATION}\"\n\
-         \x20 default_backend origin\n\
-         frontend tls\n\
-         \x20 bind 127.0.0.1:{HAPROXY_TLS_PORT}\n\
-         \x20 http-request set-header Authorization \"{AUTHORIZATION}\"\n\
-         \x20 default_backend origin_tls\n\
-         backend origin\n\
-         \x20 server s {SERVER_V4}:{ORIGIN_PORT}\n\
-         backend origin_tls\n\
-         \x20 server s {SERVER_V4}:{ORIGIN_TLS_PORT} ssl verify required ca-file {ca} sni str({ORIGIN_NAME}) verifyhost {ORIGIN_NAME}\n"
+        r#"
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  timeout http-keep-alive 30s
+frontend plain
+  bind 127.0.0.1:{HAPROXY_PORT}
+  http-request set-header Authorization "{AUTHORIZATION}"
+  default_backend origin
+frontend tls
+  bind 127.0.0.1:{HAPROXY_TLS_PORT}
+  http-request set-header Authorization "{AUTHORIZATION}"
+  default_backend origin_tls
+backend origin
+  server s {SERVER_V4}:{ORIGIN_PORT}
+backend origin_tls
+  server s {SERVER_V4}:{ORIGIN_TLS_PORT} ssl verify required ca-file {ca} sni str({ORIGIN_NAME}) verifyhost {ORIGIN_NAME}
+"#
     )
 }
