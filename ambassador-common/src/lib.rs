@@ -41,8 +41,19 @@ pub mod maps {
     /// Per sending socket: whether its bytes take the shortcut (decided once,
     /// at its first send, so a connection's bytes never mix both paths).
     pub const ACCEL: &str = "AMB_ACCEL";
+    /// The single entry of the inbound config (`InboundConfig`).
+    pub const IN_CONFIG: &str = "AMB_IN_CONFIG";
+    /// Inbound ports, by host-order port: `IN_PORT_INTERCEPT` or `IN_PORT_EXCLUDE`.
+    pub const IN_PORTS: &str = "AMB_IN_PORTS";
+    /// The proxy's inbound listeners: index `IN_LISTEN_V4` and `IN_LISTEN_V6`.
+    pub const IN_LISTEN: &str = "AMB_IN_LISTEN";
+    pub const IN_PORT_INTERCEPT: u8 = 1;
+    pub const IN_PORT_EXCLUDE: u8 = 2;
+    pub const IN_LISTEN_V4: u32 = 0;
+    pub const IN_LISTEN_V6: u32 = 1;
+    pub const MAX_INBOUND_PORTS: u32 = 256;
     /// Every map the programs pin, in the order `status` lists them.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 12] = [
         CONFIG,
         EXCLUDE_PORTS,
         EXCLUDE_V4,
@@ -52,6 +63,9 @@ pub mod maps {
         COUNTERS,
         SOCKS,
         ACCEL,
+        IN_CONFIG,
+        IN_PORTS,
+        IN_LISTEN,
     ];
     pub const MAX_EXCLUDED_PORTS: u32 = 64;
     pub const MAX_EXCLUDED_CIDRS: u32 = 256;
@@ -76,6 +90,8 @@ pub mod programs {
     ];
     /// The sk_msg program, attached to the `AMB_SOCKS` map rather than a cgroup.
     pub const ACCEL: &str = "ambassador_accel";
+    /// The sk_lookup program, attached to the Pod's network namespace.
+    pub const INBOUND: &str = "ambassador_inbound";
 }
 
 /// Indices into the per-CPU counter array.
@@ -91,9 +107,23 @@ pub mod counter {
     /// app<->proxy byte streams (one per direction of a redirected
     /// connection) that took the sk_msg shortcut.
     pub const ACCELERATED: u32 = 4;
-    pub const COUNT: u32 = 5;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["redirected", "bypassed", "refused", "passed", "accelerated"];
+    /// Inbound: handed to the proxy's inbound listener.
+    pub const IN_REDIRECTED: u32 = 5;
+    /// Inbound: delivered straight to the app (proxy absent under fail-open).
+    pub const IN_PASSED: u32 = 6;
+    /// Inbound: refused (proxy absent under fail-closed).
+    pub const IN_REFUSED: u32 = 7;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "bypassed",
+        "refused",
+        "passed",
+        "accelerated",
+        "inbound_redirected",
+        "inbound_passed",
+        "inbound_refused",
+    ];
 }
 
 /// The single entry of the config map, written by `init` / `run`.
@@ -115,6 +145,28 @@ pub struct Config {
     pub accelerate: u8,
     pub _pad: [u8; 3],
 }
+
+/// The single entry of the inbound config map, written by `init` / `run`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundConfig {
+    /// 1: the program steers connections; 0: it touches nothing.
+    pub enabled: u8,
+    /// 1: deliver to the app when the proxy's listener is gone; 0: refuse.
+    pub fail_open: u8,
+    /// 1: every port not excluded; 0: only ports marked `IN_PORT_INTERCEPT`.
+    pub all_ports: u8,
+    pub _pad: u8,
+    /// Connections from this address (network order) are the proxy's own to
+    /// the app and always pass (127.0.0.6, as Istio uses).
+    pub pass_v4: u32,
+}
+
+/// The source address the proxy uses toward the app, which the inbound
+/// program lets through.
+pub const INBOUND_PASS_V4: [u8; 4] = [127, 0, 0, 6];
+/// Default port of the proxy's inbound listener (on 127.0.0.1 and ::1).
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 /// Where the app meant to go.
 #[repr(C)]
@@ -153,6 +205,8 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: see above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for InboundConfig {}
 }
 
 #[cfg(feature = "user")]
@@ -251,5 +305,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 20);
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
+        assert_eq!(core::mem::size_of::<InboundConfig>(), 8);
     }
 }

@@ -16,6 +16,8 @@
 #![no_std]
 #![no_main]
 
+mod inbound;
+
 use ambassador_common::{
     AF_INET, AF_INET6, Config, ConnKey, DEFAULT_TABLE_SIZE, NO_UID, OrigDst, SO_ORIGINAL_DST,
     SOL_IP, SOL_IPV6, counter, maps as m,

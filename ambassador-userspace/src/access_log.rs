@@ -173,6 +173,70 @@ pub fn tcp(line: &TcpLine<'_>) {
     });
 }
 
+/// One request from a caller of the Pod.
+#[derive(Serialize)]
+pub struct InboundHttpLine<'a> {
+    /// The port policy's name.
+    pub service: &'a str,
+    /// The caller, as its connection shows it.
+    pub client: SocketAddr,
+    /// The Pod address and port the caller dialled.
+    pub dst: SocketAddr,
+    pub method: &'a str,
+    /// The path without the query string (queries may carry tokens).
+    pub path: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a str>,
+    /// Why the ambassador answered itself, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+/// One TCP session from a caller of the Pod.
+#[derive(Serialize)]
+pub struct InboundTcpLine<'a> {
+    pub service: &'a str,
+    pub client: SocketAddr,
+    pub dst: SocketAddr,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    pub outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Inbound<'a, T: Serialize> {
+    time: String,
+    kind: &'static str,
+    direction: &'static str,
+    #[serde(flatten)]
+    line: &'a T,
+}
+
+pub fn inbound_http(line: &InboundHttpLine<'_>) {
+    emit(&Inbound {
+        time: now(),
+        kind: "http",
+        direction: "inbound",
+        line,
+    });
+}
+
+pub fn inbound_tcp(line: &InboundTcpLine<'_>) {
+    emit(&Inbound {
+        time: now(),
+        kind: "tcp",
+        direction: "inbound",
+        line,
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,10 @@
 //!
 //! The tree follows the data path: [`interception`] (kernel programs, maps,
 //! cgroups, pins) sends an app's connects to the [`proxy`], which asks
-//! [`original_dst`] where each was going and relays it there. [`config`] is the
-//! one file all commands read; [`cmd`] holds the commands.
+//! [`original_dst`] where each was going and relays it there; callers of the
+//! Pod reach [`inbound`], which applies the port's policy and forwards to
+//! the app. [`config`] is the one file all commands read; [`cmd`] holds the
+//! commands.
 
 pub mod access_log;
 pub mod admin;
@@ -14,6 +16,7 @@ pub mod endpoint;
 pub mod error;
 pub mod files;
 pub mod http;
+pub mod inbound;
 pub mod inject;
 pub mod interception;
 pub mod metrics;

@@ -21,14 +21,18 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+/// `direction`: `outbound` (the app's calls) or `inbound` (callers of the
+/// Pod, whose series are named by port policy).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     service: String,
+    direction: &'static str,
     status_class: &'static str,
 }
 
@@ -41,6 +45,7 @@ struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     service: String,
+    direction: &'static str,
     reason: &'static str,
 }
 
@@ -151,7 +156,7 @@ impl Metrics {
         let tls_failures = Family::default();
         r.register(
             "tls_handshake_failures",
-            "Failed TLS handshakes with upstreams, by reason",
+            "Failed TLS handshakes, with upstreams (outbound) or callers (inbound), by reason",
             tls_failures.clone(),
         );
         let retries = Family::default();
@@ -223,12 +228,29 @@ impl Metrics {
     /// The handles one service uses on its data path. The same name gets the
     /// same series (a reloaded service continues its counters).
     pub fn service(&self, name: &str) -> ServiceMetrics {
+        self.series(name, "outbound", ("from_app", "to_app"))
+    }
+
+    /// The handles of one inbound port's policy; bytes are counted as
+    /// `from_caller` and `to_caller`.
+    pub fn inbound(&self, name: &str) -> ServiceMetrics {
+        self.series(name, "inbound", ("from_caller", "to_caller"))
+    }
+
+    fn series(
+        &self,
+        name: &str,
+        direction: &'static str,
+        bytes: (&'static str, &'static str),
+    ) -> ServiceMetrics {
         let l = ServiceLabel {
             service: name.to_string(),
+            direction,
         };
         let class = |c: &'static str| {
             self.requests.get_or_create_owned(&RequestLabels {
                 service: name.to_string(),
+                direction,
                 status_class: c,
             })
         };
@@ -250,8 +272,8 @@ impl Metrics {
             duration: self.duration.get_or_create_owned(&l),
             connections: self.connections.get_or_create_owned(&l),
             active: self.active.get_or_create_owned(&l),
-            from_app: dir("from_app"),
-            to_app: dir("to_app"),
+            from_app: dir(bytes.0),
+            to_app: dir(bytes.1),
             retries: self.retries.get_or_create_owned(&l),
             timeouts: self.timeouts.get_or_create_owned(&l),
             rejected_requests: limit("max_requests"),
@@ -278,11 +300,22 @@ impl Metrics {
         }
     }
 
-    /// A failed TLS handshake (rare: the family lookup is fine here).
+    /// A failed TLS handshake with an upstream (rare: the family lookup is
+    /// fine here).
     pub fn tls_failure(&self, service: &str, reason: &'static str) {
+        self.tls_failed(service, "outbound", reason);
+    }
+
+    /// A failed TLS handshake with a caller of the Pod.
+    pub fn inbound_tls_failure(&self, service: &str, reason: &'static str) {
+        self.tls_failed(service, "inbound", reason);
+    }
+
+    fn tls_failed(&self, service: &str, direction: &'static str, reason: &'static str) {
         self.tls_failures
             .get_or_create(&ReasonLabels {
                 service: service.to_string(),
+                direction,
                 reason,
             })
             .inc();
@@ -475,25 +508,6 @@ impl Collector for StateCollector {
     }
 }
 
-/// The kind of a TLS handshake failure, for a bounded label.
-pub fn tls_reason_class(reason: &str) -> &'static str {
-    if reason.contains("expired") || reason.contains("not yet valid") {
-        "expired"
-    } else if reason.contains("server name") {
-        "wrong_name"
-    } else if reason.contains("unknown certificate authority") {
-        "unknown_ca"
-    } else if reason.contains("protocol version") {
-        "protocol_version"
-    } else if reason.contains("client certificate") {
-        "client_certificate"
-    } else if reason.contains("closed") || reason.contains("reset") {
-        "connection"
-    } else {
-        "other"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,15 +524,15 @@ mod tests {
         let text = m.encode();
         assert!(
             text.contains(
-                r#"ambassador_http_requests_total{service="svc-test-a",status_class="2xx"} 2"#
+                r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="2xx"} 2"#
             ),
             "{text}"
         );
         assert!(text.contains(
-            r#"ambassador_http_requests_total{service="svc-test-a",status_class="5xx"} 1"#
+            r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="5xx"} 1"#
         ));
         assert!(text.contains(
-            r#"ambassador_http_requests_total{service="svc-test-a",status_class="1xx"} 1"#
+            r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="1xx"} 1"#
         ));
     }
 
@@ -554,19 +568,5 @@ mod tests {
             text.contains(r#"ambassador_pool_idle{service="db"} 3"#),
             "{text}"
         );
-    }
-
-    #[test]
-    fn tls_reasons_fold_into_few_labels() {
-        assert_eq!(tls_reason_class("certificate expired"), "expired");
-        assert_eq!(
-            tls_reason_class("certificate not valid for the server name"),
-            "wrong_name"
-        );
-        assert_eq!(
-            tls_reason_class("unknown certificate authority"),
-            "unknown_ca"
-        );
-        assert_eq!(tls_reason_class("anything else at all"), "other");
     }
 }

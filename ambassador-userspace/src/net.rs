@@ -23,6 +23,9 @@ pub struct Settings {
     pub mark: Option<u32>,
     /// An HTTP client that has not sent its request head by then is dropped.
     pub header_read_timeout: Duration,
+    /// The source address of connections (the inbound path's 127.0.0.6,
+    /// which the inbound program lets through); none: the kernel's choice.
+    pub bind: Option<IpAddr>,
 }
 
 impl Settings {
@@ -32,6 +35,7 @@ impl Settings {
             idle_timeout: cfg.idle_timeout,
             mark: cfg.mark,
             header_read_timeout: cfg.header_read_timeout,
+            bind: None,
         }
     }
 
@@ -103,11 +107,16 @@ pub async fn connect(dst: SocketAddr, settings: &Settings) -> Result<TcpStream, 
             .set_mark(mark)
             .map_err(failed)?;
     }
+    if let Some(ip) = settings.bind {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(failed)?;
+    }
     match tokio::time::timeout(settings.connect_timeout, sock.connect(dst)).await {
         // A non-loopback destination reached from a loopback address means
         // the kernel sent our own connect back to us: stop the loop here.
         Ok(Ok(s))
-            if !dst.ip().is_loopback() && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
+            if settings.bind.is_none()
+                && !dst.ip().is_loopback()
+                && s.local_addr().is_ok_and(|a| a.ip().is_loopback()) =>
         {
             reset(&s);
             Err(ConnectError::Intercepted(dst))

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::{
     access_log,
     config::Config,
+    inbound::table::InboundTable,
     metrics,
     net::Settings,
     service::{ServiceError, ServiceTable},
@@ -32,6 +33,7 @@ pub use crate::interception::InterceptHook;
 /// What the proxy serves with now.
 pub struct Live {
     table: ArcSwap<ServiceTable>,
+    inbound: ArcSwap<InboundTable>,
     config: ArcSwap<Config>,
     path: Option<PathBuf>,
     /// Listening, config loaded, interception in place; false again while draining.
@@ -67,9 +69,11 @@ impl Live {
         access_log_default: bool,
     ) -> Result<Arc<Live>, ServiceError> {
         let table = build(&cfg, None).await?;
+        let inbound = build_inbound(&cfg)?;
         access_log::set_enabled(cfg.telemetry.access_log.unwrap_or(access_log_default));
         Ok(Arc::new(Live {
             table: ArcSwap::from(table),
+            inbound: ArcSwap::from_pointee(inbound),
             config: ArcSwap::from_pointee(cfg),
             path,
             ready: AtomicBool::new(false),
@@ -85,6 +89,11 @@ impl Live {
     /// The table for one new connection.
     pub fn table(&self) -> Arc<ServiceTable> {
         self.table.load_full()
+    }
+
+    /// The inbound policies for one new caller's connection.
+    pub fn inbound(&self) -> Arc<InboundTable> {
+        self.inbound.load_full()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -148,6 +157,7 @@ impl Live {
             next.intercept.exclude_cidrs.extend(&extra.1);
         }
         let table = build(&next, Some(&self.table())).await?;
+        let inbound = build_inbound(&next)?;
         let old = self.config.load();
         for what in restart_only(&old, &next) {
             warn!("config reload: `{what}` changed; it takes effect at the next start");
@@ -159,6 +169,7 @@ impl Live {
         }
         access_log::set_enabled(next.telemetry.access_log.unwrap_or(self.access_log_default));
         self.table.store(table);
+        self.inbound.store(Arc::new(inbound));
         self.config.store(Arc::new(next));
         Ok(())
     }
@@ -189,6 +200,13 @@ async fn build(
     Ok(table)
 }
 
+/// The inbound policies (certificates read now: a file that cannot be used
+/// fails the start or the reload, not a caller's handshake).
+fn build_inbound(cfg: &Config) -> Result<InboundTable, ServiceError> {
+    InboundTable::new(cfg, &Settings::from_config(&cfg.proxy))
+        .map_err(|e| ServiceError::Build(e.to_string()))
+}
+
 /// Settings a running proxy cannot change.
 fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.proxy, &new.proxy);
@@ -207,6 +225,13 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if o.admin != n.admin {
         changed.push("proxy.admin");
+    }
+    let (oi, ni) = (&old.inbound, &new.inbound);
+    if oi.ports != ni.ports || oi.exclude_ports != ni.exclude_ports || oi.fail != ni.fail {
+        changed.push("inbound ports and fail mode (the kernel's, set by init)");
+    }
+    if oi.port != ni.port {
+        changed.push("inbound.port");
     }
     if old.telemetry.tracing != new.telemetry.tracing {
         changed.push("telemetry.tracing");

@@ -117,7 +117,11 @@ impl Pod {
             cmd.arg(p);
         }
         if args.first() == Some(&"init") {
-            cmd.arg("--config").arg(&self.config);
+            // The init container shares the Pod's network namespace.
+            cmd.arg("--config")
+                .arg(&self.config)
+                .arg("--netns")
+                .arg(self.netns.path());
         }
         cmd.output().expect("run ambassador")
     }

@@ -152,15 +152,25 @@ fn metrics_follow_the_traffic() {
     let m = pod.metrics();
     let get = |s: &str| metric(&m, s).unwrap_or_else(|| panic!("no {s} in\n{m}"));
     assert_eq!(
-        get(r#"ambassador_http_requests_total{service="api",status_class="2xx"}"#),
+        get(
+            r#"ambassador_http_requests_total{service="api",direction="outbound",status_class="2xx"}"#
+        ),
         6.0
     );
     assert_eq!(
-        get(r#"ambassador_http_request_duration_seconds_count{service="api"}"#),
+        get(
+            r#"ambassador_http_request_duration_seconds_count{service="api",direction="outbound"}"#
+        ),
         6.0
     );
-    assert_eq!(get(r#"ambassador_connections_total{service="api"}"#), 6.0);
-    assert_eq!(get(r#"ambassador_active_connections{service="api"}"#), 0.0);
+    assert_eq!(
+        get(r#"ambassador_connections_total{service="api",direction="outbound"}"#),
+        6.0
+    );
+    assert_eq!(
+        get(r#"ambassador_active_connections{service="api",direction="outbound"}"#),
+        0.0
+    );
     assert_eq!(
         get(r#"ambassador_transferred_bytes_total{service="api",direction="from_app"}"#),
         10.0
@@ -179,7 +189,7 @@ fn metrics_follow_the_traffic() {
         1.0
     );
     assert_eq!(
-        get(r#"ambassador_connections_total{service="passthrough"}"#),
+        get(r#"ambassador_connections_total{service="passthrough",direction="outbound"}"#),
         1.0
     );
     // "ping\n" from the app, the greeting and the echo back.

@@ -396,7 +396,7 @@ fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
         1.0
     );
     assert_eq!(
-        get(r#"ambassador_connections_total{service="orders-db"}"#),
+        get(r#"ambassador_connections_total{service="orders-db",direction="outbound"}"#),
         8.0
     );
     let (status, body) = s.pod.admin("GET", "/status", "");

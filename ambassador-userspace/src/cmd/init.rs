@@ -28,6 +28,10 @@ pub struct Args {
     /// Destinations never intercepted, on top of `intercept.exclude_cidrs`.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     exclude_cidrs: Vec<Cidr>,
+    /// The Pod's network namespace, for inbound interception: the init
+    /// container's own by default (it shares the Pod's).
+    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
+    netns: PathBuf,
     /// Log level of the kernel programs (aya-log), fixed at load.
     #[arg(long, value_enum, default_value_t)]
     bpf_log: BpfLog,
@@ -72,7 +76,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     };
     // Every init on a node cleans up after the Pods deleted before it.
     super::node::report_sweep(&pins::sweep_stale());
-    let done = pins::install(&cgroup, &cfg, args.bpf_log as u8)?;
+    let done = pins::install(&cgroup, &args.netns, &cfg, args.bpf_log as u8)?;
     if let Some(uid) = &args.pod_uid {
         let shared = pins::share_with_proxy(&done.dir, uid)?;
         println!(

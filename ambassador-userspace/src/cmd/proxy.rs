@@ -8,7 +8,7 @@ use super::sidecar::{self, Start};
 use crate::{
     access_log,
     config::{AdminListen, AdminSocket, Cidr, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
-    interception,
+    inbound, interception,
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
     proxy,
@@ -50,6 +50,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let rt = super::runtime(cfg.proxy.workers)?;
     Settings::from_config(&cfg.proxy).check()?;
     let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
+    let inbound_port = cfg.inbound.enabled().then_some(cfg.inbound.port);
     let tracing = crate::trace::init_configured(&cfg)?;
     let start = Start {
         admin: match cfg.proxy.admin {
@@ -72,19 +73,29 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         // The port first: a taken one is the likeliest start failure.
         let listeners = Listeners::bind(port)?;
+        let inbound_listeners = match inbound_port {
+            Some(p) => Some(inbound_listen(p, maps.as_deref())?),
+            None => None,
+        };
         let live = sidecar::start(start, |live| {
             live.set_extra_exclusions(ports, cidrs);
             interception::share_maps(maps.as_deref(), &live.config())
         })
         .await?;
-        proxy::serve(
+        let stop = stop_on_signal();
+        let outbound = proxy::serve(
             listeners,
             OriginalDst::SocketOption,
-            live,
-            stop_on_signal(),
+            live.clone(),
+            stop.clone(),
             drain,
-        )
-        .await;
+        );
+        match inbound_listeners {
+            Some(l) => {
+                tokio::join!(outbound, inbound::serve(l, live, stop, drain));
+            }
+            None => outbound.await,
+        }
         access_log::flush();
         anyhow::Ok(())
     })?;
@@ -93,6 +104,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         t.shutdown();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The inbound listeners, put where the Pod's sk_lookup program finds them.
+fn inbound_listen(port: u16, maps: Option<&std::path::Path>) -> anyhow::Result<Listeners> {
+    let l = Listeners::bind(port)?;
+    let mut map = interception::inbound::open_map(maps)
+        .map_err(|e| anyhow::anyhow!("inbound.ports is set, but {e}"))?;
+    interception::inbound::register(&mut map, &l.v4, l.v6.as_ref())?;
+    Ok(l)
 }
 
 /// Turns true on SIGTERM or SIGINT: stop accepting, drain.

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     access_log,
     config::{AdminListen, AdminSocket, Config},
+    inbound,
     interception::{self, LoadOptions, cgroup, pins},
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
@@ -96,7 +97,18 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let fd_limit = net::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
-    let (guard, kernel) = intercept(&cfg, port, opts.bpf_log_level)?;
+    let (guard, mut kernel) = intercept(&cfg, port, opts.bpf_log_level)?;
+    // Callers of this network namespace's ports, when the config names
+    // some: the listeners' own port does not matter (the program assigns).
+    let inbound_listeners = match cfg.inbound.enabled() {
+        true => {
+            let l = Listeners::bind(0)?;
+            let mut map = interception::inbound::take_map(&mut kernel.bpf)?;
+            interception::inbound::register(&mut map, &l.v4, l.v6.as_ref())?;
+            Some(l)
+        }
+        false => None,
+    };
     let start = Start {
         admin: match cfg.proxy.admin {
             Some(AdminListen::At(a)) => Some(a),
@@ -123,6 +135,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     .await?;
     interception::counters_into_metrics(kernel.counters.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let inbound = inbound_listeners.map(|l| {
+        tokio::spawn(inbound::serve(
+            l,
+            live.clone(),
+            stop_rx.clone(),
+            Duration::from_secs(1),
+        ))
+    });
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(kernel.conns)),
@@ -134,6 +154,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let status = signals.wait_forwarding(&mut child).await?;
     let _ = stop_tx.send(true);
     let _ = proxy.await;
+    if let Some(i) = inbound {
+        let _ = i.await;
+    }
     access_log::flush();
     if let Some((task, stop)) = kernel.log {
         let _ = stop.send(true);
@@ -186,7 +209,17 @@ fn intercept(cfg: &Config, port: u16, log_level: u8) -> anyhow::Result<(RunGuard
     // its sockets: the app<->proxy shortcut needs both ends, so it stays off.
     interception::set_accelerate(&mut bpf, false)?;
     let cg_dir = File::open(&cg_path).with_context(|| format!("open {}", cg_path.display()))?;
-    let links = interception::attach(&mut bpf, &cg_dir)?;
+    let mut links = interception::attach(&mut bpf, &cg_dir)?;
+    if cfg.inbound.enabled() {
+        // This process's network namespace: run it in a namespace of its
+        // own (`ip netns exec`) to try the inbound half without touching
+        // the host's ports.
+        let ns = File::open("/proc/self/ns/net").context("open /proc/self/ns/net")?;
+        links.push((
+            ambassador_common::programs::INBOUND,
+            interception::attach_inbound(&bpf, &ns)?,
+        ));
+    }
     let pin_dir = pins::pin_links(&cg_path, &links)?;
     guard.pins = Some(pin_dir.clone());
     drop(links);

@@ -78,7 +78,7 @@ pub fn render(installs: &[InstallStatus]) -> String {
         let counters: Vec<String> = s
             .counters
             .iter()
-            .filter(|(n, _)| *n != accelerated)
+            .filter(|(n, _)| *n != accelerated && !n.starts_with("inbound_"))
             .map(|(n, v)| format!("{n} {v}"))
             .collect();
         let _ = writeln!(out, "  connects {}", counters.join(", "));
@@ -95,8 +95,50 @@ pub fn render(installs: &[InstallStatus]) -> String {
             );
         }
         let _ = writeln!(out, "  tracked  {} connection(s) in flight", s.tracked);
+        let _ = writeln!(out, "  inbound  {}", inbound_line(s));
     }
     out
+}
+
+/// The inbound half: off, or the sk_lookup link, ports, fail mode, counters.
+fn inbound_line(s: &InstallStatus) -> String {
+    use ambassador_common::maps::{IN_PORT_EXCLUDE, IN_PORT_INTERCEPT};
+    let Some(c) = s.inbound.filter(|c| c.enabled != 0) else {
+        return "off".into();
+    };
+    let list = |want: u8| {
+        let v: Vec<String> = s
+            .inbound_ports
+            .iter()
+            .filter(|(_, k)| *k == want)
+            .map(|(p, _)| p.to_string())
+            .collect();
+        v.join(",")
+    };
+    let counters: Vec<String> = s
+        .counters
+        .iter()
+        .filter_map(|(n, v)| n.strip_prefix("inbound_").map(|n| format!("{n} {v}")))
+        .collect();
+    format!(
+        "{}, ports {}{}, fail-{}, {}",
+        if s.inbound_link {
+            "sk_lookup attached"
+        } else {
+            "sk_lookup link MISSING"
+        },
+        if c.all_ports != 0 {
+            "all".to_string()
+        } else {
+            list(IN_PORT_INTERCEPT)
+        },
+        match list(IN_PORT_EXCLUDE) {
+            e if e.is_empty() => String::new(),
+            e => format!(" (not {e})"),
+        },
+        if c.fail_open != 0 { "open" } else { "closed" },
+        counters.join(", ")
+    )
 }
 
 /// The proxy's own view, from its admin API (what `/status` says), for a

@@ -6,6 +6,7 @@ use std::time::Duration;
 use ambassador_common::{DEFAULT_PROXY_PORT, DEFAULT_PROXY_UID, DEFAULT_TABLE_SIZE};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
+pub use super::values::FailMode;
 use super::{
     service,
     values::{Cidr, DurationText, clip, duration, ser_duration},
@@ -30,6 +31,8 @@ pub enum ConfigError {
 pub struct Config {
     pub proxy: ProxyConfig,
     pub intercept: InterceptConfig,
+    /// Callers of the Pod: which ports reach the proxy, and the policy per port.
+    pub inbound: super::inbound::InboundConfig,
     /// For connections no service matches.
     pub default: service::DefaultPolicy,
     pub services: Vec<service::ServiceConfig>,
@@ -248,18 +251,6 @@ impl Default for ProxyConfig {
             admin_socket: None,
         }
     }
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum FailMode {
-    /// The proxy is down: connects fail at once (nothing escapes policy).
-    #[default]
-    Closed,
-    /// The proxy is down: connects go direct.
-    Open,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]

@@ -4,6 +4,7 @@
 //! the line; every key has a default, so an empty file is valid.
 
 pub mod file;
+pub mod inbound;
 pub mod load;
 pub mod request;
 pub mod service;
@@ -15,6 +16,7 @@ pub use file::{
     AdminListen, AdminSocket, Config, ConfigError, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET, FailMode,
     InterceptConfig, MAX_WORKERS, ProxyConfig, TelemetryConfig, TracingConfig,
 };
+pub use inbound::{InboundConfig, InboundPolicy, InboundPorts, InboundProtocol, ServerTls};
 pub use values::{
     Cidr, DurationText, MAX_ATTEMPTS, MAX_COUNT, MAX_DURATION, MAX_LIMIT, clip, parse_duration,
 };

@@ -316,3 +316,40 @@ fn errors_name_field_and_line() {
     let e = Config::parse("service: []\n").unwrap_err();
     assert!(e.starts_with("line 1: ") && e.contains("service"), "{e}");
 }
+
+#[test]
+fn inbound_mistakes_are_named() {
+    for (text, want) in [
+        (
+            "inbound: { ports: some }",
+            "neither `all` nor a list of ports",
+        ),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 9090 }] }",
+            "port 9090 is not intercepted",
+        ),
+        (
+            "inbound: { ports: all, exclude_ports: [8080], policies: [{ port: 8080 }] }",
+            "port 8080 is not intercepted",
+        ),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 8080 }, { port: 8080 }] }",
+            "port 8080 has two policies",
+        ),
+        ("inbound: { ports: [8080], app: 0.0.0.0 }", "inbound.app"),
+        ("inbound: { ports: [8080], app: '::1' }", "inbound.app"),
+        ("inbound: { ports: [0] }", "0 is not a port"),
+        ("inbound: { ports: [8080], port: 15001 }", "proxy.port too"),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 8080, tls: { cert: a, key: b, alpn: [spdy] } }] }",
+            "alpn `spdy` is not supported",
+        ),
+    ] {
+        let e = Config::parse(text).expect_err(text);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    let ok = Config::parse("inbound: { ports: all, exclude_ports: [15020] }").unwrap();
+    assert!(ok.inbound.enabled() && ok.inbound.intercepts(8080));
+    assert!(!ok.inbound.intercepts(15020));
+    assert!(!Config::parse("").unwrap().inbound.enabled());
+}

@@ -284,15 +284,7 @@ impl TryFrom<RawTls> for TlsConfig {
         if r.client_cert.is_some() != r.client_key.is_some() {
             return Err("client_cert and client_key go together".into());
         }
-        let alpn = r
-            .alpn
-            .unwrap_or_else(|| vec!["h2".into(), "http/1.1".into()]);
-        if let Some(bad) = alpn
-            .iter()
-            .find(|p| p.as_str() != "h2" && p.as_str() != "http/1.1")
-        {
-            return Err(format!("alpn `{bad}` is not supported (h2, http/1.1)"));
-        }
+        let alpn = super::values::alpn_or_default(r.alpn)?;
         let server_name = match r.server_name {
             Some(n) if n.parse::<std::net::IpAddr>().is_ok() => Some(n),
             Some(n) => Some(super::values::valid_host(&n)?),

@@ -46,6 +46,8 @@ pub fn validate(cfg: &Config, text: &str) -> Result<(), String> {
             maps::MAX_EXCLUDED_CIDRS
         ));
     }
+    super::inbound::validate(&cfg.inbound, cfg.proxy.port)
+        .map_err(|e| format!("{}{e}", at("inbound")))?;
     if !(0..=MAX_WORKERS).contains(&cfg.proxy.workers) {
         return Err(format!(
             "{}proxy.workers: at most {MAX_WORKERS}",

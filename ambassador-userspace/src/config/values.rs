@@ -184,3 +184,32 @@ pub fn valid_host(h: &str) -> Result<String, String> {
         Err(format!("`{h}` is not a host name (like api.example.com)"))
     }
 }
+
+/// What happens while the proxy is down (outbound connects, inbound callers).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// The proxy is down: connects fail at once (nothing escapes policy).
+    #[default]
+    Closed,
+    /// The proxy is down: connects go direct.
+    Open,
+}
+
+/// The ALPN list a TLS block gives, or the default (h2, http/1.1); only
+/// protocols the proxy speaks.
+pub fn alpn_or_default(alpn: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let alpn = alpn.unwrap_or_else(|| vec!["h2".into(), "http/1.1".into()]);
+    if let Some(bad) = alpn
+        .iter()
+        .find(|p| p.as_str() != "h2" && p.as_str() != "http/1.1")
+    {
+        return Err(format!(
+            "alpn `{}` is not supported (h2, http/1.1)",
+            clip(bad)
+        ));
+    }
+    Ok(alpn)
+}

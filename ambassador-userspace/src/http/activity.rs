@@ -21,6 +21,12 @@ pub struct Activity {
     last_end_ms: AtomicU64,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
 impl Activity {
     pub fn new() -> Activity {
         Activity {

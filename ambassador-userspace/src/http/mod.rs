@@ -9,7 +9,7 @@
 //! [`classify`]; [`response`] is what goes back, [`finish`] its series and
 //! log line.
 
-mod activity;
+pub mod activity;
 mod admit;
 mod app_io;
 mod attempt;

@@ -149,8 +149,8 @@ impl Refused {
 }
 
 /// A response the ambassador makes itself, with the reason in a header and
-/// the body.
-pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+/// the body (whatever the streamed side `L` of its body type is).
+pub fn error_response<L>(status: StatusCode, reason: &str) -> Response<Either<L, Full<Bytes>>> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
         "ambassador: {reason}\n"
     )))));

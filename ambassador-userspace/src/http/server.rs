@@ -71,18 +71,7 @@ pub async fn serve(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read)
-        .max_buf_size(MAX_HEAD);
-    builder
-        .http2()
-        .max_header_list_size(MAX_HEAD as u32)
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_PING_EVERY)
-        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let builder = builder(header_read);
     let (io, abort) = app_io::AppIo::new(app);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
@@ -122,6 +111,25 @@ pub async fn serve(
         }
         debug!(%dst, error = %e, reset = body_broke, "app connection ended with an error");
     }
+}
+
+/// hyper's server as both directions use it: HTTP/1.x heads up to
+/// `MAX_HEAD` within `header_read`, HTTP/2 with the same head limit and
+/// pings for peers that went quiet.
+pub fn builder(header_read: std::time::Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEAD as u32)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    builder
 }
 
 async fn handle(mut req: Request<Incoming>, conn: Arc<AppConn>) -> Response<Body> {

@@ -29,6 +29,7 @@ pub enum AttachType {
     GetSockopt = 21,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,
+    SkLookup = 36,
 }
 
 /// The prefix of `union bpf_attr` used by BPF_LINK_CREATE; the kernel zero-fills
@@ -73,8 +74,9 @@ fn fd_from(rc: libc::c_long) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(rc as i32) }
 }
 
-/// Attaches `prog` to the cgroup as a bpf_link. Cgroup links always coexist
-/// with other programs on the same hook (multi-attach semantics).
+/// Attaches `prog` to the cgroup (or, for sk_lookup, the network namespace)
+/// as a bpf_link. Such links always coexist with other programs on the same
+/// hook (multi-attach semantics).
 pub fn create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, at: AttachType) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,

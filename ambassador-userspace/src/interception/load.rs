@@ -8,7 +8,8 @@ use std::{
 };
 
 use ambassador_common::{
-    Config as KernelConfig, ConnKey, NO_UID, OrigDst, counter, maps as m, programs as p,
+    Config as KernelConfig, ConnKey, INBOUND_PASS_V4, InboundConfig as KernelInbound, NO_UID,
+    OrigDst, counter, maps as m, programs as p,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -107,7 +108,7 @@ pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
     let mut bpf = loader
         .load(OBJECT)
         .map_err(|e| InterceptError::Load(Box::new(e)))?;
-    for name in p::ALL.into_iter().chain([p::ACCEL]) {
+    for name in p::ALL.into_iter().chain([p::ACCEL, p::INBOUND]) {
         let prog = bpf
             .program_mut(name)
             .ok_or_else(|| InterceptError::Program {
@@ -119,6 +120,7 @@ pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
             Program::SockOps(p) => p.load(),
             Program::CgroupSockopt(p) => p.load(),
             Program::SkMsg(p) => p.load(),
+            Program::SkLookup(p) => p.load(),
             _ => Err(aya::programs::ProgramError::UnexpectedProgramType),
         }
         .map_err(InterceptError::program(name))?;
@@ -146,11 +148,94 @@ pub fn configure(
     excluded_ports(&mut map_mut(bpf, m::EXCLUDE_PORTS)?, cfg)?;
     excluded_v4(&mut map_mut(bpf, m::EXCLUDE_V4)?, cfg)?;
     excluded_v6(&mut map_mut(bpf, m::EXCLUDE_V6)?, cfg)?;
+    configure_inbound(bpf, cfg)?;
     // The config entry goes last: until it is written the programs touch nothing.
     let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
     conf.set(0, kcfg, 0)
         .map_err(InterceptError::map(m::CONFIG))?;
     Ok(())
+}
+
+/// Writes the inbound ports and the inbound config entry (last, as for
+/// outbound: until then the program touches nothing).
+pub fn configure_inbound(bpf: &mut Ebpf, cfg: &Config) -> Result<(), InterceptError> {
+    let mut ports: HashMap<_, u16, u8> = map_mut(bpf, m::IN_PORTS)?;
+    write_inbound_ports(&mut ports, cfg)?;
+    let mut conf: Array<_, KernelInbound> = map_mut(bpf, m::IN_CONFIG)?;
+    conf.set(0, inbound_entry(cfg), 0)
+        .map_err(InterceptError::map(m::IN_CONFIG))
+}
+
+/// The inbound config entry `cfg` asks for.
+pub fn inbound_entry(cfg: &Config) -> KernelInbound {
+    let i = &cfg.inbound;
+    KernelInbound {
+        enabled: u8::from(i.enabled()),
+        fail_open: u8::from(i.fail == FailMode::Open),
+        all_ports: u8::from(i.ports == crate::config::InboundPorts::All),
+        _pad: 0,
+        pass_v4: u32::from_ne_bytes(INBOUND_PASS_V4),
+    }
+}
+
+/// Makes the inbound port map say what `cfg.inbound` says. The proxy's own
+/// ports are never steered (with `ports: all` they would loop).
+pub fn write_inbound_ports<T: std::borrow::BorrowMut<MapData>>(
+    ports: &mut HashMap<T, u16, u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
+    let i = &cfg.inbound;
+    let mut want: std::collections::BTreeMap<u16, u8> = std::collections::BTreeMap::new();
+    if let crate::config::InboundPorts::List(l) = &i.ports {
+        want.extend(l.iter().map(|p| (*p, m::IN_PORT_INTERCEPT)));
+    }
+    let own = [cfg.proxy.port, i.port]
+        .into_iter()
+        .chain(match cfg.proxy.admin {
+            Some(crate::config::AdminListen::At(a)) => Some(a.port()),
+            Some(crate::config::AdminListen::Off) => None,
+            None => Some(crate::config::DEFAULT_ADMIN.port()),
+        });
+    want.extend(
+        i.exclude_ports
+            .iter()
+            .copied()
+            .chain(own)
+            .map(|p| (p, m::IN_PORT_EXCLUDE)),
+    );
+    let stale: Vec<u16> = ports
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for k in stale {
+        ports.remove(&k).map_err(InterceptError::map(m::IN_PORTS))?;
+    }
+    for (port, v) in want {
+        ports
+            .insert(port, v, 0)
+            .map_err(InterceptError::map(m::IN_PORTS))?;
+    }
+    Ok(())
+}
+
+/// Attaches the sk_lookup program to a network namespace (the Pod's) as a
+/// bpf_link; several coexist there, run in attach order.
+pub fn attach_inbound(bpf: &Ebpf, netns: &File) -> Result<OwnedFd, InterceptError> {
+    let prog = bpf.program(p::INBOUND).ok_or(InterceptError::Program {
+        name: p::INBOUND,
+        source: Box::new(aya::programs::ProgramError::UnexpectedProgramType),
+    })?;
+    let fd = prog.fd().map_err(InterceptError::program(p::INBOUND))?;
+    link::create(fd.as_fd(), netns.as_fd(), link::AttachType::SkLookup).map_err(|source| {
+        InterceptError::Environment {
+            what: format!(
+                "cannot attach {} to the network namespace (sk_lookup needs Linux 5.9+ and CAP_NET_ADMIN)",
+                p::INBOUND
+            ),
+            source,
+        }
+    })
 }
 
 /// Turns the sk_msg shortcut on or off in the config map (off where it

@@ -5,16 +5,19 @@
 pub mod bpf_log;
 pub mod cgroup;
 pub mod error;
+pub mod inbound;
 pub mod link;
 pub mod load;
 pub mod pins;
+pub mod shared;
 
 use std::path::Path;
 
 pub use error::InterceptError;
 pub use load::{
-    ConnTable, LoadOptions, attach, check_environment, configure, counters_into_metrics, load,
-    no_counters_in_metrics, raise_memlock, read_counters, set_accelerate, take_tables,
+    ConnTable, LoadOptions, attach, attach_inbound, check_environment, configure,
+    counters_into_metrics, load, no_counters_in_metrics, raise_memlock, read_counters,
+    set_accelerate, take_tables,
 };
 
 use crate::config::Config;
@@ -36,7 +39,7 @@ pub fn share_maps(dir: Option<&Path>, current: &Config) -> Option<InterceptHook>
         }
         return None;
     };
-    match pins::SharedMaps::open(dir) {
+    match shared::SharedMaps::open(dir) {
         Ok(mut maps) => {
             counters_into_metrics(std::sync::Arc::new(maps.counters));
             // From now on the proxy's view is the kernel's: its exclusions

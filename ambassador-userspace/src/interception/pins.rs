@@ -10,7 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambassador_common::{Config as KernelConfig, ConnKey, OrigDst, maps as m, programs as p};
+use ambassador_common::{
+    Config as KernelConfig, ConnKey, InboundConfig as KernelInbound, OrigDst, maps as m,
+    programs as p,
+};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 
 use super::{
@@ -18,8 +21,8 @@ use super::{
     error::InterceptError,
     link,
     load::{
-        LoadOptions, attach, attach_accel, configure, load, read_counters, set_accelerate,
-        write_exclusions,
+        LoadOptions, attach, attach_accel, attach_inbound, configure, load, read_counters,
+        set_accelerate,
     },
 };
 use crate::config::Config;
@@ -38,7 +41,14 @@ pub fn dir_for(cgroup_id: u64) -> PathBuf {
 /// The maps a Pod's own proxy may open (counters to read, exclusions to
 /// update on reload), pinned a second time under the Pod's UID so the
 /// sidecar can be given this one directory and nothing else of the node.
-pub const SHARED_MAPS: [&str; 4] = [m::COUNTERS, m::EXCLUDE_PORTS, m::EXCLUDE_V4, m::EXCLUDE_V6];
+/// The inbound listener map is among them: the proxy puts its listeners in.
+pub const SHARED_MAPS: [&str; 5] = [
+    m::COUNTERS,
+    m::EXCLUDE_PORTS,
+    m::EXCLUDE_V4,
+    m::EXCLUDE_V6,
+    m::IN_LISTEN,
+];
 
 pub fn shared_dir_for(pod_uid: &str) -> PathBuf {
     root().join(format!("pod-{pod_uid}"))
@@ -185,6 +195,7 @@ pub struct Installed {
 /// old ones are removed, so interception never lapses and never doubles up.
 pub fn install(
     cgroup_path: &Path,
+    netns: &Path,
     cfg: &Config,
     log_level: u8,
 ) -> Result<Installed, InterceptError> {
@@ -204,7 +215,18 @@ pub fn install(
     configure(&mut bpf, cfg, cfg.proxy.port, Some(cfg.proxy.uid))?;
     let cg =
         File::open(cgroup_path).map_err(|_| InterceptError::NoSuchCgroup(cgroup_path.into()))?;
-    let links = attach(&mut bpf, &cg)?;
+    let mut links = attach(&mut bpf, &cg)?;
+    let inbound_path = link_path(&dir, p::INBOUND);
+    if cfg.inbound.enabled() {
+        let ns = File::open(netns).map_err(|source| InterceptError::Environment {
+            what: format!("cannot open the network namespace {}", netns.display()),
+            source,
+        })?;
+        links.push((p::INBOUND, attach_inbound(&bpf, &ns)?));
+    } else {
+        // Inbound turned off: its old link goes (detaching it).
+        let _ = fs::remove_file(&inbound_path);
+    }
     let mut upgraded = false;
     for (name, link) in links {
         let final_path = link_path(&dir, name);
@@ -432,6 +454,11 @@ pub struct InstallStatus {
     pub counters: Vec<(&'static str, u64)>,
     /// Connections currently in the original-destination table.
     pub tracked: usize,
+    /// The sk_lookup link is pinned (inbound interception on).
+    pub inbound_link: bool,
+    pub inbound: Option<KernelInbound>,
+    /// Ports the inbound program steers or leaves, as in its map.
+    pub inbound_ports: Vec<(u16, u8)>,
 }
 
 /// Every install on this host.
@@ -469,7 +496,22 @@ pub fn list() -> Vec<InstallStatus> {
             .and_then(|d| HashMap::<_, ConnKey, OrigDst>::try_from(Map::LruHashMap(d)).ok())
             .map(|h| h.keys().count())
             .unwrap_or(0);
+        let inbound = open(m::IN_CONFIG)
+            .and_then(|d| Array::<_, KernelInbound>::try_from(Map::Array(d)).ok())
+            .and_then(|a| a.get(&0, 0).ok());
+        let mut inbound_ports: Vec<(u16, u8)> = open(m::IN_PORTS)
+            .and_then(|d| HashMap::<_, u16, u8>::try_from(Map::HashMap(d)).ok())
+            .map(|h| h.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        inbound_ports.sort_unstable();
+        let inbound_link = link::open_pinned(&link_path(&dir, p::INBOUND))
+            .ok()
+            .flatten()
+            .is_some();
         out.push(InstallStatus {
+            inbound_link,
+            inbound,
+            inbound_ports,
             cgroup: mount.as_deref().and_then(|m| cgroup::find_by_id(m, id)),
             dir,
             cgroup_id: id,
@@ -488,20 +530,27 @@ pub fn list() -> Vec<InstallStatus> {
 /// (kernel.unprivileged_bpf_disabled), which a locked-down sidecar lacks:
 /// the error says so, and `ambassador status` on the node shows them anyway.
 pub fn own_counters() -> Result<PerCpuArray<MapData, u64>, String> {
+    let pin = own_pin(m::COUNTERS)?;
+    let data = MapData::from_pin(&pin).map_err(|e| {
+        format!(
+            "cannot open {}: {e} (reading pinned maps needs CAP_BPF)",
+            pin.display()
+        )
+    })?;
+    PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| e.to_string())
+}
+
+/// Where the map `name` of the install covering this process is pinned:
+/// the nearest ancestor cgroup with pins.
+pub fn own_pin(name: &str) -> Result<PathBuf, String> {
     let mount = cgroup::cgroup2_mount().map_err(|e| e.to_string())?;
     let own = cgroup::cgroup_of(std::process::id()).map_err(|e| e.to_string())?;
     let mut dir = Some(mount.join(own));
     while let Some(d) = dir {
         if let Ok(id) = cgroup::cgroup_id(&d) {
-            let pin = dir_for(id).join(m::COUNTERS);
+            let pin = dir_for(id).join(name);
             if pin.exists() {
-                let data = MapData::from_pin(&pin).map_err(|e| {
-                    format!(
-                        "cannot open {}: {e} (reading pinned maps needs CAP_BPF)",
-                        pin.display()
-                    )
-                })?;
-                return PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| e.to_string());
+                return Ok(pin);
             }
         }
         if d == mount {
@@ -510,53 +559,4 @@ pub fn own_counters() -> Result<PerCpuArray<MapData, u64>, String> {
         dir = d.parent().map(Path::to_path_buf);
     }
     Err("no pins found for this process's cgroup or its ancestors (none installed, or not visible without root / CAP_BPF)".into())
-}
-
-/// A Pod's shared maps as its proxy opens them (`proxy --kernel-maps DIR`,
-/// the `pod-<uid>/` directory mounted into the sidecar).
-pub struct SharedMaps {
-    pub counters: PerCpuArray<MapData, u64>,
-    pub exclusions: Exclusions,
-}
-
-/// The exclusion maps, written on reload.
-pub struct Exclusions {
-    ports: HashMap<MapData, u16, u8>,
-    v4: aya::maps::LpmTrie<MapData, [u8; 4], u8>,
-    v6: aya::maps::LpmTrie<MapData, [u8; 16], u8>,
-}
-
-impl SharedMaps {
-    pub fn open(dir: &Path) -> Result<SharedMaps, InterceptError> {
-        let open = |name: &'static str| {
-            MapData::from_pin(dir.join(name)).map_err(|e| InterceptError::Map {
-                name,
-                source: Box::new(e),
-            })
-        };
-        let conv = |name: &'static str| {
-            move |e| InterceptError::Map {
-                name,
-                source: Box::new(e),
-            }
-        };
-        Ok(SharedMaps {
-            counters: PerCpuArray::try_from(Map::PerCpuArray(open(m::COUNTERS)?))
-                .map_err(conv(m::COUNTERS))?,
-            exclusions: Exclusions {
-                ports: HashMap::try_from(Map::HashMap(open(m::EXCLUDE_PORTS)?))
-                    .map_err(conv(m::EXCLUDE_PORTS))?,
-                v4: aya::maps::LpmTrie::try_from(Map::LpmTrie(open(m::EXCLUDE_V4)?))
-                    .map_err(conv(m::EXCLUDE_V4))?,
-                v6: aya::maps::LpmTrie::try_from(Map::LpmTrie(open(m::EXCLUDE_V6)?))
-                    .map_err(conv(m::EXCLUDE_V6))?,
-            },
-        })
-    }
-}
-
-impl Exclusions {
-    pub fn write(&mut self, cfg: &Config) -> Result<(), InterceptError> {
-        write_exclusions(&mut self.ports, &mut self.v4, &mut self.v6, cfg)
-    }
 }

@@ -1,6 +1,7 @@
 //! The userspace proxy: accepts redirected connections on 127.0.0.1 and ::1,
 //! recovers each one's original destination, connects there and relays.
 
+pub mod accept;
 pub mod detect;
 pub mod plan;
 pub mod relay;
@@ -12,11 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::JoinSet,
-};
+use tokio::{net::TcpStream, sync::watch};
 use tracing::{debug, info, warn};
 
 use detect::detect;
@@ -26,7 +23,7 @@ use crate::{
     access_log,
     error::{Classified, Origin, Retry},
     http,
-    net::{self, FdBudget, Listeners},
+    net::{self, Listeners},
     original_dst::OriginalDst,
     reload::Live,
     service::{Route, Service, ServiceTable},
@@ -65,37 +62,13 @@ impl Classified for ProxyError {
     }
 }
 
-/// Says at most once a second that app connections are being refused.
-struct Throttled {
-    last: Option<Instant>,
-    since: u64,
-}
-
-impl Throttled {
-    fn refused(&mut self, budget: FdBudget) {
-        self.since += 1;
-        if self
-            .last
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            warn!(
-                refused = self.since,
-                fds_for_apps = budget.last_for_apps,
-                "near the open-files limit: resetting new app connections (raise the limit, or find what holds them)"
-            );
-            self.last = Some(Instant::now());
-            self.since = 0;
-        }
-    }
-}
-
 /// Runs the proxy until `shutdown` turns true, then stops accepting and lets
 /// live connections finish (up to `drain`).
 pub async fn serve(
     listeners: Listeners,
     original_dst: OriginalDst,
     live: Arc<Live>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let port = listeners.port();
@@ -105,62 +78,13 @@ pub async fn serve(
         live: live.clone(),
         draining: shutdown.clone(),
     });
-    let mut conns = JoinSet::new();
-    let v6 = listeners.v6;
-    let v4 = listeners.v4;
-    let budget = FdBudget::now();
-    let mut refusals = Throttled {
-        last: None,
-        since: 0,
-    };
-    info!(port, ipv6 = v6.is_some(), "proxy listening");
-    loop {
-        let accepted = tokio::select! {
-            r = v4.accept() => r,
-            r = accept_opt(v6.as_ref()) => r,
-            _ = shutdown.changed() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        match accepted {
-            Ok((stream, _)) if !budget.allows(std::os::fd::AsRawFd::as_raw_fd(&stream)) => {
-                crate::metrics::get().refused_fd_limit.inc();
-                refusals.refused(budget);
-                net::reset(&stream);
-            }
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                conns.spawn(async move { ctx.handle(stream, peer).await });
-            }
-            Err(e) => {
-                // Out of fds or memory: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    drop((v4, v6));
-    live.set_ready(false);
-    if conns.is_empty() {
-        info!("no connections in flight: stopping");
-        return;
-    }
-    info!(connections = conns.len(), deadline = ?drain, "draining: no new connections, in-flight ones finish");
-    let done =
-        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-    match done {
-        Ok(()) => info!("drained"),
-        Err(_) => warn!(
-            left = conns.len(),
-            "drain deadline reached: closing what is left"
-        ),
-    }
-}
-
-async fn accept_opt(l: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
-    match l {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
-    }
+    info!(port, ipv6 = listeners.v6.is_some(), "proxy listening");
+    let stopped = move || live.set_ready(false);
+    accept::serve(listeners, shutdown, drain, stopped, move |stream, peer| {
+        let ctx = ctx.clone();
+        async move { ctx.handle(stream, peer).await }
+    })
+    .await;
 }
 
 struct Ctx {

@@ -1,4 +1,5 @@
-//! TLS origination toward upstreams (rustls, ring provider).
+//! TLS origination toward upstreams (rustls, ring provider), and
+//! termination toward the Pod's callers (`server`).
 //!
 //! Verification is on by default against the webpki roots plus an optional CA
 //! bundle; SNI and the name checked come from the configured server name. The
@@ -8,7 +9,6 @@
 
 use std::{
     io,
-    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -29,30 +29,13 @@ use crate::{
     files::WatchedFiles,
 };
 
+mod pem;
+pub mod server;
 mod stream;
+pub use pem::TlsError;
+use pem::read_certs;
+pub use server::TlsTermination;
 pub use stream::PlainOrTls;
-
-/// A TLS configuration that could not be built from its files.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{what} {path}: {source}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what} {path} holds no usable PEM {expected}")]
-    Empty {
-        what: &'static str,
-        path: PathBuf,
-        expected: &'static str,
-    },
-    #[error("TLS settings rejected: {0}")]
-    Rustls(#[from] rustls::Error),
-    #[error("`{0}` is not a valid TLS server name")]
-    ServerName(String),
-}
 
 /// One service's TLS client side.
 pub struct TlsOrigin {
@@ -154,7 +137,7 @@ impl TlsOrigin {
             .connect(self.server_name.clone(), tcp)
             .await;
         if let Err(e) = &r {
-            let class = crate::metrics::tls_reason_class(&reason(e));
+            let class = reason_class(&reason(e));
             crate::metrics::get().tls_failure(&self.service, class);
         }
         r
@@ -199,23 +182,23 @@ fn build(s: &TlsConfig, cert_requested: &Arc<AtomicBool>) -> Result<ClientConfig
     Ok(config)
 }
 
-fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::File {
-        what,
-        path: path.into(),
-        source,
-    })?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
-        .filter_map(Result::ok)
-        .collect();
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            what,
-            path: path.into(),
-            expected: "certificate",
-        });
+/// The kind of a TLS handshake failure, for a bounded label.
+pub fn reason_class(reason: &str) -> &'static str {
+    if reason.contains("expired") || reason.contains("not yet valid") {
+        "expired"
+    } else if reason.contains("server name") {
+        "wrong_name"
+    } else if reason.contains("unknown certificate authority") {
+        "unknown_ca"
+    } else if reason.contains("protocol version") {
+        "protocol_version"
+    } else if reason.contains("client certificate") {
+        "client_certificate"
+    } else if reason.contains("closed") || reason.contains("reset") {
+        "connection"
+    } else {
+        "other"
     }
-    Ok(certs)
 }
 
 /// Why a handshake failed, in a few words for the app and the log.
@@ -319,6 +302,22 @@ impl ServerCertVerifier for NoVerification {
 
 /// For tests across the crate: a server certificate and an origin that
 /// trusts it.
+#[cfg(test)]
+mod reason_tests {
+    use super::*;
+
+    #[test]
+    fn tls_reasons_fold_into_few_labels() {
+        assert_eq!(reason_class("certificate expired"), "expired");
+        assert_eq!(
+            reason_class("certificate not valid for the server name"),
+            "wrong_name"
+        );
+        assert_eq!(reason_class("unknown certificate authority"), "unknown_ca");
+        assert_eq!(reason_class("anything else at all"), "other");
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;

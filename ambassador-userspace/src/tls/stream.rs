@@ -1,5 +1,6 @@
-//! The one plain-or-TLS byte stream toward a server: HTTP and TCP upstreams
-//! wrap it with what their pools need to know, PostgreSQL uses it as is.
+//! The one plain-or-TLS byte stream, either way: toward a server (HTTP and
+//! TCP upstreams wrap it with what their pools need to know, PostgreSQL
+//! uses it as is) and from a caller of the Pod whose TLS the proxy ends.
 
 use std::{
     io,
@@ -11,7 +12,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
-use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsStream;
 
 pub enum PlainOrTls {
     Plain(TcpStream),
@@ -20,8 +21,14 @@ pub enum PlainOrTls {
 }
 
 impl PlainOrTls {
-    pub fn tls(s: TlsStream<TcpStream>) -> Self {
-        PlainOrTls::Tls(Box::new(s))
+    /// A TLS session the proxy began (toward a server).
+    pub fn tls(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        PlainOrTls::Tls(Box::new(s.into()))
+    }
+
+    /// A TLS session a caller began, which the proxy ends.
+    pub fn terminated(s: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        PlainOrTls::Tls(Box::new(s.into()))
     }
 
     /// TLS's ALPN picked HTTP/2.

@@ -1,0 +1,369 @@
+//! HTTP from callers of the Pod: hyper serves the (maybe TLS-terminated)
+//! connection under the same head limits and timers as the app's side, and each
+//! request goes to the app over a pooled HTTP/1.1 connection from
+//! 127.0.0.6, with the caller named in `X-Forwarded-For`, `Forwarded` and
+//! `X-Forwarded-Proto` (copies the caller sent are replaced: they would let
+//! it pose as anyone).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Full};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, info};
+
+use super::table::PortPolicy;
+use crate::{
+    access_log,
+    http::{
+        activity::{Activity, InFlight},
+        headers::{strip_hop_by_hop, upgrade_protocol},
+        response::{ERROR_HEADER, error_response},
+    },
+    tls::PlainOrTls,
+    upstream::{AppBody, Lease},
+};
+
+/// How long a connection asked to close gracefully may take.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+type RespBody = Either<CallerBody, Full<Bytes>>;
+
+/// What every request of one caller's connection shares.
+struct CallerConn {
+    activity: Arc<Activity>,
+    policy: Arc<PortPolicy>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    tls: Option<&'static str>,
+    /// `Forwarded`'s `for=` and `proto=`, made once per connection.
+    forwarded: HeaderValue,
+    xff: HeaderValue,
+}
+
+/// Serves one caller's connection until it closes or the proxy drains.
+pub async fn serve(
+    caller: PlainOrTls,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    policy: Arc<PortPolicy>,
+    accepted: tokio::time::Instant,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) {
+    let (header_read, idle) = (
+        policy.settings.header_read_timeout,
+        policy.settings.idle_timeout,
+    );
+    let tls = caller.tls_version();
+    let conn = Arc::new(CallerConn {
+        activity: Arc::new(Activity::new()),
+        forwarded: forwarded(peer, tls.is_some()),
+        xff: HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value"),
+        policy,
+        peer,
+        dst,
+        tls,
+    });
+    let _open = conn.policy.metrics.open();
+    let watched = conn.clone();
+    let svc = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+    });
+    let builder = crate::http::server::builder(header_read);
+    let served = builder.serve_connection(TokioIo::new(caller), svc);
+    tokio::pin!(served);
+    // No first request within the header-read timeout, or none in flight
+    // for the idle timeout: the connection goes (HTTP/2 with a GOAWAY).
+    let idle_close = watched.activity.until_idle(accepted + header_read, idle);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = async { draining.wait_for(|d| *d).await.map(|_| ()) } => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+        () = idle_close => {
+            if !watched.activity.any() {
+                debug!(client = %peer, "closing an inbound connection: no request within the header-read timeout");
+                return;
+            }
+            served.as_mut().graceful_shutdown();
+            match tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(client = %peer, error = %e, "inbound connection ended with an error");
+    }
+}
+
+async fn handle(req: Request<Incoming>, conn: &CallerConn) -> Response<RespBody> {
+    let in_flight = InFlight::new(&conn.activity);
+    let start = Instant::now();
+    let (method, path, version) = (
+        req.method().clone(),
+        req.uri().path().to_string(),
+        req.version(),
+    );
+    let resp = match forward(req, conn).await {
+        Ok(r) => r,
+        Err((status, reason)) => error_response(status, &reason),
+    };
+    let done = Done {
+        _in_flight: in_flight,
+        conn_name: conn.policy.name.clone(),
+        metrics: conn.policy.metrics.clone(),
+        peer: conn.peer,
+        dst: conn.dst,
+        tls: conn.tls,
+        method,
+        path,
+        version,
+        status: resp.status().as_u16(),
+        error: resp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        start,
+    };
+    match resp.into_parts() {
+        (parts, Either::Left(mut body)) => {
+            body.done = Some(done);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        (parts, Either::Right(full)) => {
+            done.finish(full.size_hint().exact().unwrap_or(0));
+            Response::from_parts(parts, Either::Right(full))
+        }
+    }
+}
+
+/// Sends the request to the app; an answer of the ambassador's own (status
+/// and reason) when it cannot.
+async fn forward(
+    req: Request<Incoming>,
+    conn: &CallerConn,
+) -> Result<Response<RespBody>, (StatusCode, String)> {
+    if req.method() == http::Method::CONNECT {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served on the Pod's ports".into(),
+        ));
+    }
+    if upgrade_protocol(&req).is_some() {
+        return Err((
+            StatusCode::NOT_IMPLEMENTED,
+            "protocol upgrades are not passed to the app on inbound ports yet".into(),
+        ));
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        // Two Hosts: the app and the proxy could each read another one.
+        return Err((StatusCode::BAD_REQUEST, "more than one Host header".into()));
+    }
+    let (mut parts, body) = req.into_parts();
+    let p = &conn.policy;
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| a.as_str().parse().ok()));
+    strip_hop_by_hop(&mut parts.headers);
+    set_forwarded(&mut parts.headers, conn);
+    if let Some(h) = host {
+        parts.headers.insert(header::HOST, h);
+    }
+    // The pool is picked by the app's address; the request line gets the
+    // path and query.
+    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = Uri::try_from(format!("http://{}{pq}", p.app)).map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "the request target is not a path".to_string(),
+        )
+    })?;
+    parts.version = http::Version::HTTP_11;
+    let body = Either::Left(AppBody::new(body, p.metrics.from_app.clone()));
+    let client = p.client.as_ref().ok_or((
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "no HTTP client for this port".to_string(),
+    ))?;
+    let answer = client
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            info!(client = %conn.peer, app = %p.app, "the app did not answer: {e}");
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("the app at {} did not answer", p.app),
+            )
+        })?;
+    let (mut head, incoming) = answer.response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    Ok(Response::from_parts(
+        head,
+        Either::Left(CallerBody {
+            inner: incoming,
+            lease: answer.lease,
+            counter: p.metrics.to_app.clone(),
+            sent: 0,
+            ended: false,
+            done: None,
+        }),
+    ))
+}
+
+/// `Forwarded: for=...;proto=...` (RFC 7239; IPv6 quoted and bracketed).
+fn forwarded(peer: SocketAddr, tls: bool) -> HeaderValue {
+    let proto = if tls { "https" } else { "http" };
+    let v = match peer.ip() {
+        std::net::IpAddr::V4(a) => format!("for={a};proto={proto}"),
+        std::net::IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
+    };
+    HeaderValue::from_str(&v).expect("an address is a header value")
+}
+
+/// The caller as the proxy saw it; what the caller claimed goes.
+fn set_forwarded(h: &mut HeaderMap, conn: &CallerConn) {
+    h.insert(header::FORWARDED, conn.forwarded.clone());
+    h.insert("x-forwarded-for", conn.xff.clone());
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if conn.tls.is_some() { "https" } else { "http" }),
+    );
+    h.remove("x-forwarded-host");
+    h.remove("x-forwarded-port");
+    h.remove("x-real-ip");
+}
+
+/// Metrics and the access-log line of one request, done when its response
+/// has gone out (or been dropped).
+struct Done {
+    /// The connection is busy until the response has gone out.
+    _in_flight: InFlight,
+    conn_name: String,
+    metrics: crate::metrics::ServiceMetrics,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    tls: Option<&'static str>,
+    method: http::Method,
+    path: String,
+    version: http::Version,
+    status: u16,
+    error: Option<String>,
+    start: Instant,
+}
+
+impl Done {
+    fn finish(self, bytes_out: u64) {
+        let took = self.start.elapsed();
+        self.metrics.response(self.status);
+        self.metrics.duration.observe(took.as_secs_f64());
+        if access_log::enabled() {
+            access_log::inbound_http(&access_log::InboundHttpLine {
+                service: &self.conn_name,
+                client: self.peer,
+                dst: self.dst,
+                method: self.method.as_str(),
+                path: &self.path,
+                version: version_name(self.version),
+                status: self.status,
+                bytes_out,
+                duration_ms: took.as_secs_f64() * 1000.0,
+                tls: self.tls,
+                error: self.error.as_deref(),
+            });
+        }
+    }
+}
+
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// The app's response body on its way to the caller: streamed, counted,
+/// its pool connection given back once it has ended.
+struct CallerBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+    counter: prometheus_client::metrics::counter::Counter,
+    sent: u64,
+    ended: bool,
+    done: Option<Done>,
+}
+
+impl Drop for CallerBody {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.finish(self.sent);
+        }
+        if let Some(l) = self.lease.take()
+            && (self.ended || self.inner.is_end_stream())
+        {
+            l.release();
+        }
+    }
+}
+
+impl Body for CallerBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let n = d.len() as u64;
+                    self.sent += n;
+                    self.counter.inc_by(n);
+                }
+            }
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_names_the_caller_and_the_scheme() {
+        let v4 = forwarded("198.18.0.2:40000".parse().unwrap(), false);
+        assert_eq!(v4, "for=198.18.0.2;proto=http");
+        let v6 = forwarded("[fd00::2]:40000".parse().unwrap(), true);
+        assert_eq!(v6, "for=\"[fd00::2]\";proto=https");
+    }
+}

@@ -1,0 +1,178 @@
+//! The inbound half: callers of the Pod. The sk_lookup program hands their
+//! connections for the app's ports to the proxy's inbound listener without
+//! rewriting any address, so each accepted socket's local address is what
+//! the caller dialled; its port picks the policy (`table`), then one match
+//! dispatches: a byte relay to the app (after TLS termination when
+//! configured) or HTTP (`http`), every request forwarded to the app from
+//! 127.0.0.6, which the program lets through.
+
+pub mod http;
+pub mod table;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{net::TcpStream, sync::watch};
+use tracing::{debug, info};
+
+use crate::{
+    access_log,
+    metrics::ServiceMetrics,
+    net::{self, Listeners, Settings},
+    proxy::{accept, relay},
+    reload::Live,
+    tls::PlainOrTls,
+};
+use table::{InboundPlan, PortPolicy};
+
+/// Serves callers until `shutdown` turns true, then lets live connections
+/// finish (up to `drain`).
+pub async fn serve(
+    listeners: Listeners,
+    live: Arc<Live>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    info!(
+        port = listeners.port(),
+        ipv6 = listeners.v6.is_some(),
+        "inbound listening"
+    );
+    let draining = shutdown.clone();
+    accept::serve(
+        listeners,
+        shutdown,
+        drain,
+        || {},
+        move |stream, peer| {
+            let (live, draining) = (live.clone(), draining.clone());
+            async move { handle(stream, peer, &live, draining).await }
+        },
+    )
+    .await;
+}
+
+async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watch::Receiver<bool>) {
+    let accepted = tokio::time::Instant::now();
+    // The address the caller dialled: the program assigned the connection
+    // to this listener without rewriting it.
+    let Ok(dst) = caller.local_addr() else {
+        return;
+    };
+    let peer = unmapped(peer);
+    let table = live.inbound();
+    let _ = caller.set_nodelay(true);
+    let conn = Conn {
+        peer,
+        dst,
+        start: Instant::now(),
+    };
+    match table.plan(dst.port()) {
+        InboundPlan::Relay { app } => {
+            let caller = PlainOrTls::Plain(caller);
+            conn.relay(caller, app, table.others(), &table.settings)
+                .await
+        }
+        InboundPlan::Tcp(p) => {
+            let Some(caller) = conn.terminate(caller, &p).await else {
+                return;
+            };
+            conn.relay(caller, p.app, &p.metrics, &table.settings).await
+        }
+        InboundPlan::Http(p) => {
+            let Some(caller) = conn.terminate(caller, &p).await else {
+                return;
+            };
+            http::serve(caller, conn.peer, conn.dst, p, accepted, draining).await
+        }
+    }
+}
+
+/// A caller's IPv4 address as IPv4, even when it came through a dual-stack
+/// socket.
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// One caller's connection.
+struct Conn {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    start: Instant,
+}
+
+impl Conn {
+    /// The TLS handshake with the caller where the port terminates TLS; a
+    /// failure is counted by reason, logged and closes the connection.
+    async fn terminate(&self, caller: TcpStream, p: &PortPolicy) -> Option<PlainOrTls> {
+        let Some(tls) = &p.tls else {
+            return Some(PlainOrTls::Plain(caller));
+        };
+        match tls.accept(caller).await {
+            Ok(s) => Some(PlainOrTls::terminated(s)),
+            Err(e) => {
+                let reason = crate::tls::reason(&e);
+                let class = crate::tls::reason_class(&reason);
+                crate::metrics::get().inbound_tls_failure(&p.name, class);
+                info!(client = %self.peer, port = p.port, "inbound TLS handshake failed: {reason}");
+                self.log_tcp(&p.metrics, relay::Totals::default(), "tls_failed", None);
+                None
+            }
+        }
+    }
+
+    /// Relays `caller` to the app at `app`.
+    async fn relay(
+        &self,
+        caller: PlainOrTls,
+        app: SocketAddr,
+        m: &ServiceMetrics,
+        settings: &Settings,
+    ) {
+        let _open = m.open();
+        let tls = caller.tls_version();
+        let upstream = match net::connect(app, settings).await {
+            Ok(u) => u,
+            Err(e) => {
+                info!(client = %self.peer, %app, "the app is not reachable: {e}");
+                self.log_tcp(m, relay::Totals::default(), "connect_failed", tls);
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let idle = settings.idle_timeout;
+        let (outcome, totals) = match caller {
+            // Plain: readiness-driven, no buffer while idle, resets carried.
+            PlainOrTls::Plain(c) => relay::relay(&c, &upstream, idle).await,
+            tls => relay::relay_io(tls, upstream, idle).await,
+        };
+        debug!(client = %self.peer, dst = %self.dst, ?outcome, "inbound connection closed");
+        m.from_app.inc_by(totals.sent);
+        m.to_app.inc_by(totals.received);
+        self.log_tcp(m, totals, outcome.name(), tls);
+    }
+
+    fn log_tcp(&self, m: &ServiceMetrics, t: relay::Totals, outcome: &str, tls: Option<&str>) {
+        if access_log::enabled() {
+            access_log::inbound_tcp(&access_log::InboundTcpLine {
+                service: &m.name,
+                client: self.peer,
+                dst: self.dst,
+                bytes_in: t.sent,
+                bytes_out: t.received,
+                duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+                outcome,
+                tls,
+            });
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The inbound policy of every intercepted port, built once per config (at
+//! start and at each reload, off the data path), and the plan for one
+//! caller's connection: a plain value, decided without sockets.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use ambassador_common::INBOUND_PASS_V4;
+
+use crate::{
+    config::{Config, InboundProtocol},
+    metrics::ServiceMetrics,
+    net::Settings,
+    tls::{TlsError, TlsTermination},
+    upstream::{HttpClient, UpstreamConnector},
+};
+
+/// What one port does with its callers.
+pub struct PortPolicy {
+    pub name: String,
+    pub port: u16,
+    pub protocol: InboundProtocol,
+    pub tls: Option<TlsTermination>,
+    pub metrics: ServiceMetrics,
+    /// Where the app listens for this port.
+    pub app: SocketAddr,
+    /// Pooled HTTP/1.1 connections to the app (HTTP ports only).
+    pub client: Option<HttpClient>,
+    /// Timeouts, and the source address toward the app.
+    pub settings: Settings,
+}
+
+/// Every port's policy, and what connections to the app use.
+pub struct InboundTable {
+    ports: HashMap<u16, Arc<PortPolicy>>,
+    /// Ports intercepted under `ports: all` that have no policy share one
+    /// series (a label per port a caller may try would be unbounded).
+    others: ServiceMetrics,
+    app: IpAddr,
+    /// From 127.0.0.6, which the inbound program lets through.
+    pub settings: Settings,
+}
+
+/// Why an inbound table could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("inbound port {port}: {source}")]
+pub struct InboundError {
+    port: u16,
+    #[source]
+    source: TlsError,
+}
+
+/// What to do with one caller's connection.
+#[derive(Clone)]
+pub enum InboundPlan {
+    /// Relay the bytes to the app, after TLS termination when configured.
+    Tcp(Arc<PortPolicy>),
+    /// Read requests (after TLS termination when configured) and forward
+    /// them one by one.
+    Http(Arc<PortPolicy>),
+    /// A port with no policy (under `ports: all`): relayed as it is.
+    Relay { app: SocketAddr },
+}
+
+impl InboundTable {
+    pub fn new(cfg: &Config, proxy: &Settings) -> Result<InboundTable, InboundError> {
+        let i = &cfg.inbound;
+        let settings = Settings {
+            bind: Some(IpAddr::V4(Ipv4Addr::from(INBOUND_PASS_V4))),
+            // The app's own connections are in the same Pod: no mark needed.
+            mark: None,
+            ..proxy.clone()
+        };
+        let metrics = crate::metrics::get();
+        let mut ports = HashMap::new();
+        let listed: Vec<u16> = match &i.ports {
+            crate::config::InboundPorts::All => Vec::new(),
+            crate::config::InboundPorts::List(l) => l.clone(),
+        };
+        let policy_ports = i.policies.iter().map(|p| p.port);
+        for port in listed.iter().copied().chain(policy_ports) {
+            if ports.contains_key(&port) || !i.intercepts(port) {
+                continue;
+            }
+            let app = SocketAddr::new(i.app, port);
+            let policy = i.policy(port);
+            let name = policy.map_or_else(|| format!("inbound-{port}"), |p| p.name());
+            let protocol = policy.map_or(InboundProtocol::Tcp, |p| p.protocol);
+            let tls = match policy.and_then(|p| p.tls.as_ref()) {
+                Some(t) => {
+                    Some(TlsTermination::new(t).map_err(|source| InboundError { port, source })?)
+                }
+                None => None,
+            };
+            let client = (protocol == InboundProtocol::Http).then(|| {
+                UpstreamConnector::new(settings.clone(), None)
+                    .dialing(app)
+                    .client()
+            });
+            ports.insert(
+                port,
+                Arc::new(PortPolicy {
+                    metrics: metrics.inbound(&name),
+                    name,
+                    port,
+                    protocol,
+                    tls,
+                    app,
+                    client,
+                    settings: settings.clone(),
+                }),
+            );
+        }
+        Ok(InboundTable {
+            ports,
+            others: metrics.inbound("inbound"),
+            app: i.app,
+            settings,
+        })
+    }
+
+    /// The plan for a connection a caller made to `port` of the Pod.
+    pub fn plan(&self, port: u16) -> InboundPlan {
+        match self.ports.get(&port) {
+            Some(p) if p.protocol == InboundProtocol::Http => InboundPlan::Http(p.clone()),
+            Some(p) => InboundPlan::Tcp(p.clone()),
+            None => InboundPlan::Relay {
+                app: SocketAddr::new(self.app, port),
+            },
+        }
+    }
+
+    /// The series of ports without a policy.
+    pub fn others(&self) -> &ServiceMetrics {
+        &self.others
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> InboundTable {
+        let cfg = Config::parse(yaml).unwrap();
+        InboundTable::new(&cfg, &Settings::from_config(&cfg.proxy)).unwrap()
+    }
+
+    fn kind(p: &InboundPlan) -> String {
+        match p {
+            InboundPlan::Tcp(p) => format!("tcp {} -> {}", p.name, p.app),
+            InboundPlan::Http(p) => format!("http {} -> {}", p.name, p.app),
+            InboundPlan::Relay { app } => format!("relay -> {app}"),
+        }
+    }
+
+    #[test]
+    fn each_port_gets_its_policy_and_the_rest_are_relayed() {
+        let t = table(
+            r#"
+inbound:
+  ports: all
+  exclude_ports: [9090]
+  policies:
+    - { port: 8080, protocol: http, name: api }
+    - { port: 5432, protocol: tcp }
+"#,
+        );
+        let cases = [
+            (8080, "http api -> 127.0.0.1:8080"),
+            (5432, "tcp inbound-5432 -> 127.0.0.1:5432"),
+            (7000, "relay -> 127.0.0.1:7000"),
+        ];
+        for (port, want) in cases {
+            assert_eq!(kind(&t.plan(port)), want, "port {port}");
+        }
+    }
+
+    #[test]
+    fn listed_ports_without_a_policy_are_tcp_with_their_own_series() {
+        let t = table("inbound: { ports: [8080, 9000], app: 10.1.2.3 }");
+        assert_eq!(kind(&t.plan(9000)), "tcp inbound-9000 -> 10.1.2.3:9000");
+        assert_eq!(t.settings.bind, Some("127.0.0.6".parse().unwrap()));
+    }
+}

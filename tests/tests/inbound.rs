@@ -1,0 +1,399 @@
+//! The inbound half in a simulated Pod: callers in the servers' namespace
+//! dial the Pod's address; the sk_lookup program `init` attached to the
+//! Pod's network namespace hands their connections to the proxy, which
+//! forwards to the app on loopback from 127.0.0.6. Unmodified curl as the
+//! caller; the app is a plain server in the Pod's namespace.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{
+    upstream::{CertKind, HttpUpstream, TestCa},
+    *,
+};
+
+/// A listener for the app in the Pod's namespace, on every address.
+fn app_listener(pod: &Pod, port: u16) -> TcpListener {
+    pod.netns
+        .enter(move || TcpListener::bind(("0.0.0.0", port)))
+        .expect("bind the app's port")
+}
+
+/// Unmodified curl in the callers' namespace.
+fn caller_curl(pod: &Pod, url: &str, extra: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", &pod.servers.name, "curl", "-sS"])
+        .args(["--noproxy", "*", "--max-time", "10"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl")
+}
+
+/// What a greeting server at the Pod's `addr` says to a caller: its line
+/// `HELLO <listener> <the peer it saw>`.
+fn greeting(pod: &Pod, addr: SocketAddr) -> std::io::Result<String> {
+    pod.servers.enter(move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    })
+}
+
+fn peer_of(greeting: &str) -> String {
+    greeting.rsplit(' ').next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn callers_reach_the_app_through_the_proxy_and_the_app_sees_its_source() {
+    let mut pod = Pod::new(
+        r#"
+inbound:
+  ports: [8080]
+"#,
+    );
+    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
+    let _other = Server::start_on(app_listener(&pod, 8081), Behaviour::Greet);
+    pod.start_proxy_with_kernel_maps("inbound-tcp", &[]);
+
+    // Both families reach the app through the proxy: its peer is 127.0.0.6.
+    let v4 = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
+    assert!(peer_of(&v4).starts_with("127.0.0.6:"), "{v4}");
+    let v6 = greeting(&pod, format!("[{POD_V6}]:8080").parse().unwrap()).unwrap();
+    assert!(peer_of(&v6).starts_with("127.0.0.6:"), "{v6}");
+    // A port not listed goes to the app as it is.
+    let direct = greeting(&pod, format!("{POD_V4}:8081").parse().unwrap()).unwrap();
+    assert!(peer_of(&direct).starts_with(SERVER_V4), "{direct}");
+
+    let line = pod
+        .wait_access_log(r#""direction":"inbound""#)
+        .expect("an inbound access-log line");
+    assert!(line.contains(r#""kind":"tcp""#), "{line}");
+    assert!(
+        line.contains(&format!(r#""client":"{SERVER_V4}:"#)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!(r#""dst":"{POD_V4}:8080""#)),
+        "{line}"
+    );
+    assert!(line.contains(r#""service":"inbound-8080""#), "{line}");
+
+    let status = pod.ambassador(&["status"], None);
+    let text = stdout(&status);
+    assert!(
+        text.contains("inbound  sk_lookup attached, ports 8080"),
+        "{text}"
+    );
+    assert!(text.contains("fail-closed, redirected 2"), "{text}");
+}
+
+#[test]
+fn http_callers_are_named_to_the_app_and_cannot_pose_as_others() {
+    let mut pod = Pod::new(
+        r#"
+inbound:
+  ports: [8080]
+  policies:
+    - { port: 8080, protocol: http }
+"#,
+    );
+    let app = HttpUpstream::plain(app_listener(&pod, 8080));
+    pod.start_proxy_with_kernel_maps("inbound-http", &[]);
+
+    let url = format!("http://{POD_V4}:8080/orders?id=7");
+    let spoof = [
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        "-H",
+        "X-Real-IP: 6.6.6.6",
+        "-H",
+        "Host: orders.pod.test",
+    ];
+    for _ in 0..3 {
+        let out = caller_curl(&pod, &url, &spoof);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let seen = app.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let r = &seen[0];
+    assert_eq!(r.uri, "/orders?id=7");
+    assert_eq!(r.header("host"), Some("orders.pod.test"));
+    assert_eq!(r.header("x-forwarded-for"), Some(SERVER_V4));
+    assert_eq!(
+        r.header("forwarded"),
+        Some(format!("for={SERVER_V4};proto=http").as_str())
+    );
+    assert_eq!(r.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(r.header("x-real-ip"), None);
+    assert_eq!(
+        r.headers
+            .iter()
+            .filter(|(n, _)| n == "x-forwarded-for")
+            .count(),
+        1
+    );
+    // Keep-alive toward the app: three requests, one connection.
+    assert_eq!(app.accepted(), 1);
+
+    let metrics = pod.metrics();
+    assert!(
+        metrics.contains(
+            r#"ambassador_http_requests_total{service="inbound-8080",direction="inbound",status_class="2xx"} 3"#
+        ),
+        "{metrics}"
+    );
+    let line = pod
+        .wait_access_log(r#""path":"/orders""#)
+        .expect("an inbound request line");
+    assert!(line.contains(r#""direction":"inbound""#), "{line}");
+    assert!(!line.contains("id=7"), "queries stay out of logs: {line}");
+
+    // Two Hosts are refused before the app sees anything.
+    let addr: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
+    let answer = pod.servers.enter(move || {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(app.seen().len(), 3);
+
+    // The app gone: the caller gets a 502 that says why.
+    drop(app);
+    let out = caller_curl(&pod, &url, &["-i"]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(
+        text.contains("x-ambassador-error: the app at 127.0.0.1:8080 did not answer"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tls_is_terminated_with_a_certificate_that_rotates_under_load() {
+    let mut pod = Pod::new("");
+    let dir = pod.shared_dir();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let ca1 = TestCa::new("inbound CA one");
+    let (c, k) = ca1.issue(CertKind::Valid, "pod.test", None);
+    std::fs::write(&cert, c).unwrap();
+    std::fs::write(&key, k).unwrap();
+    pod.rewrite_config(&format!(
+        r#"
+inbound:
+  ports: [8443]
+  policies:
+    - port: 8443
+      protocol: http
+      tls: {{ cert: {}, key: {} }}
+"#,
+        cert.display(),
+        key.display()
+    ));
+    let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup.clone()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let app = HttpUpstream::plain(app_listener(&pod, 8443));
+    pod.start_proxy_with_kernel_maps("inbound-tls", &[]);
+
+    let ca1_file = ca1.write_ca_file(&dir);
+    let resolve = format!("pod.test:8443:{POD_V4}");
+    let url = "https://pod.test:8443/secure";
+    let get = |ca: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", "/dev/null", "-w", "%{http_code} %{http_version}"]);
+        caller_curl(&pod, url, &args)
+    };
+    let out = get(&ca1_file, &["--http1.1"]);
+    assert_eq!(stdout(&out), "200 1.1", "{}", stderr(&out));
+    // HTTP/2 by ALPN from the caller; the app still gets HTTP/1.1.
+    let out = get(&ca1_file, &["--http2"]);
+    assert_eq!(stdout(&out), "200 2", "{}", stderr(&out));
+    let seen = app.seen();
+    assert!(seen.iter().all(|r| r.version == "HTTP/1.1"), "{seen:?}");
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+
+    // Cleartext to the TLS port is a failed handshake, counted by reason.
+    let out = caller_curl(&pod, &format!("http://{POD_V4}:8443/"), &[]);
+    assert!(!out.status.success());
+    let metrics = pod.metrics();
+    assert!(
+        metrics.contains(r#"ambassador_tls_handshake_failures_total{service="inbound-8443",direction="inbound",reason="#),
+        "{metrics}"
+    );
+
+    // A new certificate from another CA, swapped in as a Secret update does:
+    // new connections get it, without a restart.
+    let ca2 = TestCa::new("inbound CA two");
+    let (c, k) = ca2.issue(CertKind::Valid, "pod.test", None);
+    std::fs::write(dir.join("tls.crt.new"), c).unwrap();
+    std::fs::write(dir.join("tls.key.new"), k).unwrap();
+    std::fs::rename(dir.join("tls.key.new"), &key).unwrap();
+    std::fs::rename(dir.join("tls.crt.new"), &cert).unwrap();
+    let ca2_file = ca2.write_ca_file(&dir);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = get(&ca2_file, &[]);
+        if stdout(&out).starts_with("200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = get(&ca1_file, &[]);
+    assert!(!out.status.success(), "the old certificate is still served");
+    assert!(pod.wait_log("inbound certificate changed: reloaded"));
+}
+
+#[test]
+fn fail_closed_refuses_callers_at_once_and_probe_ports_stay_open() {
+    let mut pod = Pod::new(
+        r#"
+inbound:
+  ports: all
+  exclude_ports: [9090]
+  fail: closed
+"#,
+    );
+    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
+    let _probe = Server::start_on(app_listener(&pod, 9090), Behaviour::Greet);
+    pod.start_proxy_with_kernel_maps("inbound-closed", &[]);
+    let through = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
+    assert!(peer_of(&through).starts_with("127.0.0.6:"), "{through}");
+
+    pod.kill_proxy();
+    let start = Instant::now();
+    let refused = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap());
+    let err = refused.expect_err("a caller reached the app past the dead proxy");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refused only after {:?}",
+        start.elapsed()
+    );
+    // The kubelet's probe port is excluded: it answers whatever the proxy.
+    let probe = greeting(&pod, format!("{POD_V4}:9090").parse().unwrap()).unwrap();
+    assert!(peer_of(&probe).starts_with(SERVER_V4), "{probe}");
+    let text = stdout(&pod.ambassador(&["status"], None));
+    assert!(text.contains("ports all (not "), "{text}");
+    assert!(text.contains("refused 1"), "{text}");
+}
+
+#[test]
+fn fail_open_delivers_to_the_app_while_the_proxy_is_down() {
+    let mut pod = Pod::new("inbound: { ports: [8080], fail: open }");
+    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
+    pod.start_proxy_with_kernel_maps("inbound-open", &[]);
+    let through = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
+    assert!(peer_of(&through).starts_with("127.0.0.6:"), "{through}");
+    pod.kill_proxy();
+    let direct = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
+    assert!(peer_of(&direct).starts_with(SERVER_V4), "{direct}");
+}
+
+#[test]
+fn outbound_and_inbound_in_one_pod_do_not_loop_and_uninstall_leaves_nothing() {
+    let mut pod = Pod::new(
+        r#"
+inbound:
+  ports: [8080]
+  policies: [{ port: 8080, protocol: http }]
+"#,
+    );
+    let app = HttpUpstream::plain(app_listener(&pod, 8080));
+    pod.start_proxy_with_kernel_maps("inbound-both", &[]);
+    // The app calls its own Pod address: out through the proxy, in again
+    // through the proxy, to itself once.
+    let status = pod.http_status(&format!("http://{POD_V4}:8080/self"), &[]);
+    assert_eq!(status, "200", "{}", pod.proxy_log());
+    assert_eq!(app.seen().len(), 1);
+    assert_eq!(app.seen()[0].header("x-forwarded-for"), Some(POD_V4));
+
+    let before = stdout(
+        &Command::new("bpftool")
+            .args(["link", "show"])
+            .output()
+            .unwrap(),
+    );
+    assert!(before.contains("sk_lookup"), "{before}");
+    pod.kill_proxy();
+    let out = pod.ambassador(&["uninstall", "--cgroup"], Some(&pod.cgroup.clone()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!pod.pin_dir().exists());
+    // No program left in the Pod's namespace: callers reach the app itself.
+    let out = caller_curl(
+        &pod,
+        &format!("http://{POD_V4}:8080/after"),
+        &["-o", "/dev/null"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let last = app.seen().pop().unwrap();
+    assert_eq!(last.uri, "/after");
+    assert_eq!(last.header("x-forwarded-for"), None);
+}
+
+#[test]
+fn run_serves_the_inbound_half_of_its_network_namespace() {
+    let pod = Pod::new("");
+    let cfg = pod.shared_dir().join("run-inbound.yaml");
+    std::fs::write(
+        &cfg,
+        "inbound:\n  ports: [8088]\n  policies: [{ port: 8088, protocol: http }]\n",
+    )
+    .unwrap();
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroups.
+    let run = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns.path().display()))
+        .arg(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .args([
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "8088",
+            "--bind",
+            "0.0.0.0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ambassador run");
+    let url = format!("http://{POD_V4}:8088/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let out = caller_curl(&pod, &url, &["-o", "/dev/null", "-w", "%{http_code}"]);
+        last = format!("{} {}", stdout(&out), stderr(&out));
+        if stdout(&out) == "200" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let out = run.wait_with_output().expect("run ends");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(last.starts_with("200"), "{last}\n{log}");
+    // python's access log names the client: the proxy's source address.
+    assert!(log.contains("127.0.0.6 - -"), "{log}");
+}
