@@ -137,6 +137,9 @@ pub struct HttpLine<'a> {
 struct Stamped<'a, T: Serialize> {
     time: String,
     kind: &'static str,
+    /// `inbound` for callers of the Pod; the app's own calls carry none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    direction: Option<&'static str>,
     #[serde(flatten)]
     line: &'a T,
 }
@@ -145,6 +148,7 @@ pub fn http(line: &HttpLine<'_>) {
     emit(&Stamped {
         time: now(),
         kind: "http",
+        direction: None,
         line,
     });
 }
@@ -169,8 +173,21 @@ pub fn tcp(line: &TcpLine<'_>) {
     emit(&Stamped {
         time: now(),
         kind: "tcp",
+        direction: None,
         line,
     });
+}
+
+/// An HTTP version as access-log lines name it.
+pub fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP",
+    }
 }
 
 /// One request from a caller of the Pod.
@@ -210,29 +227,20 @@ pub struct InboundTcpLine<'a> {
     pub tls: Option<&'a str>,
 }
 
-#[derive(Serialize)]
-struct Inbound<'a, T: Serialize> {
-    time: String,
-    kind: &'static str,
-    direction: &'static str,
-    #[serde(flatten)]
-    line: &'a T,
-}
-
 pub fn inbound_http(line: &InboundHttpLine<'_>) {
-    emit(&Inbound {
+    emit(&Stamped {
         time: now(),
         kind: "http",
-        direction: "inbound",
+        direction: Some("inbound"),
         line,
     });
 }
 
 pub fn inbound_tcp(line: &InboundTcpLine<'_>) {
-    emit(&Inbound {
+    emit(&Stamped {
         time: now(),
         kind: "tcp",
-        direction: "inbound",
+        direction: Some("inbound"),
         line,
     });
 }
@@ -263,6 +271,7 @@ mod tests {
         let text = serde_json::to_string(&Stamped {
             time: now(),
             kind: "http",
+            direction: None,
             line: &line,
         })
         .unwrap();

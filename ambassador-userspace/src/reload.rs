@@ -68,8 +68,7 @@ impl Live {
         path: Option<PathBuf>,
         access_log_default: bool,
     ) -> Result<Arc<Live>, ServiceError> {
-        let table = build(&cfg, None).await?;
-        let inbound = build_inbound(&cfg)?;
+        let (table, inbound) = build(&cfg, None).await?;
         access_log::set_enabled(cfg.telemetry.access_log.unwrap_or(access_log_default));
         Ok(Arc::new(Live {
             table: ArcSwap::from(table),
@@ -156,8 +155,7 @@ impl Live {
             next.intercept.exclude_ports.extend(&extra.0);
             next.intercept.exclude_cidrs.extend(&extra.1);
         }
-        let table = build(&next, Some(&self.table())).await?;
-        let inbound = build_inbound(&next)?;
+        let (table, inbound) = build(&next, Some(&self.table())).await?;
         let old = self.config.load();
         for what in restart_only(&old, &next) {
             warn!("config reload: `{what}` changed; it takes effect at the next start");
@@ -175,7 +173,7 @@ impl Live {
     }
 }
 
-/// Builds a service table on a blocking thread, off the data path (with
+/// Builds the service table (and the inbound one) on a blocking thread, off the data path (with
 /// thousands of services that is seconds of work the runtime's workers
 /// must not spend: with one worker, traffic would wait for it). A first
 /// table resolves its names before it serves; one replacing `previous`
@@ -183,12 +181,17 @@ impl Live {
 async fn build(
     cfg: &Config,
     previous: Option<&ServiceTable>,
-) -> Result<Arc<ServiceTable>, ServiceError> {
+) -> Result<(Arc<ServiceTable>, InboundTable), ServiceError> {
     let settings = Settings::from_config(&cfg.proxy);
     let owned = cfg.clone();
-    let table = tokio::task::spawn_blocking(move || ServiceTable::new(&owned, &settings))
-        .await
-        .map_err(|e| ServiceError::Build(e.to_string()))??;
+    let (table, inbound) = tokio::task::spawn_blocking(move || {
+        Ok::<_, ServiceError>((
+            ServiceTable::new(&owned, &settings)?,
+            build_inbound(&owned, &settings)?,
+        ))
+    })
+    .await
+    .map_err(|e| ServiceError::Build(e.to_string()))??;
     let table = Arc::new(table);
     if let Some(p) = previous {
         table.adopt_names(p);
@@ -197,14 +200,13 @@ async fn build(
         .keep_names_resolved(cfg.proxy.dns_refresh, previous.is_none())
         .await;
     table.start_health_checks();
-    Ok(table)
+    Ok((table, inbound))
 }
 
 /// The inbound policies (certificates read now: a file that cannot be used
 /// fails the start or the reload, not a caller's handshake).
-fn build_inbound(cfg: &Config) -> Result<InboundTable, ServiceError> {
-    InboundTable::new(cfg, &Settings::from_config(&cfg.proxy))
-        .map_err(|e| ServiceError::Build(e.to_string()))
+fn build_inbound(cfg: &Config, settings: &Settings) -> Result<InboundTable, ServiceError> {
+    InboundTable::new(cfg, settings).map_err(|e| ServiceError::Build(e.to_string()))
 }
 
 /// Settings a running proxy cannot change.

@@ -194,6 +194,7 @@ fn tls_is_terminated_with_a_certificate_that_rotates_under_load() {
     std::fs::write(&key, k).unwrap();
     pod.rewrite_config(&format!(
         r#"
+proxy: {{ header_read_timeout: 1s }}
 inbound:
   ports: [8443]
   policies:
@@ -208,6 +209,23 @@ inbound:
     assert!(out.status.success(), "{}", stderr(&out));
     let app = HttpUpstream::plain(app_listener(&pod, 8443));
     pod.start_proxy_with_kernel_maps("inbound-tls", &[]);
+
+    // A caller that connects and never says hello is let go after the
+    // header-read timeout: the handshake is under it too.
+    let addr: SocketAddr = format!("{POD_V4}:8443").parse().unwrap();
+    let (read, held) = pod.servers.enter(move || {
+        use std::io::Read;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        let t = Instant::now();
+        let r = s.read(&mut [0u8; 16]).map_err(|e| e.kind());
+        (r, t.elapsed())
+    });
+    assert!(
+        matches!(read, Ok(0) | Err(std::io::ErrorKind::ConnectionReset)),
+        "a silent caller was held: {read:?} after {held:?}"
+    );
+    assert!(held < Duration::from_secs(4), "held for {held:?}");
 
     let ca1_file = ca1.write_ca_file(&dir);
     let resolve = format!("pod.test:8443:{POD_V4}");

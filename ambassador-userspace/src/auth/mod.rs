@@ -11,13 +11,13 @@ pub mod oauth2;
 
 pub use error::AuthError;
 
-use std::{path::PathBuf, sync::Mutex};
+use std::path::PathBuf;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::{
     config::service::{HeaderKey, HeaderSource, RequestPolicy, SourceKind},
-    files::WatchedFiles,
+    files::FromFiles,
     net::Settings,
 };
 
@@ -33,8 +33,7 @@ enum Source {
     File {
         path: PathBuf,
         prefix: String,
-        watch: WatchedFiles,
-        cached: Mutex<HeaderValue>,
+        value: FromFiles<HeaderValue>,
     },
 }
 
@@ -88,8 +87,7 @@ impl Injector {
                 Source::Fixed(sensitive(header, &format!("${var}"), &src.prefix, &v)?)
             }
             SourceKind::File(path) => Source::File {
-                cached: Mutex::new(read_file(header, path, &src.prefix)?),
-                watch: WatchedFiles::new([path.clone()]),
+                value: FromFiles::new([path.clone()], read_file(header, path, &src.prefix)?),
                 path: path.clone(),
                 prefix: src.prefix.clone(),
             },
@@ -113,17 +111,11 @@ impl Injector {
             Source::File {
                 path,
                 prefix,
-                watch,
-                cached,
+                value,
             } => {
-                let mut cached = crate::sync::lock(cached);
-                if watch.changed() {
-                    match read_file(self.name.as_str(), path, prefix) {
-                        Ok(v) => *cached = v,
-                        Err(e) => tracing::warn!("{e}; keeping the previous value"),
-                    }
-                }
-                Ok(cached.clone())
+                let what = "header file";
+                let v = value.get(what, || read_file(self.name.as_str(), path, prefix));
+                Ok((*v).clone())
             }
         }
     }
@@ -255,7 +247,7 @@ mod tests {
         let tmp = dir.join("token.new");
         std::fs::write(&tmp, "second").unwrap();
         std::fs::rename(&tmp, &f).unwrap();
-        if let Source::File { watch, .. } = &inj.source {
+        if let Source::File { value: watch, .. } = &inj.source {
             watch.check_now();
         }
         assert_eq!(inj.value().await.unwrap(), "Bearer second");

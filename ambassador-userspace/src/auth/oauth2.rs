@@ -4,10 +4,7 @@
 //! flight. The client secret is read from a file (re-read when it rotates) and
 //! never logged.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -18,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use super::error::AuthError;
 use crate::{
     config::service::{OAuth2Config, TlsConfig},
-    files::WatchedFiles,
+    files::FromFiles,
     net::Settings,
     tls::TlsOrigin,
     upstream::UpstreamConnector,
@@ -43,8 +40,7 @@ pub struct OAuth2Source {
     header: String,
     cfg: OAuth2Config,
     prefix: Option<String>,
-    secret: Mutex<String>,
-    secret_watch: WatchedFiles,
+    secret: FromFiles<String>,
     client: Client<UpstreamConnector, Full<Bytes>>,
     token: tokio::sync::Mutex<Option<Token>>,
 }
@@ -88,8 +84,7 @@ impl OAuth2Source {
             header: header.into(),
             cfg: cfg.clone(),
             prefix: (!prefix.is_empty()).then(|| prefix.to_string()),
-            secret: Mutex::new(secret),
-            secret_watch: WatchedFiles::new([cfg.client_secret_file.clone()]),
+            secret: FromFiles::new([cfg.client_secret_file.clone()], secret),
             client: UpstreamConnector::new(settings.clone(), tls).client_for(),
             token: tokio::sync::Mutex::new(None),
         })
@@ -126,14 +121,10 @@ impl OAuth2Source {
             header: self.header.clone(),
             reason,
         };
-        if self.secret_watch.changed() {
-            match read_secret(&self.header, &self.cfg.client_secret_file) {
-                Ok(s) => *crate::sync::lock(&self.secret) = s,
-                Err(e) => tracing::warn!("{e}; keeping the previous client secret"),
-            }
-        }
         let basic = {
-            let secret = crate::sync::lock(&self.secret);
+            let secret = self.secret.get("client secret file", || {
+                read_secret(&self.header, &self.cfg.client_secret_file)
+            });
             let pair = format!("{}:{}", form(&self.cfg.client_id), form(&secret));
             base64::engine::general_purpose::STANDARD.encode(pair)
         };

@@ -111,7 +111,7 @@ impl Finish {
                 method: i.method.as_str(),
                 authority: &i.authority,
                 path: &i.path,
-                version: version_name(i.version),
+                version: access_log::version_name(i.version),
                 status: self.status,
                 bytes_in: self.exchange.bytes_in,
                 bytes_out,
@@ -122,16 +122,5 @@ impl Finish {
                 error: i.error.as_deref(),
             });
         }
-    }
-}
-
-fn version_name(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP",
     }
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header, uri::PathAndQuery};
 use http_body_util::{Either, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
@@ -24,7 +24,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
-use super::table::PortPolicy;
+use super::table::{HttpPort, PortPolicy};
 use crate::{
     access_log,
     http::{
@@ -45,6 +45,7 @@ type RespBody = Either<CallerBody, Full<Bytes>>;
 struct CallerConn {
     activity: Arc<Activity>,
     policy: Arc<PortPolicy>,
+    http: Arc<HttpPort>,
     peer: SocketAddr,
     dst: SocketAddr,
     tls: Option<&'static str>,
@@ -59,6 +60,7 @@ pub async fn serve(
     peer: SocketAddr,
     dst: SocketAddr,
     policy: Arc<PortPolicy>,
+    http: Arc<HttpPort>,
     accepted: tokio::time::Instant,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -72,6 +74,7 @@ pub async fn serve(
         forwarded: forwarded(peer, tls.is_some()),
         xff: HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value"),
         policy,
+        http,
         peer,
         dst,
         tls,
@@ -80,7 +83,7 @@ pub async fn serve(
     let watched = conn.clone();
     let svc = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+        async move { Ok::<_, Infallible>(handle(req, conn).await) }
     });
     let builder = crate::http::server::builder(header_read);
     let served = builder.serve_connection(TokioIo::new(caller), svc);
@@ -111,35 +114,35 @@ pub async fn serve(
     }
 }
 
-async fn handle(req: Request<Incoming>, conn: &CallerConn) -> Response<RespBody> {
+async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespBody> {
     let in_flight = InFlight::new(&conn.activity);
     let start = Instant::now();
-    let (method, path, version) = (
-        req.method().clone(),
-        req.uri().path().to_string(),
-        req.version(),
-    );
-    let resp = match forward(req, conn).await {
+    // The request's own facts, copied only while access logging is on.
+    let mut log = access_log::enabled().then(|| {
+        Box::new(RequestLog {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            error: None,
+        })
+    });
+    let resp = match forward(req, &conn).await {
         Ok(r) => r,
         Err((status, reason)) => error_response(status, &reason),
     };
-    let done = Done {
-        _in_flight: in_flight,
-        conn_name: conn.policy.name.clone(),
-        metrics: conn.policy.metrics.clone(),
-        peer: conn.peer,
-        dst: conn.dst,
-        tls: conn.tls,
-        method,
-        path,
-        version,
-        status: resp.status().as_u16(),
-        error: resp
+    if let Some(l) = log.as_mut() {
+        l.error = resp
             .headers()
             .get(ERROR_HEADER)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+            .map(str::to_string);
+    }
+    let done = Done {
+        _in_flight: in_flight,
+        status: resp.status().as_u16(),
+        conn,
         start,
+        log,
     };
     match resp.into_parts() {
         (parts, Either::Left(mut body)) => {
@@ -175,22 +178,31 @@ async fn forward(
         // Two Hosts: the app and the proxy could each read another one.
         return Err((StatusCode::BAD_REQUEST, "more than one Host header".into()));
     }
-    let (mut parts, body) = req.into_parts();
     let p = &conn.policy;
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| a.as_str().parse().ok()));
-    strip_hop_by_hop(&mut parts.headers);
-    set_forwarded(&mut parts.headers, conn);
-    if let Some(h) = host {
+    let HttpPort { client, authority } = &*conn.http;
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 callers name the host in :authority only; the app gets a Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(h) = HeaderValue::from_str(a.as_str())
+    {
         parts.headers.insert(header::HOST, h);
     }
+    strip_hop_by_hop(&mut parts.headers);
+    set_forwarded(&mut parts.headers, conn);
     // The pool is picked by the app's address; the request line gets the
-    // path and query.
-    let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = Uri::try_from(format!("http://{}{pq}", p.app)).map_err(|_| {
+    // path and query (both shared, not copied).
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(uri).map_err(|_| {
         (
             StatusCode::BAD_REQUEST,
             "the request target is not a path".to_string(),
@@ -198,10 +210,6 @@ async fn forward(
     })?;
     parts.version = http::Version::HTTP_11;
     let body = Either::Left(AppBody::new(body, p.metrics.from_app.clone()));
-    let client = p.client.as_ref().ok_or((
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "no HTTP client for this port".to_string(),
-    ))?;
     let answer = client
         .request(Request::from_parts(parts, body))
         .await
@@ -255,47 +263,41 @@ fn set_forwarded(h: &mut HeaderMap, conn: &CallerConn) {
 struct Done {
     /// The connection is busy until the response has gone out.
     _in_flight: InFlight,
-    conn_name: String,
-    metrics: crate::metrics::ServiceMetrics,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    tls: Option<&'static str>,
+    conn: Arc<CallerConn>,
+    status: u16,
+    start: Instant,
+    log: Option<Box<RequestLog>>,
+}
+
+/// What the access-log line needs of the request.
+struct RequestLog {
     method: http::Method,
     path: String,
     version: http::Version,
-    status: u16,
     error: Option<String>,
-    start: Instant,
 }
 
 impl Done {
     fn finish(self, bytes_out: u64) {
         let took = self.start.elapsed();
-        self.metrics.response(self.status);
-        self.metrics.duration.observe(took.as_secs_f64());
-        if access_log::enabled() {
+        let (c, m) = (&self.conn, &self.conn.policy.metrics);
+        m.response(self.status);
+        m.duration.observe(took.as_secs_f64());
+        if let Some(l) = &self.log {
             access_log::inbound_http(&access_log::InboundHttpLine {
-                service: &self.conn_name,
-                client: self.peer,
-                dst: self.dst,
-                method: self.method.as_str(),
-                path: &self.path,
-                version: version_name(self.version),
+                service: &m.name,
+                client: c.peer,
+                dst: c.dst,
+                method: l.method.as_str(),
+                path: &l.path,
+                version: access_log::version_name(l.version),
                 status: self.status,
                 bytes_out,
                 duration_ms: took.as_secs_f64() * 1000.0,
-                tls: self.tls,
-                error: self.error.as_deref(),
+                tls: c.tls,
+                error: l.error.as_deref(),
             });
         }
-    }
-}
-
-fn version_name(v: http::Version) -> &'static str {
-    match v {
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_2 => "HTTP/2",
-        _ => "HTTP/1.1",
     }
 }
 

@@ -10,7 +10,7 @@ pub mod http;
 pub mod table;
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -62,13 +62,12 @@ async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watc
     let Ok(dst) = caller.local_addr() else {
         return;
     };
-    let peer = unmapped(peer);
     let table = live.inbound();
     let _ = caller.set_nodelay(true);
     let conn = Conn {
         peer,
         dst,
-        start: Instant::now(),
+        start: accepted.into_std(),
     };
     match table.plan(dst.port()) {
         InboundPlan::Relay { app } => {
@@ -82,24 +81,12 @@ async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watc
             };
             conn.relay(caller, p.app, &p.metrics, &table.settings).await
         }
-        InboundPlan::Http(p) => {
+        InboundPlan::Http(p, port) => {
             let Some(caller) = conn.terminate(caller, &p).await else {
                 return;
             };
-            http::serve(caller, conn.peer, conn.dst, p, accepted, draining).await
+            http::serve(caller, conn.peer, conn.dst, p, port, accepted, draining).await
         }
-    }
-}
-
-/// A caller's IPv4 address as IPv4, even when it came through a dual-stack
-/// socket.
-fn unmapped(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => a,
-        },
-        IpAddr::V4(_) => a,
     }
 }
 
@@ -117,17 +104,22 @@ impl Conn {
         let Some(tls) = &p.tls else {
             return Some(PlainOrTls::Plain(caller));
         };
-        match tls.accept(caller).await {
-            Ok(s) => Some(PlainOrTls::terminated(s)),
-            Err(e) => {
+        // A caller that never finishes its hello is held no longer than one
+        // that never finishes its request head.
+        let limit = p.settings.header_read_timeout;
+        let (reason, class) = match tokio::time::timeout(limit, tls.accept(caller)).await {
+            Ok(Ok(s)) => return Some(PlainOrTls::terminated(s)),
+            Ok(Err(e)) => {
                 let reason = crate::tls::reason(&e);
                 let class = crate::tls::reason_class(&reason);
-                crate::metrics::get().inbound_tls_failure(&p.name, class);
-                info!(client = %self.peer, port = p.port, "inbound TLS handshake failed: {reason}");
-                self.log_tcp(&p.metrics, relay::Totals::default(), "tls_failed", None);
-                None
+                (reason, class)
             }
-        }
+            Err(_) => (format!("no handshake within {limit:?}"), "timeout"),
+        };
+        crate::metrics::get().inbound_tls_failure(&p.name, class);
+        info!(client = %self.peer, port = p.port, "inbound TLS handshake failed: {reason}");
+        self.log_tcp(&p.metrics, relay::Totals::default(), "tls_failed", None);
+        None
     }
 
     /// Relays `caller` to the app at `app`.

@@ -9,6 +9,7 @@ use std::{
 };
 
 use ambassador_common::INBOUND_PASS_V4;
+use http::uri::Authority;
 
 use crate::{
     config::{Config, InboundProtocol},
@@ -22,23 +23,36 @@ use crate::{
 pub struct PortPolicy {
     pub name: String,
     pub port: u16,
-    pub protocol: InboundProtocol,
+    pub kind: PortKind,
     pub tls: Option<TlsTermination>,
     pub metrics: ServiceMetrics,
     /// Where the app listens for this port.
     pub app: SocketAddr,
-    /// Pooled HTTP/1.1 connections to the app (HTTP ports only).
-    pub client: Option<HttpClient>,
     /// Timeouts, and the source address toward the app.
     pub settings: Settings,
+}
+
+/// What a port's callers speak.
+pub enum PortKind {
+    Tcp,
+    Http(Arc<HttpPort>),
+}
+
+/// What an HTTP port forwards with.
+pub struct HttpPort {
+    /// Pooled HTTP/1.1 connections to the app.
+    pub client: HttpClient,
+    /// The app's address as request URIs name it (the pool's key).
+    pub authority: Authority,
 }
 
 /// Every port's policy, and what connections to the app use.
 pub struct InboundTable {
     ports: HashMap<u16, Arc<PortPolicy>>,
     /// Ports intercepted under `ports: all` that have no policy share one
-    /// series (a label per port a caller may try would be unbounded).
-    others: ServiceMetrics,
+    /// series (a label per port a caller may try would be unbounded), made
+    /// at its first connection: a proxy without inbound shows none.
+    others: std::sync::OnceLock<ServiceMetrics>,
     app: IpAddr,
     /// From 127.0.0.6, which the inbound program lets through.
     pub settings: Settings,
@@ -60,7 +74,7 @@ pub enum InboundPlan {
     Tcp(Arc<PortPolicy>),
     /// Read requests (after TLS termination when configured) and forward
     /// them one by one.
-    Http(Arc<PortPolicy>),
+    Http(Arc<PortPolicy>, Arc<HttpPort>),
     /// A port with no policy (under `ports: all`): relayed as it is.
     Relay { app: SocketAddr },
 }
@@ -95,28 +109,32 @@ impl InboundTable {
                 }
                 None => None,
             };
-            let client = (protocol == InboundProtocol::Http).then(|| {
-                UpstreamConnector::new(settings.clone(), None)
-                    .dialing(app)
-                    .client()
-            });
+            let kind = match protocol {
+                InboundProtocol::Tcp => PortKind::Tcp,
+                InboundProtocol::Http => PortKind::Http(Arc::new(HttpPort {
+                    client: UpstreamConnector::new(settings.clone(), None)
+                        .dialing(app)
+                        .client(),
+                    authority: Authority::try_from(app.to_string())
+                        .expect("an address is an authority"),
+                })),
+            };
             ports.insert(
                 port,
                 Arc::new(PortPolicy {
                     metrics: metrics.inbound(&name),
                     name,
                     port,
-                    protocol,
+                    kind,
                     tls,
                     app,
-                    client,
                     settings: settings.clone(),
                 }),
             );
         }
         Ok(InboundTable {
             ports,
-            others: metrics.inbound("inbound"),
+            others: std::sync::OnceLock::new(),
             app: i.app,
             settings,
         })
@@ -125,8 +143,10 @@ impl InboundTable {
     /// The plan for a connection a caller made to `port` of the Pod.
     pub fn plan(&self, port: u16) -> InboundPlan {
         match self.ports.get(&port) {
-            Some(p) if p.protocol == InboundProtocol::Http => InboundPlan::Http(p.clone()),
-            Some(p) => InboundPlan::Tcp(p.clone()),
+            Some(p) => match &p.kind {
+                PortKind::Http(h) => InboundPlan::Http(p.clone(), h.clone()),
+                PortKind::Tcp => InboundPlan::Tcp(p.clone()),
+            },
             None => InboundPlan::Relay {
                 app: SocketAddr::new(self.app, port),
             },
@@ -135,7 +155,8 @@ impl InboundTable {
 
     /// The series of ports without a policy.
     pub fn others(&self) -> &ServiceMetrics {
-        &self.others
+        self.others
+            .get_or_init(|| crate::metrics::get().inbound("inbound"))
     }
 }
 
@@ -151,7 +172,7 @@ mod tests {
     fn kind(p: &InboundPlan) -> String {
         match p {
             InboundPlan::Tcp(p) => format!("tcp {} -> {}", p.name, p.app),
-            InboundPlan::Http(p) => format!("http {} -> {}", p.name, p.app),
+            InboundPlan::Http(p, _) => format!("http {} -> {}", p.name, p.app),
             InboundPlan::Relay { app } => format!("relay -> {app}"),
         }
     }

@@ -5,10 +5,9 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
 };
 
-use crate::files::WatchedFiles;
+use crate::files::FromFiles;
 
 /// A password; shown nowhere (Debug is redacted).
 #[derive(Clone, PartialEq, Eq)]
@@ -39,21 +38,17 @@ pub enum CredentialsError {
     Invalid { path: PathBuf, reason: String },
 }
 
-type Table = Arc<BTreeMap<String, Password>>;
-
 #[derive(Debug)]
 pub struct Credentials {
     path: PathBuf,
-    watch: WatchedFiles,
-    current: Mutex<Table>,
+    table: FromFiles<BTreeMap<String, Password>>,
 }
 
 impl Credentials {
     /// Reads the file now, so a missing or bad one stops start-up.
     pub fn new(path: &Path) -> Result<Credentials, CredentialsError> {
         Ok(Credentials {
-            current: Mutex::new(Arc::new(read(path)?)),
-            watch: WatchedFiles::new([path.to_path_buf()]),
+            table: FromFiles::new([path.to_path_buf()], read(path)?),
             path: path.to_path_buf(),
         })
     }
@@ -62,16 +57,7 @@ impl Credentials {
     /// once a second). A file that became unreadable keeps the last good
     /// table: a rotation briefly removes it on some volume types.
     pub fn get(&self, user: &str) -> Option<Password> {
-        if self.watch.changed() {
-            match read(&self.path) {
-                Ok(t) => {
-                    tracing::info!(file = %self.path.display(), users = t.len(), "credentials file changed: reloaded");
-                    *crate::sync::lock(&self.current) = Arc::new(t);
-                }
-                Err(e) => tracing::warn!("{e}; keeping the previous credentials"),
-            }
-        }
-        let table = crate::sync::lock(&self.current).clone();
+        let table = self.table.get("credentials file", || read(&self.path));
         table.get(user).cloned()
     }
 }
@@ -145,7 +131,7 @@ mod tests {
         let tmp = dir.join("new.yaml");
         std::fs::write(&tmp, "app: two\nother: x\n").unwrap();
         std::fs::rename(&tmp, &f).unwrap();
-        c.watch.check_now();
+        c.table.check_now();
         assert_eq!(c.get("app").unwrap().expose(), "two");
         assert!(c.get("nobody").is_none());
         std::fs::remove_dir_all(&dir).unwrap();

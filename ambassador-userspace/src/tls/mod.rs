@@ -10,7 +10,7 @@
 use std::{
     io,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -22,11 +22,11 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{
     config::service::{TlsConfig, TlsVersion},
-    files::WatchedFiles,
+    files::FromFiles,
 };
 
 mod pem;
@@ -43,8 +43,7 @@ pub struct TlsOrigin {
     cert_requested: Arc<AtomicBool>,
     settings: TlsConfig,
     server_name: ServerName<'static>,
-    current: Mutex<Arc<ClientConfig>>,
-    files: WatchedFiles,
+    config: FromFiles<ClientConfig>,
     /// For `ambassador_tls_handshake_failures_total`.
     service: String,
 }
@@ -85,43 +84,30 @@ impl TlsOrigin {
                 "upstream.tls.insecure_skip_verify is ON: certificates of this upstream are NOT verified"
             );
         }
-        let files = WatchedFiles::new(
-            [
-                &settings.ca_file,
-                &settings.client_cert,
-                &settings.client_key,
-            ]
-            .into_iter()
-            .flatten()
-            .cloned(),
-        );
+        let files: Vec<_> = [
+            &settings.ca_file,
+            &settings.client_cert,
+            &settings.client_key,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
         let cert_requested = Arc::new(AtomicBool::new(false));
         let config = build(settings, &cert_requested)?;
         Ok(TlsOrigin {
             cert_requested,
             settings: settings.clone(),
             server_name,
-            current: Mutex::new(Arc::new(config)),
-            files,
+            config: FromFiles::new(files, config),
             service: service.to_string(),
         })
     }
 
-    /// The config for a new connection: rebuilt first if a file changed. A
-    /// file that became unreadable keeps the last good config (and says so).
+    /// The config for a new connection: rebuilt first if a file changed.
     fn config(&self) -> Arc<ClientConfig> {
-        if self.files.changed() {
-            match build(&self.settings, &self.cert_requested) {
-                Ok(c) => {
-                    info!(server_name = ?self.server_name, "TLS files changed: reloaded");
-                    *crate::sync::lock(&self.current) = Arc::new(c);
-                }
-                Err(e) => {
-                    warn!(error = %e, "TLS files changed but cannot be used; keeping the previous ones")
-                }
-            }
-        }
-        crate::sync::lock(&self.current).clone()
+        self.config
+            .get("TLS files", || build(&self.settings, &self.cert_requested))
     }
 
     /// True once the upstream has asked for a client certificate and none is

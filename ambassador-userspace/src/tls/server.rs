@@ -10,19 +10,17 @@ use rustls::{
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tracing::{info, warn};
 
 use super::pem::{TlsError, read_certs};
 use crate::{
     config::{ServerTls, service::TlsVersion},
-    files::WatchedFiles,
+    files::FromFiles,
 };
 
 /// One inbound port's TLS server side.
 pub struct TlsTermination {
     settings: ServerTls,
-    current: std::sync::Mutex<Arc<ServerConfig>>,
-    files: WatchedFiles,
+    config: FromFiles<ServerConfig>,
 }
 
 impl std::fmt::Debug for TlsTermination {
@@ -37,30 +35,17 @@ impl TlsTermination {
     /// Builds the config now, so a missing or bad file stops start-up (or
     /// the reload).
     pub fn new(settings: &ServerTls) -> Result<TlsTermination, TlsError> {
-        let config = build(settings)?;
+        let files = [settings.cert.clone(), settings.key.clone()];
         Ok(TlsTermination {
-            files: WatchedFiles::new([settings.cert.clone(), settings.key.clone()]),
+            config: FromFiles::new(files, build(settings)?),
             settings: settings.clone(),
-            current: std::sync::Mutex::new(Arc::new(config)),
         })
     }
 
-    /// The config for a new connection: rebuilt first if a file changed. A
-    /// pair that cannot be used (half-written, mismatched) keeps the last
-    /// good one, and says so.
+    /// The config for a new connection: rebuilt first if a file changed.
     fn config(&self) -> Arc<ServerConfig> {
-        if self.files.changed() {
-            match build(&self.settings) {
-                Ok(c) => {
-                    info!(cert = %self.settings.cert.display(), "inbound certificate changed: reloaded");
-                    *crate::sync::lock(&self.current) = Arc::new(c);
-                }
-                Err(e) => {
-                    warn!(error = %e, "inbound certificate files changed but cannot be used; keeping the previous ones")
-                }
-            }
-        }
-        crate::sync::lock(&self.current).clone()
+        self.config
+            .get("inbound certificate", || build(&self.settings))
     }
 
     /// The handshake with a caller.
