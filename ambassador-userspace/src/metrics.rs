@@ -104,6 +104,7 @@ pub struct Metrics {
     endpoint_requests: Family<OutcomeLabels, Counter>,
     ejections: Family<EndpointLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    auth_failures: Family<ReasonLabels, Counter>,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -191,6 +192,12 @@ impl Metrics {
             "Connections or requests refused by policy: `default: deny` (no_service), or a service's name used toward an address it does not own (not_owned)",
             denied.clone(),
         );
+        let auth_failures = Family::default();
+        r.register(
+            "auth_failures",
+            "Requests refused for their credentials (inbound: callers of the Pod), by reason",
+            auth_failures.clone(),
+        );
         let refused_fd_limit = Counter::default();
         r.register(
             "fd_limit_refusals",
@@ -219,6 +226,7 @@ impl Metrics {
             endpoint_requests,
             ejections,
             denied,
+            auth_failures,
             refused_fd_limit,
             reloads,
             state,
@@ -309,6 +317,17 @@ impl Metrics {
     /// A failed TLS handshake with a caller of the Pod.
     pub fn inbound_tls_failure(&self, service: &str, reason: &'static str) {
         self.tls_failed(service, "inbound", reason);
+    }
+
+    /// A caller refused for its credentials (`reason` from a fixed set).
+    pub fn inbound_auth_failure(&self, service: &str, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels {
+                service: service.to_string(),
+                direction: "inbound",
+                reason,
+            })
+            .inc();
     }
 
     fn tls_failed(&self, service: &str, direction: &'static str, reason: &'static str) {

@@ -184,6 +184,25 @@ impl Pod {
         stdout(&out)
     }
 
+    /// A listener for the app in the Pod's namespace, on every address: the
+    /// app callers of the Pod reach.
+    pub fn app_listener(&self, port: u16) -> TcpListener {
+        self.netns
+            .enter(move || TcpListener::bind(("0.0.0.0", port)))
+            .expect("bind the app's port")
+    }
+
+    /// Unmodified curl in the servers' namespace: a caller of the Pod.
+    pub fn caller_curl(&self, url: &str, extra: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.servers.name, "curl", "-sS"])
+            .args(["--noproxy", "*", "--max-time", "10"])
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("run curl")
+    }
+
     /// A listener in the servers' namespace, for the caller's own server.
     pub fn server_listener(&self, addr: &str, port: u16) -> TcpListener {
         let sa: SocketAddr = format!("{addr}:{port}").parse().expect("address");

@@ -6,8 +6,8 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Command, Output},
+    net::{SocketAddr, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -15,24 +15,6 @@ use ambassador_tests::{
     upstream::{CertKind, HttpUpstream, TestCa},
     *,
 };
-
-/// A listener for the app in the Pod's namespace, on every address.
-fn app_listener(pod: &Pod, port: u16) -> TcpListener {
-    pod.netns
-        .enter(move || TcpListener::bind(("0.0.0.0", port)))
-        .expect("bind the app's port")
-}
-
-/// Unmodified curl in the callers' namespace.
-fn caller_curl(pod: &Pod, url: &str, extra: &[&str]) -> Output {
-    Command::new("ip")
-        .args(["netns", "exec", &pod.servers.name, "curl", "-sS"])
-        .args(["--noproxy", "*", "--max-time", "10"])
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("run curl")
-}
 
 /// What a greeting server at the Pod's `addr` says to a caller: its line
 /// `HELLO <listener> <the peer it saw>`.
@@ -58,8 +40,8 @@ inbound:
   ports: [8080]
 "#,
     );
-    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
-    let _other = Server::start_on(app_listener(&pod, 8081), Behaviour::Greet);
+    let _app = Server::start_on(pod.app_listener(8080), Behaviour::Greet);
+    let _other = Server::start_on(pod.app_listener(8081), Behaviour::Greet);
     pod.start_proxy_with_kernel_maps("inbound-tcp", &[]);
 
     // Both families reach the app through the proxy: its peer is 127.0.0.6.
@@ -104,7 +86,7 @@ inbound:
     - { port: 8080, protocol: http }
 "#,
     );
-    let app = HttpUpstream::plain(app_listener(&pod, 8080));
+    let app = HttpUpstream::plain(pod.app_listener(8080));
     pod.start_proxy_with_kernel_maps("inbound-http", &[]);
 
     let url = format!("http://{POD_V4}:8080/orders?id=7");
@@ -119,7 +101,7 @@ inbound:
         "Host: orders.pod.test",
     ];
     for _ in 0..3 {
-        let out = caller_curl(&pod, &url, &spoof);
+        let out = pod.caller_curl(&url, &spoof);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let seen = app.seen();
@@ -174,7 +156,7 @@ inbound:
 
     // The app gone: the caller gets a 502 that says why.
     drop(app);
-    let out = caller_curl(&pod, &url, &["-i"]);
+    let out = pod.caller_curl(&url, &["-i"]);
     let text = stdout(&out);
     assert!(text.starts_with("HTTP/1.1 502"), "{text}");
     assert!(
@@ -207,7 +189,7 @@ inbound:
     ));
     let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup.clone()));
     assert!(out.status.success(), "{}", stderr(&out));
-    let app = HttpUpstream::plain(app_listener(&pod, 8443));
+    let app = HttpUpstream::plain(pod.app_listener(8443));
     pod.start_proxy_with_kernel_maps("inbound-tls", &[]);
 
     // A caller that connects and never says hello is let go after the
@@ -234,7 +216,7 @@ inbound:
         let mut args = vec!["--cacert", ca.to_str().unwrap(), "--resolve", &resolve];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["-o", "/dev/null", "-w", "%{http_code} %{http_version}"]);
-        caller_curl(&pod, url, &args)
+        pod.caller_curl(url, &args)
     };
     let out = get(&ca1_file, &["--http1.1"]);
     assert_eq!(stdout(&out), "200 1.1", "{}", stderr(&out));
@@ -246,7 +228,7 @@ inbound:
     assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
 
     // Cleartext to the TLS port is a failed handshake, counted by reason.
-    let out = caller_curl(&pod, &format!("http://{POD_V4}:8443/"), &[]);
+    let out = pod.caller_curl(&format!("http://{POD_V4}:8443/"), &[]);
     assert!(!out.status.success());
     let metrics = pod.metrics();
     assert!(
@@ -291,8 +273,8 @@ inbound:
   fail: closed
 "#,
     );
-    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
-    let _probe = Server::start_on(app_listener(&pod, 9090), Behaviour::Greet);
+    let _app = Server::start_on(pod.app_listener(8080), Behaviour::Greet);
+    let _probe = Server::start_on(pod.app_listener(9090), Behaviour::Greet);
     pod.start_proxy_with_kernel_maps("inbound-closed", &[]);
     let through = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
     assert!(peer_of(&through).starts_with("127.0.0.6:"), "{through}");
@@ -318,7 +300,7 @@ inbound:
 #[test]
 fn fail_open_delivers_to_the_app_while_the_proxy_is_down() {
     let mut pod = Pod::new("inbound: { ports: [8080], fail: open }");
-    let _app = Server::start_on(app_listener(&pod, 8080), Behaviour::Greet);
+    let _app = Server::start_on(pod.app_listener(8080), Behaviour::Greet);
     pod.start_proxy_with_kernel_maps("inbound-open", &[]);
     let through = greeting(&pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
     assert!(peer_of(&through).starts_with("127.0.0.6:"), "{through}");
@@ -336,7 +318,7 @@ inbound:
   policies: [{ port: 8080, protocol: http }]
 "#,
     );
-    let app = HttpUpstream::plain(app_listener(&pod, 8080));
+    let app = HttpUpstream::plain(pod.app_listener(8080));
     pod.start_proxy_with_kernel_maps("inbound-both", &[]);
     // The app calls its own Pod address: out through the proxy, in again
     // through the proxy, to itself once.
@@ -357,11 +339,7 @@ inbound:
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!pod.pin_dir().exists());
     // No program left in the Pod's namespace: callers reach the app itself.
-    let out = caller_curl(
-        &pod,
-        &format!("http://{POD_V4}:8080/after"),
-        &["-o", "/dev/null"],
-    );
+    let out = pod.caller_curl(&format!("http://{POD_V4}:8080/after"), &["-o", "/dev/null"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let last = app.seen().pop().unwrap();
     assert_eq!(last.uri, "/after");
@@ -400,7 +378,7 @@ fn run_serves_the_inbound_half_of_its_network_namespace() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut last = String::new();
     while Instant::now() < deadline {
-        let out = caller_curl(&pod, &url, &["-o", "/dev/null", "-w", "%{http_code}"]);
+        let out = pod.caller_curl(&url, &["-o", "/dev/null", "-w", "%{http_code}"]);
         last = format!("{} {}", stdout(&out), stderr(&out));
         if stdout(&out) == "200" {
             break;

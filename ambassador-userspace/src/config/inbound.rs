@@ -148,6 +148,9 @@ pub struct InboundPolicy {
     /// Terminate TLS from callers; the app gets cleartext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
+    /// Who the caller is (HTTP ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<super::authn::AuthConfig>,
 }
 
 impl InboundPolicy {
@@ -236,6 +239,16 @@ pub fn validate(i: &InboundConfig, proxy_port: u16) -> Result<(), String> {
                 "inbound.policies: port {} has two policies",
                 p.port
             ));
+        }
+        if let Some(a) = &p.auth {
+            if p.protocol != InboundProtocol::Http {
+                return Err(format!(
+                    "inbound.policies: port {}: auth needs protocol: http",
+                    p.port
+                ));
+            }
+            a.validate()
+                .map_err(|e| format!("inbound.policies: port {}: {e}", p.port))?;
         }
         if !i.intercepts(p.port) {
             return Err(format!(

@@ -3,6 +3,7 @@
 //! Unknown keys, wrong types and bad values are errors naming the field path and
 //! the line; every key has a default, so an empty file is valid.
 
+pub mod authn;
 pub mod file;
 pub mod inbound;
 pub mod load;

@@ -353,3 +353,55 @@ fn inbound_mistakes_are_named() {
     assert!(!ok.inbound.intercepts(15020));
     assert!(!Config::parse("").unwrap().inbound.enabled());
 }
+
+#[test]
+fn inbound_auth_mistakes_are_named() {
+    let with = |auth: &str| {
+        format!("inbound: {{ ports: [8080], policies: [{{ port: 8080, auth: {auth} }}] }}")
+    };
+    for (auth, want) in [
+        (
+            "{ jwt: { jwks_file: k, algorithms: [HS256] } }",
+            "HS256 is HMAC",
+        ),
+        (
+            "{ jwt: { jwks_file: k, algorithms: [none] } }",
+            "unsigned tokens",
+        ),
+        (
+            "{ jwt: { jwks_file: k, algorithms: [] } }",
+            "name at least one",
+        ),
+        (
+            "{ jwt: { jwks_file: k, jwks_url: 'https://a.test/k' } }",
+            "one of jwks_file and jwks_url",
+        ),
+        (
+            "{ jwt: { jwks_url: 'http://a.test/k' } }",
+            "must be an https:// URL",
+        ),
+        (
+            "{ jwt: { jwks_file: k, jwks_refresh: 1m } }",
+            "go with jwks_url",
+        ),
+        ("{ required: false }", "give jwt, api_keys or both"),
+        (
+            "{ api_keys: { file: k }, forward_claims: { sub: x-user } }",
+            "needs auth.jwt",
+        ),
+        (
+            "{ api_keys: { file: k, header: 'bad header' } }",
+            "not an HTTP header name",
+        ),
+    ] {
+        let text = with(auth);
+        let e = Config::parse(&text).expect_err(&text);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    let tcp = "inbound: { ports: [5432], policies: [{ port: 5432, protocol: tcp, auth: { api_keys: { file: k } } }] }";
+    assert!(
+        Config::parse(tcp)
+            .unwrap_err()
+            .contains("auth needs protocol: http")
+    );
+}

@@ -24,7 +24,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
-use super::table::{HttpPort, PortPolicy};
+use super::{
+    authn::Identity,
+    table::{HttpPort, PortPolicy},
+};
 use crate::{
     access_log,
     http::{
@@ -128,7 +131,14 @@ async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespB
     });
     let resp = match forward(req, &conn).await {
         Ok(r) => r,
-        Err((status, reason)) => error_response(status, &reason),
+        Err((status, reason)) => {
+            let mut r = error_response(status, &reason);
+            if status == StatusCode::UNAUTHORIZED {
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            r
+        }
     };
     if let Some(l) = log.as_mut() {
         l.error = resp
@@ -179,6 +189,14 @@ async fn forward(
         return Err((StatusCode::BAD_REQUEST, "more than one Host header".into()));
     }
     let p = &conn.policy;
+    let identity = match &p.authn {
+        Some(a) => a.check(req.headers()).await.map_err(|f| {
+            crate::metrics::get().inbound_auth_failure(&p.name, f.reason());
+            debug!(client = %conn.peer, port = p.port, reason = f.reason(), "refused: {}", f.message());
+            (f.status(), f.message().to_string())
+        })?,
+        None => Identity::Anonymous,
+    };
     let HttpPort { client, authority } = &*conn.http;
     let (mut parts, body) = req.into_parts();
     // HTTP/2 callers name the host in :authority only; the app gets a Host.
@@ -190,6 +208,9 @@ async fn forward(
     }
     strip_hop_by_hop(&mut parts.headers);
     set_forwarded(&mut parts.headers, conn);
+    if let Some(a) = &p.authn {
+        a.apply(&identity, &mut parts.headers);
+    }
     // The pool is picked by the app's address; the request line gets the
     // path and query (both shared, not copied).
     let mut uri = http::uri::Parts::default();

@@ -6,7 +6,9 @@
 //! configured) or HTTP (`http`), every request forwarded to the app from
 //! 127.0.0.6, which the program lets through.
 
+pub mod authn;
 pub mod http;
+pub mod jwks;
 pub mod table;
 
 use std::{

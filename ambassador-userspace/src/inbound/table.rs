@@ -11,11 +11,12 @@ use std::{
 use ambassador_common::INBOUND_PASS_V4;
 use http::uri::Authority;
 
+use super::authn::Authn;
 use crate::{
     config::{Config, InboundProtocol},
     metrics::ServiceMetrics,
     net::Settings,
-    tls::{TlsError, TlsTermination},
+    tls::TlsTermination,
     upstream::{HttpClient, UpstreamConnector},
 };
 
@@ -30,6 +31,8 @@ pub struct PortPolicy {
     pub app: SocketAddr,
     /// Timeouts, and the source address toward the app.
     pub settings: Settings,
+    /// Who callers are (HTTP ports with `auth`).
+    pub authn: Option<Authn>,
 }
 
 /// What a port's callers speak.
@@ -60,11 +63,10 @@ pub struct InboundTable {
 
 /// Why an inbound table could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error("inbound port {port}: {source}")]
+#[error("inbound port {port}: {why}")]
 pub struct InboundError {
     port: u16,
-    #[source]
-    source: TlsError,
+    why: String,
 }
 
 /// What to do with one caller's connection.
@@ -104,9 +106,10 @@ impl InboundTable {
             let name = policy.map_or_else(|| format!("inbound-{port}"), |p| p.name());
             let protocol = policy.map_or(InboundProtocol::Tcp, |p| p.protocol);
             let tls = match policy.and_then(|p| p.tls.as_ref()) {
-                Some(t) => {
-                    Some(TlsTermination::new(t).map_err(|source| InboundError { port, source })?)
-                }
+                Some(t) => Some(TlsTermination::new(t).map_err(|e| InboundError {
+                    port,
+                    why: e.to_string(),
+                })?),
                 None => None,
             };
             let kind = match protocol {
@@ -119,6 +122,12 @@ impl InboundTable {
                         .expect("an address is an authority"),
                 })),
             };
+            let authn = match policy.and_then(|p| p.auth.as_ref()) {
+                // Keys are fetched from the network as the proxy, not as
+                // the app's caller (no 127.0.0.6 there).
+                Some(a) => Some(Authn::new(a, proxy).map_err(|why| InboundError { port, why })?),
+                None => None,
+            };
             ports.insert(
                 port,
                 Arc::new(PortPolicy {
@@ -129,6 +138,7 @@ impl InboundTable {
                     tls,
                     app,
                     settings: settings.clone(),
+                    authn,
                 }),
             );
         }
