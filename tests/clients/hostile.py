@@ -145,10 +145,16 @@ def hold(host, port, n, secs, hexbytes):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     payload = bytes.fromhex(hexbytes)
     conns = []
+    refused = 0
     for _ in range(int(n)):
-        s = connect(host, port)
-        if payload:
-            s.sendall(payload)
+        try:
+            s = connect(host, port)
+            if payload:
+                s.sendall(payload)
+        except OSError:
+            # Refused (or reset) at once: closed as far as holding goes.
+            refused += 1
+            continue
         s.setblocking(False)
         conns.append(s)
     print("HELD", flush=True)
@@ -168,7 +174,8 @@ def hold(host, port, n, secs, hexbytes):
                 open_.discard(i)
                 last = time.monotonic() - started
         time.sleep(0.05)
-    print(f"CLOSED {len(conns) - len(open_)} OF {len(conns)} LAST {last:.1f}")
+    total = len(conns) + refused
+    print(f"CLOSED {total - len(open_)} OF {total} LAST {last:.1f}")
 
 
 def frame(kind, flags, stream, payload=b""):

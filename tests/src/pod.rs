@@ -109,6 +109,16 @@ impl Pod {
         pod
     }
 
+    /// The Pod's own name (its cgroup's), unique in this run: what tests
+    /// give as its UID so Pods of parallel tests never share maps.
+    pub fn name(&self) -> String {
+        self.cgroup
+            .file_name()
+            .expect("a cgroup name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
     /// Runs the ambassador CLI (as root, outside the Pod) with the Pod's config.
     pub fn ambassador(&self, args: &[&str], path_arg: Option<&Path>) -> Output {
         let mut cmd = Command::new(bin());

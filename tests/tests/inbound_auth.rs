@@ -137,7 +137,8 @@ impl Gate {
         assert!(out.status.success(), "{}", stderr(&out));
         let app = HttpUpstream::plain(pod.app_listener(8080));
         let mut gate = Gate { pod, app, dir };
-        gate.pod.start_proxy_with_kernel_maps(&unique_uid(), &[]);
+        let uid = gate.pod.name();
+        gate.pod.start_proxy_with_kernel_maps(&uid, &[]);
         gate
     }
 
@@ -164,17 +165,6 @@ impl Gate {
             .find_map(|l| l.strip_prefix(&line))
             .map_or(0.0, |v| v.trim().parse().unwrap())
     }
-}
-
-fn unique_uid() -> String {
-    format!(
-        "auth-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    )
 }
 
 #[test]
@@ -392,7 +382,8 @@ fn keys_from_a_url_are_fetched_once_for_a_burst_of_unknown_kids() {
     assert!(out.status.success(), "{}", stderr(&out));
     let _app = HttpUpstream::plain(pod.app_listener(8080));
     let mut pod = pod;
-    pod.start_proxy_with_kernel_maps(&unique_uid(), &[]);
+    let uid = pod.name();
+    pod.start_proxy_with_kernel_maps(&uid, &[]);
     let fetches = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

@@ -151,6 +151,15 @@ pub struct InboundPolicy {
     /// Who the caller is (HTTP ports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<super::authn::AuthConfig>,
+    /// Who may call what (HTTP ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<super::gateway::AccessConfig>,
+    /// How often (HTTP ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<super::gateway::RateLimit>,
+    /// How much: body size (HTTP ports), connections at once.
+    #[serde(default)]
+    pub limits: super::gateway::InboundLimits,
 }
 
 impl InboundPolicy {
@@ -198,6 +207,49 @@ impl TryFrom<RawServerTls> for ServerTls {
     }
 }
 
+/// Checks between one policy's fields.
+fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
+    use super::gateway::RateKey;
+    let http_only = [
+        ("auth", p.auth.is_some()),
+        ("access", p.access.is_some()),
+        ("rate_limit", p.rate_limit.is_some()),
+        ("limits.max_body_bytes", p.limits.max_body_bytes.is_some()),
+    ];
+    if p.protocol != InboundProtocol::Http
+        && let Some((what, _)) = http_only.iter().find(|(_, set)| *set)
+    {
+        return Err(format!("{what} needs protocol: http"));
+    }
+    if let Some(a) = &p.auth {
+        a.validate()?;
+    }
+    let jwt = p.auth.as_ref().is_some_and(|a| a.jwt.is_some());
+    let keys = p.auth.as_ref().is_some_and(|a| a.api_keys.is_some());
+    if let Some(r) = &p.rate_limit {
+        r.validate()?;
+        if matches!(r.key, RateKey::Claim(_)) && !jwt {
+            return Err("rate_limit.key claim:... needs auth.jwt".into());
+        }
+    }
+    for (i, r) in p.access.iter().flat_map(|a| a.rules.iter().enumerate()) {
+        if !r.claims.is_empty() && !jwt {
+            return Err(format!(
+                "access.rules[{i}] names claims but there is no auth.jwt"
+            ));
+        }
+        if !r.clients.is_empty() && !keys {
+            return Err(format!(
+                "access.rules[{i}] names clients but there is no auth.api_keys"
+            ));
+        }
+    }
+    if p.limits.max_connections == Some(0) || p.limits.max_body_bytes == Some(0) {
+        return Err("limits: 0 would refuse everything".into());
+    }
+    Ok(())
+}
+
 /// Checks between the section's fields.
 pub fn validate(i: &InboundConfig, proxy_port: u16) -> Result<(), String> {
     if i.port == 0 {
@@ -240,16 +292,7 @@ pub fn validate(i: &InboundConfig, proxy_port: u16) -> Result<(), String> {
                 p.port
             ));
         }
-        if let Some(a) = &p.auth {
-            if p.protocol != InboundProtocol::Http {
-                return Err(format!(
-                    "inbound.policies: port {}: auth needs protocol: http",
-                    p.port
-                ));
-            }
-            a.validate()
-                .map_err(|e| format!("inbound.policies: port {}: {e}", p.port))?;
-        }
+        validate_policy(p).map_err(|e| format!("inbound.policies: port {}: {e}", p.port))?;
         if !i.intercepts(p.port) {
             return Err(format!(
                 "inbound.policies: port {} is not intercepted (add it to inbound.ports, or remove it from exclude_ports): its policy would never run",

@@ -5,6 +5,7 @@
 
 pub mod authn;
 pub mod file;
+pub mod gateway;
 pub mod inbound;
 pub mod load;
 pub mod request;

@@ -405,3 +405,68 @@ fn inbound_auth_mistakes_are_named() {
             .contains("auth needs protocol: http")
     );
 }
+
+#[test]
+fn inbound_gateway_mistakes_are_named() {
+    let with =
+        |rest: &str| format!("inbound: {{ ports: [8080], policies: [{{ port: 8080, {rest} }}] }}");
+    for (rest, want) in [
+        (
+            "protocol: tcp, access: { rules: [] }",
+            "access needs protocol: http",
+        ),
+        (
+            "protocol: tcp, limits: { max_body_bytes: 10 }",
+            "max_body_bytes needs protocol: http",
+        ),
+        (
+            "rate_limit: { requests_per_second: 0, burst: 1 }",
+            "more than 0",
+        ),
+        (
+            "rate_limit: { requests_per_second: 1, burst: 0 }",
+            "burst: between 1",
+        ),
+        (
+            "rate_limit: { requests_per_second: 1, burst: 1, key: cookie }",
+            "not a rate-limit key",
+        ),
+        (
+            "rate_limit: { requests_per_second: 1, burst: 1, key: 'claim:sub' }",
+            "needs auth.jwt",
+        ),
+        (
+            "access: { rules: [{ action: allow, claims: { role: admin } }] }",
+            "no auth.jwt",
+        ),
+        (
+            "access: { rules: [{ action: allow, clients: [billing] }] }",
+            "no auth.api_keys",
+        ),
+        (
+            "access: { rules: [{ action: allow, path: /a, path_prefix: /b }] }",
+            "not both",
+        ),
+        (
+            "access: { rules: [{ action: allow, path: 'a/b' }] }",
+            "not a plain path",
+        ),
+        (
+            "access: { rules: [{ action: allow, path: '/a%2fb' }] }",
+            "not a plain path",
+        ),
+        (
+            "access: { rules: [{ action: allow, methods: ['GE T'] }] }",
+            "not an HTTP method",
+        ),
+        ("access: { rules: [{ action: maybe }] }", "maybe"),
+        (
+            "limits: { max_connections: 0 }",
+            "0 would refuse everything",
+        ),
+    ] {
+        let text = with(rest);
+        let e = Config::parse(&text).expect_err(&text);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+}

@@ -25,18 +25,18 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use super::{
-    authn::Identity,
+    admit::{Refusal, admit},
     table::{HttpPort, PortPolicy},
 };
 use crate::{
     access_log,
     http::{
         activity::{Activity, InFlight},
-        headers::{strip_hop_by_hop, upgrade_protocol},
+        headers::strip_hop_by_hop,
         response::{ERROR_HEADER, error_response},
     },
     tls::PlainOrTls,
-    upstream::{AppBody, Lease},
+    upstream::{AppBody, AppBodyError, Lease},
 };
 
 /// How long a connection asked to close gracefully may take.
@@ -131,14 +131,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespB
     });
     let resp = match forward(req, &conn).await {
         Ok(r) => r,
-        Err((status, reason)) => {
-            let mut r = error_response(status, &reason);
-            if status == StatusCode::UNAUTHORIZED {
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            r
-        }
+        Err(refused) => refusal(refused),
     };
     if let Some(l) = log.as_mut() {
         l.error = resp
@@ -168,35 +161,9 @@ async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespB
 
 /// Sends the request to the app; an answer of the ambassador's own (status
 /// and reason) when it cannot.
-async fn forward(
-    req: Request<Incoming>,
-    conn: &CallerConn,
-) -> Result<Response<RespBody>, (StatusCode, String)> {
-    if req.method() == http::Method::CONNECT {
-        return Err((
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not served on the Pod's ports".into(),
-        ));
-    }
-    if upgrade_protocol(&req).is_some() {
-        return Err((
-            StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades are not passed to the app on inbound ports yet".into(),
-        ));
-    }
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        // Two Hosts: the app and the proxy could each read another one.
-        return Err((StatusCode::BAD_REQUEST, "more than one Host header".into()));
-    }
+async fn forward(req: Request<Incoming>, conn: &CallerConn) -> Result<Response<RespBody>, Refusal> {
     let p = &conn.policy;
-    let identity = match &p.authn {
-        Some(a) => a.check(req.headers()).await.map_err(|f| {
-            crate::metrics::get().inbound_auth_failure(&p.name, f.reason());
-            debug!(client = %conn.peer, port = p.port, reason = f.reason(), "refused: {}", f.message());
-            (f.status(), f.message().to_string())
-        })?,
-        None => Identity::Anonymous,
-    };
+    let identity = admit(&req, p, conn.peer).await?;
     let HttpPort { client, authority } = &*conn.http;
     let (mut parts, body) = req.into_parts();
     // HTTP/2 callers name the host in :authority only; the app gets a Host.
@@ -223,23 +190,35 @@ async fn forward(
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     );
-    parts.uri = Uri::from_parts(uri).map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            "the request target is not a path".to_string(),
-        )
-    })?;
+    parts.uri = Uri::from_parts(uri)
+        .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the request target is not a path"))?;
     parts.version = http::Version::HTTP_11;
-    let body = Either::Left(AppBody::new(body, p.metrics.from_app.clone()));
+    let mut body = AppBody::new(body, p.metrics.from_app.clone());
+    if let Some(max) = p.max_body {
+        body = body.limited(max);
+    }
     let answer = client
-        .request(Request::from_parts(parts, body))
+        .request(Request::from_parts(parts, Either::Left(body)))
         .await
-        .map_err(|e| {
-            info!(client = %conn.peer, app = %p.app, "the app did not answer: {e}");
-            (
-                StatusCode::BAD_GATEWAY,
-                format!("the app at {} did not answer", p.app),
-            )
+        .map_err(|e| match AppBodyError::in_chain(&e) {
+            Some(AppBodyError::TooLarge(max)) => {
+                crate::metrics::get().count_inbound(
+                    crate::metrics::Inbound::Refusal,
+                    &p.name,
+                    "body_too_large",
+                );
+                Refusal::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {max} bytes"),
+                )
+            }
+            _ => {
+                info!(client = %conn.peer, app = %p.app, "the app did not answer: {e}");
+                Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the app at {} did not answer", p.app),
+                )
+            }
         })?;
     let (mut head, incoming) = answer.response.into_parts();
     strip_hop_by_hop(&mut head.headers);
@@ -254,6 +233,19 @@ async fn forward(
             done: None,
         }),
     ))
+}
+
+/// The response to a request the ambassador will not send.
+fn refusal(r: Refusal) -> Response<RespBody> {
+    let mut resp = error_response(r.status, &r.reason);
+    let h = resp.headers_mut();
+    if r.status == StatusCode::UNAUTHORIZED {
+        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if let Some(secs) = r.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 /// `Forwarded: for=...;proto=...` (RFC 7239; IPv6 quoted and bracketed).

@@ -6,9 +6,12 @@
 //! configured) or HTTP (`http`), every request forwarded to the app from
 //! 127.0.0.6, which the program lets through.
 
+pub mod access;
+pub mod admit;
 pub mod authn;
 pub mod http;
 pub mod jwks;
+pub mod ratelimit;
 pub mod table;
 
 use std::{
@@ -78,13 +81,13 @@ async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watc
                 .await
         }
         InboundPlan::Tcp(p) => {
-            let Some(caller) = conn.terminate(caller, &p).await else {
+            let Some((caller, _permit)) = conn.admit(caller, &p).await else {
                 return;
             };
             conn.relay(caller, p.app, &p.metrics, &table.settings).await
         }
         InboundPlan::Http(p, port) => {
-            let Some(caller) = conn.terminate(caller, &p).await else {
+            let Some((caller, _permit)) = conn.admit(caller, &p).await else {
                 return;
             };
             http::serve(caller, conn.peer, conn.dst, p, port, accepted, draining).await
@@ -100,6 +103,38 @@ struct Conn {
 }
 
 impl Conn {
+    /// Takes the connection on: within the port's connection limit (past
+    /// it, a reset at once), then TLS where the port ends it.
+    async fn admit(
+        &self,
+        caller: TcpStream,
+        p: &PortPolicy,
+    ) -> Option<(PlainOrTls, Option<tokio::sync::OwnedSemaphorePermit>)> {
+        let permit = match &p.connections {
+            None => None,
+            Some((limit, max)) => match limit.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    crate::metrics::get().count_inbound(
+                        crate::metrics::Inbound::Refusal,
+                        &p.name,
+                        "max_connections",
+                    );
+                    debug!(client = %self.peer, port = p.port, max, "refused: the port's max_connections is reached");
+                    self.log_tcp(
+                        &p.metrics,
+                        relay::Totals::default(),
+                        "max_connections",
+                        None,
+                    );
+                    net::reset(&caller);
+                    return None;
+                }
+            },
+        };
+        Some((self.terminate(caller, p).await?, permit))
+    }
+
     /// The TLS handshake with the caller where the port terminates TLS; a
     /// failure is counted by reason, logged and closes the connection.
     async fn terminate(&self, caller: TcpStream, p: &PortPolicy) -> Option<PlainOrTls> {
@@ -118,7 +153,7 @@ impl Conn {
             }
             Err(_) => (format!("no handshake within {limit:?}"), "timeout"),
         };
-        crate::metrics::get().inbound_tls_failure(&p.name, class);
+        crate::metrics::get().count_inbound(crate::metrics::Inbound::TlsFailure, &p.name, class);
         info!(client = %self.peer, port = p.port, "inbound TLS handshake failed: {reason}");
         self.log_tcp(&p.metrics, relay::Totals::default(), "tls_failed", None);
         None

@@ -11,7 +11,7 @@ use std::{
 use ambassador_common::INBOUND_PASS_V4;
 use http::uri::Authority;
 
-use super::authn::Authn;
+use super::{access::Access, authn::Authn, ratelimit::Limiter};
 use crate::{
     config::{Config, InboundProtocol},
     metrics::ServiceMetrics,
@@ -33,6 +33,12 @@ pub struct PortPolicy {
     pub settings: Settings,
     /// Who callers are (HTTP ports with `auth`).
     pub authn: Option<Authn>,
+    /// Who may call what.
+    pub access: Option<Access>,
+    pub limiter: Option<Limiter>,
+    pub max_body: Option<u64>,
+    /// Callers' connections at once, when limited.
+    pub connections: Option<(Arc<tokio::sync::Semaphore>, usize)>,
 }
 
 /// What a port's callers speak.
@@ -139,6 +145,12 @@ impl InboundTable {
                     app,
                     settings: settings.clone(),
                     authn,
+                    access: policy.and_then(|p| p.access.as_ref()).map(Access::new),
+                    limiter: policy.and_then(|p| p.rate_limit.as_ref()).map(Limiter::new),
+                    max_body: policy.and_then(|p| p.limits.max_body_bytes),
+                    connections: policy
+                        .and_then(|p| p.limits.max_connections)
+                        .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), n)),
                 }),
             );
         }

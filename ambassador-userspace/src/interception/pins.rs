@@ -125,12 +125,24 @@ fn remove_shared(install: Option<&Path>) {
         let id = counters_id(&e.path());
         let remove = match install {
             Some(_) => target.is_some() && id == target,
-            None => id.is_none_or(|id| !live.contains(&id)),
+            // A young one may be another `init` sharing its Pod's maps right
+            // now (the directory made, its pins, or its install's, not yet):
+            // left for a later sweep.
+            None => id.is_none_or(|id| !live.contains(&id)) && is_old(&e.path()),
         };
         if remove {
             let _ = remove_files(&e.path());
         }
     }
+}
+
+/// Older than `ABANDONED_AFTER`: no `init` is still making it.
+fn is_old(dir: &Path) -> bool {
+    fs::metadata(dir)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER)
 }
 
 fn link_path(dir: &Path, prog: &str) -> PathBuf {
@@ -431,15 +443,11 @@ fn is_stale(dir: &Path, id: u64) -> bool {
     if links > 0 {
         return true;
     }
-    let old = fs::metadata(dir)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > ABANDONED_AFTER);
-    old && cgroup::cgroup2_mounts()
-        .unwrap_or_default()
-        .iter()
-        .all(|m| cgroup::find_by_id(&m.dir, id).is_none())
+    is_old(dir)
+        && cgroup::cgroup2_mounts()
+            .unwrap_or_default()
+            .iter()
+            .all(|m| cgroup::find_by_id(&m.dir, id).is_none())
 }
 
 /// One install as `status` shows it.

@@ -13,10 +13,14 @@ use hyper::body::Incoming;
 pub type ReqBody = http_body_util::Either<AppBody, http_body_util::Full<bytes::Bytes>>;
 
 /// The app's request body broke (bad chunked framing, a reset, a stream
-/// error): the app's fault, never the upstream's.
+/// error) or passed its limit: the sender's fault, never the upstream's.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the request body from the app: {0}")]
-pub struct AppBodyError(#[source] pub hyper::Error);
+pub enum AppBodyError {
+    #[error("reading the request body from the app: {0}")]
+    Broken(#[source] hyper::Error),
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
+}
 
 impl AppBodyError {
     /// Whether this error (or one of its causes) is the app's body failing.
@@ -32,15 +36,29 @@ impl AppBodyError {
     }
 }
 
-/// The app's request body, streamed upstream and counted on the way.
+/// The app's request body, streamed upstream and counted on the way (and
+/// cut with `TooLarge` past a limit, for callers of the Pod).
 pub struct AppBody {
     inner: Incoming,
     counter: prometheus_client::metrics::counter::Counter,
+    limit: u64,
+    seen: u64,
 }
 
 impl AppBody {
     pub fn new(inner: Incoming, counter: prometheus_client::metrics::counter::Counter) -> AppBody {
-        AppBody { inner, counter }
+        AppBody {
+            inner,
+            counter,
+            limit: u64::MAX,
+            seen: 0,
+        }
+    }
+
+    /// At most `limit` bytes pass.
+    pub fn limited(mut self, limit: u64) -> AppBody {
+        self.limit = limit;
+        self
     }
 }
 
@@ -54,11 +72,16 @@ impl hyper::body::Body for AppBody {
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, AppBodyError>>> {
         let r = Pin::new(&mut self.inner)
             .poll_frame(cx)
-            .map_err(AppBodyError);
+            .map_err(AppBodyError::Broken);
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
-            self.counter.inc_by(d.len() as u64);
+            let n = d.len() as u64;
+            self.seen = self.seen.saturating_add(n);
+            if self.seen > self.limit {
+                return Poll::Ready(Some(Err(AppBodyError::TooLarge(self.limit))));
+            }
+            self.counter.inc_by(n);
         }
         r
     }

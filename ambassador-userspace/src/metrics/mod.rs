@@ -7,22 +7,19 @@
 //! label. Hot paths hold pre-made handles ([`ServiceMetrics`],
 //! [`EndpointMetrics`]) and never look a family up per request.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{
-        counter::{ConstCounter, Counter},
-        family::Family,
-        gauge::{ConstGauge, Gauge},
-        histogram::Histogram,
-    },
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
 /// `direction`: `outbound` (the app's calls) or `inbound` (callers of the
 /// Pod, whose series are named by port policy).
+mod state;
+pub use state::{StateCollector, StateRows, StateSource};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
@@ -105,6 +102,7 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
+    refusals: Family<ReasonLabels, Counter>,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -198,6 +196,12 @@ impl Metrics {
             "Requests refused for their credentials (inbound: callers of the Pod), by reason",
             auth_failures.clone(),
         );
+        let refusals = Family::default();
+        r.register(
+            "refusals",
+            "Requests or connections of callers refused by a port's gateway rules, by reason (forbidden, rate_limited, body_too_large, max_connections, path_not_normal)",
+            refusals.clone(),
+        );
         let refused_fd_limit = Counter::default();
         r.register(
             "fd_limit_refusals",
@@ -227,6 +231,7 @@ impl Metrics {
             ejections,
             denied,
             auth_failures,
+            refusals,
             refused_fd_limit,
             reloads,
             state,
@@ -311,27 +316,27 @@ impl Metrics {
     /// A failed TLS handshake with an upstream (rare: the family lookup is
     /// fine here).
     pub fn tls_failure(&self, service: &str, reason: &'static str) {
-        self.tls_failed(service, "outbound", reason);
+        Self::reasoned(&self.tls_failures, service, "outbound", reason);
     }
 
-    /// A failed TLS handshake with a caller of the Pod.
-    pub fn inbound_tls_failure(&self, service: &str, reason: &'static str) {
-        self.tls_failed(service, "inbound", reason);
+    /// Something about a caller of the Pod, counted with its reason (from
+    /// a fixed set; rare enough that the family lookup is fine).
+    pub fn count_inbound(&self, what: Inbound, service: &str, reason: &'static str) {
+        let family = match what {
+            Inbound::TlsFailure => &self.tls_failures,
+            Inbound::AuthFailure => &self.auth_failures,
+            Inbound::Refusal => &self.refusals,
+        };
+        Self::reasoned(family, service, "inbound", reason);
     }
 
-    /// A caller refused for its credentials (`reason` from a fixed set).
-    pub fn inbound_auth_failure(&self, service: &str, reason: &'static str) {
-        self.auth_failures
-            .get_or_create(&ReasonLabels {
-                service: service.to_string(),
-                direction: "inbound",
-                reason,
-            })
-            .inc();
-    }
-
-    fn tls_failed(&self, service: &str, direction: &'static str, reason: &'static str) {
-        self.tls_failures
+    fn reasoned(
+        family: &Family<ReasonLabels, Counter>,
+        service: &str,
+        direction: &'static str,
+        reason: &'static str,
+    ) {
+        family
             .get_or_create(&ReasonLabels {
                 service: service.to_string(),
                 direction,
@@ -366,6 +371,17 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// What `Metrics::inbound` counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound {
+    /// `tls_handshake_failures_total`.
+    TlsFailure,
+    /// `auth_failures_total`.
+    AuthFailure,
+    /// `refusals_total`.
+    Refusal,
 }
 
 /// One service's data-path handles.
@@ -412,119 +428,6 @@ pub struct EndpointMetrics {
     pub success: Counter,
     pub failure: Counter,
     pub ejections: Counter,
-}
-
-/// A scrape-time source of gauges and counters: (metric, help, type, rows of
-/// labels and value).
-pub type StateSource = Box<dyn Fn(&mut StateRows) + Send + Sync>;
-
-/// What a source reports at a scrape.
-#[derive(Default)]
-pub struct StateRows {
-    /// Endpoint up (1) or out (0: ejected or failing its health check).
-    pub endpoint_up: Vec<(String, String, bool)>,
-    /// Kernel connect counters, by outcome; empty when the maps are not
-    /// readable by this process.
-    pub kernel: Vec<(&'static str, u64)>,
-    /// Named gauges with one `service` label: (metric suffix, help, service, value).
-    pub gauges: Vec<(&'static str, &'static str, String, i64)>,
-    /// Named counters with one `service` label, as `gauges`.
-    pub counters: Vec<(&'static str, &'static str, String, u64)>,
-}
-
-/// Reads live state at each scrape instead of mirroring it in gauges that
-/// the data path would have to keep up to date.
-#[derive(Default)]
-pub struct StateCollector {
-    sources: Mutex<Vec<(&'static str, StateSource)>>,
-}
-
-impl std::fmt::Debug for StateCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateCollector")
-    }
-}
-
-impl StateCollector {
-    /// Adds (or replaces, by key) a source.
-    pub fn set(&self, key: &'static str, source: StateSource) {
-        let mut s = crate::sync::lock(&self.sources);
-        s.retain(|(k, _)| *k != key);
-        s.push((key, source));
-    }
-}
-
-impl Collector for StateCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut rows = StateRows::default();
-        for (_, source) in crate::sync::lock(&self.sources).iter() {
-            source(&mut rows);
-        }
-        if !rows.endpoint_up.is_empty() {
-            let g = ConstGauge::new(0i64);
-            let mut e = encoder.encode_descriptor(
-                "endpoint_up",
-                "1 when an endpoint takes traffic, 0 when ejected or failing its health check",
-                None,
-                g.metric_type(),
-            )?;
-            for (service, endpoint, up) in &rows.endpoint_up {
-                let labels = [
-                    ("service", service.as_str()),
-                    ("endpoint", endpoint.as_str()),
-                ];
-                let fam = e.encode_family(&labels)?;
-                ConstGauge::new(i64::from(*up)).encode(fam)?;
-            }
-        }
-        let accelerated =
-            ambassador_common::counter::NAMES[ambassador_common::counter::ACCELERATED as usize];
-        if !rows.kernel.is_empty() {
-            let c = ConstCounter::new(0u64);
-            let mut e = encoder.encode_descriptor(
-                "kernel_connects",
-                "connect() calls the kernel programs saw, by outcome (redirected, bypassed, refused, passed)",
-                None,
-                c.metric_type(),
-            )?;
-            for (outcome, v) in rows.kernel.iter().filter(|(n, _)| *n != accelerated) {
-                let labels = [("outcome", *outcome)];
-                let fam = e.encode_family(&labels)?;
-                ConstCounter::new(*v).encode(fam)?;
-            }
-        }
-        if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {
-            let c = ConstCounter::new(*v);
-            let e = encoder.encode_descriptor(
-                "kernel_accelerated_streams",
-                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
-                None,
-                c.metric_type(),
-            )?;
-            c.encode(e)?;
-        }
-        rows.gauges.sort_by_key(|g| g.0);
-        for group in rows.gauges.chunk_by(|a, b| a.0 == b.0) {
-            let (name, help, _, _) = group[0];
-            let g = ConstGauge::new(0i64);
-            let mut e = encoder.encode_descriptor(name, help, None, g.metric_type())?;
-            for (_, _, service, v) in group {
-                let labels = [("service", service.as_str())];
-                ConstGauge::new(*v).encode(e.encode_family(&labels)?)?;
-            }
-        }
-        rows.counters.sort_by_key(|c| c.0);
-        for group in rows.counters.chunk_by(|a, b| a.0 == b.0) {
-            let (name, help, _, _) = group[0];
-            let c = ConstCounter::new(0u64);
-            let mut e = encoder.encode_descriptor(name, help, None, c.metric_type())?;
-            for (_, _, service, v) in group {
-                let labels = [("service", service.as_str())];
-                ConstCounter::new(*v).encode(e.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

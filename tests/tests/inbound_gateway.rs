@@ -1,0 +1,208 @@
+//! A port's gateway rules against unmodified curl callers: who may call
+//! what, how often, how much, and callers that try to step around them.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use ambassador_tests::{upstream::HttpUpstream, *};
+
+/// A Pod whose port 8080 has `policy` (YAML flow map entries after `port`).
+fn gate(policy: &str) -> (Pod, HttpUpstream) {
+    let pod = Pod::new("");
+    let dir = pod.shared_dir();
+    std::fs::write(
+        dir.join("keys.yaml"),
+        "billing: billing-key-0123456789\nops: ops-key-0123456789abc\n",
+    )
+    .unwrap();
+    let policy = policy.replace("KEYS", &dir.join("keys.yaml").display().to_string());
+    pod.rewrite_config(&format!(
+        "proxy: {{ header_read_timeout: 1s }}\ninbound:\n  ports: [8080]\n  policies:\n    - {{ port: 8080, {policy} }}\n"
+    ));
+    let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup.clone()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let app = HttpUpstream::plain(pod.app_listener(8080));
+    let mut pod = pod;
+    pod.start_proxy_with_kernel_maps(&pod.name(), &[]);
+    (pod, app)
+}
+
+/// `status reason` for one curl call (`-w` prints the status, `-D -` the
+/// head, whose x-ambassador-error is taken).
+fn call(pod: &Pod, method: &str, path: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "-X",
+        method,
+        "--path-as-is",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+        "-w",
+        "%{http_code}",
+    ];
+    args.extend_from_slice(extra);
+    let out = pod.caller_curl(&format!("http://{POD_V4}:8080{path}"), &args);
+    let text = stdout(&out);
+    let status = text.lines().last().unwrap_or_default().to_string();
+    let reason = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-ambassador-error: "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    (status, reason)
+}
+
+fn refusals(pod: &Pod, reason: &str) -> f64 {
+    let prefix = format!(
+        r#"ambassador_refusals_total{{service="inbound-8080",direction="inbound",reason="{reason}"}} "#
+    );
+    pod.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn access_rules_let_billing_read_invoices_but_never_delete_them() {
+    let (pod, app) = gate(
+        "auth: { api_keys: { file: KEYS } }, access: { default: deny, rules: [\
+         { action: deny, path_prefix: /v1/invoices, methods: [DELETE] }, \
+         { action: allow, path_prefix: /v1/invoices, methods: [GET], clients: [billing] }, \
+         { action: allow, path_prefix: /ops, clients: [ops] }] }",
+    );
+    let billing = ["-H", "X-Api-Key: billing-key-0123456789"];
+    let ops = ["-H", "X-Api-Key: ops-key-0123456789abc"];
+    assert_eq!(call(&pod, "GET", "/v1/invoices/7", &billing).0, "200");
+    let (s, why) = call(&pod, "DELETE", "/v1/invoices/7", &billing);
+    assert_eq!(
+        (s.as_str(), why.as_str()),
+        ("403", "denied by inbound-8080's access rule 1")
+    );
+    assert_eq!(call(&pod, "DELETE", "/v1/invoices/7", &ops).0, "403");
+    assert_eq!(call(&pod, "GET", "/v1/invoices", &ops).0, "403");
+    let (s, why) = call(&pod, "GET", "/ops/restart", &billing);
+    assert_eq!(
+        (s.as_str(), why.as_str()),
+        ("403", "denied by inbound-8080's default access rule")
+    );
+    assert_eq!(call(&pod, "POST", "/ops/restart", &ops).0, "200");
+    // Paths that another server could read as /ops/...: refused before any rule.
+    for sneaky in [
+        "/v1/invoices/../../ops/restart",
+        "/v1/invoices/%2e%2e/%2e%2e/ops/restart",
+        "/v1/invoices/..%2f..%2fops/restart",
+        "/v1/invoices//../ops",
+        "/v1/invoices/.%2E/ops",
+    ] {
+        let (s, why) = call(&pod, "GET", sneaky, &billing);
+        assert_eq!(s, "400", "{sneaky}");
+        assert!(why.contains("normal form"), "{sneaky}: {why}");
+    }
+    assert_eq!(refusals(&pod, "forbidden"), 4.0);
+    assert_eq!(refusals(&pod, "path_not_normal"), 5.0);
+    let seen: Vec<String> = app
+        .seen()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.uri))
+        .collect();
+    assert_eq!(seen, ["GET /v1/invoices/7", "POST /ops/restart"]);
+}
+
+#[test]
+fn a_burst_gets_exactly_its_allowance_then_429_with_retry_after() {
+    let (pod, app) = gate("rate_limit: { requests_per_second: 0.1, burst: 5, key: client_ip }");
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(call(&pod, "GET", "/", &[]).0);
+    }
+    let ok = statuses.iter().filter(|s| *s == "200").count();
+    let limited = statuses.iter().filter(|s| *s == "429").count();
+    assert_eq!((ok, limited), (5, 15), "{statuses:?}");
+    assert_eq!(app.seen().len(), 5);
+    let out = pod.caller_curl(&format!("http://{POD_V4}:8080/"), &["-i"]);
+    let head = stdout(&out).to_ascii_lowercase();
+    assert!(head.contains("retry-after: "), "{head}");
+    assert_eq!(refusals(&pod, "rate_limited"), 16.0);
+}
+
+#[test]
+fn bodies_past_the_limit_are_refused_declared_or_streamed() {
+    let (pod, app) = gate("limits: { max_body_bytes: 1024 }");
+    let dir = pod.shared_dir();
+    let big = dir.join("big");
+    std::fs::write(&big, vec![b'x'; 4000]).unwrap();
+    let data = format!("@{}", big.display());
+    let (s, why) = call(&pod, "POST", "/upload", &["--data-binary", &data]);
+    assert_eq!(
+        (s.as_str(), why.as_str()),
+        ("413", "the request body is larger than 1024 bytes")
+    );
+    assert!(
+        app.seen().is_empty(),
+        "a declared oversize body reached the app"
+    );
+    let chunked = [
+        "--data-binary",
+        data.as_str(),
+        "-H",
+        "Transfer-Encoding: chunked",
+    ];
+    assert_eq!(call(&pod, "POST", "/upload", &chunked).0, "413");
+    assert!(app.seen().iter().all(|r| r.body_len <= 1024));
+    assert_eq!(
+        call(&pod, "POST", "/upload", &["--data-binary", "small"]).0,
+        "200"
+    );
+    assert_eq!(refusals(&pod, "body_too_large"), 2.0);
+}
+
+#[test]
+fn connections_past_the_limit_are_reset_and_silent_callers_let_go() {
+    let (pod, _app) = gate("limits: { max_connections: 2 }");
+    let addr: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
+    let (third, after) = pod.servers.enter(move || {
+        let open = |a| {
+            let s = TcpStream::connect_timeout(&a, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        };
+        let a = open(addr);
+        let _b = open(addr);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut c = open(addr);
+        let third = c.read(&mut [0u8; 8]).map_err(|e| e.kind());
+        drop(a);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut d = open(addr);
+        d.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = d.read_to_string(&mut out);
+        (third, out)
+    });
+    assert!(
+        matches!(third, Err(std::io::ErrorKind::ConnectionReset) | Ok(0)),
+        "{third:?}"
+    );
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    assert_eq!(refusals(&pod, "max_connections"), 1.0);
+    // The two silent ones above were let go after the header-read timeout
+    // (1 s): a slowloris holds nothing.
+    let start = Instant::now();
+    let read = pod.servers.enter(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+        s.read(&mut [0u8; 64]).map_err(|e| e.kind())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{read:?} after {:?}",
+        start.elapsed()
+    );
+}
