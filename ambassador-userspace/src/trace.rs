@@ -92,10 +92,19 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
+/// Which way a request goes through the proxy: the app's call (a client
+/// span) or a caller's request to the app (a server span).
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    Outbound,
+    Inbound,
+}
+
 /// Starts the span of one request and points the request's `traceparent`
 /// at it. `None` when tracing is off.
 pub fn start(
     headers: &mut HeaderMap,
+    role: Role,
     service: &str,
     method: &http::Method,
     path: &str,
@@ -130,7 +139,10 @@ pub fn start(
     };
     let span = tracer
         .span_builder(method.as_str().to_string())
-        .with_kind(SpanKind::Client)
+        .with_kind(match role {
+            Role::Outbound => SpanKind::Client,
+            Role::Inbound => SpanKind::Server,
+        })
         .with_attributes([
             KeyValue::new("http.request.method", method.as_str().to_string()),
             KeyValue::new("url.path", path.to_string()),

@@ -160,6 +160,10 @@ pub struct InboundPolicy {
     /// How much: body size (HTTP ports), connections at once.
     #[serde(default)]
     pub limits: super::gateway::InboundLimits,
+    /// TCP ports: tell the app who the caller was with a PROXY protocol v2
+    /// header before the caller's bytes (the app must expect it).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 impl InboundPolicy {
@@ -182,6 +186,13 @@ pub struct ServerTls {
     /// Protocols offered by ALPN, in order (default h2, http/1.1).
     pub alpn: Vec<String>,
     pub min_version: TlsVersion,
+    /// Mutual TLS: callers must present a certificate this CA bundle (PEM)
+    /// signed; re-read when it changes.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: the client certificate must name one of these in
+    /// its subject alternative names (DNS names, or URIs such as SPIFFE
+    /// IDs, exactly); empty: any the CA signed.
+    pub allowed_sans: Vec<String>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -192,17 +203,27 @@ struct RawServerTls {
     alpn: Option<Vec<String>>,
     #[serde(default)]
     min_version: TlsVersion,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    allowed_sans: Vec<String>,
 }
 
 impl TryFrom<RawServerTls> for ServerTls {
     type Error = String;
     fn try_from(r: RawServerTls) -> Result<Self, String> {
         let alpn = super::values::alpn_or_default(r.alpn)?;
+        if !r.allowed_sans.is_empty() && r.client_ca.is_none() {
+            return Err(
+                "allowed_sans needs client_ca (the CA that signs callers' certificates)".into(),
+            );
+        }
         Ok(ServerTls {
             cert: r.cert,
             key: r.key,
             alpn,
             min_version: r.min_version,
+            client_ca: r.client_ca,
+            allowed_sans: r.allowed_sans,
         })
     }
 }
@@ -220,6 +241,11 @@ fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
         && let Some((what, _)) = http_only.iter().find(|(_, set)| *set)
     {
         return Err(format!("{what} needs protocol: http"));
+    }
+    if p.proxy_protocol && p.protocol != InboundProtocol::Tcp {
+        return Err(
+            "proxy_protocol is for protocol: tcp (HTTP ports name the caller in headers)".into(),
+        );
     }
     if let Some(a) = &p.auth {
         a.validate()?;

@@ -470,3 +470,20 @@ fn inbound_gateway_mistakes_are_named() {
         assert!(e.contains(want), "{text}: {e}");
     }
 }
+
+#[test]
+fn inbound_tls_and_proxy_protocol_mistakes_are_named() {
+    for (text, want) in [
+        (
+            "inbound: { ports: [8443], policies: [{ port: 8443, tls: { cert: c, key: k, allowed_sans: [a.test] } }] }",
+            "allowed_sans needs client_ca",
+        ),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 8080, proxy_protocol: true }] }",
+            "proxy_protocol is for protocol: tcp",
+        ),
+    ] {
+        let e = Config::parse(text).expect_err(text);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+}

@@ -155,7 +155,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<AppConn>) -> Response<Body
         .then(|| {
             let name = svc.as_ref().map_or("passthrough", |s| s.name.as_str());
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
-            crate::trace::start(req.headers_mut(), name, &method, &path)
+            crate::trace::start(
+                req.headers_mut(),
+                crate::trace::Role::Outbound,
+                name,
+                &method,
+                &path,
+            )
         })
         .flatten();
     let info = access_log::enabled().then(|| Box::new(RequestInfo::new(&req, dst)));

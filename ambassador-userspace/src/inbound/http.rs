@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header, uri::PathAndQuery};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header, uri::PathAndQuery};
 use http_body_util::{Either, Full};
 use hyper::{
     body::{Body, Frame, Incoming, SizeHint},
@@ -26,6 +26,7 @@ use tracing::{debug, info};
 
 use super::{
     admit::{Refusal, admit},
+    forwarded::Caller,
     table::{HttpPort, PortPolicy},
 };
 use crate::{
@@ -52,9 +53,8 @@ struct CallerConn {
     peer: SocketAddr,
     dst: SocketAddr,
     tls: Option<&'static str>,
-    /// `Forwarded`'s `for=` and `proto=`, made once per connection.
-    forwarded: HeaderValue,
-    xff: HeaderValue,
+    /// The caller as the app is told of it, made once per connection.
+    caller: Caller,
 }
 
 /// Serves one caller's connection until it closes or the proxy drains.
@@ -74,8 +74,7 @@ pub async fn serve(
     let tls = caller.tls_version();
     let conn = Arc::new(CallerConn {
         activity: Arc::new(Activity::new()),
-        forwarded: forwarded(peer, tls.is_some()),
-        xff: HeaderValue::from_str(&peer.ip().to_string()).expect("an address is a header value"),
+        caller: Caller::new(peer, tls.is_some(), caller.peer_certificate()),
         policy,
         http,
         peer,
@@ -117,9 +116,17 @@ pub async fn serve(
     }
 }
 
-async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespBody> {
+async fn handle(mut req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespBody> {
     let in_flight = InFlight::new(&conn.activity);
     let start = Instant::now();
+    // The caller's trace continues through the proxy's span to the app.
+    let span = crate::trace::enabled()
+        .then(|| {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let role = crate::trace::Role::Inbound;
+            crate::trace::start(req.headers_mut(), role, &conn.policy.name, &method, &path)
+        })
+        .flatten();
     // The request's own facts, copied only while access logging is on.
     let mut log = access_log::enabled().then(|| {
         Box::new(RequestLog {
@@ -142,6 +149,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<RespB
     }
     let done = Done {
         _in_flight: in_flight,
+        span,
         status: resp.status().as_u16(),
         conn,
         start,
@@ -174,7 +182,7 @@ async fn forward(req: Request<Incoming>, conn: &CallerConn) -> Result<Response<R
         parts.headers.insert(header::HOST, h);
     }
     strip_hop_by_hop(&mut parts.headers);
-    set_forwarded(&mut parts.headers, conn);
+    conn.caller.apply(&mut parts.headers);
     if let Some(a) = &p.authn {
         a.apply(&identity, &mut parts.headers);
     }
@@ -248,34 +256,12 @@ fn refusal(r: Refusal) -> Response<RespBody> {
     resp
 }
 
-/// `Forwarded: for=...;proto=...` (RFC 7239; IPv6 quoted and bracketed).
-fn forwarded(peer: SocketAddr, tls: bool) -> HeaderValue {
-    let proto = if tls { "https" } else { "http" };
-    let v = match peer.ip() {
-        std::net::IpAddr::V4(a) => format!("for={a};proto={proto}"),
-        std::net::IpAddr::V6(a) => format!("for=\"[{a}]\";proto={proto}"),
-    };
-    HeaderValue::from_str(&v).expect("an address is a header value")
-}
-
-/// The caller as the proxy saw it; what the caller claimed goes.
-fn set_forwarded(h: &mut HeaderMap, conn: &CallerConn) {
-    h.insert(header::FORWARDED, conn.forwarded.clone());
-    h.insert("x-forwarded-for", conn.xff.clone());
-    h.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if conn.tls.is_some() { "https" } else { "http" }),
-    );
-    h.remove("x-forwarded-host");
-    h.remove("x-forwarded-port");
-    h.remove("x-real-ip");
-}
-
 /// Metrics and the access-log line of one request, done when its response
 /// has gone out (or been dropped).
 struct Done {
     /// The connection is busy until the response has gone out.
     _in_flight: InFlight,
+    span: Option<crate::trace::Span>,
     conn: Arc<CallerConn>,
     status: u16,
     start: Instant,
@@ -293,6 +279,9 @@ struct RequestLog {
 impl Done {
     fn finish(self, bytes_out: u64) {
         let took = self.start.elapsed();
+        if let Some(span) = self.span {
+            crate::trace::finish(span, self.status, None, None);
+        }
         let (c, m) = (&self.conn, &self.conn.policy.metrics);
         m.response(self.status);
         m.duration.observe(took.as_secs_f64());
@@ -367,18 +356,5 @@ impl Body for CallerBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forwarded_names_the_caller_and_the_scheme() {
-        let v4 = forwarded("198.18.0.2:40000".parse().unwrap(), false);
-        assert_eq!(v4, "for=198.18.0.2;proto=http");
-        let v6 = forwarded("[fd00::2]:40000".parse().unwrap(), true);
-        assert_eq!(v6, "for=\"[fd00::2]\";proto=https");
     }
 }

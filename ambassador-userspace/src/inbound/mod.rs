@@ -9,8 +9,10 @@
 pub mod access;
 pub mod admit;
 pub mod authn;
+pub mod forwarded;
 pub mod http;
 pub mod jwks;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod table;
 
@@ -77,14 +79,15 @@ async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watc
     match table.plan(dst.port()) {
         InboundPlan::Relay { app } => {
             let caller = PlainOrTls::Plain(caller);
-            conn.relay(caller, app, table.others(), &table.settings)
+            conn.relay(caller, app, table.others(), &table.settings, false)
                 .await
         }
         InboundPlan::Tcp(p) => {
             let Some((caller, _permit)) = conn.admit(caller, &p).await else {
                 return;
             };
-            conn.relay(caller, p.app, &p.metrics, &table.settings).await
+            conn.relay(caller, p.app, &p.metrics, &table.settings, p.proxy_protocol)
+                .await
         }
         InboundPlan::Http(p, port) => {
             let Some((caller, _permit)) = conn.admit(caller, &p).await else {
@@ -160,16 +163,31 @@ impl Conn {
     }
 
     /// Relays `caller` to the app at `app`.
+    /// Relays `caller` to the app at `app`, after the PROXY protocol
+    /// header when the port sends one.
     async fn relay(
         &self,
         caller: PlainOrTls,
         app: SocketAddr,
         m: &ServiceMetrics,
         settings: &Settings,
+        proxy_protocol: bool,
     ) {
         let _open = m.open();
         let tls = caller.tls_version();
-        let upstream = match net::connect(app, settings).await {
+        let connected = match net::connect(app, settings).await {
+            Ok(u) if proxy_protocol => {
+                let header = proxy_protocol::header(self.peer, self.dst);
+                let mut u = u;
+                tokio::io::AsyncWriteExt::write_all(&mut u, &header)
+                    .await
+                    .map(|()| u)
+                    .map_err(|e| e.to_string())
+            }
+            Ok(u) => Ok(u),
+            Err(e) => Err(e.to_string()),
+        };
+        let upstream = match connected {
             Ok(u) => u,
             Err(e) => {
                 info!(client = %self.peer, %app, "the app is not reachable: {e}");

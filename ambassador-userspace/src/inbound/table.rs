@@ -37,6 +37,8 @@ pub struct PortPolicy {
     pub access: Option<Access>,
     pub limiter: Option<Limiter>,
     pub max_body: Option<u64>,
+    /// TCP ports: the PROXY protocol v2 header goes to the app first.
+    pub proxy_protocol: bool,
     /// Callers' connections at once, when limited.
     pub connections: Option<(Arc<tokio::sync::Semaphore>, usize)>,
 }
@@ -148,6 +150,7 @@ impl InboundTable {
                     access: policy.and_then(|p| p.access.as_ref()).map(Access::new),
                     limiter: policy.and_then(|p| p.rate_limit.as_ref()).map(Limiter::new),
                     max_body: policy.and_then(|p| p.limits.max_body_bytes),
+                    proxy_protocol: policy.is_some_and(|p| p.proxy_protocol),
                     connections: policy
                         .and_then(|p| p.limits.max_connections)
                         .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), n)),

@@ -1,12 +1,13 @@
 //! TLS termination toward callers of the Pod: the Pod's certificate and key,
 //! re-read when their files change (a rotated Secret); connections already
-//! open keep the config they started with.
+//! open keep the config they started with. With a client CA, callers must
+//! show a certificate it signed (mutual TLS), naming an allowed SAN.
 
 use std::{io, sync::Arc};
 
 use rustls::{
     ServerConfig,
-    pki_types::{PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -35,7 +36,14 @@ impl TlsTermination {
     /// Builds the config now, so a missing or bad file stops start-up (or
     /// the reload).
     pub fn new(settings: &ServerTls) -> Result<TlsTermination, TlsError> {
-        let files = [settings.cert.clone(), settings.key.clone()];
+        let files = [
+            Some(&settings.cert),
+            Some(&settings.key),
+            settings.client_ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned();
         Ok(TlsTermination {
             config: FromFiles::new(files, build(settings)?),
             settings: settings.clone(),
@@ -48,10 +56,61 @@ impl TlsTermination {
             .get("inbound certificate", || build(&self.settings))
     }
 
-    /// The handshake with a caller.
+    /// The handshake with a caller, and its certificate's names checked.
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
-        TlsAcceptor::from(self.config()).accept(tcp).await
+        let stream = TlsAcceptor::from(self.config()).accept(tcp).await?;
+        let allowed = &self.settings.allowed_sans;
+        if !allowed.is_empty() {
+            let names = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| sans(c))
+                .unwrap_or_default();
+            if !names.iter().any(|n| allowed.iter().any(|a| a == n.value())) {
+                return Err(io::Error::other(
+                    "the client certificate names none of allowed_sans",
+                ));
+            }
+        }
+        Ok(stream)
     }
+}
+
+/// A subject alternative name of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum San {
+    Dns(String),
+    Uri(String),
+}
+
+impl San {
+    pub fn value(&self) -> &str {
+        match self {
+            San::Dns(s) | San::Uri(s) => s,
+        }
+    }
+}
+
+/// The DNS and URI names a certificate carries (none if it cannot be read).
+pub fn sans(cert: &CertificateDer<'_>) -> Vec<San> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(ext)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(San::Dns(d.to_string())),
+            GeneralName::URI(u) => Some(San::Uri(u.to_string())),
+            _ => None,
+        })
+        .collect()
 }
 
 fn build(s: &ServerTls) -> Result<ServerConfig, TlsError> {
@@ -66,10 +125,23 @@ fn build(s: &ServerTls) -> Result<ServerConfig, TlsError> {
         path: s.key.clone(),
         source: io::Error::other(e.to_string()),
     })?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
+    let builder = match &s.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(read_certs("client CA", ca)?);
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(format!("client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = s.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(config)
 }
@@ -110,6 +182,8 @@ mod tests {
             key: k,
             alpn: vec!["h2".into(), "http/1.1".into()],
             min_version: TlsVersion::V1_2,
+            client_ca: None,
+            allowed_sans: Vec::new(),
         }
     }
 

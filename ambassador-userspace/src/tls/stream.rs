@@ -50,6 +50,14 @@ impl PlainOrTls {
     pub fn is_tls(&self) -> bool {
         matches!(self, PlainOrTls::Tls(_))
     }
+
+    /// The certificate the peer showed (a caller's, under mutual TLS).
+    pub fn peer_certificate(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        match self {
+            PlainOrTls::Tls(s) => s.get_ref().1.peer_certificates()?.first(),
+            PlainOrTls::Plain(_) => None,
+        }
+    }
 }
 
 impl AsyncRead for PlainOrTls {
