@@ -11,6 +11,7 @@
 //! Everything the tests use is re-exported here, so `use ambassador_tests::*`
 //! finds it wherever it lives.
 
+pub mod framing;
 mod netns;
 mod otlp;
 mod pod;

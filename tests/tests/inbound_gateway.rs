@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambassador_tests::{upstream::HttpUpstream, *};
+use ambassador_tests::{framing, upstream::HttpUpstream, *};
 
 /// A Pod whose port 8080 has `policy` (YAML flow map entries after `port`).
 fn gate(policy: &str) -> (Pod, HttpUpstream) {
@@ -174,8 +174,13 @@ fn connections_past_the_limit_are_reset_and_silent_callers_let_go() {
         let a = open(addr);
         let _b = open(addr);
         std::thread::sleep(Duration::from_millis(200));
-        let mut c = open(addr);
-        let third = c.read(&mut [0u8; 8]).map_err(|e| e.kind());
+        // Reset at once: by the connect, the first setsockopt or the read.
+        let third = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .and_then(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                c.read(&mut [0u8; 8])
+            })
+            .map_err(|e| e.kind());
         drop(a);
         std::thread::sleep(Duration::from_millis(200));
         let mut d = open(addr);
@@ -205,4 +210,56 @@ fn connections_past_the_limit_are_reset_and_silent_callers_let_go() {
         "{read:?} after {:?}",
         start.elapsed()
     );
+}
+
+#[test]
+fn framing_tricks_never_smuggle_a_request_past_the_gateway() {
+    // The same cases the app's side stands against, now from a caller.
+    let (pod, app) = gate("limits: { max_body_bytes: 100000 }");
+    let cases = framing::framing_cases();
+    let file = pod.shared_dir().join("framing-case");
+    let arg = format!("@{}", file.display());
+    for c in &cases {
+        let before = app.seen().len();
+        std::fs::write(&file, &c.bytes).unwrap();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.servers.name, "python3"])
+            .arg(hostile_py())
+            .args(["raw", POD_V4, "8080", &arg, "1"])
+            .output()
+            .unwrap();
+        let out = stdout(&out);
+        let seen = app.seen();
+        let new = &seen[before..];
+        assert!(
+            new.len() <= c.max_upstream,
+            "{}: {} requests reached the app: {out}",
+            c.what,
+            new.len()
+        );
+        // A request may still be on its way (bodies stream to the app: a
+        // body shorter than its length is forwarded as far as it goes).
+        let statuses = out.lines().filter(|l| l.starts_with("STATUS")).count();
+        let pending = usize::from(out.contains("END OPEN"));
+        assert!(
+            new.len() <= statuses + pending,
+            "{}: the app saw {} requests, the caller got {statuses} answers: {out}",
+            c.what,
+            new.len()
+        );
+        for r in new {
+            assert!(
+                r.header("transfer-encoding").is_none() || r.header("content-length").is_none(),
+                "{}: two framings forwarded",
+                c.what
+            );
+            let cl: usize = r.header("content-length").map_or(0, |v| v.parse().unwrap());
+            assert!(
+                r.header("content-length").is_none() || r.body_len <= cl,
+                "{}: more body than its length",
+                c.what
+            );
+        }
+    }
+    assert!(!pod.proxy_log().contains("panicked"), "{}", pod.proxy_log());
 }

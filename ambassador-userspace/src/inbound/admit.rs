@@ -14,7 +14,10 @@ use super::{
     ratelimit::retry_after,
     table::PortPolicy,
 };
-use crate::{config::gateway::RateKey, http::headers::upgrade_protocol};
+use crate::{
+    config::gateway::RateKey,
+    http::{headers::upgrade_protocol, target::request_host},
+};
 
 /// The ambassador's own answer to a request it will not send.
 #[derive(Debug)]
@@ -112,13 +115,10 @@ fn shape<B>(req: &Request<B>, p: &PortPolicy) -> Result<(), Refusal> {
             "protocol upgrades are not passed to the app on inbound ports yet",
         ));
     }
-    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
-        // Two Hosts: the app and the proxy could each read another one.
-        return Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            "more than one Host header",
-        ));
-    }
+    // One destination named (one valid Host, agreeing with an absolute
+    // target or :authority): else the app and the proxy could each read
+    // another one.
+    request_host(req).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     if let Some(max) = p.max_body {
         let declared = req
             .headers()
