@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     access_log,
-    config::Config,
+    config::{Config, Overrides},
     inbound::table::InboundTable,
     metrics,
     net::Settings,
@@ -44,9 +44,9 @@ pub struct Live {
     intercept: Mutex<Option<InterceptHook>>,
     /// Access logging when the file does not say.
     access_log_default: bool,
-    /// Exclusions from the command line (Pod annotations), added to every
-    /// file read, as `init` added them.
-    extra: Mutex<(Vec<u16>, Vec<crate::config::Cidr>)>,
+    /// The Pod's flags (annotations), added to every file read, as `init`
+    /// added them.
+    overrides: Mutex<Overrides>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,8 @@ pub enum ReloadError {
     Services(#[from] ServiceError),
     #[error("no config file to reload (the proxy started without --config)")]
     NoFile,
+    #[error("{0}")]
+    Flags(String),
     #[error("updating the kernel maps: {0}")]
     Intercept(String),
 }
@@ -81,7 +83,7 @@ impl Live {
             last_reload: Mutex::new(None),
             intercept: Mutex::new(None),
             access_log_default,
-            extra: Mutex::new((Vec::new(), Vec::new())),
+            overrides: Mutex::new(Overrides::default()),
         }))
     }
 
@@ -111,10 +113,10 @@ impl Live {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Exclusions every reloaded file gets on top of its own (the config
-    /// given to `start` must already have them).
-    pub fn set_extra_exclusions(&self, ports: Vec<u16>, cidrs: Vec<crate::config::Cidr>) {
-        *crate::sync::lock(&self.extra) = (ports, cidrs);
+    /// What every reloaded file gets on top of its own (the config given to
+    /// `start` must already have it).
+    pub fn set_overrides(&self, overrides: Overrides) {
+        *crate::sync::lock(&self.overrides) = overrides;
     }
 
     pub fn set_intercept_hook(&self, hook: InterceptHook) {
@@ -150,11 +152,9 @@ impl Live {
         let mut next = tokio::task::spawn_blocking(move || Config::load(&path))
             .await
             .map_err(|e| ReloadError::Services(ServiceError::Build(e.to_string())))??;
-        {
-            let extra = crate::sync::lock(&self.extra);
-            next.intercept.exclude_ports.extend(&extra.0);
-            next.intercept.exclude_cidrs.extend(&extra.1);
-        }
+        crate::sync::lock(&self.overrides)
+            .apply(&mut next)
+            .map_err(ReloadError::Flags)?;
         let (table, inbound) = build(&next, Some(&self.table())).await?;
         let old = self.config.load();
         for what in restart_only(&old, &next) {

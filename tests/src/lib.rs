@@ -12,6 +12,7 @@
 //! finds it wherever it lives.
 
 pub mod framing;
+pub mod jwt;
 mod netns;
 mod otlp;
 mod pod;

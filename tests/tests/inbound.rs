@@ -297,6 +297,46 @@ inbound:
     assert!(text.contains("refused 1"), "{text}");
 }
 
+/// The Pod annotations `ambassador.io/inbound-ports` and
+/// `exclude-inbound-ports` as `inject` passes them: the same flags to `init`
+/// and the proxy, with no `inbound` in the file at all; a reload keeps them.
+#[test]
+fn inbound_ports_from_the_pods_flags_reach_the_kernel_and_the_proxy_across_reloads() {
+    let mut pod = Pod::new("");
+    let _app = Server::start_on(pod.app_listener(8080), Behaviour::Greet);
+    let _probe = Server::start_on(pod.app_listener(9090), Behaviour::Greet);
+    let flags = ["--inbound-ports", "all", "--exclude-inbound-ports", "9090"];
+    pod.start_proxy_with_kernel_maps("inbound-flags", &flags);
+    let check = |pod: &Pod| {
+        let through = greeting(pod, format!("{POD_V4}:8080").parse().unwrap()).unwrap();
+        assert!(peer_of(&through).starts_with("127.0.0.6:"), "{through}");
+        let probe = greeting(pod, format!("{POD_V4}:9090").parse().unwrap()).unwrap();
+        assert!(peer_of(&probe).starts_with(SERVER_V4), "{probe}");
+    };
+    check(&pod);
+
+    pod.rewrite_config("telemetry: { access_log: true }\n");
+    pod.hup_proxy();
+    assert!(pod.wait_log("config reloaded"), "{}", pod.proxy_log());
+    check(&pod);
+    let log = pod.proxy_log();
+    assert!(!log.contains("inbound ports and fail mode"), "{log}");
+    let text = stdout(&pod.ambassador(&["status"], None));
+    assert!(text.contains("ports all (not "), "{text}");
+
+    // A flag that contradicts the file is refused at start, naming both.
+    pod.kill_proxy();
+    pod.rewrite_config("inbound: { ports: [9090], policies: [{ port: 9090 }] }\n");
+    let out = pod.ambassador(
+        &["init", "--exclude-inbound-ports", "9090", "--cgroup"],
+        Some(&pod.cgroup.clone()),
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("with the Pod's flags: "), "{err}");
+    assert!(err.contains("port 9090 is not intercepted"), "{err}");
+}
+
 #[test]
 fn fail_open_delivers_to_the_app_while_the_proxy_is_down() {
     let mut pod = Pod::new("inbound: { ports: [8080], fail: open }");

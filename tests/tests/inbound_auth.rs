@@ -9,99 +9,19 @@ use std::{
 };
 
 use ambassador_tests::{
+    jwt::{SigningKey, b64, jwks},
     upstream::{CertKind, HttpUpstream, TestCa},
     *,
 };
-use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 
 const ISSUER: &str = "https://issuer.test";
-
-fn b64(b: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-}
 
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// A signing key and its public half as a JWK.
-struct SigningKey {
-    kid: String,
-    alg: Algorithm,
-    encoding: EncodingKey,
-    jwk: serde_json::Value,
-    /// The public key as PEM (for the HMAC confusion attempt).
-    public_pem: Vec<u8>,
-}
-
-impl SigningKey {
-    /// RS256, made by openssl (ring cannot make RSA keys).
-    fn rsa(dir: &Path, kid: &str) -> SigningKey {
-        let key = dir.join(format!("{kid}.pem"));
-        let ok = Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&key)
-            .arg("2048")
-            .output()
-            .unwrap();
-        assert!(ok.status.success(), "{}", stderr(&ok));
-        let modulus = stdout(
-            &Command::new("openssl")
-                .args(["rsa", "-noout", "-modulus", "-in"])
-                .arg(&key)
-                .output()
-                .unwrap(),
-        );
-        let hex = modulus.trim().trim_start_matches("Modulus=");
-        let n: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
-        let public_pem = Command::new("openssl")
-            .args(["rsa", "-pubout", "-in"])
-            .arg(&key)
-            .output()
-            .unwrap()
-            .stdout;
-        let pem = std::fs::read(&key).unwrap();
-        SigningKey {
-            kid: kid.into(),
-            alg: Algorithm::RS256,
-            encoding: EncodingKey::from_rsa_pem(&pem).unwrap(),
-            jwk: serde_json::json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64(&n), "e": "AQAB"}),
-            public_pem,
-        }
-    }
-
-    /// ES256 (P-256).
-    fn ec(kid: &str) -> SigningKey {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let raw = key.public_key_raw();
-        SigningKey {
-            kid: kid.into(),
-            alg: Algorithm::ES256,
-            encoding: EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
-            jwk: serde_json::json!({
-                "kty": "EC", "crv": "P-256", "kid": kid,
-                "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
-            }),
-            public_pem: key.public_key_pem().into_bytes(),
-        }
-    }
-
-    fn token(&self, claims: &serde_json::Value) -> String {
-        let mut h = Header::new(self.alg);
-        h.kid = Some(self.kid.clone());
-        encode(&h, claims, &self.encoding).unwrap()
-    }
-}
-
-fn jwks(keys: &[&SigningKey]) -> String {
-    serde_json::json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
 
 fn claims(aud: &str, exp: u64) -> serde_json::Value {

@@ -263,3 +263,105 @@ fn framing_tricks_never_smuggle_a_request_past_the_gateway() {
     }
     assert!(!pod.proxy_log().contains("panicked"), "{}", pod.proxy_log());
 }
+
+/// The app's side of a WebSocket-style upgrade: each connection's head is
+/// recorded; an upgrade is answered `101` and its lines echoed, anything
+/// else a `200` and closed.
+fn upgrade_app(listener: std::net::TcpListener) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader};
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let (mut head, mut line) = (String::new(), String::new());
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    head.push_str(&line.to_ascii_lowercase());
+                    line.clear();
+                }
+                let upgrade = head.contains("upgrade: websocket");
+                seen.lock().unwrap().push(head);
+                let mut w = conn;
+                if !upgrade {
+                    let _ = w.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
+                    return;
+                }
+                w.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .unwrap();
+                line.clear();
+                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                    let _ = w.write_all(line.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+    heads
+}
+
+#[test]
+fn websocket_upgrades_are_admitted_like_requests_and_held_until_closed() {
+    let mut pod = Pod::new("");
+    pod.rewrite_config(
+        "inbound:\n  ports: [8080]\n  policies:\n    - port: 8080\n      \
+         access: { default: allow, rules: [{ action: deny, path_prefix: /admin }] }\n      \
+         limits: { max_connections: 1 }\n",
+    );
+    let heads = upgrade_app(pod.app_listener(8080));
+    pod.start_proxy_with_kernel_maps(&pod.name(), &[]);
+    let upgrade = ["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"];
+
+    // An upgrade the access rules refuse never reaches the app.
+    let (status, reason) = call(&pod, "GET", "/admin/live", &upgrade);
+    assert_eq!(status, "403", "{reason}");
+    assert!(heads.lock().unwrap().is_empty());
+
+    // An admitted one is relayed both ways once the app agrees.
+    let addr: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
+    let mut ws = pod
+        .servers
+        .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ws.write_all(
+        b"GET /live HTTP/1.1\r\nHost: pod\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") && ws.read(&mut byte).unwrap() == 1 {
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    ws.write_all(b"ping over the relay\n").unwrap();
+    let mut echo = [0u8; 20];
+    ws.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping over the relay\n");
+    let app_head = heads.lock().unwrap()[0].clone();
+    assert!(app_head.contains("connection: upgrade"), "{app_head}");
+    assert!(
+        app_head.contains(&format!("x-forwarded-for: {SERVER_V4}")),
+        "{app_head}"
+    );
+
+    // The relay holds the port's one connection: another caller is turned
+    // away until it closes.
+    let (status, _) = call(&pod, "GET", "/plain", &[]);
+    assert_eq!(status, "000", "a second caller got past max_connections");
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, reason) = call(&pod, "GET", "/plain", &[]);
+        if status == "200" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {reason}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -47,11 +47,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput;
-    /// HTTP through ambassador vs HAProxy vs nginx vs direct; pgbench through ambassador vs
+    /// HTTP through ambassador vs HAProxy vs nginx vs direct, out of the Pod and into it (TLS
+    /// termination + JWT); pgbench through ambassador vs
     /// PgBouncer vs direct; ratios.
     Bench {
-        /// Run one section only (`http` or `postgres`).
-        #[arg(long, value_parser = ["http", "postgres"])]
+        /// Run one section only (`http`, `inbound` or `postgres`).
+        #[arg(long, value_parser = ["http", "inbound", "postgres"])]
         only: Option<String>,
         /// Measure the plain release build only, skipping the PGO build (and its
         /// no-PGO comparison row).

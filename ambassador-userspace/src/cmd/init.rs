@@ -4,10 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use super::BpfLog;
-use crate::{
-    config::Cidr,
-    interception::{self, pins},
-};
+use crate::interception::{self, pins};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,13 +18,8 @@ pub struct Args {
     pod_uid: Option<String>,
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Ports never intercepted, on top of `intercept.exclude_ports` (what the
-    /// Pod annotation `ambassador.io/exclude-outbound-ports` becomes).
-    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
-    exclude_ports: Vec<u16>,
-    /// Destinations never intercepted, on top of `intercept.exclude_cidrs`.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
-    exclude_cidrs: Vec<Cidr>,
+    #[command(flatten)]
+    pod: super::PodFlags,
     /// The Pod's network namespace, for inbound interception: the init
     /// container's own by default (it shares the Pod's).
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
@@ -56,9 +48,7 @@ impl std::str::FromStr for CgroupArg {
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
-    let mut cfg = super::load_config(args.config.as_ref())?;
-    cfg.intercept.exclude_ports.extend(args.exclude_ports);
-    cfg.intercept.exclude_cidrs.extend(args.exclude_cidrs);
+    let cfg = super::load_with(args.config.as_ref(), &args.pod.overrides())?;
     interception::check_environment()?;
     interception::raise_memlock();
     let cgroup = match args.cgroup {

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 use super::sidecar::{self, Start};
 use crate::{
     access_log,
-    config::{AdminListen, AdminSocket, Cidr, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
+    config::{AdminListen, AdminSocket, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
     inbound, interception,
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
@@ -23,18 +23,15 @@ pub struct Args {
     /// in /metrics, and `intercept` exclusions applied on reload.
     #[arg(long, env = "AMBASSADOR_KERNEL_MAPS", value_name = "DIR")]
     kernel_maps: Option<PathBuf>,
-    /// The same `--exclude-ports` `init` was given, so reloads keep them.
-    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
-    exclude_ports: Vec<u16>,
-    /// The same `--exclude-cidrs` `init` was given.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
-    exclude_cidrs: Vec<Cidr>,
+    /// The same flags `init` was given: the inbound ports decide the
+    /// listener, and reloads keep them all.
+    #[command(flatten)]
+    pod: super::PodFlags,
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
-    let mut cfg = super::load_config(args.config.as_ref())?;
-    cfg.intercept.exclude_ports.extend(&args.exclude_ports);
-    cfg.intercept.exclude_cidrs.extend(&args.exclude_cidrs);
+    let overrides = args.pod.overrides();
+    let cfg = super::load_with(args.config.as_ref(), &overrides)?;
     let path = args.config.map(|p| std::path::absolute(&p).unwrap_or(p));
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -69,7 +66,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         path,
         access_log_default: true,
     };
-    let (ports, cidrs, maps) = (args.exclude_ports, args.exclude_cidrs, args.kernel_maps);
+    let maps = args.kernel_maps;
     rt.block_on(async {
         // The port first: a taken one is the likeliest start failure.
         let listeners = Listeners::bind(port)?;
@@ -78,7 +75,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let live = sidecar::start(start, |live| {
-            live.set_extra_exclusions(ports, cidrs);
+            live.set_overrides(overrides);
             interception::share_maps(maps.as_deref(), &live.config())
         })
         .await?;

@@ -49,6 +49,9 @@ pub struct JwtConfig {
     #[serde(serialize_with = "ser_duration")]
     #[schemars(with = "DurationText")]
     pub clock_skew: Duration,
+    /// A caller's connection remembers the last token it verified: the same
+    /// token again, under the same key, has only `exp`/`nbf` checked again.
+    pub remember_per_connection: bool,
 }
 
 /// Where the verification keys (a JWKS document) come from.
@@ -97,6 +100,8 @@ struct RawJwt {
     #[serde(default, deserialize_with = "super::values::opt_duration")]
     #[schemars(with = "Option<DurationText>")]
     clock_skew: Option<Duration>,
+    #[serde(default = "yes")]
+    remember_per_connection: bool,
 }
 
 impl TryFrom<RawJwt> for JwtConfig {
@@ -141,6 +146,7 @@ impl TryFrom<RawJwt> for JwtConfig {
             audiences: r.audiences,
             algorithms,
             clock_skew: r.clock_skew.unwrap_or(Duration::from_secs(30)),
+            remember_per_connection: r.remember_per_connection,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod file;
 pub mod gateway;
 pub mod inbound;
 pub mod load;
+pub mod overrides;
 pub mod request;
 pub mod service;
 pub mod upstream;
@@ -19,6 +20,7 @@ pub use file::{
     InterceptConfig, MAX_WORKERS, ProxyConfig, TelemetryConfig, TracingConfig,
 };
 pub use inbound::{InboundConfig, InboundPolicy, InboundPorts, InboundProtocol, ServerTls};
+pub use overrides::Overrides;
 pub use values::{
     Cidr, DurationText, MAX_ATTEMPTS, MAX_COUNT, MAX_DURATION, MAX_LIMIT, clip, parse_duration,
 };

@@ -242,7 +242,7 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Relays an upgraded connection's bytes both ways until either side ends.
-pub(super) async fn splice_upgraded(
+pub(crate) async fn splice_upgraded(
     app: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     service: String,

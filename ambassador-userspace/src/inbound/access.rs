@@ -103,7 +103,7 @@ mod tests {
     }
 
     fn jwt(claims: serde_json::Value) -> Identity {
-        Identity::Jwt(claims.as_object().unwrap().clone())
+        Identity::Jwt(std::sync::Arc::new(claims.as_object().unwrap().clone()))
     }
 
     #[test]

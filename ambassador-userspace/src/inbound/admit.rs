@@ -11,13 +11,11 @@ use http::{Request, StatusCode, header};
 use super::{
     access::{Decision, is_normal},
     authn::Identity,
+    jwt::TokenMemo,
     ratelimit::retry_after,
     table::PortPolicy,
 };
-use crate::{
-    config::gateway::RateKey,
-    http::{headers::upgrade_protocol, target::request_host},
-};
+use crate::{config::gateway::RateKey, http::target::request_host};
 
 /// The ambassador's own answer to a request it will not send.
 #[derive(Debug)]
@@ -49,6 +47,7 @@ pub async fn admit<B>(
     req: &Request<B>,
     p: &PortPolicy,
     peer: SocketAddr,
+    memo: &TokenMemo,
 ) -> Result<Identity, Refusal> {
     shape(req, p)?;
     let pre_auth = p
@@ -70,7 +69,7 @@ pub async fn admit<B>(
         limit(p, l, key.as_deref())?;
     }
     let identity = match &p.authn {
-        Some(a) => a.check(req.headers()).await.map_err(|f| {
+        Some(a) => a.check(req.headers(), memo).await.map_err(|f| {
             crate::metrics::get().count_inbound(crate::metrics::Inbound::AuthFailure, &p.name, f.reason());
             tracing::debug!(client = %peer, port = p.port, reason = f.reason(), "refused: {}", f.message());
             Refusal::new(f.status(), f.message())
@@ -107,12 +106,6 @@ fn shape<B>(req: &Request<B>, p: &PortPolicy) -> Result<(), Refusal> {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not served on the Pod's ports",
-        ));
-    }
-    if upgrade_protocol(req).is_some() {
-        return Err(Refusal::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades are not passed to the app on inbound ports yet",
         ));
     }
     // One destination named (one valid Host, agreeing with an absolute

@@ -3,12 +3,16 @@
 //! headers the caller cannot send itself); and why a caller was refused,
 //! in a reason from a small fixed set (for the metric and the 401).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use serde_json::{Map, Value};
 
-use super::jwks::{Keys, KeysError};
+use super::failure::Failure;
+use super::{
+    jwks::Keys,
+    jwt::{TokenMemo, verify},
+};
 use crate::{
     config::authn::{ApiKeysConfig, AuthConfig},
     files::FromFiles,
@@ -18,6 +22,8 @@ use crate::{
 /// A port's authentication, built once per config.
 pub struct Authn {
     jwt: Option<Keys>,
+    /// Whether a connection remembers the last token it verified.
+    remember: bool,
     api_keys: Option<ApiKeys>,
     required: bool,
     forward_claims: Vec<(String, HeaderName)>,
@@ -28,74 +34,8 @@ pub struct Authn {
 /// Who made a request.
 pub enum Identity {
     Anonymous,
-    Jwt(Map<String, Value>),
+    Jwt(Arc<Map<String, Value>>),
     ApiKey(String),
-}
-
-/// Why a caller was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    Missing,
-    Malformed,
-    Expired,
-    NotYetValid,
-    Issuer,
-    Audience,
-    MissingClaim,
-    Signature,
-    Algorithm,
-    UnknownKey,
-    UnknownApiKey,
-    /// The keys could not be had (a JWKS URL down with nothing fetched yet).
-    KeysUnavailable,
-}
-
-impl Failure {
-    /// The metric's `reason`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Failure::Missing => "missing",
-            Failure::Malformed => "malformed",
-            Failure::Expired => "expired",
-            Failure::NotYetValid => "not_yet_valid",
-            Failure::Issuer => "wrong_issuer",
-            Failure::Audience => "wrong_audience",
-            Failure::MissingClaim => "missing_claim",
-            Failure::Signature => "bad_signature",
-            Failure::Algorithm => "algorithm",
-            Failure::UnknownKey => "unknown_key",
-            Failure::UnknownApiKey => "unknown_api_key",
-            Failure::KeysUnavailable => "keys_unavailable",
-        }
-    }
-
-    /// What the caller reads (never a token, key or claim value).
-    pub fn message(self) -> &'static str {
-        match self {
-            Failure::Missing => "credentials required: a bearer token or an API key",
-            Failure::Malformed => {
-                "the bearer token is not a JWT this port accepts (shape, header or algorithm)"
-            }
-            Failure::Expired => "the token has expired",
-            Failure::NotYetValid => "the token is not valid yet",
-            Failure::Issuer => "the token's issuer is not accepted here",
-            Failure::Audience => "the token is not meant for this audience",
-            Failure::MissingClaim => "the token lacks a claim this port requires (exp, iss, aud)",
-            Failure::Signature => "the token's signature does not verify",
-            Failure::Algorithm => "the token's algorithm is not accepted for its key",
-            Failure::UnknownKey => "the token names a key this port does not know",
-            Failure::UnknownApiKey => "the API key is not known",
-            Failure::KeysUnavailable => "the keys to check tokens cannot be had right now",
-        }
-    }
-
-    /// 401 for the caller's credentials; 503 when the fault is ours.
-    pub fn status(self) -> http::StatusCode {
-        match self {
-            Failure::KeysUnavailable => http::StatusCode::SERVICE_UNAVAILABLE,
-            _ => http::StatusCode::UNAUTHORIZED,
-        }
-    }
 }
 
 impl Authn {
@@ -110,6 +50,7 @@ impl Authn {
         };
         let name = |h: &str| HeaderName::from_bytes(h.as_bytes()).expect("validated at load");
         Ok(Authn {
+            remember: cfg.jwt.as_ref().is_some_and(|j| j.remember_per_connection),
             jwt,
             api_keys,
             required: cfg.required,
@@ -124,11 +65,13 @@ impl Authn {
 
     /// Who sent these headers. A bearer token is checked when present (and
     /// never falls back to an API key when wrong); else the API key.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<Identity, Failure> {
+    /// `memo` is the caller's connection's.
+    pub async fn check(&self, headers: &HeaderMap, memo: &TokenMemo) -> Result<Identity, Failure> {
         if let Some(keys) = &self.jwt
             && let Some(token) = bearer(headers)?
         {
-            return verify(keys, token).await.map(Identity::Jwt);
+            let memo = self.remember.then_some(memo);
+            return verify(keys, token, memo).await.map(Identity::Jwt);
         }
         if let Some(k) = &self.api_keys
             && let Some(presented) = headers.get(&k.header)
@@ -180,32 +123,6 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Failure> {
     match v.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
         _ => Ok(None),
-    }
-}
-
-async fn verify(keys: &Keys, token: &str) -> Result<Map<String, Value>, Failure> {
-    use jsonwebtoken::errors::ErrorKind as K;
-    let head = jsonwebtoken::decode_header(token).map_err(|_| Failure::Malformed)?;
-    let key = keys
-        .key(head.kid.as_deref())
-        .await
-        .map_err(|KeysError(e)| {
-            tracing::warn!("{e}");
-            Failure::KeysUnavailable
-        })?
-        .ok_or(Failure::UnknownKey)?;
-    match jsonwebtoken::decode::<Map<String, Value>>(token, &key.decoding, &key.validation) {
-        Ok(data) => Ok(data.claims),
-        Err(e) => Err(match e.kind() {
-            K::ExpiredSignature => Failure::Expired,
-            K::ImmatureSignature => Failure::NotYetValid,
-            K::InvalidIssuer => Failure::Issuer,
-            K::InvalidAudience => Failure::Audience,
-            K::MissingRequiredClaim(_) => Failure::MissingClaim,
-            K::InvalidSignature => Failure::Signature,
-            K::InvalidAlgorithm => Failure::Algorithm,
-            _ => Failure::Malformed,
-        }),
     }
 }
 

@@ -3,7 +3,9 @@
 //! request goes to the app over a pooled HTTP/1.1 connection from
 //! 127.0.0.6, with the caller named in `X-Forwarded-For`, `Forwarded` and
 //! `X-Forwarded-Proto` (copies the caller sent are replaced: they would let
-//! it pose as anyone).
+//! it pose as anyone). A protocol upgrade (WebSocket) the caller was admitted
+//! for becomes a byte relay once the app agrees; the connection's permit is
+//! held until that relay ends.
 
 use std::{
     convert::Infallible,
@@ -27,14 +29,15 @@ use tracing::{debug, info};
 use super::{
     admit::{Refusal, admit},
     forwarded::Caller,
+    jwt::TokenMemo,
     table::{HttpPort, PortPolicy},
 };
 use crate::{
     access_log,
     http::{
         activity::{Activity, InFlight},
-        headers::strip_hop_by_hop,
-        response::{ERROR_HEADER, error_response},
+        headers::{strip_hop_by_hop, upgrade_protocol},
+        response::{ERROR_HEADER, error_response, splice_upgraded},
     },
     tls::PlainOrTls,
     upstream::{AppBody, AppBodyError, Lease},
@@ -55,6 +58,11 @@ struct CallerConn {
     tls: Option<&'static str>,
     /// The caller as the app is told of it, made once per connection.
     caller: Caller,
+    /// The last token verified on this connection.
+    memo: TokenMemo,
+    /// The relay of an upgraded request, awaited before the connection's
+    /// permit and series are given up.
+    upgraded: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Serves one caller's connection until it closes or the proxy drains.
@@ -80,6 +88,8 @@ pub async fn serve(
         peer,
         dst,
         tls,
+        memo: TokenMemo::default(),
+        upgraded: std::sync::Mutex::new(None),
     });
     let _open = conn.policy.metrics.open();
     let watched = conn.clone();
@@ -88,7 +98,7 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(handle(req, conn).await) }
     });
     let builder = crate::http::server::builder(header_read);
-    let served = builder.serve_connection(TokioIo::new(caller), svc);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(caller), svc);
     tokio::pin!(served);
     // No first request within the header-read timeout, or none in flight
     // for the idle timeout: the connection goes (HTTP/2 with a GOAWAY).
@@ -113,6 +123,10 @@ pub async fn serve(
     };
     if let Err(e) = result {
         debug!(client = %peer, error = %e, "inbound connection ended with an error");
+    }
+    let relay = crate::sync::lock(&watched.upgraded).take();
+    if let Some(relay) = relay {
+        let _ = relay.await;
     }
 }
 
@@ -169,10 +183,15 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<R
 
 /// Sends the request to the app; an answer of the ambassador's own (status
 /// and reason) when it cannot.
-async fn forward(req: Request<Incoming>, conn: &CallerConn) -> Result<Response<RespBody>, Refusal> {
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: &CallerConn,
+) -> Result<Response<RespBody>, Refusal> {
     let p = &conn.policy;
-    let identity = admit(&req, p, conn.peer).await?;
+    let identity = admit(&req, p, conn.peer, &conn.memo).await?;
     let HttpPort { client, authority } = &*conn.http;
+    // Admitted like any request; its two hop-by-hop headers go on to the app.
+    let upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
     let (mut parts, body) = req.into_parts();
     // HTTP/2 callers name the host in :authority only; the app gets a Host.
     if !parts.headers.contains_key(header::HOST)
@@ -182,6 +201,12 @@ async fn forward(req: Request<Incoming>, conn: &CallerConn) -> Result<Response<R
         parts.headers.insert(header::HOST, h);
     }
     strip_hop_by_hop(&mut parts.headers);
+    if let Some((proto, _)) = &upgrade {
+        parts.headers.insert(header::UPGRADE, proto.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     conn.caller.apply(&mut parts.headers);
     if let Some(a) = &p.authn {
         a.apply(&identity, &mut parts.headers);
@@ -228,7 +253,18 @@ async fn forward(req: Request<Incoming>, conn: &CallerConn) -> Result<Response<R
                 )
             }
         })?;
-    let (mut head, incoming) = answer.response.into_parts();
+    let mut response = answer.response;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some((_, caller_side)) = upgrade
+    {
+        // The app's connection becomes the relay's: never pooled again.
+        let app_side = hyper::upgrade::on(&mut response);
+        let relay = tokio::spawn(splice_upgraded(caller_side, app_side, p.name.clone()));
+        *crate::sync::lock(&conn.upgraded) = Some(relay);
+        let (head, _) = response.into_parts();
+        return Ok(Response::from_parts(head, Either::Right(Full::default())));
+    }
+    let (mut head, incoming) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     Ok(Response::from_parts(
         head,

@@ -9,9 +9,11 @@
 pub mod access;
 pub mod admit;
 pub mod authn;
+pub mod failure;
 pub mod forwarded;
 pub mod http;
 pub mod jwks;
+pub mod jwt;
 pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod table;

@@ -15,18 +15,10 @@ pub fn json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).expect("strings and lists serialize")
 }
 
-/// The annotation exclusions, as flags: `init` writes them to the kernel, and
-/// the proxy keeps them across reloads.
-pub fn exclusion_args(args: &mut Vec<String>, ports: &[String], cidrs: &[String]) {
-    if !ports.is_empty() {
-        args.extend(["--exclude-ports".into(), ports.join(",")]);
-    }
-    if !cidrs.is_empty() {
-        args.extend(["--exclude-cidrs".into(), cidrs.join(",")]);
-    }
-}
-
-pub fn init_container(image: &str, ports: &[String], cidrs: &[String]) -> Value {
+/// `flags`: the annotations' interception flags (the same on both
+/// containers: `init` writes them to the kernel, the proxy opens its inbound
+/// listener by them and keeps them across reloads).
+pub fn init_container(image: &str, flags: &[String]) -> Value {
     let mut args = vec![
         "init".to_string(),
         "--cgroup".into(),
@@ -34,7 +26,7 @@ pub fn init_container(image: &str, ports: &[String], cidrs: &[String]) -> Value 
         "--config".into(),
         format!("{CONFIG_DIR}/config.yaml"),
     ];
-    exclusion_args(&mut args, ports, cidrs);
+    args.extend_from_slice(flags);
     from_template(&format!(
         r#"
 name: {INIT_CONTAINER}
@@ -73,12 +65,7 @@ volumeMounts:
     ))
 }
 
-pub fn proxy_container(
-    image: &str,
-    secrets: &[String],
-    ports: &[String],
-    cidrs: &[String],
-) -> Value {
+pub fn proxy_container(image: &str, secrets: &[String], flags: &[String]) -> Value {
     let mut args = vec![
         "proxy".to_string(),
         "--config".into(),
@@ -86,7 +73,7 @@ pub fn proxy_container(
         "--kernel-maps".into(),
         KERNEL_MAPS_DIR.into(),
     ];
-    exclusion_args(&mut args, ports, cidrs);
+    args.extend_from_slice(flags);
     let mut c = from_template(&format!(
         r#"
 name: {PROXY_CONTAINER}

@@ -20,10 +20,18 @@
 //!   earlier injection out again);
 //! - `ambassador.io/exclude-outbound-ports: "5432,6379"` and
 //!   `ambassador.io/exclude-outbound-cidrs: "10.0.0.0/8,fd00::/8"`: never
-//!   intercepted, passed to `init` (`--exclude-ports`, `--exclude-cidrs`);
+//!   intercepted (`--exclude-ports`, `--exclude-cidrs`);
+//! - `ambassador.io/inbound-ports: "8080,8443"` (or `"all"`) and
+//!   `ambassador.io/exclude-inbound-ports: "9090"`: callers of these ports go
+//!   through the proxy (on top of the config's `inbound.ports`), or reach the
+//!   app directly (`--inbound-ports`, `--exclude-inbound-ports`);
 //! - `ambassador.io/config: NAME`: the ConfigMap with `config.yaml`;
 //! - `ambassador.io/secrets: "a,b"`: Secrets mounted into the proxy at
 //!   `/var/run/secrets/ambassador/<name>/`.
+//!
+//! The interception flags go to both containers: `init` writes them to the
+//! kernel, and the proxy opens its inbound listener by them and applies them
+//! again to every reloaded config.
 
 mod containers;
 mod documents;
@@ -32,9 +40,9 @@ mod pod;
 mod types;
 
 pub use names::{
-    ANN_CONFIG, ANN_EXCLUDE_CIDRS, ANN_EXCLUDE_PORTS, ANN_INJECT, ANN_INJECTED, ANN_SECRETS,
-    BINARY, CONFIG_DIR, DEFAULT_CONFIG_MAP, DEFAULT_IMAGE, HOST_CGROUP_DIR, INIT_CONTAINER,
-    PROXY_CONTAINER, SECRETS_DIR,
+    ANN_CONFIG, ANN_EXCLUDE_CIDRS, ANN_EXCLUDE_INBOUND_PORTS, ANN_EXCLUDE_PORTS, ANN_INBOUND_PORTS,
+    ANN_INJECT, ANN_INJECTED, ANN_SECRETS, BINARY, CONFIG_DIR, DEFAULT_CONFIG_MAP, DEFAULT_IMAGE,
+    HOST_CGROUP_DIR, INIT_CONTAINER, PROXY_CONTAINER, SECRETS_DIR,
 };
 pub use types::{InjectError, Injected, Options};
 

@@ -7,6 +7,8 @@ pub const ANN_INJECT: &str = "ambassador.io/inject";
 pub const ANN_INJECTED: &str = "ambassador.io/injected";
 pub const ANN_EXCLUDE_PORTS: &str = "ambassador.io/exclude-outbound-ports";
 pub const ANN_EXCLUDE_CIDRS: &str = "ambassador.io/exclude-outbound-cidrs";
+pub const ANN_INBOUND_PORTS: &str = "ambassador.io/inbound-ports";
+pub const ANN_EXCLUDE_INBOUND_PORTS: &str = "ambassador.io/exclude-inbound-ports";
 pub const ANN_CONFIG: &str = "ambassador.io/config";
 pub const ANN_SECRETS: &str = "ambassador.io/secrets";
 

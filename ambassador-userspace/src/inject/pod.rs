@@ -176,8 +176,8 @@ pub fn strip(spec: &mut Mapping, annotations: Option<&mut Mapping>) -> bool {
 struct Asked {
     /// Why not to inject (opted out, host network), if so.
     skip: Option<String>,
-    ports: Vec<String>,
-    cidrs: Vec<String>,
+    /// The interception annotations as `init`/`proxy` flags.
+    flags: Vec<String>,
     config_map: String,
     secrets: Vec<String>,
 }
@@ -286,16 +286,30 @@ fn read_asked(
         Some((v, where_)) => parse_list(v, item).map_err(|m| ctx.err(where_, m)),
         None => Ok(Vec::new()),
     };
-    let ports = list(ANN_EXCLUDE_PORTS, &|p| {
-        p.parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .map(|p| p.to_string())
-            .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
-    })?;
-    let cidrs = list(ANN_EXCLUDE_CIDRS, &|c| {
-        c.parse::<Cidr>().map(|c| c.to_string())
-    })?;
+    let mut flags = Vec::new();
+    let mut flag = |name: &str, items: Vec<String>| {
+        if !items.is_empty() {
+            flags.extend([name.to_string(), items.join(",")]);
+        }
+    };
+    flag("--exclude-ports", list(ANN_EXCLUDE_PORTS, &port)?);
+    flag(
+        "--exclude-cidrs",
+        list(ANN_EXCLUDE_CIDRS, &|c| {
+            c.parse::<Cidr>().map(|c| c.to_string())
+        })?,
+    );
+    let inbound = match annotation(own, workload, ANN_INBOUND_PORTS, field, ctx)? {
+        Some((v, _)) if v.trim() == "all" => vec!["all".to_string()],
+        Some((v, where_)) => parse_list(v, |p| port(p).map_err(|m| format!("{m} or `all`")))
+            .map_err(|m| ctx.err(where_, m))?,
+        None => Vec::new(),
+    };
+    flag("--inbound-ports", inbound);
+    flag(
+        "--exclude-inbound-ports",
+        list(ANN_EXCLUDE_INBOUND_PORTS, &port)?,
+    );
     let config_map = match annotation(own, workload, ANN_CONFIG, field, ctx)? {
         Some((v, where_)) => {
             check_name(v, 253).map_err(|m| ctx.err(where_, m))?;
@@ -306,11 +320,19 @@ fn read_asked(
     let secrets = list(ANN_SECRETS, &secret_name)?;
     Ok(Asked {
         skip,
-        ports,
-        cidrs,
+        flags,
         config_map,
         secrets,
     })
+}
+
+/// A port in an annotation's list.
+fn port(p: &str) -> Result<String, String> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .map(|p| p.to_string())
+        .ok_or_else(|| format!("`{p}` is not a port (1-65535)"))
 }
 
 /// The volume name (a DNS label) is the prefix and the Secret's name.
@@ -327,8 +349,8 @@ fn secret_name(s: &str) -> Result<String, String> {
 /// Ours first, so the app's own init containers are intercepted too.
 fn add(spec: &mut Mapping, asked: &Asked, opts: &Options) {
     let mut init_list = vec![
-        init_container(&opts.image, &asked.ports, &asked.cidrs),
-        proxy_container(&opts.image, &asked.secrets, &asked.ports, &asked.cidrs),
+        init_container(&opts.image, &asked.flags),
+        proxy_container(&opts.image, &asked.secrets, &asked.flags),
     ];
     if let Some(Value::Sequence(existing)) = spec.remove("initContainers") {
         init_list.extend(existing);

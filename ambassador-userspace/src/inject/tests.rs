@@ -239,6 +239,7 @@ fn annotations_become_init_exclusions_and_secret_mounts() {
             "    metadata:\n      labels",
             "    metadata:\n      annotations:\n        ambassador.io/exclude-outbound-ports: \"5432, 6379,5432\"\n        \
              ambassador.io/exclude-outbound-cidrs: 10.0.0.0/8,fd00::1\n        ambassador.io/secrets: tok,oauth-client\n        \
+             ambassador.io/inbound-ports: \"8080,8443\"\n        ambassador.io/exclude-inbound-ports: \"9090\"\n        \
              ambassador.io/config: amb-special\n      labels",
         );
     let v = &parse_all(&run(&text).text)[0];
@@ -255,10 +256,15 @@ fn annotations_become_init_exclusions_and_secret_mounts() {
             "--exclude-ports",
             "5432,6379",
             "--exclude-cidrs",
-            "10.0.0.0/8,fd00::1/128"
+            "10.0.0.0/8,fd00::1/128",
+            "--inbound-ports",
+            "8080,8443",
+            "--exclude-inbound-ports",
+            "9090"
         ]
     );
-    // The proxy keeps the same exclusions across reloads.
+    // The proxy gets the same flags: the inbound ports open its listener,
+    // and every flag is kept across reloads.
     let proxy_args: Vec<&str> = spec["initContainers"][1]["args"]
         .as_sequence()
         .unwrap()
@@ -316,6 +322,14 @@ fn errors_name_the_document_and_the_field() {
                 ),
                 "document 1 (line 1, Deployment web): spec.template.metadata.annotations\
                  [ambassador.io/exclude-outbound-cidrs]: `10.0.0.0/33` is not a CIDR (like 10.0.0.0/8 or fd00::/8)",
+            ),
+            (
+                DEPLOYMENT.replace(
+                    "    metadata:\n      labels",
+                    "    metadata:\n      annotations: {ambassador.io/inbound-ports: \"8080,every\"}\n      labels",
+                ),
+                "document 1 (line 1, Deployment web): spec.template.metadata.annotations\
+                 [ambassador.io/inbound-ports]: `every` is not a port (1-65535) or `all`",
             ),
             (
                 DEPLOYMENT.replace(

@@ -18,6 +18,8 @@ pub struct Counters {
     pub passed: u64,
     /// app<->proxy byte streams (one per direction) on the sk_msg shortcut.
     pub accelerated: u64,
+    /// Callers' connections the sk_lookup program handed to the proxy.
+    pub inbound_redirected: u64,
 }
 
 impl Pod {
@@ -37,6 +39,7 @@ impl Pod {
             refused: get(counter::REFUSED),
             passed: get(counter::PASSED),
             accelerated: get(counter::ACCELERATED),
+            inbound_redirected: get(counter::IN_REDIRECTED),
         }
     }
 

@@ -75,12 +75,26 @@ impl Pod {
     /// Pod's shared maps: `init --pod-uid` again (it shares them under
     /// `pod-<uid>/`), then the proxy as uid 1337 in a mount namespace of its
     /// own where only that directory is mounted (read-only), given with
-    /// `--kernel-maps`.
+    /// `--kernel-maps`; `extra` (the Pod's annotation flags) go to both.
     pub fn start_proxy_with_kernel_maps(&mut self, pod_uid: &str, extra: &[&str]) {
-        let out = self.ambassador(
-            &["init", "--pod-uid", pod_uid, "--cgroup"],
-            Some(&self.cgroup.clone()),
-        );
+        self.start_proxy_with_kernel_maps_logging(pod_uid, extra, "ambassador_userspace=debug");
+    }
+
+    /// As `start_proxy_with_kernel_maps`, with a log filter (the bench keeps
+    /// it quiet).
+    pub fn start_proxy_with_kernel_maps_logging(
+        &mut self,
+        pod_uid: &str,
+        extra: &[&str],
+        filter: &str,
+    ) {
+        // `extra` are the Pod's flags, which `inject` gives both containers.
+        let init: Vec<&str> = ["init", "--pod-uid", pod_uid]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .chain(["--cgroup"])
+            .collect();
+        let out = self.ambassador(&init, Some(&self.cgroup.clone()));
         assert!(
             out.status.success(),
             "init --pod-uid failed: {}",
@@ -100,7 +114,7 @@ impl Pod {
         );
         let mut cmd = self.proxy_in_mount_ns(&script);
         cmd.arg("--kernel-maps").arg(&mount_at).args(extra);
-        self.spawn_proxy(cmd, "ambassador_userspace=debug");
+        self.spawn_proxy(cmd, filter);
     }
 
     /// `ambassador proxy --config …` in the proxy container, in a private

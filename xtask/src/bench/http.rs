@@ -14,10 +14,9 @@
 //! This file runs the section; `http/` holds the configs, the servers, the
 //! client and the machine measurements it uses.
 
-mod config;
-mod daemon;
+pub(super) mod config;
+pub(super) mod daemon;
 mod load;
-mod machine;
 
 use std::{fs, path::Path};
 
@@ -27,17 +26,21 @@ use ambassador_tests::{
 };
 use anyhow::{Context as _, ensure};
 
+pub(super) use self::daemon::Versions;
 use self::{
-    config::{ambassador_config, nginx_proxy_config, origin_config},
+    config::{ambassador_config, haproxy_config, nginx_proxy_config, origin_config},
     daemon::{Daemon, addr, haproxy, nginx, subdir},
-    load::{Load, check, load},
-    machine::{Priority, cpu_busy, cpu_ticks, ticks_per_second},
+    load::{check, target},
 };
-pub(super) use self::{daemon::Versions, machine::cores};
 use super::{
-    Bins, Pass, client_at, report,
-    stats::{median, percentile},
-    use_binary,
+    Bins, Pass, client_at,
+    machine::{Priority, cpu_busy},
+    oha::{Figures, Run, figures, measure},
+    report, use_binary,
+};
+pub(super) use super::{
+    machine::cores,
+    oha::{CONNECTIONS, FIXED_SECONDS, RATE},
 };
 
 const ORIGIN_PORT: u16 = 8080;
@@ -66,10 +69,6 @@ const TRAIN_REQUEST_BYTES: usize = 4096;
 const TRAIN_RESPONSE_BYTES: usize = 300;
 const AUTHORIZATION: &str = "Bearer bench";
 pub(super) const BODY_BYTES: usize = 1024;
-/// Requests per second for the latency runs: well under the slowest mode's
-/// maximum on 2 cores (see the max column), so every mode holds it.
-pub(super) const RATE: u32 = 2000;
-pub(super) const CONNECTIONS: u32 = 32;
 /// Every mode is measured once per round, modes interleaved and their order
 /// rotated, so a burst of other work on the machine lands on all of them
 /// alike rather than on one. Added latency is paired: a mode's percentile
@@ -79,8 +78,6 @@ pub(super) const CONNECTIONS: u32 = 32;
 /// compared round by round too ("won"). Many short rounds rather than a few
 /// long ones, for the same reason. Max and CPU are the median round.
 pub(super) const ROUNDS: usize = 10;
-pub(super) const FIXED_SECONDS: u32 = 3;
-pub(super) const MAX_SECONDS: u32 = 2;
 const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
 
 #[derive(Clone, Copy, PartialEq)]
@@ -115,31 +112,15 @@ struct Mode {
     label: String,
 }
 
-/// One mode's medians over the rounds.
+/// One mode's figures, with what the report needs to know of the mode.
 pub(super) struct Row {
     pub(super) via: Via,
     pub(super) tls: bool,
     pub(super) bin: Bin,
     pub(super) workers: Option<u32>,
     pub(super) accelerate: bool,
-    pub(super) label: String,
-    /// Over all rounds' requests pooled.
-    pub(super) p50_us: f64,
-    pub(super) p99_us: f64,
-    pub(super) requests: usize,
-    /// Each round's own p50 and p99, in round order (the same for every mode).
-    pub(super) round_p50: Vec<f64>,
-    pub(super) round_p99: Vec<f64>,
-    pub(super) fixed_rps: f64,
-    pub(super) max_rps: f64,
-    /// The proxy's CPU time per request in the unthrottled run, user and
-    /// system, in microseconds (none for direct).
-    pub(super) cpu_us: Option<(f64, f64)>,
+    pub(super) f: Figures,
 }
-
-/// One mode's measurement in one round: (fixed-rate load, max req/s, proxy
-/// CPU per request).
-type Run = (Load, f64, Option<(f64, f64)>);
 
 /// The servers besides ambassador. Fields drop in declaration order, so the
 /// proxies stop before the origin.
@@ -196,7 +177,7 @@ pub fn run(bins: &Bins, pass: Pass) -> anyhow::Result<String> {
                 Via::Nginx => servers.nginx_proxy.pids(),
             };
             let db = dir.join("fixed-rate.db");
-            runs[k].push(measure(&oha, &at, m, &pids, fixed_seconds, &db)?);
+            runs[k].push(measure(&oha, &at, &target(m), &pids, fixed_seconds, &db)?);
         }
         eprintln!("xtask: bench http round {}/{rounds} done", round + 1);
     }
@@ -259,7 +240,7 @@ impl Servers {
             ],
         )?;
         let haproxy_dir = subdir(dir, "haproxy")?;
-        let mut haproxy = haproxy(&pod_at, &haproxy_dir, ca_file)?;
+        let mut haproxy = haproxy(&pod_at, &haproxy_dir, &haproxy_config(ca_file))?;
         haproxy.wait_listening(
             &pod.netns,
             &[
@@ -377,74 +358,17 @@ fn modes(bins: &Bins, versions: &Versions, pass: Pass) -> (Vec<Mode>, usize, u32
     }
 }
 
-/// One mode in one round: unthrottled, with the proxy's CPU time (`pids`),
-/// then at the fixed rate with every request's latency (by way of `db`).
-fn measure(
-    oha: &Path,
-    at: &Placement<'_>,
-    m: &Mode,
-    pids: &[u32],
-    fixed_seconds: u32,
-    db: &Path,
-) -> anyhow::Result<Run> {
-    // Unthrottled first: it also warms the proxies' upstream pools
-    // (emptied when ambassador restarts).
-    let cpu_before = cpu_ticks(pids);
-    let max = load(oha, at, m, None, MAX_SECONDS, None)
-        .with_context(|| format!("max rate, {}", m.label))?;
-    let cpu = cpu_before
-        .zip(cpu_ticks(pids))
-        .filter(|_| max.requests > 0)
-        .map(|((u0, s0), (u1, s1))| {
-            let per = |t: u64| t as f64 * 1e6 / ticks_per_second() / max.requests as f64;
-            (per(u1 - u0), per(s1 - s0))
-        });
-    let fixed = load(oha, at, m, Some(RATE), fixed_seconds, Some(db))
-        .with_context(|| format!("fixed rate, {}", m.label))?;
-    Ok((fixed, max.rps, cpu))
-}
-
-/// Each mode's figures from its rounds: percentiles of the requests pooled
-/// and of each round, the median round's rates and CPU.
 fn rows(modes: Vec<Mode>, runs: Vec<Vec<Run>>) -> Vec<Row> {
     modes
         .into_iter()
         .zip(runs)
-        .map(|(m, r)| {
-            let (round_p50, round_p99) = r
-                .iter()
-                .map(|(f, ..)| {
-                    let l = &f.latencies_us;
-                    (percentile(l, 0.50), percentile(l, 0.99))
-                })
-                .unzip();
-            let mut pooled: Vec<f64> = r
-                .iter()
-                .flat_map(|(f, ..)| f.latencies_us.iter().copied())
-                .collect();
-            pooled.sort_by(f64::total_cmp);
-            let cpu: Vec<(f64, f64)> = r.iter().filter_map(|(.., c)| *c).collect();
-            Row {
-                via: m.via,
-                tls: m.tls,
-                bin: m.bin,
-                workers: m.workers,
-                accelerate: m.accelerate,
-                label: m.label,
-                p50_us: percentile(&pooled, 0.50),
-                p99_us: percentile(&pooled, 0.99),
-                requests: pooled.len(),
-                round_p50,
-                round_p99,
-                fixed_rps: median(r.iter().map(|(f, ..)| f.rps)),
-                max_rps: median(r.iter().map(|(_, m, _)| *m)),
-                cpu_us: (!cpu.is_empty()).then(|| {
-                    (
-                        median(cpu.iter().map(|c| c.0)),
-                        median(cpu.iter().map(|c| c.1)),
-                    )
-                }),
-            }
+        .map(|(m, r)| Row {
+            via: m.via,
+            tls: m.tls,
+            bin: m.bin,
+            workers: m.workers,
+            accelerate: m.accelerate,
+            f: figures(m.label, &r),
         })
         .collect()
 }

@@ -14,7 +14,10 @@
 
 mod failover;
 pub mod http;
+mod inbound;
 mod l4;
+mod machine;
+mod oha;
 pub mod postgres;
 mod report;
 mod stats;
@@ -101,6 +104,11 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     report.push_str(&http);
     std::fs::write(out.join("report.txt"), &report)?;
 
+    let inbound = inbound::run()?;
+    print!("{inbound}");
+    report.push_str(&inbound);
+    std::fs::write(out.join("report.txt"), &report)?;
+
     let failover = failover::run()?;
     print!("{failover}");
     report.push_str(&failover);
@@ -114,13 +122,14 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --only http|postgres`: one section alone.
+/// `cargo xtask bench --only http|inbound|postgres`: one section alone.
 pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     require_root()?;
     crate::toolchain::ensure_test_tools()?;
     use_binary(&bins.main);
     let report = match section {
         "http" => http::run(bins, Pass::Measure)?,
+        "inbound" => inbound::run()?,
         _ => postgres::run(Pass::Measure)?,
     };
     let report = format!("{report}{}", crate::pgo::described(bins));

@@ -5,7 +5,9 @@
 use ambassador_tests::SERVER_V4;
 
 use super::{
-    failover, http, l4, postgres,
+    failover, http, inbound, l4,
+    oha::Figures,
+    postgres,
     stats::{added, quartiles},
 };
 
@@ -58,20 +60,212 @@ pub(super) struct HttpNotes {
 /// The HTTP section's table, the comparison of ambassador with HAProxy and
 /// nginx, and the notes.
 pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNotes) -> String {
-    use http::{
-        BODY_BYTES, Bin, CONNECTIONS, FIXED_SECONDS, MAX_SECONDS, ORIGIN_NAME, RATE, ROUNDS, Row,
-        Via, cores,
-    };
-    let base = &rows[0];
+    use http::{BODY_BYTES, Bin, CONNECTIONS, ORIGIN_NAME, ROUNDS, Via, cores};
+    let base = &rows[0].f;
     let mut r = format!(
         "ambassador HTTP bench (oha {}: keep-alive HTTP/1.1 GET, {BODY_BYTES}-byte body, {CONNECTIONS} connections;\n\
-         latency at a fixed {RATE} req/s for {FIXED_SECONDS} s, corrected for coordinated omission; max = unthrottled for {MAX_SECONDS} s;\n\
-         {ROUNDS} interleaved rounds, every mode once per round; p50/p99 = over all their requests pooled ({} per mode);\n\
-         +p50/+p99 = added over direct: the median over rounds of (mode - direct in the same round), IQR = its middle half;\n\
-         x = pooled mode / pooled direct; max and CPU the median round)\n\n",
-        v.oha, base.requests
+         {}\n\n",
+        v.oha,
+        rounds_explained(ROUNDS, base.requests)
     );
+    r.push_str(&modes_table(rows.iter().map(|x| &x.f)));
+
+    // The one-thread ambassador rows are the ones set against the others.
+    let find = |via: Via, tls: bool, bin: Bin| {
+        rows.iter().find(|x| {
+            x.via == via
+                && x.tls == tls
+                && (via != Via::Ambassador
+                    || (x.workers == Some(1) && x.accelerate && x.bin == bin))
+        })
+    };
+    r.push_str(&versus_header("ambassador (1 worker)"));
+    for (tls, bin) in [(false, Bin::Main), (true, Bin::Main), (false, Bin::Plain)] {
+        let Some(amb) = find(Via::Ambassador, tls, bin) else {
+            continue;
+        };
+        for (via, name) in [(Via::Haproxy, "HAProxy"), (Via::Nginx, "nginx")] {
+            let Some(other) = find(via, tls, Bin::Main) else {
+                continue;
+            };
+            let label = format!(
+                "{}{} vs {name}",
+                if tls { "TLS" } else { "plain" },
+                if bin == Bin::Plain {
+                    amb.f.label.trim_start_matches("ambassador")
+                } else {
+                    ""
+                }
+            );
+            r.push_str(&versus(&label, &amb.f, &other.f, base));
+        }
+    }
     r.push_str(&format!(
+        "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
+         Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
+         ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
+         the last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
+         (intercept.accelerate false, as HAProxy and nginx have it), and (if any) the release build without PGO.\n\
+         ambassador: the client runs in the Pod's app cgroup\n\
+         and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
+         127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
+         verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
+         (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
+         Client (oha), proxy and origin share the machine's {cores} cores; \"-\": an added latency\n\
+         came out at or below 0. CPU us/req = the proxy's\n\
+         user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
+         Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
+         kernel counters for the ambassador runs: redirected {}, accelerated (sk_msg) {}\n",
+        notes.busy_before,
+        notes.busy_after,
+        notes.redirected,
+        notes.accelerated,
+        ngx = v.nginx,
+        cores = cores(),
+    ));
+    r
+}
+
+/// The inbound section's table, ambassador set against HAProxy and nginx
+/// doing the same job, and the notes.
+pub(super) fn inbound_table(
+    rows: &[inbound::Row],
+    v: &http::Versions,
+    notes: &HttpNotes,
+) -> String {
+    use http::{BODY_BYTES, CONNECTIONS, cores};
+    use inbound::{Job, POD_NAME, ROUNDS, Via};
+    let base = &rows[0].f;
+    let mut r = format!(
+        "\nambassador inbound bench: the Pod's gateway (oha {}: keep-alive HTTPS GET with a bearer JWT from a caller\n\
+         outside the Pod, {BODY_BYTES}-byte answers from the app in the Pod, {CONNECTIONS} connections;\n\
+         {}\n\n",
+        v.oha,
+        rounds_explained(ROUNDS, base.requests)
+    );
+    r.push_str(&modes_table(rows.iter().map(|x| &x.f)));
+    let find = |via: Via, job: Job, full: bool| {
+        rows.iter()
+            .find(|x| x.via == via && x.job == job && x.full == full)
+    };
+    r.push_str(&versus_header("ambassador"));
+    for (job, full, name) in [
+        (Job::Rs256, false, "JWT RS256"),
+        (Job::Rs256, true, "JWT RS256, no memo"),
+        (Job::Es256, false, "JWT ES256"),
+        (Job::Es256, true, "JWT ES256, no memo"),
+        (Job::Tls, false, "TLS only"),
+    ] {
+        let Some(amb) = find(Via::Ambassador, job, full) else {
+            continue;
+        };
+        for (via, other_name) in [(Via::Haproxy, "HAProxy"), (Via::Nginx, "nginx")] {
+            if let Some(other) = find(via, job, false) {
+                r.push_str(&versus(
+                    &format!("{name} vs {other_name}"),
+                    &amb.f,
+                    &other.f,
+                    base,
+                ));
+            }
+        }
+    }
+    r.push_str(&format!(
+        "\nThe app: nginx {ngx} (1 worker) in the Pod. The caller (oha, rustls) is in the servers' namespace\n\
+         and dials the Pod's address ({POD_NAME}, one certificate for every gateway, TLS 1.3 with its default suites).\n\
+         ambassador: the sk_lookup program hands the caller's connection to its inbound listener; one worker;\n\
+         by default a connection remembers the last token it verified (the same bytes under the same key\n\
+         have only exp/nbf checked again; oha sends one token throughout); \"no token memo\" rows verify\n\
+         every request's token in full, as HAProxy does.\n\
+         HAProxy: nbthread 1, `bind ssl crt`, the token checked with jwt_header_query, jwt_verify (public key PEM)\n\
+         and jwt_payload_query for issuer, audience and expiry; nginx: 1 worker, TLS only (open source nginx has\n\
+         no JWT check: auth_jwt is NGINX Plus). Every gateway sets X-Forwarded-For, Forwarded and\n\
+         X-Forwarded-Proto; the JWT ones replace x-user with the token's sub (all checked before the first run,\n\
+         with a forged x-user, no token and an expired one). x and +p50/+p99 are over the app reached directly\n\
+         over plain HTTP, so they include TLS. Client, gateway and app share the machine's {cores} cores;\n\
+         CPU us/req = the gateway's user+system CPU time per request in the unthrottled run.\n\
+         CPU busy in the second before/after: {} / {}. Callers' connections handed over by sk_lookup: {}\n",
+        notes.busy_before,
+        notes.busy_after,
+        notes.redirected,
+        ngx = v.nginx,
+        cores = cores(),
+    ));
+    r
+}
+
+/// The head of the comparison lines ([`versus`]) of `who` with the others.
+fn versus_header(who: &str) -> String {
+    format!(
+        "\n{who} / other: below 1 = less added latency, above 1 = more req/s or CPU;\n\
+         won = rounds in which ambassador's percentile was the lower of the two\n\
+         {:<34} {:>6} {:>6} {:>6} {:>6} {:>9} {:>7}\n",
+        "", "+p50", "won", "+p99", "won", "max req/s", "CPU/req"
+    )
+}
+
+/// ambassador's row set against another proxy's doing the same job: added
+/// latency (each over `base`, direct), rounds won, max rate and CPU, as
+/// ratios.
+fn versus(label: &str, amb: &Figures, other: &Figures, base: &Figures) -> String {
+    // Added latency can come out ~0 or below in a noisy run; a ratio with
+    // that in it means nothing, so it is left out.
+    let ratio = |a: f64, b: f64| {
+        if a >= 1.0 && b >= 1.0 {
+            format!("{:.2}", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    let median_added =
+        |row: &Figures, pick: fn(&Figures) -> &[f64]| quartiles(added(pick(row), pick(base))).1;
+    let p50s: fn(&Figures) -> &[f64] = |x| &x.round_p50;
+    let p99s: fn(&Figures) -> &[f64] = |x| &x.round_p99;
+    let cpu = match (amb.cpu_us, other.cpu_us) {
+        (Some((au, asys)), Some((ou, osys))) if ou + osys > 0.0 => {
+            format!("{:.2}", (au + asys) / (ou + osys))
+        }
+        _ => "-".into(),
+    };
+    let won = |pick: fn(&Figures) -> &[f64]| {
+        let rounds = pick(amb).len().min(pick(other).len());
+        let won = pick(amb)
+            .iter()
+            .zip(pick(other))
+            .filter(|(a, o)| a < o)
+            .count();
+        format!("{won}/{rounds}")
+    };
+    format!(
+        "{label:<34} {:>6} {:>6} {:>6} {:>6} {:>9.2} {cpu:>7}\n",
+        ratio(median_added(amb, p50s), median_added(other, p50s)),
+        won(p50s),
+        ratio(median_added(amb, p99s), median_added(other, p99s)),
+        won(p99s),
+        amb.max_rps / other.max_rps,
+    )
+}
+
+/// How the HTTP tables' figures were made.
+fn rounds_explained(rounds: usize, requests: usize) -> String {
+    use super::oha::{FIXED_SECONDS, MAX_SECONDS, RATE, WARM_UP_SECONDS};
+    format!(
+        "latency at a fixed {RATE} req/s for {FIXED_SECONDS} s (the first {WARM_UP_SECONDS} s left out: the client's start),\n\
+         corrected for coordinated omission; max = unthrottled for {MAX_SECONDS} s;\n\
+         {rounds} interleaved rounds, every mode once per round; p50/p99 = over all their requests pooled ({requests} per mode);\n\
+         +p50/+p99 = added over direct: the median over rounds of (mode - direct in the same round), IQR = its middle half;\n\
+         x = pooled mode / pooled direct; max and CPU the median round)"
+    )
+}
+
+/// One line per mode, the first being direct: percentiles, added latency
+/// and rates, each also as a ratio to direct, and the proxy's CPU.
+fn modes_table<'a>(mut rows: impl Iterator<Item = &'a Figures>) -> String {
+    use http::RATE;
+    let Some(base) = rows.next() else {
+        return String::new();
+    };
+    let mut r = format!(
         "{:<34} {:>6} {:>6} {:>5} {:>9} {:>5} {:>9} {:>5} {:>5} {:>9} {:>5} {:>10}\n",
         "mode",
         "p50 us",
@@ -85,9 +279,9 @@ pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNot
         "max req/s",
         "max x",
         "CPU us/req"
-    ));
+    );
     let spread = |(lo, _, hi): (f64, f64, f64)| format!("{lo:.0}..{hi:.0}");
-    for row in rows {
+    for row in std::iter::once(base).chain(rows) {
         // A mode that fell behind the fixed rate has latencies that mean
         // "saturated", not "slow": say so.
         let held = if row.fixed_rps < f64::from(RATE) * 0.95 {
@@ -117,100 +311,6 @@ pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNot
             row.max_rps / base.max_rps,
         ));
     }
-
-    // The one-thread ambassador rows are the ones set against the others.
-    let find = |via: Via, tls: bool, bin: Bin| {
-        rows.iter().find(|x| {
-            x.via == via
-                && x.tls == tls
-                && (via != Via::Ambassador
-                    || (x.workers == Some(1) && x.accelerate && x.bin == bin))
-        })
-    };
-    // Added latency can come out ~0 or below in a noisy run; a ratio with
-    // that in it means nothing, so it is left out.
-    let ratio = |a: f64, b: f64| {
-        if a >= 1.0 && b >= 1.0 {
-            format!("{:.2}", a / b)
-        } else {
-            "-".into()
-        }
-    };
-    let median_added =
-        |row: &Row, pick: fn(&Row) -> &[f64]| quartiles(added(pick(row), pick(base))).1;
-    let p50s: fn(&Row) -> &[f64] = |x| &x.round_p50;
-    let p99s: fn(&Row) -> &[f64] = |x| &x.round_p99;
-    r.push_str(&format!(
-        "\nambassador (1 worker) / other: below 1 = less added latency, above 1 = more req/s;\n\
-         won = rounds in which ambassador's percentile was the lower of the two\n\
-         {:<34} {:>6} {:>6} {:>6} {:>6} {:>9} {:>7}\n",
-        "", "+p50", "won", "+p99", "won", "max req/s", "CPU/req"
-    ));
-    for (tls, bin) in [(false, Bin::Main), (true, Bin::Main), (false, Bin::Plain)] {
-        let Some(amb) = find(Via::Ambassador, tls, bin) else {
-            continue;
-        };
-        for (via, name) in [(Via::Haproxy, "HAProxy"), (Via::Nginx, "nginx")] {
-            let Some(other) = find(via, tls, Bin::Main) else {
-                continue;
-            };
-            let cpu = match (amb.cpu_us, other.cpu_us) {
-                (Some((au, asys)), Some((ou, osys))) if ou + osys > 0.0 => {
-                    format!("{:.2}", (au + asys) / (ou + osys))
-                }
-                _ => "-".into(),
-            };
-            let won = |pick: fn(&Row) -> &[f64]| {
-                let rounds = pick(amb).len().min(pick(other).len());
-                let won = pick(amb)
-                    .iter()
-                    .zip(pick(other))
-                    .filter(|(a, o)| a < o)
-                    .count();
-                format!("{won}/{rounds}")
-            };
-            r.push_str(&format!(
-                "{:<34} {:>6} {:>6} {:>6} {:>6} {:>9.2} {cpu:>7}\n",
-                format!(
-                    "{}{} vs {name}",
-                    if tls { "TLS" } else { "plain" },
-                    if bin == Bin::Plain {
-                        amb.label.trim_start_matches("ambassador")
-                    } else {
-                        ""
-                    }
-                ),
-                ratio(median_added(amb, p50s), median_added(other, p50s)),
-                won(p50s),
-                ratio(median_added(amb, p99s), median_added(other, p99s)),
-                won(p99s),
-                amb.max_rps / other.max_rps,
-            ));
-        }
-    }
-    r.push_str(&format!(
-        "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
-         Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
-         ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
-         (intercept.accelerate false, as HAProxy and nginx have it), and (if any) the release build without PGO.\n\
-         ambassador: the client runs in the Pod's app cgroup\n\
-         and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\
-         127.0.0.1 in the Pod's namespace and the client dials them. TLS rows: plain from the client,\n\
-         verified TLS (SNI {ORIGIN_NAME}) from the proxy to the origin, which picks http/1.1\n\
-         (ambassador offers ALPN [h2, http/1.1], its default); x still to plain direct.\n\
-         Client (oha), proxy and origin share the machine's {cores} cores; \"-\": an added latency\n\
-         came out at or below 0. CPU us/req = the proxy's\n\
-         user+system CPU time per request in the unthrottled run (all its processes and threads).\n\
-         Everything runs at nice -10; CPU busy in the second before/after: {} / {} (other work on the machine still adds noise).\n\
-         kernel counters for the ambassador runs: redirected {}, accelerated (sk_msg) {}\n",
-        notes.busy_before,
-        notes.busy_after,
-        notes.redirected,
-        notes.accelerated,
-        ngx = v.nginx,
-        cores = cores(),
-    ));
     r
 }
 

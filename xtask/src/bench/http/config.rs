@@ -62,7 +62,7 @@ services:
 /// What every nginx here shares: one worker, files in its own directory, and
 /// keep-alive connections that are never closed for having served too many
 /// requests (the default, 1000, would add reconnects to the measurement).
-fn nginx_common(dir: &Path) -> String {
+pub(in crate::bench) fn nginx_common(dir: &Path) -> String {
     let d = dir.display();
     format!(
         r#"

@@ -14,9 +14,7 @@ use std::{
 use ambassador_tests::{Netns, Placement, placed};
 use anyhow::{Context as _, bail};
 
-use super::config::haproxy_config;
-
-pub(super) fn nginx(
+pub(in crate::bench) fn nginx(
     name: &'static str,
     at: &Placement<'_>,
     dir: &Path,
@@ -36,30 +34,33 @@ pub(super) fn nginx(
     Daemon::spawn(name, cmd, dir.join("stderr.log"))
 }
 
-pub(super) fn haproxy(at: &Placement<'_>, dir: &Path, ca_file: &Path) -> anyhow::Result<Daemon> {
+pub(in crate::bench) fn haproxy(
+    at: &Placement<'_>,
+    dir: &Path,
+    config: &str,
+) -> anyhow::Result<Daemon> {
     let conf = dir.join("haproxy.cfg");
-    fs::write(&conf, haproxy_config(ca_file))
-        .with_context(|| format!("writing {}", conf.display()))?;
+    fs::write(&conf, config).with_context(|| format!("writing {}", conf.display()))?;
     let mut cmd = placed("haproxy", at);
     // -db: stay in the foreground, one process, so its PID is the one to stop.
     cmd.arg("-db").arg("-f").arg(&conf);
     Daemon::spawn("haproxy", cmd, dir.join("stderr.log"))
 }
 
-pub(super) fn subdir(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+pub(in crate::bench) fn subdir(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let d = dir.join(name);
     fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     Ok(d)
 }
 
-pub(super) fn addr(ip: &str, port: u16) -> SocketAddr {
+pub(in crate::bench) fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}")
         .parse()
         .expect("a literal address and a port")
 }
 
 /// A server the benchmark started, stopped by its PID on drop.
-pub(super) struct Daemon {
+pub(in crate::bench) struct Daemon {
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -78,7 +79,7 @@ impl Daemon {
     }
 
     /// The process and its children (nginx's workers).
-    pub(super) fn pids(&self) -> Vec<u32> {
+    pub(in crate::bench) fn pids(&self) -> Vec<u32> {
         let pid = self.child.id();
         let children =
             fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
@@ -95,7 +96,7 @@ impl Daemon {
     }
 
     /// Waits until every address accepts a connection from `netns`.
-    pub(super) fn wait_listening(
+    pub(in crate::bench) fn wait_listening(
         &mut self,
         netns: &Netns,
         addrs: &[SocketAddr],
@@ -168,7 +169,7 @@ pub(in crate::bench) struct Versions {
 }
 
 impl Versions {
-    pub(super) fn find(oha: &Path) -> anyhow::Result<Versions> {
+    pub(in crate::bench) fn find(oha: &Path) -> anyhow::Result<Versions> {
         let text = |cmd: &mut Command| -> anyhow::Result<String> {
             let out = cmd
                 .output()

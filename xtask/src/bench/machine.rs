@@ -30,7 +30,7 @@ pub(super) fn ticks_per_second() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-pub(in crate::bench) fn cores() -> usize {
+pub(super) fn cores() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 
