@@ -160,10 +160,16 @@ impl Live {
         for what in restart_only(&old, &next) {
             warn!("config reload: `{what}` changed; it takes effect at the next start");
         }
-        if old.intercept != next.intercept
-            && let Some(hook) = crate::sync::lock(&self.intercept).as_ref()
-        {
-            hook(&next).map_err(ReloadError::Intercept)?;
+        let inbound_changed = kernel_inbound(&old) != kernel_inbound(&next);
+        if old.intercept != next.intercept || inbound_changed {
+            match crate::sync::lock(&self.intercept).as_ref() {
+                Some(hook) => hook(&next).map_err(ReloadError::Intercept)?,
+                None if inbound_changed => warn!(
+                    "config reload: the inbound ports and fail mode change at the next init \
+                     (this proxy cannot write its Pod's maps: give it --kernel-maps)"
+                ),
+                None => {}
+            }
         }
         access_log::set_enabled(next.telemetry.access_log.unwrap_or(self.access_log_default));
         self.table.store(table);
@@ -209,6 +215,12 @@ fn build_inbound(cfg: &Config, settings: &Settings) -> Result<InboundTable, Serv
     InboundTable::new(cfg, settings).map_err(|e| ServiceError::Build(e.to_string()))
 }
 
+/// What the kernel's inbound program is told: the rest of `inbound` is the
+/// proxy's own.
+fn kernel_inbound(c: &Config) -> impl PartialEq + '_ {
+    (&c.inbound.ports, &c.inbound.exclude_ports, c.inbound.fail)
+}
+
 /// Settings a running proxy cannot change.
 fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (&old.proxy, &new.proxy);
@@ -229,8 +241,8 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("proxy.admin");
     }
     let (oi, ni) = (&old.inbound, &new.inbound);
-    if oi.ports != ni.ports || oi.exclude_ports != ni.exclude_ports || oi.fail != ni.fail {
-        changed.push("inbound ports and fail mode (the kernel's, set by init)");
+    if !oi.enabled() && ni.enabled() {
+        changed.push("inbound.ports (turned on: init attaches the program, and the proxy opens its listener at start)");
     }
     if oi.port != ni.port {
         changed.push("inbound.port");

@@ -337,6 +337,38 @@ fn inbound_ports_from_the_pods_flags_reach_the_kernel_and_the_proxy_across_reloa
     assert!(err.contains("port 9090 is not intercepted"), "{err}");
 }
 
+/// The sidecar writes its Pod's shared inbound maps on reload: a port
+/// added and the fail mode changed apply at once, without `init`.
+#[test]
+fn inbound_ports_and_fail_mode_follow_a_reload_without_init() {
+    let mut pod = Pod::new("inbound: { ports: [8080] }\n");
+    let _a = Server::start_on(pod.app_listener(8080), Behaviour::Greet);
+    let _b = Server::start_on(pod.app_listener(8081), Behaviour::Greet);
+    pod.start_proxy_with_kernel_maps("inbound-reload", &[]);
+    let peer = |pod: &Pod, port: u16| {
+        let g = greeting(pod, format!("{POD_V4}:{port}").parse().unwrap()).unwrap();
+        peer_of(&g)
+    };
+    assert!(peer(&pod, 8081).starts_with(SERVER_V4));
+
+    pod.rewrite_config("inbound: { ports: [8080, 8081], fail: open }\n");
+    pod.hup_proxy();
+    assert!(pod.wait_log("config reloaded"), "{}", pod.proxy_log());
+    assert!(peer(&pod, 8081).starts_with("127.0.0.6:"));
+    let log = pod.proxy_log();
+    assert!(
+        !log.contains("next start") && !log.contains("next init"),
+        "{log}"
+    );
+    let text = stdout(&pod.ambassador(&["status"], None));
+    assert!(text.contains("ports 8080,8081 "), "{text}");
+    assert!(text.contains("fail-open"), "{text}");
+
+    // Fail open now: with the proxy gone, callers reach the app directly.
+    pod.kill_proxy();
+    assert!(peer(&pod, 8080).starts_with(SERVER_V4));
+}
+
 #[test]
 fn fail_open_delivers_to_the_app_while_the_proxy_is_down() {
     let mut pod = Pod::new("inbound: { ports: [8080], fail: open }");

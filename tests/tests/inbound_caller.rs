@@ -201,3 +201,139 @@ inbound:
     assert_eq!(span["kind"], 2, "SPAN_KIND_SERVER");
     assert!(span["attributes"].to_string().contains("inbound-8080"));
 }
+
+/// What the HTTP/2 app saw of one request: (head, body).
+type SeenH2 = std::sync::Arc<std::sync::Mutex<Vec<(http::request::Parts, Vec<u8>)>>>;
+
+/// A gRPC-shaped app speaking HTTP/2 in the clear: each request's body is
+/// echoed back between `application/grpc` headers and `grpc-status: 0`
+/// trailers; it counts its connections.
+fn grpc_app(
+    listener: std::net::TcpListener,
+) -> (SeenH2, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let seen: SeenH2 = Default::default();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (log, count) = (seen.clone(), conns.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let log = log.clone();
+                        tokio::spawn(async move {
+                            let (parts, mut body) = req.into_parts();
+                            let mut data = Vec::new();
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                                data.extend_from_slice(&chunk);
+                            }
+                            log.lock().unwrap().push((parts, data.clone()));
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .unwrap();
+                            let mut send = respond.send_response(resp, false).unwrap();
+                            send.send_data(data.into(), false).unwrap();
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            trailers.insert("grpc-message", "echoed".parse().unwrap());
+                            send.send_trailers(trailers).unwrap();
+                        });
+                    }
+                });
+            }
+        });
+    });
+    (seen, conns)
+}
+
+/// A caller's HTTP/2 (prior knowledge) gRPC-shaped call to the Pod: the
+/// answer's status, body and trailers.
+fn grpc_call(pod: &Pod, path: &str, body: &'static [u8]) -> (u16, Vec<u8>, http::HeaderMap) {
+    let addr: SocketAddr = format!("{POD_V4}:8080").parse().unwrap();
+    let tcp = pod
+        .servers
+        .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post(format!("http://orders.pod.test{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(bytes::Bytes::from_static(body), true)
+            .unwrap();
+        let (parts, mut incoming) = resp.await.unwrap().into_parts();
+        let mut data = Vec::new();
+        while let Some(Ok(chunk)) = incoming.data().await {
+            let _ = incoming.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = incoming.trailers().await.unwrap().unwrap_or_default();
+        (parts.status.as_u16(), data, trailers)
+    })
+}
+
+#[test]
+fn an_http2_app_gets_grpc_calls_with_their_trailers_on_one_connection() {
+    let pod = pod_with(|_| {
+        "inbound:\n  ports: [8080]\n  policies:\n    - { port: 8080, app_protocol: http2 }\n".into()
+    });
+    let (seen, conns) = grpc_app(pod.app_listener(8080));
+
+    for n in 0..3 {
+        let (status, body, trailers) = grpc_call(&pod, "/shop.Orders/Get", b"\0\0\0\0\x02hi");
+        assert_eq!(status, 200, "call {n}");
+        assert_eq!(body, b"\0\0\0\0\x02hi");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert_eq!(trailers.get("grpc-message").unwrap(), "echoed");
+    }
+    // An HTTP/1.1 caller is served by the same HTTP/2 app.
+    let out = pod.caller_curl(
+        &format!("http://{POD_V4}:8080/shop.Orders/List"),
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(stdout(&out), "200");
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    let (head, body) = &seen[0];
+    assert_eq!(head.version, http::Version::HTTP_2);
+    assert_eq!(head.uri.path(), "/shop.Orders/Get");
+    assert_eq!(body, b"\0\0\0\0\x02hi");
+    assert_eq!(head.headers.get("te").unwrap(), "trailers");
+    assert_eq!(
+        head.headers.get("x-forwarded-host").unwrap(),
+        "orders.pod.test"
+    );
+    assert!(head.headers.get("host").is_none());
+    assert_eq!(head.uri.authority().unwrap().as_str(), "127.0.0.1:8080");
+    assert_eq!(
+        head.headers.get("x-forwarded-for").unwrap(),
+        SERVER_V4,
+        "{:?}",
+        head.headers
+    );
+    // Four callers' connections, one HTTP/2 connection to the app.
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

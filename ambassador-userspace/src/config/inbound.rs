@@ -135,6 +135,20 @@ pub enum InboundProtocol {
     Tcp,
 }
 
+/// What an HTTP port's app speaks.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 on pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 in the clear (prior knowledge, h2c): gRPC apps; every caller's
+    /// requests share the app's HTTP/2 connection.
+    Http2,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InboundPolicy {
@@ -145,6 +159,9 @@ pub struct InboundPolicy {
     pub name: Option<String>,
     #[serde(default)]
     pub protocol: InboundProtocol,
+    /// How the proxy speaks to the app on HTTP ports.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
     /// Terminate TLS from callers; the app gets cleartext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTls>,
@@ -241,6 +258,11 @@ fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
         && let Some((what, _)) = http_only.iter().find(|(_, set)| *set)
     {
         return Err(format!("{what} needs protocol: http"));
+    }
+    if p.app_protocol != AppProtocol::Http1 && p.protocol != InboundProtocol::Http {
+        return Err(
+            "app_protocol needs protocol: http (a tcp port relays bytes as they are)".into(),
+        );
     }
     if p.proxy_protocol && p.protocol != InboundProtocol::Tcp {
         return Err(

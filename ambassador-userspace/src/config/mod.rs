@@ -19,7 +19,9 @@ pub use file::{
     AdminListen, AdminSocket, Config, ConfigError, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET, FailMode,
     InterceptConfig, MAX_WORKERS, ProxyConfig, TelemetryConfig, TracingConfig,
 };
-pub use inbound::{InboundConfig, InboundPolicy, InboundPorts, InboundProtocol, ServerTls};
+pub use inbound::{
+    AppProtocol, InboundConfig, InboundPolicy, InboundPorts, InboundProtocol, ServerTls,
+};
 pub use overrides::Overrides;
 pub use values::{
     Cidr, DurationText, MAX_ATTEMPTS, MAX_COUNT, MAX_DURATION, MAX_LIMIT, clip, parse_duration,

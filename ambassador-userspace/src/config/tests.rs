@@ -482,6 +482,14 @@ fn inbound_tls_and_proxy_protocol_mistakes_are_named() {
             "inbound: { ports: [8080], policies: [{ port: 8080, proxy_protocol: true }] }",
             "proxy_protocol is for protocol: tcp",
         ),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 8080, protocol: tcp, app_protocol: http2 }] }",
+            "app_protocol needs protocol: http",
+        ),
+        (
+            "inbound: { ports: [8080], policies: [{ port: 8080, app_protocol: grpc }] }",
+            "unknown variant `grpc`",
+        ),
     ] {
         let e = Config::parse(text).expect_err(text);
         assert!(e.contains(want), "{text}: {e}");

@@ -189,9 +189,22 @@ async fn forward(
 ) -> Result<Response<RespBody>, Refusal> {
     let p = &conn.policy;
     let identity = admit(&req, p, conn.peer, &conn.memo).await?;
-    let HttpPort { client, authority } = &*conn.http;
+    let HttpPort {
+        client,
+        authority,
+        http2,
+    } = &*conn.http;
     // Admitted like any request; its two hop-by-hop headers go on to the app.
-    let upgrade = upgrade_protocol(&req).map(|proto| (proto, hyper::upgrade::on(&mut req)));
+    let upgrade = match upgrade_protocol(&req) {
+        Some(_) if *http2 => {
+            return Err(Refusal::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "the app on this port speaks HTTP/2: a protocol upgrade cannot be carried to it",
+            ));
+        }
+        Some(proto) => Some((proto, hyper::upgrade::on(&mut req))),
+        None => None,
+    };
     let (mut parts, body) = req.into_parts();
     // HTTP/2 callers name the host in :authority only; the app gets a Host.
     if !parts.headers.contains_key(header::HOST)
@@ -208,6 +221,12 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     conn.caller.apply(&mut parts.headers);
+    // To an HTTP/2 app, :authority is the app's address (the connection's
+    // key: a Host per caller would be a connection per name a caller
+    // makes up) and the caller's Host goes as X-Forwarded-Host.
+    if *http2 && let Some(host) = parts.headers.remove(header::HOST) {
+        parts.headers.insert("x-forwarded-host", host);
+    }
     if let Some(a) = &p.authn {
         a.apply(&identity, &mut parts.headers);
     }
@@ -225,7 +244,10 @@ async fn forward(
     );
     parts.uri = Uri::from_parts(uri)
         .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "the request target is not a path"))?;
-    parts.version = http::Version::HTTP_11;
+    parts.version = match http2 {
+        true => http::Version::HTTP_2,
+        false => http::Version::HTTP_11,
+    };
     let mut body = AppBody::new(body, p.metrics.from_app.clone());
     if let Some(max) = p.max_body {
         body = body.limited(max);

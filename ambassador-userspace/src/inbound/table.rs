@@ -13,7 +13,7 @@ use http::uri::Authority;
 
 use super::{access::Access, authn::Authn, ratelimit::Limiter};
 use crate::{
-    config::{Config, InboundProtocol},
+    config::{AppProtocol, Config, InboundProtocol},
     metrics::ServiceMetrics,
     net::Settings,
     tls::TlsTermination,
@@ -51,10 +51,12 @@ pub enum PortKind {
 
 /// What an HTTP port forwards with.
 pub struct HttpPort {
-    /// Pooled HTTP/1.1 connections to the app.
+    /// Pooled HTTP/1.1 connections to the app, or its HTTP/2 connection.
     pub client: HttpClient,
     /// The app's address as request URIs name it (the pool's key).
     pub authority: Authority,
+    /// The app speaks HTTP/2 (h2c).
+    pub http2: bool,
 }
 
 /// Every port's policy, and what connections to the app use.
@@ -122,13 +124,19 @@ impl InboundTable {
             };
             let kind = match protocol {
                 InboundProtocol::Tcp => PortKind::Tcp,
-                InboundProtocol::Http => PortKind::Http(Arc::new(HttpPort {
-                    client: UpstreamConnector::new(settings.clone(), None)
-                        .dialing(app)
-                        .client(),
-                    authority: Authority::try_from(app.to_string())
-                        .expect("an address is an authority"),
-                })),
+                InboundProtocol::Http => {
+                    let http2 = policy.is_some_and(|p| p.app_protocol == AppProtocol::Http2);
+                    let connector = UpstreamConnector::new(settings.clone(), None).dialing(app);
+                    PortKind::Http(Arc::new(HttpPort {
+                        client: match http2 {
+                            true => connector.h2c_client(),
+                            false => connector.client(),
+                        },
+                        authority: Authority::try_from(app.to_string())
+                            .expect("an address is an authority"),
+                        http2,
+                    }))
+                }
             };
             let authn = match policy.and_then(|p| p.auth.as_ref()) {
                 // Keys are fetched from the network as the proxy, not as
@@ -197,6 +205,7 @@ mod tests {
     fn kind(p: &InboundPlan) -> String {
         match p {
             InboundPlan::Tcp(p) => format!("tcp {} -> {}", p.name, p.app),
+            InboundPlan::Http(p, h) if h.http2 => format!("http/2 {} -> {}", p.name, p.app),
             InboundPlan::Http(p, _) => format!("http {} -> {}", p.name, p.app),
             InboundPlan::Relay { app } => format!("relay -> {app}"),
         }
@@ -212,10 +221,12 @@ inbound:
   policies:
     - { port: 8080, protocol: http, name: api }
     - { port: 5432, protocol: tcp }
+    - { port: 50051, app_protocol: http2 }
 "#,
         );
         let cases = [
             (8080, "http api -> 127.0.0.1:8080"),
+            (50051, "http/2 inbound-50051 -> 127.0.0.1:50051"),
             (5432, "tcp inbound-5432 -> 127.0.0.1:5432"),
             (7000, "relay -> 127.0.0.1:7000"),
         ];

@@ -22,15 +22,15 @@ pub use load::{
 
 use crate::config::Config;
 
-/// Applies a reloaded file's `intercept` exclusions to the kernel maps
-/// (only where this process may write them).
+/// Applies a reloaded file's `intercept` exclusions and inbound ports and
+/// fail mode to the kernel maps (only where this process may write them).
 pub type InterceptHook = Box<dyn Fn(&Config) -> Result<(), String> + Send + Sync>;
 
 /// Gives a proxy what it may use of its Pod's maps: the counters for
-/// `/metrics`, and the exclusion maps for reloads. From `dir` (the shared
+/// `/metrics`, and the exclusion and inbound maps for reloads. From `dir` (the shared
 /// `pod-<uid>` directory) when given, else from the pins of its own cgroup
 /// when this process may read them. Returns the hook that applies a
-/// reloaded file's exclusions to them, for the caller to install.
+/// reloaded file's settings to them, for the caller to install.
 pub fn share_maps(dir: Option<&Path>, current: &Config) -> Option<InterceptHook> {
     let Some(dir) = dir else {
         match pins::own_counters() {
@@ -43,14 +43,21 @@ pub fn share_maps(dir: Option<&Path>, current: &Config) -> Option<InterceptHook>
         Ok(mut maps) => {
             counters_into_metrics(std::sync::Arc::new(maps.counters));
             // From now on the proxy's view is the kernel's: its exclusions
-            // (the file's and the command line's) go in at once.
-            if let Err(e) = maps.exclusions.write(current) {
-                tracing::warn!("writing the exclusions to the Pod's maps: {e}");
+            // and inbound ports (the file's and the command line's) go in
+            // at once.
+            if let Err(e) = maps.writable.write(current) {
+                tracing::warn!("writing to the Pod's maps: {e}");
             }
-            let exclusions = std::sync::Mutex::new(maps.exclusions);
-            tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions follow reloads");
+            if !maps.writable.has_inbound() {
+                tracing::warn!(
+                    "the Pod's shared maps have no inbound ports (an older init): \
+                     inbound ports and fail mode change at the next init"
+                );
+            }
+            let writable = std::sync::Mutex::new(maps.writable);
+            tracing::info!(dir = %dir.display(), "the Pod's kernel maps: counters in /metrics, exclusions and inbound ports follow reloads");
             Some(Box::new(move |next: &Config| {
-                crate::sync::lock(&exclusions)
+                crate::sync::lock(&writable)
                     .write(next)
                     .map_err(|e| e.to_string())
             }))

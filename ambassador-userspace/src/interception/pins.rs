@@ -38,16 +38,19 @@ pub fn dir_for(cgroup_id: u64) -> PathBuf {
     root().join(format!("cgroup-{cgroup_id}"))
 }
 
-/// The maps a Pod's own proxy may open (counters to read, exclusions to
-/// update on reload), pinned a second time under the Pod's UID so the
-/// sidecar can be given this one directory and nothing else of the node.
-/// The inbound listener map is among them: the proxy puts its listeners in.
-pub const SHARED_MAPS: [&str; 5] = [
+/// The maps a Pod's own proxy may open (counters to read, exclusions and
+/// the inbound ports and fail mode to update on reload), pinned a second
+/// time under the Pod's UID so the sidecar can be given this one directory
+/// and nothing else of the node. The inbound listener map is among them:
+/// the proxy puts its listeners in.
+pub const SHARED_MAPS: [&str; 7] = [
     m::COUNTERS,
     m::EXCLUDE_PORTS,
     m::EXCLUDE_V4,
     m::EXCLUDE_V6,
     m::IN_LISTEN,
+    m::IN_PORTS,
+    m::IN_CONFIG,
 ];
 
 pub fn shared_dir_for(pod_uid: &str) -> PathBuf {
