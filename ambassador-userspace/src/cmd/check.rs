@@ -192,6 +192,7 @@ fn summary(path: &Path, cfg: &Config) -> String {
             };
             let _ = writeln!(out, "             sets {} from {from}", name.0);
         }
+        out.push_str(&routes(s));
     }
     let _ = writeln!(
         out,
@@ -201,6 +202,69 @@ fn summary(path: &Path, cfg: &Config) -> String {
             DefaultPolicy::Deny => "refused (default: deny)",
         }
     );
+    out
+}
+
+/// A service's routes in order, each its conditions and what it does, and
+/// a warning for each route an earlier one leaves no request to.
+fn routes(s: &ServiceConfig) -> String {
+    use crate::config::route::{PathCond, RouteAction, ValueMatch};
+    let mut out = String::new();
+    let value = |v: &ValueMatch| match v {
+        ValueMatch::Present => "present".to_string(),
+        ValueMatch::Exact(e) => format!("= {e:?}"),
+        ValueMatch::Regex(r) => format!("~ /{r}/"),
+    };
+    for (i, r) in s.routes.iter().enumerate() {
+        let m = &r.matcher;
+        let mut when = Vec::new();
+        match &m.path {
+            PathCond::Any => {}
+            PathCond::Exact(p) => when.push(format!("path {p}")),
+            PathCond::Prefix(p) => when.push(format!("path {p}/...")),
+            PathCond::Regex(re) => when.push(format!("path ~ /{re}/")),
+        }
+        if !m.methods.is_empty() {
+            when.push(m.methods.join("|"));
+        }
+        when.extend(
+            m.headers
+                .iter()
+                .map(|(k, v)| format!("{} {}", k.0, value(v))),
+        );
+        when.extend(m.query.iter().map(|(k, v)| format!("?{k} {}", value(v))));
+        let does = match &r.action {
+            RouteAction::Forward if r.rewrite == Default::default() => "forward".to_string(),
+            RouteAction::Forward => "forward, rewritten".to_string(),
+            RouteAction::Deny => "deny (403)".to_string(),
+            RouteAction::Respond { status, .. } => format!("answer {status}"),
+            RouteAction::Redirect { status, location } => {
+                format!("redirect {status} to {location}")
+            }
+        };
+        let limit = r.rate_limit.as_ref().map_or(String::new(), |l| {
+            format!(", {} req/s burst {}", l.requests_per_second, l.burst)
+        });
+        let _ = writeln!(
+            out,
+            "             route {} {}: {} -> {does}{limit}",
+            i + 1,
+            r.name.as_deref().unwrap_or("(unnamed)"),
+            if when.is_empty() {
+                "every request".to_string()
+            } else {
+                when.join(", ")
+            }
+        );
+    }
+    for (later, earlier) in crate::route::Routes::shadowed(&s.routes) {
+        let _ = writeln!(
+            out,
+            "             WARNING: route {} can never match: route {} before it matches every request it would",
+            later + 1,
+            earlier + 1
+        );
+    }
     out
 }
 

@@ -10,6 +10,7 @@ pub mod inbound;
 pub mod load;
 pub mod overrides;
 pub mod request;
+pub mod route;
 pub mod service;
 pub mod upstream;
 pub mod validate;

@@ -34,6 +34,10 @@ pub struct ServiceConfig {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub request: RequestPolicy,
+    /// HTTP services: first match wins; a request no route matches goes
+    /// as the service sends it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<super::route::RouteConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]

@@ -103,6 +103,26 @@ fn validate_services(cfg: &Config, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Routes are for HTTP services, and their names are one each.
+fn check_routes(s: &service::ServiceConfig) -> Result<(), String> {
+    use service::Protocol;
+    if !s.routes.is_empty() && !matches!(s.protocol, Protocol::Http | Protocol::Auto) {
+        return Err(format!(
+            ".routes: need `protocol: http` (service `{}`)",
+            s.name
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, r) in s.routes.iter().enumerate() {
+        if let Some(n) = &r.name
+            && !names.insert(n.as_str())
+        {
+            return Err(format!(".routes[{i}].name: `{}` is used twice", clip(n)));
+        }
+    }
+    Ok(())
+}
+
 /// One service's own checks; the error starts with the field (`.name: ...`).
 fn check_service(s: &service::ServiceConfig) -> Result<(), String> {
     use service::{Protocol, SourceKind};
@@ -112,6 +132,7 @@ fn check_service(s: &service::ServiceConfig) -> Result<(), String> {
     let has_policy = !s.request.set_headers.is_empty()
         || !s.request.remove_headers.is_empty()
         || !s.request.rename_headers.is_empty();
+    check_routes(s)?;
     if s.protocol == Protocol::Tcp && has_policy {
         return Err(format!(
             ".request: header policy needs `protocol: http` (service `{}`)",

@@ -42,7 +42,7 @@ type Deadline = Option<std::pin::Pin<Box<tokio::time::Sleep>>>;
 pub(super) async fn run(mut x: Exchanged<'_>, exchange: &mut Exchange) -> Response<Body> {
     let to = x.to;
     let _in_flight = x.policy.map(|p| p.request());
-    let timeout = to.http().map(|h| h.request_timeout);
+    let timeout = to.request_timeout();
     let mut deadline: Deadline = timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let mut attempt = 0u32;
     let mut _retry_permit = None;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::conn::AppConn;
 use crate::{
     metrics::ServiceMetrics,
+    route::Route,
     service::{HttpService, Service},
     tls::TlsOrigin,
 };
@@ -14,14 +15,28 @@ use crate::{
 pub(super) struct Dest<'a> {
     pub conn: &'a AppConn,
     pub svc: Option<(&'a Arc<Service>, &'a HttpService)>,
+    /// The service's route this request forwards by, if one matched.
+    pub route: Option<&'a Route>,
 }
 
 impl<'a> Dest<'a> {
-    pub fn new(conn: &'a AppConn, svc: Option<&'a Arc<Service>>) -> Dest<'a> {
+    pub fn new(
+        conn: &'a AppConn,
+        svc: Option<&'a Arc<Service>>,
+        route: Option<&'a Route>,
+    ) -> Dest<'a> {
         Dest {
             conn,
             svc: svc.and_then(|s| s.http().map(|h| (s, h))),
+            route,
         }
+    }
+
+    /// The route's request timeout, else the service's.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        self.route
+            .and_then(|r| r.timeout)
+            .or(self.http().map(|h| h.request_timeout))
     }
 
     pub fn service(&self) -> Option<&'a Arc<Service>> {

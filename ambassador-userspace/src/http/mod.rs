@@ -5,8 +5,9 @@
 //! A request's life, a file a step: [`server`] serves the app connection
 //! ([`conn`]: what its requests share; [`activity`]: its timers; [`app_io`]:
 //! its socket), and hands each request to [`admit`] (which service, may it
-//! go), then [`forward`]: [`rewrite`], [`replay`], [`attempt`] with
-//! [`classify`]; [`response`] is what goes back, [`finish`] its series and
+//! go), then [`routed`] (the service's routes decide: an answer of the
+//! proxy's own, or on) and [`forward`]: [`rewrite`], [`replay`], [`attempt`]
+//! with [`classify`]; [`response`] is what goes back, [`finish`] its series and
 //! log line.
 
 pub mod activity;
@@ -22,6 +23,7 @@ pub mod headers;
 mod replay;
 pub mod response;
 mod rewrite;
+mod routed;
 pub mod server;
 pub mod target;
 

@@ -66,6 +66,22 @@ pub(super) async fn prepare(
         return Err(Refused::new(StatusCode::BAD_GATEWAY, e.to_string()));
     }
     name_upstream(&mut req, to, upstream, app_authority)?;
+    if let Some(route) = to.route {
+        let (mut head, body) = req.into_parts();
+        route.apply_request(&mut head);
+        if let Some((host, authority)) = route.host() {
+            head.headers.insert(header::HOST, host.clone());
+            // With endpoints the URI's authority is only a name (the
+            // endpoint is dialled); to the original destination it is the
+            // pool's key, and stays.
+            if to.has_endpoints() {
+                let mut parts = std::mem::take(&mut head.uri).into_parts();
+                parts.authority = Some(authority.clone());
+                head.uri = Uri::from_parts(parts).unwrap_or_default();
+            }
+        }
+        req = Request::from_parts(head, body);
+    }
     // The upstream connection decides the wire version (ALPN, or h2c); hyper
     // sends an HTTP/1.1 request on an h2 connection as HTTP/2.
     *req.version_mut() = Version::HTTP_11;

@@ -24,8 +24,8 @@ use super::{
     conn::AppConn,
     dest::Dest,
     finish::{Exchange, Finish, RequestInfo, Who},
-    forward,
     response::{Body, ERROR_HEADER, error_response},
+    routed,
 };
 use crate::{
     access_log,
@@ -168,7 +168,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<AppConn>) -> Response<Body
     let mut exchange = Exchange::default();
     // The connection's worked-out authority holds for its own service only.
     let upstream = svc.as_ref().and(conn.upstream.as_ref());
-    let resp = forward::forward(req, Dest::new(conn, svc.as_ref()), upstream, &mut exchange).await;
+    let resp = routed::serve(
+        req,
+        Dest::new(conn, svc.as_ref(), None),
+        upstream,
+        &mut exchange,
+    )
+    .await;
     let who = match svc {
         Some(s) => Who::Service(s),
         None => Who::Passthrough(table.clone()),

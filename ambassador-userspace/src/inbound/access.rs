@@ -80,20 +80,6 @@ fn claim_is(v: &serde_json::Value, want: &str) -> bool {
     }
 }
 
-/// Whether `path` reads the same to every server: no `.`/`..` segments, no
-/// `%2e`, `%2f`, `%5c` (a dot, slash or backslash in disguise), no
-/// backslash, no empty segment.
-pub fn is_normal(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') || path.contains("//") {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") {
-        return false;
-    }
-    !path.split('/').any(|seg| seg == "." || seg == "..")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,26 +140,5 @@ rules:
             a.decide(&Method::GET, "/x", &Identity::Anonymous),
             Decision::Allow
         );
-    }
-
-    #[test]
-    fn paths_a_server_could_read_otherwise_are_not_normal() {
-        for p in ["/a/b", "/", "/a/b.c/", "/a%20b", "/.well-known/x"] {
-            assert!(is_normal(p), "{p}");
-        }
-        for p in [
-            "/a/../admin",
-            "/a/./b",
-            "/..",
-            "/a/%2e%2e/admin",
-            "/a%2Fb",
-            "/a\\b",
-            "//admin",
-            "/a//b",
-            "/a/%5C",
-            "relative",
-        ] {
-            assert!(!is_normal(p), "{p}");
-        }
     }
 }

@@ -8,14 +8,8 @@ use std::{net::SocketAddr, time::Instant};
 
 use http::{Request, StatusCode, header};
 
-use super::{
-    access::{Decision, is_normal},
-    authn::Identity,
-    jwt::TokenMemo,
-    ratelimit::retry_after,
-    table::PortPolicy,
-};
-use crate::{config::gateway::RateKey, http::target::request_host};
+use super::{access::Decision, authn::Identity, jwt::TokenMemo, table::PortPolicy};
+use crate::{config::gateway::RateKey, http::target::request_host, ratelimit::retry_after};
 
 /// The ambassador's own answer to a request it will not send.
 #[derive(Debug)]
@@ -127,7 +121,7 @@ fn shape<B>(req: &Request<B>, p: &PortPolicy) -> Result<(), Refusal> {
             ));
         }
     }
-    if p.access.is_some() && !is_normal(req.uri().path()) {
+    if p.access.is_some() && !crate::route::is_normal(req.uri().path()) {
         return Err(Refusal::counted(
             p,
             "path_not_normal",
@@ -138,7 +132,7 @@ fn shape<B>(req: &Request<B>, p: &PortPolicy) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn limit(p: &PortPolicy, l: &super::ratelimit::Limiter, key: Option<&str>) -> Result<(), Refusal> {
+fn limit(p: &PortPolicy, l: &crate::ratelimit::Limiter, key: Option<&str>) -> Result<(), Refusal> {
     l.check(key, Instant::now()).map_err(|wait| {
         let mut r = Refusal::counted(
             p,

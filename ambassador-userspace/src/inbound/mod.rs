@@ -15,7 +15,6 @@ pub mod http;
 pub mod jwks;
 pub mod jwt;
 pub mod proxy_protocol;
-pub mod ratelimit;
 pub mod table;
 
 use std::{

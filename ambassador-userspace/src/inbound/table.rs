@@ -11,7 +11,8 @@ use std::{
 use ambassador_common::INBOUND_PASS_V4;
 use http::uri::Authority;
 
-use super::{access::Access, authn::Authn, ratelimit::Limiter};
+use super::{access::Access, authn::Authn};
+use crate::ratelimit::Limiter;
 use crate::{
     config::{AppProtocol, Config, InboundProtocol},
     metrics::ServiceMetrics,

@@ -22,6 +22,7 @@ use crate::{
     net::Settings,
     postgres::PgService,
     retry::RetryPolicy,
+    route::Routes,
     tls::TlsOrigin,
     upstream::{
         HttpClient, UpstreamConnector,
@@ -71,6 +72,8 @@ pub struct HttpService {
     pub request_timeout: Duration,
     pub retry: RetryPolicy,
     pub rules: RequestRules,
+    /// First match wins; none matching: the service's own policy.
+    pub routes: Routes,
     /// Pooled upstream connections to the original destination, when the
     /// service has no endpoints.
     pub client: HttpClient,
@@ -248,6 +251,7 @@ impl HttpService {
             request_timeout: cfg.timeouts.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             retry: RetryPolicy::new(cfg.retries),
             rules,
+            routes: Routes::new(&cfg.routes),
             client: connector.clone().client(),
             connector,
             endpoint_clients,

@@ -1,5 +1,5 @@
-//! Local rate limits: a token bucket for the port or for each caller key,
-//! with a bounded table. Decided on explicit instants, so it is tested
+//! Local rate limits (an inbound port's, a route's): a token bucket for
+//! the port or route, or for each caller key, with a bounded table. Decided on explicit instants, so it is tested
 //! without sleeping.
 
 use std::{

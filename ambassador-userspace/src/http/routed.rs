@@ -1,0 +1,103 @@
+//! A request a service's route decides: forwarded by the route (its
+//! changes to the response made here, on the way back), or answered by the
+//! proxy itself: a refusal (path not in normal form, denied, rate limited),
+//! a direct response or a redirect.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header, uri::Authority};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use super::{
+    dest::Dest,
+    finish::Exchange,
+    forward,
+    response::{Body, error_response},
+};
+use crate::{
+    config::route::RouteAction,
+    ratelimit::retry_after,
+    route::{Decision, Route},
+};
+
+/// Decides by the service's routes, then does it: one `match`.
+pub(super) async fn serve(
+    req: Request<Incoming>,
+    to: Dest<'_>,
+    upstream: Option<&(Authority, HeaderValue)>,
+    exchange: &mut Exchange,
+) -> Response<Body> {
+    let decision = match to.http() {
+        Some(h) => h
+            .routes
+            .decide(req.method(), req.uri(), req.headers(), Instant::now()),
+        None => Decision::Service,
+    };
+    let service = to.name();
+    match decision {
+        Decision::Service => forward::forward(req, to, upstream, exchange).await,
+        Decision::Forward(route) => {
+            let to = Dest {
+                route: Some(route),
+                ..to
+            };
+            let mut resp = forward::forward(req, to, upstream, exchange).await;
+            route.apply_response(resp.headers_mut());
+            resp
+        }
+        Decision::NotNormal => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "the path is not in normal form (dot segments, //, %-escapes of plain characters): \
+                 {service}'s routes match on paths"
+            ),
+        ),
+        Decision::Deny(route) => error_response(
+            StatusCode::FORBIDDEN,
+            &format!("denied by route {} of {service}", route.name),
+        ),
+        Decision::Limited(route, wait) => {
+            let mut resp = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("rate limited by route {} of {service}", route.name),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after(wait)));
+            resp
+        }
+        Decision::Respond(route) => answer(route),
+    }
+}
+
+/// A route's own answer: its direct response or its redirect.
+fn answer(route: &Route) -> Response<Body> {
+    let mut resp = match &route.action {
+        RouteAction::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut r = Response::new(Either::Right(Full::new(Bytes::from(body.clone()))));
+            if let Ok(v) = HeaderValue::from_str(content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            r
+        }
+        RouteAction::Redirect { status, location } => {
+            let mut r = Response::new(Either::Right(Full::default()));
+            if let Ok(v) = HeaderValue::from_str(location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
+            r
+        }
+        RouteAction::Forward | RouteAction::Deny => {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "route without an answer")
+        }
+    };
+    route.apply_response(resp.headers_mut());
+    resp
+}
