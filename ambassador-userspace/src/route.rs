@@ -39,6 +39,8 @@ pub struct Route {
     response_headers: Ops,
     pub timeout: Option<Duration>,
     limiter: Option<Limiter>,
+    /// Another service to send to, by name.
+    pub upstream: Option<String>,
 }
 
 struct Matcher {
@@ -241,6 +243,7 @@ impl Route {
             response_headers: Ops::new(&r.response_headers),
             timeout: r.timeout,
             limiter: r.rate_limit.as_ref().map(Limiter::new),
+            upstream: r.upstream.clone(),
         }
     }
 

@@ -30,9 +30,18 @@ services:
       - name: payments
         match: { path_prefix: /pay, methods: [POST] }
         rate_limit: { requests_per_second: 0.01, burst: 2 }
+      - name: images
+        match: { path_prefix: /img }
+        upstream: images
+        rewrite: { path_prefix: /static }
       - name: never
         match: { path: /v1/invoices/7, methods: [DELETE] }
         deny: true
+  - name: images
+    match: { cidr: 198.18.0.3/32, port: 9000 }
+    protocol: http
+    upstream: { endpoints: [{ address: "img.internal:8081" }] }
+    request: { set_headers: { x-images-key: { value: "k-123" } } }
 "#;
 
 fn status(pod: &Pod, method: &str, path: &str, extra: &[&str]) -> String {
@@ -52,6 +61,7 @@ fn status(pod: &Pod, method: &str, path: &str, extra: &[&str]) -> String {
 #[test]
 fn routes_decide_in_order_and_change_requests_and_answers() {
     let mut pod = Pod::new(ROUTES);
+    pod.proxy_hosts = vec![("img.internal".into(), SERVER2_V4.into())];
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
 
@@ -112,6 +122,15 @@ fn routes_decide_in_order_and_change_requests_and_answers() {
     // GETs are not the route's.
     assert_eq!(status(&pod, "GET", "/pay", &[]), "200");
 
+    // A route to another service: its endpoint, its name, its credentials.
+    let img = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 8081));
+    assert_eq!(status(&pod, "GET", "/img/logo.png", &[]), "200");
+    let seen = img.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].uri, "/static/logo.png");
+    assert_eq!(seen[0].header("host"), Some("img.internal:8081"));
+    assert_eq!(seen[0].header("x-images-key"), Some("k-123"));
+
     let m = pod.metrics();
     assert!(
         m.contains(r#"ambassador_http_requests_total{service="api",direction="outbound",status_class="4xx"}"#),
@@ -121,7 +140,8 @@ fn routes_decide_in_order_and_change_requests_and_answers() {
 
 #[test]
 fn check_prints_the_routes_and_the_one_that_can_never_match() {
-    let pod = Pod::new(ROUTES);
+    // check resolves endpoint names on this host: an address here.
+    let pod = Pod::new(&ROUTES.replace("img.internal:8081", "198.18.0.3:8081"));
     let out = std::process::Command::new(bin())
         .arg("check")
         .arg(&pod.config)
@@ -135,7 +155,8 @@ fn check_prints_the_routes_and_the_one_that_can_never_match() {
         "route 3 moved: path /old/... -> redirect 301 to http://198.18.0.2:8080/new",
         "route 4 canary: path /v2/..., x-canary = \"1\" -> forward, rewritten",
         "route 5 payments: path /pay/..., POST -> forward, 0.01 req/s burst 2",
-        "WARNING: route 6 can never match: route 1 before it matches every request it would",
+        "route 6 images: path /img/... -> forward to service images, rewritten",
+        "WARNING: route 7 can never match: route 1 before it matches every request it would",
     ] {
         assert!(text.contains(want), "{want}\n{text}");
     }
@@ -167,6 +188,14 @@ fn route_mistakes_are_one_line_naming_the_field() {
         (
             "{ match: { headers: { x-a: { exact: a, present: true } } } }",
             "give one of exact, regex, present",
+        ),
+        (
+            "{ match: { path: /a }, upstream: nowhere }",
+            ".routes[0].upstream: `nowhere`: no service has that name",
+        ),
+        (
+            "{ match: { path: /a }, upstream: api }",
+            "that is this service",
         ),
     ] {
         let file = std::env::temp_dir().join(format!("amb-routes-{}.yaml", std::process::id()));

@@ -233,9 +233,13 @@ fn routes(s: &ServiceConfig) -> String {
                 .map(|(k, v)| format!("{} {}", k.0, value(v))),
         );
         when.extend(m.query.iter().map(|(k, v)| format!("?{k} {}", value(v))));
+        let to = r
+            .upstream
+            .as_ref()
+            .map_or(String::new(), |u| format!(" to service {u}"));
         let does = match &r.action {
-            RouteAction::Forward if r.rewrite == Default::default() => "forward".to_string(),
-            RouteAction::Forward => "forward, rewritten".to_string(),
+            RouteAction::Forward if r.rewrite == Default::default() => format!("forward{to}"),
+            RouteAction::Forward => format!("forward{to}, rewritten"),
             RouteAction::Deny => "deny (403)".to_string(),
             RouteAction::Respond { status, .. } => format!("answer {status}"),
             RouteAction::Redirect { status, location } => {

@@ -36,6 +36,9 @@ pub struct RouteConfig {
     pub timeout: Option<Duration>,
     /// One token bucket for the route.
     pub rate_limit: Option<RateLimit>,
+    /// Another HTTP service (with endpoints) the route sends to: its
+    /// endpoints, TLS, credentials, retries and timeouts.
+    pub upstream: Option<String>,
 }
 
 impl Eq for RouteConfig {}
@@ -141,6 +144,7 @@ struct RawRoute {
     #[schemars(with = "Option<DurationText>")]
     timeout: Option<Duration>,
     rate_limit: Option<RateLimit>,
+    upstream: Option<String>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -220,10 +224,11 @@ impl TryFrom<RawRoute> for RouteConfig {
         if !forwards
             && (rewrite != Rewrite::default()
                 || !r.request_headers.is_empty()
-                || r.timeout.is_some())
+                || r.timeout.is_some()
+                || r.upstream.is_some())
         {
             return Err(
-                "rewrite, request_headers and timeout are for routes that forward (no deny, direct_response, redirect)".into(),
+                "rewrite, request_headers, timeout and upstream are for routes that forward (no deny, direct_response, redirect)".into(),
             );
         }
         if r.timeout.is_some_and(|t| t.is_zero()) {
@@ -249,6 +254,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             response_headers: r.response_headers,
             timeout: r.timeout,
             rate_limit: r.rate_limit,
+            upstream: r.upstream,
         })
     }
 }

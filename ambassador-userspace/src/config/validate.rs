@@ -88,7 +88,7 @@ fn validate_services(cfg: &Config, text: &str) -> Result<(), String> {
     let mut seen = std::collections::HashSet::with_capacity(cfg.services.len());
     for (i, s) in cfg.services.iter().enumerate() {
         let checked = if seen.insert(s.name.as_str()) {
-            check_service(s)
+            check_service(s).and_then(|()| route_upstreams(s, cfg))
         } else {
             Err(format!(".name: `{}` is used twice", clip(&s.name)))
         };
@@ -99,6 +99,28 @@ fn validate_services(cfg: &Config, text: &str) -> Result<(), String> {
             };
             return Err(format!("{at}{e}"));
         }
+    }
+    Ok(())
+}
+
+/// A route's `upstream` names another HTTP service that has endpoints.
+fn route_upstreams(s: &service::ServiceConfig, cfg: &Config) -> Result<(), String> {
+    use service::Protocol;
+    for (i, r) in s.routes.iter().enumerate() {
+        let Some(name) = &r.upstream else { continue };
+        let target = cfg.services.iter().find(|t| &t.name == name);
+        let why = match target {
+            None => "no service has that name",
+            Some(t) if t.name == s.name => "that is this service",
+            Some(t) if !matches!(t.protocol, Protocol::Http | Protocol::Auto) => {
+                "that service is not `protocol: http`"
+            }
+            Some(t) if t.upstream.endpoints.is_empty() => {
+                "that service has no endpoints (it would go to the app's original destination)"
+            }
+            Some(_) => continue,
+        };
+        return Err(format!(".routes[{i}].upstream: `{}`: {why}", clip(name)));
     }
     Ok(())
 }

@@ -39,11 +39,29 @@ pub(super) async fn serve(
     match decision {
         Decision::Service => forward::forward(req, to, upstream, exchange).await,
         Decision::Forward(route) => {
-            let to = Dest {
-                route: Some(route),
-                ..to
+            // Another service's upstream: its endpoints name themselves.
+            let other = route.upstream.as_deref().map(|n| to.conn.table.by_name(n));
+            let mut resp = match other {
+                None => {
+                    let to = Dest {
+                        route: Some(route),
+                        ..to
+                    };
+                    forward::forward(req, to, upstream, exchange).await
+                }
+                Some(Some(svc)) => {
+                    let to = Dest::new(to.conn, Some(svc), Some(route));
+                    forward::forward(req, to, None, exchange).await
+                }
+                // A reload took the service away between table and request.
+                Some(None) => error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "route {} of {service}: its upstream service is gone",
+                        route.name
+                    ),
+                ),
             };
-            let mut resp = forward::forward(req, to, upstream, exchange).await;
             route.apply_response(resp.headers_mut());
             resp
         }

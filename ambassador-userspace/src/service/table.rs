@@ -71,6 +71,8 @@ type HostServices = HashMap<String, PortServices>;
 pub struct ServiceTable {
     /// Every service, in config order.
     all: Vec<Arc<Service>>,
+    /// Their places in `all`, by name (routes name their upstream service).
+    by_name: HashMap<String, usize>,
     by_addr: Vec<(Cidr, Option<u16>, Arc<Service>)>,
     by_host: HostServices,
     /// The addresses the host names resolve to, refreshed in the background,
@@ -107,8 +109,14 @@ impl ServiceTable {
                 (None, None) => unreachable!("validated: a match names host or cidr"),
             }
         }
+        let by_name = all
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
         Ok(ServiceTable {
             all,
+            by_name,
             by_addr,
             by_host,
             resolved: Default::default(),
@@ -263,6 +271,11 @@ impl ServiceTable {
                 }
             }
         }
+    }
+
+    /// The service of this name.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(name).map(|i| &self.all[*i])
     }
 
     /// Every service once, in config order.
