@@ -124,6 +124,9 @@ pub struct HttpLine<'a> {
     pub bytes_out: u64,
     pub duration_ms: f64,
     pub retries: u32,
+    /// A gRPC response's status (0 is OK).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -264,6 +267,7 @@ mod tests {
             bytes_out: 5,
             duration_ms: 1.5,
             retries: 0,
+            grpc_status: None,
             upstream_tls: Some("TLSv1_3"),
             trace_id: None,
             error: None,

@@ -567,6 +567,107 @@ fn a_refused_http2_stream_is_sent_again_even_for_a_post() {
     assert!(pod.wait_log("failure=Refused"), "{}", pod.proxy_log());
 }
 
+/// A gRPC-shaped HTTP/2 server: each stream is answered by `status` for its
+/// number (1, 2, ...): `Some(code)` trailers-only with that grpc-status, or
+/// `None` a message and `grpc-status: 0` trailers.
+async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    status: impl Fn(usize) -> Option<u16> + Send + 'static,
+) {
+    let mut n = 0;
+    while let Ok((tcp, _)) = listener.accept().await {
+        let Ok(mut conn) = h2::server::handshake(tcp).await else {
+            continue;
+        };
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            n += 1;
+            let head = http::Response::builder().header("content-type", "application/grpc");
+            match status(n) {
+                Some(code) => {
+                    let resp = head
+                        .header("grpc-status", code.to_string())
+                        .body(())
+                        .unwrap();
+                    let _ = respond.send_response(resp, true);
+                }
+                None => {
+                    let mut send = respond
+                        .send_response(head.body(()).unwrap(), false)
+                        .unwrap();
+                    let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().unwrap());
+                    let _ = send.send_trailers(t);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn grpc_statuses_are_counted_and_unavailable_is_retried_where_listed() {
+    let mut pod = Pod::new(&format!(
+        r#"
+services:
+  - name: grpc
+    match: {{ cidr: {SERVER_V4}/32, port: 8312 }}
+    protocol: http
+    upstream: {{ endpoints: [ {{ address: "{SERVER_V4}:8312" }} ] }}
+    retries: {{ grpc_on: [unavailable] }}
+"#
+    ));
+    pod.start_proxy();
+    let listener = pod.server_listener(SERVER_V4, 8312);
+    // UNAVAILABLE first (retried), then a message; the third call INTERNAL
+    // (not listed: the app gets it).
+    spawn_upstream(listener, |l| {
+        serve_grpc(l, |n| match n {
+            1 => Some(14),
+            3 => Some(13),
+            _ => None,
+        })
+    });
+    let call = |pod: &Pod| {
+        pod.curl(
+            &format!("http://{SERVER_V4}:8312/shop.Orders/Create"),
+            &[
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "--data-binary",
+                "x",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+            ],
+        )
+    };
+    let first = stdout(&call(&pod));
+    assert!(first.starts_with("HTTP/2 200"), "{first}");
+    let second = stdout(&call(&pod));
+    assert!(second.contains("grpc-status: 13"), "{second}");
+
+    let ok = pod
+        .wait_access_log(r#""grpc_status":0"#)
+        .unwrap_or_else(|| panic!("{:?}", pod.access_log()));
+    assert!(ok.contains(r#""retries":1"#), "{ok}");
+    let internal = pod
+        .wait_access_log(r#""grpc_status":13"#)
+        .unwrap_or_else(|| panic!("{:?}", pod.access_log()));
+    assert!(internal.contains(r#""retries":0"#), "{internal}");
+    let m = pod.metrics();
+    for code in ["OK", "INTERNAL"] {
+        let series = format!(
+            r#"ambassador_grpc_responses_total{{service="grpc",direction="outbound",grpc_code="{code}"}} 1"#
+        );
+        assert!(m.contains(&series), "{series}\n{m}");
+    }
+    assert!(!m.contains(r#"grpc_code="UNAVAILABLE""#), "{m}");
+}
+
 /// One HTTP/2 frame: 24-bit length, type, flags, stream id, payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();

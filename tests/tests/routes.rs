@@ -136,6 +136,16 @@ fn routes_decide_in_order_and_change_requests_and_answers() {
         m.contains(r#"ambassador_http_requests_total{service="api",direction="outbound",status_class="4xx"}"#),
         "{m}"
     );
+    for (reason, n) in [
+        ("forbidden", 1),
+        ("path_not_normal", 2),
+        ("rate_limited", 4),
+    ] {
+        let series = format!(
+            r#"ambassador_refusals_total{{service="api",direction="outbound",reason="{reason}"}} {n}"#
+        );
+        assert!(m.contains(&series), "{series}\n{m}");
+    }
 }
 
 #[test]

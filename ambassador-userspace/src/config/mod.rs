@@ -6,6 +6,7 @@
 pub mod authn;
 pub mod file;
 pub mod gateway;
+pub mod grpc;
 pub mod inbound;
 pub mod load;
 pub mod overrides;

@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::values::Cidr;
+use super::{grpc::GrpcCodes, values::Cidr};
 pub use super::{request::*, upstream::*};
 
 /// What happens to a connection no service matches.
@@ -129,6 +129,11 @@ pub struct Retries {
     /// Retries in flight may be at most this share of the requests in flight
     /// (three are always allowed).
     pub budget: f64,
+    /// gRPC statuses answered before any response body (trailers-only) that
+    /// may be tried again whatever the method: listing them says the calls
+    /// are safe to repeat (UNAVAILABLE usually means nothing was done).
+    #[serde(skip_serializing_if = "GrpcCodes::is_empty")]
+    pub grpc_on: GrpcCodes,
 }
 
 impl Eq for Retries {}
@@ -139,6 +144,7 @@ impl Default for Retries {
             attempts: 2,
             backoff: Duration::from_millis(25),
             budget: 0.2,
+            grpc_on: GrpcCodes::default(),
         }
     }
 }

@@ -34,9 +34,13 @@ pub(super) fn judge(
                 exchange.endpoint = Some(ep.clone());
             }
             exchange.tls = info.as_ref().and_then(|i| i.tls);
-            Ok(status
-                .is_server_error()
-                .then(|| Failure::Status(status.as_u16())))
+            // A gRPC answer with its status in the head (trailers-only):
+            // nothing of it has reached the app yet.
+            exchange.grpc_status = grpc_status(response.headers());
+            if status.is_server_error() {
+                return Ok(Some(Failure::Status(status.as_u16())));
+            }
+            Ok(exchange.grpc_status.filter(|c| *c != 0).map(Failure::Grpc))
         }
         Err(e) if e.origin() == Origin::App => {
             // The app's own request was broken: nothing the upstream or its
@@ -59,6 +63,11 @@ pub(super) fn judge(
             Ok(failure)
         }
     }
+}
+
+/// The `grpc-status` a gRPC response's head or trailers carry.
+pub(super) fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// The retry policy's kind of failure, from the error's classification.

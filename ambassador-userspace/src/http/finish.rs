@@ -33,6 +33,8 @@ pub(super) struct Exchange {
     pub(super) retries: u32,
     pub(super) tls: Option<&'static str>,
     pub(super) bytes_in: Option<u64>,
+    /// A gRPC response's status, from its head or its trailers.
+    pub(super) grpc_status: Option<u16>,
 }
 
 /// The request's own facts, kept only while access logging is on.
@@ -90,6 +92,9 @@ impl Finish {
         m.response(self.status);
         m.duration.observe(elapsed.as_secs_f64());
         m.to_app.inc_by(bytes_out);
+        if let Some(code) = self.exchange.grpc_status {
+            m.grpc.count(code);
+        }
         if let Some(span) = self.span {
             let error = self.info.as_ref().and_then(|i| i.error.as_deref());
             let endpoint = self
@@ -117,6 +122,7 @@ impl Finish {
                 bytes_out,
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 retries: self.exchange.retries,
+                grpc_status: self.exchange.grpc_status,
                 upstream_tls: self.exchange.tls,
                 trace_id: i.trace_id.as_deref(),
                 error: i.error.as_deref(),

@@ -106,6 +106,10 @@ impl hyper::body::Body for ResponseBody {
             std::task::Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
+                } else if let (Some(t), Some(fin)) = (f.trailers_ref(), &mut this.finish)
+                    && let Some(code) = super::classify::grpc_status(t)
+                {
+                    fin.exchange.grpc_status = Some(code);
                 }
                 this.ended = this.inner.is_end_stream();
             }

@@ -36,6 +36,15 @@ pub(super) async fn serve(
         None => Decision::Service,
     };
     let service = to.name();
+    let refused = match &decision {
+        Decision::NotNormal => Some("path_not_normal"),
+        Decision::Deny(_) => Some("forbidden"),
+        Decision::Limited(..) => Some("rate_limited"),
+        _ => None,
+    };
+    if let Some(reason) = refused {
+        crate::metrics::get().count_route_refusal(service, reason);
+    }
     match decision {
         Decision::Service => forward::forward(req, to, upstream, exchange).await,
         Decision::Forward(route) => {

@@ -34,6 +34,13 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    service: String,
+    direction: &'static str,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     service: String,
     direction: &'static str,
@@ -103,6 +110,7 @@ pub struct Metrics {
     denied: Family<DeniedLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -199,8 +207,14 @@ impl Metrics {
         let refusals = Family::default();
         r.register(
             "refusals",
-            "Requests or connections of callers refused by a port's gateway rules, by reason (forbidden, rate_limited, body_too_large, max_connections, path_not_normal)",
+            "Requests or connections refused by a port's gateway rules (inbound) or a service's routes (outbound), by reason (forbidden, rate_limited, body_too_large, max_connections, path_not_normal)",
             refusals.clone(),
+        );
+        let grpc = Family::default();
+        r.register(
+            "grpc_responses",
+            "gRPC responses, by their grpc-status (from the head, or the trailers)",
+            grpc.clone(),
         );
         let refused_fd_limit = Counter::default();
         r.register(
@@ -232,6 +246,7 @@ impl Metrics {
             denied,
             auth_failures,
             refusals,
+            grpc,
             refused_fd_limit,
             reloads,
             state,
@@ -280,6 +295,12 @@ impl Metrics {
             })
         };
         ServiceMetrics {
+            grpc: Arc::new(GrpcCounters {
+                family: self.grpc.clone(),
+                service: name.to_string(),
+                direction,
+                slots: Default::default(),
+            }),
             name: name.to_string(),
             requests: STATUS_CLASSES.map(class),
             duration: self.duration.get_or_create_owned(&l),
@@ -328,6 +349,12 @@ impl Metrics {
             Inbound::Refusal => &self.refusals,
         };
         Self::reasoned(family, service, "inbound", reason);
+    }
+
+    /// A request of the app's a service's route refused (`forbidden`,
+    /// `rate_limited`, `path_not_normal`).
+    pub fn count_route_refusal(&self, service: &str, reason: &'static str) {
+        Self::reasoned(&self.refusals, service, "outbound", reason);
     }
 
     fn reasoned(
@@ -388,6 +415,8 @@ pub enum Inbound {
 #[derive(Clone, Debug)]
 pub struct ServiceMetrics {
     pub name: String,
+    /// gRPC responses by status; a status's series made at its first.
+    pub grpc: Arc<GrpcCounters>,
     requests: [Counter; 5],
     pub duration: Histogram,
     pub connections: Counter,
@@ -412,6 +441,35 @@ impl ServiceMetrics {
         self.connections.inc();
         self.active.inc();
         ActiveGuard(self.active.clone())
+    }
+}
+
+/// One service's gRPC status counters.
+pub struct GrpcCounters {
+    family: Family<GrpcLabels, Counter>,
+    service: String,
+    direction: &'static str,
+    slots: [OnceLock<Counter>; 17],
+}
+
+impl GrpcCounters {
+    pub fn count(&self, code: u16) {
+        let code = if code < 17 { code } else { 2 };
+        self.slots[usize::from(code)]
+            .get_or_init(|| {
+                self.family.get_or_create_owned(&GrpcLabels {
+                    service: self.service.clone(),
+                    direction: self.direction,
+                    grpc_code: crate::config::grpc::grpc_name(code),
+                })
+            })
+            .inc();
+    }
+}
+
+impl std::fmt::Debug for GrpcCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GrpcCounters")
     }
 }
 

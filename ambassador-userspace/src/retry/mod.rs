@@ -49,6 +49,8 @@ pub enum Failure {
     /// NO_ERROR) before processing the stream: safe whatever the method,
     /// and no sign of trouble, so neither budgeted nor delayed.
     GoneAway,
+    /// A gRPC status answered before any body (trailers-only).
+    Grpc(u16),
 }
 
 /// A service's retry policy and its budget's counters.
@@ -107,7 +109,12 @@ impl RetryPolicy {
         failure: Failure,
         retry: u32,
     ) -> Option<RetryPermit<'_>> {
-        let safe = idempotent(method) || matches!(failure, Failure::Refused | Failure::GoneAway);
+        let safe = match failure {
+            Failure::Refused | Failure::GoneAway => true,
+            // Listed by the config: said to be safe whatever the method.
+            Failure::Grpc(code) => self.cfg.grpc_on.contains(code),
+            Failure::Status(_) | Failure::Reset => idempotent(method),
+        };
         if retry > self.cfg.attempts || !safe || !body_replayable {
             return None;
         }
@@ -151,7 +158,30 @@ mod tests {
             attempts,
             backoff: Duration::from_millis(25),
             budget,
+            grpc_on: Default::default(),
         })
+    }
+
+    #[test]
+    fn grpc_statuses_are_retried_only_where_listed_whatever_the_method() {
+        let p = RetryPolicy::new(Retries {
+            grpc_on: serde_yaml_ng::from_str("[unavailable]").unwrap(),
+            ..Retries::default()
+        });
+        assert!(p.allow(&Method::POST, true, Failure::Grpc(14), 1).is_some());
+        assert!(p.allow(&Method::POST, true, Failure::Grpc(13), 1).is_none());
+        // Not replayable, or past the attempts: never.
+        assert!(
+            p.allow(&Method::POST, false, Failure::Grpc(14), 1)
+                .is_none()
+        );
+        assert!(p.allow(&Method::POST, true, Failure::Grpc(14), 3).is_none());
+        // Nothing listed: a gRPC status is an answer.
+        let none = policy(2, 0.2);
+        assert!(
+            none.allow(&Method::POST, true, Failure::Grpc(14), 1)
+                .is_none()
+        );
     }
 
     #[test]
