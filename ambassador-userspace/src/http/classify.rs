@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::StatusCode;
 use tracing::{info, warn};
 
-use super::{dest::Dest, finish::Exchange, response::Refused};
+use super::{dest::Dest, finish::Exchange, headers::grpc_status, response::Refused};
 use crate::{
     endpoint::Endpoint,
     error::{Classified, Origin, Retry},
@@ -63,11 +63,6 @@ pub(super) fn judge(
             Ok(failure)
         }
     }
-}
-
-/// The `grpc-status` a gRPC response's head or trailers carry.
-pub(super) fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// The retry policy's kind of failure, from the error's classification.

@@ -107,7 +107,7 @@ impl hyper::body::Body for ResponseBody {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
                 } else if let (Some(t), Some(fin)) = (f.trailers_ref(), &mut this.finish)
-                    && let Some(code) = super::classify::grpc_status(t)
+                    && let Some(code) = super::headers::grpc_status(t)
                 {
                     fin.exchange.grpc_status = Some(code);
                 }

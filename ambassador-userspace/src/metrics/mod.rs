@@ -120,6 +120,16 @@ pub struct Metrics {
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
+/// A family made and registered under `name`.
+fn registered<M>(r: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
+}
+
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
@@ -128,11 +138,10 @@ pub fn get() -> &'static Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let mut r = Registry::with_prefix("ambassador");
-        let requests = Family::default();
-        r.register(
+        let requests = registered(
+            &mut r,
             "http_requests",
             "HTTP requests answered, by service and status class (ambassador's own answers included)",
-            requests.clone(),
         );
         let duration = Family::new_with_constructor(latency_buckets as fn() -> Histogram);
         r.register_with_unit(
@@ -141,18 +150,12 @@ impl Metrics {
             Unit::Seconds,
             duration.clone(),
         );
-        let connections = Family::default();
-        r.register(
+        let connections = registered(
+            &mut r,
             "connections",
             "App connections taken, by the service they went to",
-            connections.clone(),
         );
-        let active = Family::default();
-        r.register(
-            "active_connections",
-            "App connections open now",
-            active.clone(),
-        );
+        let active = registered(&mut r, "active_connections", "App connections open now");
         let bytes = Family::default();
         r.register_with_unit(
             "transferred",
@@ -160,61 +163,48 @@ impl Metrics {
             Unit::Bytes,
             bytes.clone(),
         );
-        let tls_failures = Family::default();
-        r.register(
+        let tls_failures = registered(
+            &mut r,
             "tls_handshake_failures",
             "Failed TLS handshakes, with upstreams (outbound) or callers (inbound), by reason",
-            tls_failures.clone(),
         );
         let retries = Family::default();
         r.register("retries", "HTTP requests sent again", retries.clone());
-        let breaker = Family::default();
-        r.register(
+        let breaker = registered(
+            &mut r,
             "breaker_rejections",
             "Requests or connections refused at once because a limit was reached",
-            breaker.clone(),
         );
-        let timeouts = Family::default();
-        r.register(
-            "request_timeouts",
-            "Request timeouts that fired",
-            timeouts.clone(),
-        );
-        let endpoint_requests = Family::default();
-        r.register(
+        let timeouts = registered(&mut r, "request_timeouts", "Request timeouts that fired");
+        let endpoint_requests = registered(
+            &mut r,
             "endpoint_requests",
             "Exchanges with an endpoint, by outcome (failure: connect error, reset or 5xx)",
-            endpoint_requests.clone(),
         );
-        let ejections = Family::default();
-        r.register(
+        let ejections = registered(
+            &mut r,
             "endpoint_ejections",
             "Endpoints taken out after consecutive failures",
-            ejections.clone(),
         );
-        let denied = Family::default();
-        r.register(
+        let denied = registered(
+            &mut r,
             "denied",
             "Connections or requests refused by policy: `default: deny` (no_service), or a service's name used toward an address it does not own (not_owned)",
-            denied.clone(),
         );
-        let auth_failures = Family::default();
-        r.register(
+        let auth_failures = registered(
+            &mut r,
             "auth_failures",
             "Requests refused for their credentials (inbound: callers of the Pod), by reason",
-            auth_failures.clone(),
         );
-        let refusals = Family::default();
-        r.register(
+        let refusals = registered(
+            &mut r,
             "refusals",
             "Requests or connections refused by a port's gateway rules (inbound) or a service's routes (outbound), by reason (forbidden, rate_limited, body_too_large, max_connections, path_not_normal)",
-            refusals.clone(),
         );
-        let grpc = Family::default();
-        r.register(
+        let grpc = registered(
+            &mut r,
             "grpc_responses",
             "gRPC responses, by their grpc-status (from the head, or the trailers)",
-            grpc.clone(),
         );
         let refused_fd_limit = Counter::default();
         r.register(
@@ -222,11 +212,10 @@ impl Metrics {
             "App connections reset at once because the proxy was near its open-files limit (the rest is kept for the admin API, probes and connections in flight)",
             refused_fd_limit.clone(),
         );
-        let reloads = Family::default();
-        r.register(
+        let reloads = registered(
+            &mut r,
             "config_reloads",
             "Config reloads, by result (a rejected file leaves the old config serving)",
-            reloads.clone(),
         );
         let state = Arc::new(StateCollector::default());
         r.register_collector(Box::new(state.clone()));
