@@ -370,6 +370,68 @@ services:
     assert_eq!(body(&pod), "primary\n");
 }
 
+/// A primary that died is ejected for 30 s by outlier detection, but when
+/// it comes back the active check (500 ms) re-admits it at once: traffic
+/// returns within about an interval, not after the whole ejection.
+#[test]
+fn a_returning_primary_is_readmitted_by_its_health_check_not_after_the_ejection() {
+    let mut pod = Pod::new(&format!(
+        r#"
+services:
+  - name: api
+    match: {{ cidr: {NOWHERE}/32, port: 8265 }}
+    protocol: http
+    retries: {{ attempts: 0 }}
+    outlier: {{ consecutive_failures: 1, base_ejection: 30s }}
+    upstream:
+      endpoints:
+        - {{ address: "{SERVER_V4}:9265", priority: 0 }}
+        - {{ address: "{SERVER2_V4}:9265", priority: 1 }}
+      health_check: {{ interval: 500ms, unhealthy_threshold: 1, healthy_threshold: 1, tcp: {{}} }}
+"#
+    ));
+    pod.start_proxy();
+    let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9265));
+    let _secondary = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 9265));
+    let served_by = |pod: &Pod| {
+        stdout(&pod.curl(&format!("http://{NOWHERE}:8265/"), &[]))
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(served_by(&pod), format!("{SERVER_V4}:9265"));
+    drop(primary);
+    // Requests go to the secondary; the primary is ejected (connect failure).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served_by(&pod) != format!("{SERVER2_V4}:9265") {
+        assert!(Instant::now() < deadline, "{}", pod.proxy_log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pod.wait_log("endpoint ejected"), "{}", pod.proxy_log());
+
+    let _back = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9265));
+    let returned = Instant::now();
+    while served_by(&pod) != format!("{SERVER_V4}:9265") {
+        assert!(
+            returned.elapsed() < Duration::from_secs(5),
+            "the primary stayed out: {}",
+            pod.proxy_log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        returned.elapsed() < Duration::from_secs(2),
+        "back after {:?}",
+        returned.elapsed()
+    );
+    assert!(
+        pod.wait_log("ejected endpoint re-admitted"),
+        "{}",
+        pod.proxy_log()
+    );
+}
+
 #[test]
 fn killing_the_primary_under_steady_load_fails_no_request() {
     let mut pod = Pod::new(&format!(

@@ -59,13 +59,17 @@ pub struct HealthCheck {
     pub unhealthy_threshold: u32,
     /// Passed checks in a row that bring it back.
     pub healthy_threshold: u32,
+    /// A passing check also ends an outlier ejection (as Envoy does by
+    /// default): a recovered endpoint is back within about one interval,
+    /// not after its whole ejection time.
+    pub readmit_ejected: bool,
     #[schemars(skip)]
     pub kind: CheckKind,
 }
 
 impl Serialize for HealthCheck {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(5))?;
+        let mut m = s.serialize_map(Some(6))?;
         m.serialize_entry(
             "interval",
             &humantime::format_duration(self.interval).to_string(),
@@ -76,6 +80,7 @@ impl Serialize for HealthCheck {
         )?;
         m.serialize_entry("unhealthy_threshold", &self.unhealthy_threshold)?;
         m.serialize_entry("healthy_threshold", &self.healthy_threshold)?;
+        m.serialize_entry("readmit_ejected", &self.readmit_ejected)?;
         match &self.kind {
             CheckKind::Tcp => m.serialize_entry("tcp", &BTreeMap::<String, String>::new())?,
             CheckKind::Http { path, expect } => {
@@ -114,6 +119,8 @@ struct RawHealthCheck {
     unhealthy_threshold: u32,
     #[serde(default = "two")]
     healthy_threshold: u32,
+    #[serde(default = "yes")]
+    readmit_ejected: bool,
     tcp: Option<EmptyMap>,
     http: Option<RawHttpCheck>,
 }
@@ -123,6 +130,9 @@ fn three() -> u32 {
 }
 fn two() -> u32 {
     2
+}
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -178,6 +188,7 @@ impl TryFrom<RawHealthCheck> for HealthCheck {
             timeout: r.timeout.unwrap_or(r.interval.min(Duration::from_secs(1))),
             unhealthy_threshold: r.unhealthy_threshold,
             healthy_threshold: r.healthy_threshold,
+            readmit_ejected: r.readmit_ejected,
             kind,
         })
     }

@@ -1,7 +1,8 @@
 //! Active health checks: every `interval`, each endpoint of a service is
 //! connected to (TCP, and TLS when the service originates it) or asked
 //! `GET path`; `unhealthy_threshold` failures in a row mark it down (traffic
-//! goes elsewhere), `healthy_threshold` passes bring it back. Endpoints start
+//! goes elsewhere), `healthy_threshold` passes bring it back, and also end
+//! an outlier ejection (`readmit_ejected`, on by default). Endpoints start
 //! up, so a fresh proxy serves at once.
 
 use std::sync::{Arc, Weak};
@@ -42,6 +43,7 @@ pub fn spawn(target: Target, check: HealthCheck) {
                 return;
             };
             let eps: Vec<Arc<Endpoint>> = set.endpoints().to_vec();
+            // Not held while probing: a reload may take the set away.
             drop(set);
             streaks.resize(eps.len(), (0, 0));
             // Side by side: a slow endpoint must not delay the others' checks.
@@ -54,6 +56,9 @@ pub fn spawn(target: Target, check: HealthCheck) {
             while let Some(Ok((i, ok))) = probes.join_next().await {
                 results[i] = ok;
             }
+            let Some(set) = target.endpoints.upgrade() else {
+                return;
+            };
             for ((ep, ok), (fails, passes)) in eps.iter().zip(results).zip(streaks.iter_mut()) {
                 if ok {
                     *passes += 1;
@@ -61,6 +66,12 @@ pub fn spawn(target: Target, check: HealthCheck) {
                     if ep.is_down() && *passes >= check.healthy_threshold {
                         ep.set_down(false);
                         info!(service = %target.service, endpoint = %ep.address, "health check passing again: endpoint back in");
+                    }
+                    if check.readmit_ejected
+                        && *passes >= check.healthy_threshold
+                        && set.readmit(ep)
+                    {
+                        info!(service = %target.service, endpoint = %ep.address, "health check passing: ejected endpoint re-admitted");
                     }
                 } else {
                     *fails += 1;

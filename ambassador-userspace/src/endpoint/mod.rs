@@ -273,6 +273,19 @@ impl EndpointSet {
         self.endpoints.iter().position(|e| Arc::ptr_eq(e, ep))
     }
 
+    /// Ends `ep`'s outlier ejection, if it is ejected (a passing active
+    /// check); its ejection count stays, so a relapse is ejected for longer.
+    /// Returns whether it was.
+    pub fn readmit(&self, ep: &Endpoint) -> bool {
+        let mut h = crate::sync::lock(&ep.health);
+        let was = h.ejected_until.is_some_and(|t| Instant::now() < t);
+        if was {
+            h.ejected_until = None;
+            h.consecutive_failures = 0;
+        }
+        was
+    }
+
     /// A success: the failure streak ends; a long healthy stretch also
     /// forgets earlier ejections.
     pub fn success(&self, ep: &Endpoint) {
