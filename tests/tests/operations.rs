@@ -847,6 +847,12 @@ fn the_sidecar_serves_its_pods_kernel_counters_and_applies_exclusions_on_reload(
     assert_eq!(after.bypassed, before.bypassed + 2, "{}", pod.proxy_log());
     assert_eq!(after.redirected, before.redirected);
     assert_eq!(links_of(&pod), links_before, "nothing re-attached");
+    // status reads the exemptions back from the kernel maps.
+    let text = stdout(&pod.ambassador(&["status"], None));
+    assert!(
+        text.contains("exempt   TCP to port 22, 7000, 7100 of any host; UDP (not intercepted): not under policy"),
+        "{text}"
+    );
     let m = pod.metrics();
     assert_eq!(
         metric(
@@ -856,6 +862,37 @@ fn the_sidecar_serves_its_pods_kernel_counters_and_applies_exclusions_on_reload(
         .unwrap() as u64,
         after.bypassed
     );
+}
+
+/// `check` says what leaves the Pod with no policy at all; under `default:
+/// deny` the default port 22 exemption is gone.
+#[test]
+fn check_lists_what_is_not_under_policy() {
+    let dir = std::env::temp_dir().join(format!("amb-exempt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (yaml, want) in [
+        (
+            "intercept: { exclude_cidrs: [10.0.0.0/8] }\ninbound: { ports: all, exclude_ports: [9090] }\n",
+            "exempt     TCP to port 22 of any host (intercept.exclude_ports); TCP to 10.0.0.0/8 on any port (intercept.exclude_cidrs); \
+             UDP (datagrams are not intercepted: DNS, QUIC); callers of port 9090 (inbound.exclude_ports): not under policy",
+        ),
+        (
+            "default: deny\n",
+            "exempt     UDP (datagrams are not intercepted: DNS, QUIC): not under policy",
+        ),
+    ] {
+        let file = dir.join("c.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = Command::new(bin())
+            .arg("check")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = stdout(&out);
+        assert!(out.status.success(), "{text}{}", stderr(&out));
+        assert!(text.contains(want), "{want}\n{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The ids of the links pinned for the Pod.

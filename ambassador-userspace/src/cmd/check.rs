@@ -102,26 +102,14 @@ fn summary(path: &Path, cfg: &Config) -> String {
     let _ = writeln!(out, "{}: valid", path.display());
     let _ = writeln!(
         out,
-        "intercept  every outbound TCP connect of the Pod{}, except ports {:?}{}; fail-{}",
+        "intercept  every outbound TCP connect of the Pod{}; fail-{}",
         if i.loopback { " (loopback too)" } else { "" },
-        i.exclude_ports,
-        if i.exclude_cidrs.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " and {}",
-                i.exclude_cidrs
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        },
         match i.fail {
             FailMode::Closed => "closed (connects fail while the proxy is down)",
             FailMode::Open => "open (connects go direct while the proxy is down)",
         }
     );
+    let _ = writeln!(out, "exempt     {}", exempt(cfg));
     let _ = writeln!(
         out,
         "proxy      127.0.0.1:{0} and [::1]:{0}, uid {1}",
@@ -203,6 +191,41 @@ fn summary(path: &Path, cfg: &Config) -> String {
         }
     );
     out
+}
+
+/// What leaves the Pod without any policy: excluded TCP ports and blocks,
+/// every UDP datagram, and callers of excluded inbound ports.
+fn exempt(cfg: &Config) -> String {
+    let i = &cfg.intercept;
+    let mut holes = Vec::new();
+    if !i.exclude_ports.is_empty() {
+        let ports: Vec<String> = i.exclude_ports.iter().map(u16::to_string).collect();
+        holes.push(format!(
+            "TCP to port {} of any host (intercept.exclude_ports)",
+            ports.join(", ")
+        ));
+    }
+    if !i.exclude_cidrs.is_empty() {
+        let blocks: Vec<String> = i.exclude_cidrs.iter().map(|c| c.to_string()).collect();
+        holes.push(format!(
+            "TCP to {} on any port (intercept.exclude_cidrs)",
+            blocks.join(", ")
+        ));
+    }
+    holes.push("UDP (datagrams are not intercepted: DNS, QUIC)".into());
+    if cfg.inbound.enabled() && !cfg.inbound.exclude_ports.is_empty() {
+        let ports: Vec<String> = cfg
+            .inbound
+            .exclude_ports
+            .iter()
+            .map(u16::to_string)
+            .collect();
+        holes.push(format!(
+            "callers of port {} (inbound.exclude_ports)",
+            ports.join(", ")
+        ));
+    }
+    format!("{}: not under policy", holes.join("; "))
 }
 
 /// A service's routes in order, each its conditions and what it does, and

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use ambassador_common::{NO_UID, counter};
 
-use crate::interception::pins::{self, InstallStatus};
+use crate::interception::status::{self, InstallStatus};
 
 /// Renders every install on this host for a terminal.
 pub fn render(installs: &[InstallStatus]) -> String {
@@ -13,7 +13,7 @@ pub fn render(installs: &[InstallStatus]) -> String {
         let _ = writeln!(
             out,
             "no ambassador interception is installed (nothing pinned under {})",
-            pins::root().display()
+            crate::interception::pins::root().display()
         );
         return out;
     }
@@ -82,6 +82,7 @@ pub fn render(installs: &[InstallStatus]) -> String {
             .map(|(n, v)| format!("{n} {v}"))
             .collect();
         let _ = writeln!(out, "  connects {}", counters.join(", "));
+        let _ = writeln!(out, "  exempt   {}", exempt_line(s));
         if let Some(c) = &s.config {
             let n = s.counters.iter().find(|(n, _)| *n == accelerated);
             let _ = writeln!(
@@ -98,6 +99,20 @@ pub fn render(installs: &[InstallStatus]) -> String {
         let _ = writeln!(out, "  inbound  {}", inbound_line(s));
     }
     out
+}
+
+/// What the programs leave alone, from their maps.
+fn exempt_line(s: &InstallStatus) -> String {
+    let mut holes = Vec::new();
+    if !s.exempt_ports.is_empty() {
+        let ports: Vec<String> = s.exempt_ports.iter().map(u16::to_string).collect();
+        holes.push(format!("TCP to port {} of any host", ports.join(", ")));
+    }
+    if !s.exempt_cidrs.is_empty() {
+        holes.push(format!("TCP to {} on any port", s.exempt_cidrs.join(", ")));
+    }
+    holes.push("UDP (not intercepted)".into());
+    format!("{}: not under policy", holes.join("; "))
 }
 
 /// The inbound half: off, or the sk_lookup link, ports, fail mode, counters.
@@ -227,12 +242,12 @@ pub struct Args {
 /// What is attached where (when this process may see it), then what the
 /// proxy's admin API reports.
 pub fn main(args: Args) -> anyhow::Result<std::process::ExitCode> {
-    use crate::interception::{self, pins};
+    use crate::interception;
     let proxy = proxy_view(args.admin);
     // In a locked-down sidecar the pins are not visible: the proxy's view
     // alone is still worth showing.
     match interception::check_environment() {
-        Ok(()) => print!("{}", render(&pins::list())),
+        Ok(()) => print!("{}", render(&status::list())),
         Err(e) if proxy.is_some() => println!("interception: not visible here ({e})"),
         Err(e) => return Err(e.into()),
     }

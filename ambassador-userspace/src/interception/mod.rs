@@ -10,6 +10,7 @@ pub mod link;
 pub mod load;
 pub mod pins;
 pub mod shared;
+pub mod status;
 
 use std::path::Path;
 

@@ -10,20 +10,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambassador_common::{
-    Config as KernelConfig, ConnKey, InboundConfig as KernelInbound, OrigDst, maps as m,
-    programs as p,
-};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use ambassador_common::{maps as m, programs as p};
+use aya::maps::{Map, MapData, PerCpuArray};
 
 use super::{
     cgroup,
     error::InterceptError,
     link,
-    load::{
-        LoadOptions, attach, attach_accel, attach_inbound, configure, load, read_counters,
-        set_accelerate,
-    },
+    load::{LoadOptions, attach, attach_accel, attach_inbound, configure, load, set_accelerate},
 };
 use crate::config::Config;
 
@@ -148,7 +142,7 @@ fn is_old(dir: &Path) -> bool {
         .is_some_and(|age| age > ABANDONED_AFTER)
 }
 
-fn link_path(dir: &Path, prog: &str) -> PathBuf {
+pub(super) fn link_path(dir: &Path, prog: &str) -> PathBuf {
     dir.join(format!("link_{prog}"))
 }
 
@@ -451,89 +445,6 @@ fn is_stale(dir: &Path, id: u64) -> bool {
             .unwrap_or_default()
             .iter()
             .all(|m| cgroup::find_by_id(&m.dir, id).is_none())
-}
-
-/// One install as `status` shows it.
-#[derive(Debug)]
-pub struct InstallStatus {
-    pub dir: PathBuf,
-    pub cgroup_id: u64,
-    pub cgroup: Option<PathBuf>,
-    /// (program, pinned link present and openable)
-    pub links: Vec<(&'static str, bool)>,
-    pub config: Option<KernelConfig>,
-    pub counters: Vec<(&'static str, u64)>,
-    /// Connections currently in the original-destination table.
-    pub tracked: usize,
-    /// The sk_lookup link is pinned (inbound interception on).
-    pub inbound_link: bool,
-    pub inbound: Option<KernelInbound>,
-    /// Ports the inbound program steers or leaves, as in its map.
-    pub inbound_ports: Vec<(u16, u8)>,
-}
-
-/// Every install on this host.
-pub fn list() -> Vec<InstallStatus> {
-    let mount = cgroup::cgroup2_mount().ok();
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(root()) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name
-            .strip_prefix("cgroup-")
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        let dir = e.path();
-        let links = p::ALL
-            .iter()
-            .map(|prog| {
-                let present = link::open_pinned(&link_path(&dir, prog)).ok().flatten();
-                (*prog, present.is_some())
-            })
-            .collect();
-        let open = |name: &str| MapData::from_pin(dir.join(name)).ok();
-        let config = open(m::CONFIG)
-            .and_then(|d| Array::<_, KernelConfig>::try_from(Map::Array(d)).ok())
-            .and_then(|a| a.get(&0, 0).ok());
-        let counters = open(m::COUNTERS)
-            .and_then(|d| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(d)).ok())
-            .map(|a| read_counters(&a))
-            .unwrap_or_default();
-        let tracked = open(m::CONNS)
-            .and_then(|d| HashMap::<_, ConnKey, OrigDst>::try_from(Map::LruHashMap(d)).ok())
-            .map(|h| h.keys().count())
-            .unwrap_or(0);
-        let inbound = open(m::IN_CONFIG)
-            .and_then(|d| Array::<_, KernelInbound>::try_from(Map::Array(d)).ok())
-            .and_then(|a| a.get(&0, 0).ok());
-        let mut inbound_ports: Vec<(u16, u8)> = open(m::IN_PORTS)
-            .and_then(|d| HashMap::<_, u16, u8>::try_from(Map::HashMap(d)).ok())
-            .map(|h| h.iter().filter_map(Result::ok).collect())
-            .unwrap_or_default();
-        inbound_ports.sort_unstable();
-        let inbound_link = link::open_pinned(&link_path(&dir, p::INBOUND))
-            .ok()
-            .flatten()
-            .is_some();
-        out.push(InstallStatus {
-            inbound_link,
-            inbound,
-            inbound_ports,
-            cgroup: mount.as_deref().and_then(|m| cgroup::find_by_id(m, id)),
-            dir,
-            cgroup_id: id,
-            links,
-            config,
-            counters,
-            tracked,
-        });
-    }
-    out.sort_by_key(|s| s.cgroup_id);
-    out
 }
 
 /// The counters of the install that covers this process (the proxy in its
