@@ -9,11 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Uri,
+    HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri,
+    header::{CONTENT_TYPE, LOCATION},
     request::Parts,
     uri::{Authority, PathAndQuery},
 };
+use http_body_util::Full;
 use regex::Regex;
 
 use crate::{
@@ -272,6 +275,33 @@ impl Route {
 
     pub fn apply_response(&self, headers: &mut HeaderMap) {
         self.response_headers.apply(headers);
+    }
+
+    /// The route's own answer (direct response or redirect), its response
+    /// header changes made; none for a route that forwards or denies.
+    pub fn answer(&self) -> Option<Response<Full<Bytes>>> {
+        let (status, body, header) = match &self.action {
+            RouteAction::Respond {
+                status,
+                body,
+                content_type,
+            } => (
+                *status,
+                Bytes::from(body.clone()),
+                (CONTENT_TYPE, content_type),
+            ),
+            RouteAction::Redirect { status, location } => {
+                (*status, Bytes::new(), (LOCATION, location))
+            }
+            RouteAction::Forward | RouteAction::Deny => return None,
+        };
+        let mut r = Response::new(Full::new(body));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        if let Ok(v) = HeaderValue::from_str(header.1) {
+            r.headers_mut().insert(header.0, v);
+        }
+        self.apply_response(r.headers_mut());
+        Some(r)
     }
 
     /// The path and query as the route sends them.

@@ -367,3 +367,45 @@ fn websocket_upgrades_are_admitted_like_requests_and_held_until_closed() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The route model of services, on a port: after the gateway's rules, a
+/// route answers by itself, redirects, denies, or forwards with a rewrite
+/// and header changes both ways.
+#[test]
+fn a_ports_routes_answer_redirect_deny_and_rewrite_for_callers() {
+    let (pod, app) = gate(
+        r#"routes: [
+          { name: health, match: { path: /healthz }, direct_response: { status: 200, body: "gateway ok" } },
+          { name: moved, match: { path_prefix: /v0 }, redirect: { location: "https://pod.example/v1", status: 308 } },
+          { name: no-admin, match: { path_prefix: /admin }, deny: true },
+          { name: v1, match: { path_prefix: /v1 }, rewrite: { path_prefix: /api/v1 },
+            request_headers: { set: { x-gateway-route: v1 } }, response_headers: { set: { x-api-version: "1" } } }
+        ]"#,
+    );
+    let body = stdout(&pod.caller_curl(&format!("http://{POD_V4}:8080/healthz"), &[]));
+    assert_eq!(body, "gateway ok");
+    let head = stdout(&pod.caller_curl(&format!("http://{POD_V4}:8080/v0/x"), &["-i"]));
+    assert!(head.starts_with("HTTP/1.1 308"), "{head}");
+    assert!(head.contains("location: https://pod.example/v1"), "{head}");
+    let (s, why) = call(&pod, "GET", "/admin/users", &[]);
+    assert_eq!(
+        (s.as_str(), why.as_str()),
+        ("403", "denied by route no-admin of inbound-8080")
+    );
+    assert!(app.seen().is_empty(), "{:?}", app.seen());
+    assert_eq!(refusals(&pod, "forbidden"), 1.0);
+
+    let head = stdout(&pod.caller_curl(
+        &format!("http://{POD_V4}:8080/v1/orders?page=2"),
+        &["-i", "-H", "x-gateway-route: forged"],
+    ));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("x-api-version: 1"), "{head}");
+    let seen = app.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/api/v1/orders?page=2");
+    assert_eq!(seen[0].header("x-gateway-route"), Some("v1"));
+    // Not routed: to the app as it came.
+    assert_eq!(call(&pod, "GET", "/other", &[]).0, "200");
+    assert_eq!(app.seen()[1].uri, "/other");
+}

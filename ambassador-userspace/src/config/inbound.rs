@@ -181,6 +181,10 @@ pub struct InboundPolicy {
     /// header before the caller's bytes (the app must expect it).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// HTTP ports: after the gateway's rules, first match wins (the same
+    /// route model as a service's; `upstream` is not for inbound ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<super::route::RouteConfig>,
 }
 
 impl InboundPolicy {
@@ -249,6 +253,7 @@ impl TryFrom<RawServerTls> for ServerTls {
 fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
     use super::gateway::RateKey;
     let http_only = [
+        ("routes", !p.routes.is_empty()),
         ("auth", p.auth.is_some()),
         ("access", p.access.is_some()),
         ("rate_limit", p.rate_limit.is_some()),
@@ -271,6 +276,19 @@ fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
     }
     if let Some(a) = &p.auth {
         a.validate()?;
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, r) in p.routes.iter().enumerate() {
+        if r.upstream.is_some() {
+            return Err(format!(
+                "routes[{i}].upstream: an inbound port's routes go to the app (upstream is for services)"
+            ));
+        }
+        if let Some(n) = &r.name
+            && !names.insert(n.as_str())
+        {
+            return Err(format!("routes[{i}].name: `{n}` is used twice"));
+        }
     }
     let jwt = p.auth.as_ref().is_some_and(|a| a.jwt.is_some());
     let keys = p.auth.as_ref().is_some_and(|a| a.api_keys.is_some());

@@ -5,9 +5,8 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header, uri::Authority};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::{
@@ -17,7 +16,6 @@ use super::{
     response::{Body, error_response},
 };
 use crate::{
-    config::route::RouteAction,
     ratelimit::retry_after,
     route::{Decision, Route},
 };
@@ -100,31 +98,8 @@ pub(super) async fn serve(
 
 /// A route's own answer: its direct response or its redirect.
 fn answer(route: &Route) -> Response<Body> {
-    let mut resp = match &route.action {
-        RouteAction::Respond {
-            status,
-            body,
-            content_type,
-        } => {
-            let mut r = Response::new(Either::Right(Full::new(Bytes::from(body.clone()))));
-            if let Ok(v) = HeaderValue::from_str(content_type) {
-                r.headers_mut().insert(header::CONTENT_TYPE, v);
-            }
-            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            r
-        }
-        RouteAction::Redirect { status, location } => {
-            let mut r = Response::new(Either::Right(Full::default()));
-            if let Ok(v) = HeaderValue::from_str(location) {
-                r.headers_mut().insert(header::LOCATION, v);
-            }
-            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
-            r
-        }
-        RouteAction::Forward | RouteAction::Deny => {
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "route without an answer")
-        }
-    };
-    route.apply_response(resp.headers_mut());
-    resp
+    match route.answer() {
+        Some(r) => r.map(Either::Right),
+        None => error_response(StatusCode::INTERNAL_SERVER_ERROR, "route without an answer"),
+    }
 }

@@ -9,7 +9,12 @@ use std::{net::SocketAddr, time::Instant};
 use http::{Request, StatusCode, header};
 
 use super::{access::Decision, authn::Identity, jwt::TokenMemo, table::PortPolicy};
-use crate::{config::gateway::RateKey, http::target::request_host, ratelimit::retry_after};
+use crate::{
+    config::gateway::RateKey,
+    http::target::request_host,
+    ratelimit::retry_after,
+    route::{Decision as RouteDecision, Route},
+};
 
 /// The ambassador's own answer to a request it will not send.
 #[derive(Debug)]
@@ -33,6 +38,50 @@ impl Refusal {
     fn counted(p: &PortPolicy, metric: &'static str, status: StatusCode, reason: String) -> Self {
         crate::metrics::get().count_inbound(crate::metrics::Inbound::Refusal, &p.name, metric);
         Refusal::new(status, reason)
+    }
+}
+
+/// Where an admitted request goes by the port's routes.
+pub enum Routed<'a> {
+    /// To the app, changed by this route if one matched.
+    App(Option<&'a Route>),
+    /// The route answers by itself.
+    Answer(&'a Route),
+}
+
+/// The port's routes decide an admitted request (refusals counted as the
+/// rules' are).
+pub fn route<'a, B>(req: &Request<B>, p: &'a PortPolicy) -> Result<Routed<'a>, Refusal> {
+    let d = p
+        .routes
+        .decide(req.method(), req.uri(), req.headers(), Instant::now());
+    match d {
+        RouteDecision::Service => Ok(Routed::App(None)),
+        RouteDecision::Forward(r) => Ok(Routed::App(Some(r))),
+        RouteDecision::Respond(r) => Ok(Routed::Answer(r)),
+        RouteDecision::NotNormal => Err(Refusal::counted(
+            p,
+            "path_not_normal",
+            StatusCode::BAD_REQUEST,
+            "the path is not in normal form (dot segments, //, %-escapes of plain characters)"
+                .into(),
+        )),
+        RouteDecision::Deny(r) => Err(Refusal::counted(
+            p,
+            "forbidden",
+            StatusCode::FORBIDDEN,
+            format!("denied by route {} of {}", r.name, p.name),
+        )),
+        RouteDecision::Limited(r, wait) => {
+            let mut refusal = Refusal::counted(
+                p,
+                "rate_limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("rate limited by route {} of {}", r.name, p.name),
+            );
+            refusal.retry_after = Some(retry_after(wait));
+            Err(refusal)
+        }
     }
 }
 

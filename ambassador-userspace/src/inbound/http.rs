@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use super::{
-    admit::{Refusal, admit},
+    admit::{Refusal, Routed, admit, route},
     forwarded::Caller,
     jwt::TokenMemo,
     table::{HttpPort, PortPolicy},
@@ -39,6 +39,7 @@ use crate::{
         headers::{strip_hop_by_hop, upgrade_protocol},
         response::{ERROR_HEADER, error_response, splice_upgraded},
     },
+    route::Route,
     tls::PlainOrTls,
     upstream::{AppBody, AppBodyError, Lease},
 };
@@ -189,11 +190,21 @@ async fn forward(
 ) -> Result<Response<RespBody>, Refusal> {
     let p = &conn.policy;
     let identity = admit(&req, p, conn.peer, &conn.memo).await?;
-    let HttpPort {
-        client,
-        authority,
-        http2,
-    } = &*conn.http;
+    let route = match route(&req, p)? {
+        Routed::App(r) => r,
+        Routed::Answer(r) => {
+            return Ok(r.answer().map_or_else(
+                || {
+                    refusal(Refusal::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "route without an answer",
+                    ))
+                },
+                |a| a.map(Either::Right),
+            ));
+        }
+    };
+    let HttpPort { client, http2, .. } = &*conn.http;
     // Admitted like any request; its two hop-by-hop headers go on to the app.
     let upgrade = match upgrade_protocol(&req) {
         Some(_) if *http2 => {
@@ -206,6 +217,60 @@ async fn forward(
         None => None,
     };
     let (mut parts, body) = req.into_parts();
+    head_for_app(
+        &mut parts,
+        conn,
+        &identity,
+        route,
+        upgrade.as_ref().map(|u| &u.0),
+    )?;
+    let mut body = AppBody::new(body, p.metrics.from_app.clone());
+    if let Some(max) = p.max_body {
+        body = body.limited(max);
+    }
+    let answer = send(client, Request::from_parts(parts, body), conn, route).await?;
+    let mut response = answer.response;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some((_, caller_side)) = upgrade
+    {
+        // The app's connection becomes the relay's: never pooled again.
+        let app_side = hyper::upgrade::on(&mut response);
+        let relay = tokio::spawn(splice_upgraded(caller_side, app_side, p.name.clone()));
+        *crate::sync::lock(&conn.upgraded) = Some(relay);
+        let (head, _) = response.into_parts();
+        return Ok(Response::from_parts(head, Either::Right(Full::default())));
+    }
+    let (mut head, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    if let Some(r) = route {
+        r.apply_response(&mut head.headers);
+    }
+    Ok(Response::from_parts(
+        head,
+        Either::Left(CallerBody {
+            inner: incoming,
+            lease: answer.lease,
+            counter: p.metrics.to_app.clone(),
+            sent: 0,
+            ended: false,
+            done: None,
+        }),
+    ))
+}
+
+/// The request head as the app gets it: a Host, hop-by-hop headers gone
+/// (an upgrade's two kept), the caller named, the route's changes, the
+/// verified identity, and the app's address in the URI.
+fn head_for_app(
+    parts: &mut http::request::Parts,
+    conn: &CallerConn,
+    identity: &super::authn::Identity,
+    route: Option<&Route>,
+    upgrade: Option<&HeaderValue>,
+) -> Result<(), Refusal> {
+    let HttpPort {
+        authority, http2, ..
+    } = &*conn.http;
     // HTTP/2 callers name the host in :authority only; the app gets a Host.
     if !parts.headers.contains_key(header::HOST)
         && let Some(a) = parts.uri.authority()
@@ -214,21 +279,27 @@ async fn forward(
         parts.headers.insert(header::HOST, h);
     }
     strip_hop_by_hop(&mut parts.headers);
-    if let Some((proto, _)) = &upgrade {
+    if let Some(proto) = upgrade {
         parts.headers.insert(header::UPGRADE, proto.clone());
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     conn.caller.apply(&mut parts.headers);
+    if let Some(r) = route {
+        r.apply_request(parts);
+        if let Some((host, _)) = r.host() {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+    }
     // To an HTTP/2 app, :authority is the app's address (the connection's
     // key: a Host per caller would be a connection per name a caller
     // makes up) and the caller's Host goes as X-Forwarded-Host.
     if *http2 && let Some(host) = parts.headers.remove(header::HOST) {
         parts.headers.insert("x-forwarded-host", host);
     }
-    if let Some(a) = &p.authn {
-        a.apply(&identity, &mut parts.headers);
+    if let Some(a) = &conn.policy.authn {
+        a.apply(identity, &mut parts.headers);
     }
     // The pool is picked by the app's address; the request line gets the
     // path and query (both shared, not copied).
@@ -248,57 +319,51 @@ async fn forward(
         true => http::Version::HTTP_2,
         false => http::Version::HTTP_11,
     };
-    let mut body = AppBody::new(body, p.metrics.from_app.clone());
-    if let Some(max) = p.max_body {
-        body = body.limited(max);
-    }
-    let answer = client
-        .request(Request::from_parts(parts, Either::Left(body)))
-        .await
-        .map_err(|e| match AppBodyError::in_chain(&e) {
-            Some(AppBodyError::TooLarge(max)) => {
-                crate::metrics::get().count_inbound(
-                    crate::metrics::Inbound::Refusal,
-                    &p.name,
-                    "body_too_large",
-                );
-                Refusal::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is larger than {max} bytes"),
-                )
-            }
-            _ => {
-                info!(client = %conn.peer, app = %p.app, "the app did not answer: {e}");
-                Refusal::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the app at {} did not answer", p.app),
-                )
-            }
-        })?;
-    let mut response = answer.response;
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some((_, caller_side)) = upgrade
-    {
-        // The app's connection becomes the relay's: never pooled again.
-        let app_side = hyper::upgrade::on(&mut response);
-        let relay = tokio::spawn(splice_upgraded(caller_side, app_side, p.name.clone()));
-        *crate::sync::lock(&conn.upgraded) = Some(relay);
-        let (head, _) = response.into_parts();
-        return Ok(Response::from_parts(head, Either::Right(Full::default())));
-    }
-    let (mut head, incoming) = response.into_parts();
-    strip_hop_by_hop(&mut head.headers);
-    Ok(Response::from_parts(
-        head,
-        Either::Left(CallerBody {
-            inner: incoming,
-            lease: answer.lease,
-            counter: p.metrics.to_app.clone(),
-            sent: 0,
-            ended: false,
-            done: None,
-        }),
-    ))
+    Ok(())
+}
+
+/// Sends to the app under the route's timeout; a refusal of the ambassador's
+/// own when the app does not answer or the body is too large.
+async fn send(
+    client: &crate::upstream::HttpClient,
+    req: Request<AppBody>,
+    conn: &CallerConn,
+    route: Option<&Route>,
+) -> Result<crate::upstream::Answer, Refusal> {
+    let p = &conn.policy;
+    let sent = client.request(req.map(Either::Left));
+    let sent = match route.and_then(|r| r.timeout.map(|t| (r, t))) {
+        Some((r, t)) => tokio::time::timeout(t, sent).await.map_err(|_| {
+            Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "route {}'s timeout ({t:?}) fired before the app answered",
+                    r.name
+                ),
+            )
+        })?,
+        None => sent.await,
+    };
+    sent.map_err(|e| match AppBodyError::in_chain(&e) {
+        Some(AppBodyError::TooLarge(max)) => {
+            crate::metrics::get().count_inbound(
+                crate::metrics::Inbound::Refusal,
+                &p.name,
+                "body_too_large",
+            );
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {max} bytes"),
+            )
+        }
+        _ => {
+            info!(client = %conn.peer, app = %p.app, "the app did not answer: {e}");
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the app at {} did not answer", p.app),
+            )
+        }
+    })
 }
 
 /// The response to a request the ambassador will not send.

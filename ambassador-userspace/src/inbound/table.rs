@@ -12,7 +12,6 @@ use ambassador_common::INBOUND_PASS_V4;
 use http::uri::Authority;
 
 use super::{access::Access, authn::Authn};
-use crate::ratelimit::Limiter;
 use crate::{
     config::{AppProtocol, Config, InboundProtocol},
     metrics::ServiceMetrics,
@@ -20,6 +19,7 @@ use crate::{
     tls::TlsTermination,
     upstream::{HttpClient, UpstreamConnector},
 };
+use crate::{ratelimit::Limiter, route::Routes};
 
 /// What one port does with its callers.
 pub struct PortPolicy {
@@ -42,6 +42,8 @@ pub struct PortPolicy {
     pub proxy_protocol: bool,
     /// Callers' connections at once, when limited.
     pub connections: Option<(Arc<tokio::sync::Semaphore>, usize)>,
+    /// After the rules: first match wins.
+    pub routes: Routes,
 }
 
 /// What a port's callers speak.
@@ -163,6 +165,7 @@ impl InboundTable {
                     connections: policy
                         .and_then(|p| p.limits.max_connections)
                         .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), n)),
+                    routes: policy.map_or_else(Routes::default, |p| Routes::new(&p.routes)),
                 }),
             );
         }
