@@ -616,6 +616,85 @@ fn direct_tls_with_alpn_postgresql() {
     assert_eq!(no_alpn.events(), ["alpn=none", "closed before a packet"]);
 }
 
+/// Apps that insist on TLS (`sslmode=require`, `verify-full`): with
+/// `app_tls` the ambassador answers their SSLRequest and ends their TLS with
+/// the Pod-local certificate; without it they are told no, and `check` says
+/// what that means.
+#[test]
+fn apps_asking_for_tls_get_it_with_app_tls_and_a_clear_no_without() {
+    let (mut s, _pg) = orders_app();
+    let dir = s.pod.shared_dir();
+    let ip = VIP.parse().ok();
+    let (cert, key) = s.ca.issue(CertKind::Valid, "orders-db.pod.local", ip);
+    let cert_file = write_readable(&dir, "app-cert.pem", &cert);
+    let key_file = write_readable(&dir, "app-key.pem", &key);
+    let app_tls = format!(
+        "    postgres:\n      app_tls: {{ cert: {}, key: {} }}\n",
+        cert_file.display(),
+        key_file.display()
+    );
+    let with_tls = s
+        .orders_service("orders", "{ mode: transaction }")
+        .replace("    postgres:\n", &app_tls);
+    let (ca, creds) = s.paths();
+    let plain = service(
+        "plain",
+        SESSION_VIP,
+        &["198.18.0.2:5432"],
+        &ca,
+        &creds,
+        "",
+        "{ mode: session }",
+    );
+    s.start(&[with_tls, plain]);
+
+    // verify-full: the app checks the ambassador's certificate against its CA.
+    let ca_path = s.ca_file.display().to_string();
+    let strict = [
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", ca_path.as_str()),
+    ];
+    let out = psql_env(&s.pod, VIP, "app", "select current_user", &strict);
+    assert_eq!(ok(&out), "app");
+    let info = ok(&psql_env(
+        &s.pod,
+        VIP,
+        "app",
+        "\\conninfo",
+        &[("PGSSLMODE", "require")],
+    ));
+    assert!(info.contains("SSL connection (protocol: TLSv1.3"), "{info}");
+    // sslmode=prefer (psql's default) takes TLS now too.
+    let info = ok(&psql_env(&s.pod, VIP, "app", "\\conninfo", &[]));
+    assert!(info.contains("SSL connection"), "{info}");
+
+    // Without app_tls: require fails with the server's "no", prefer goes on.
+    let e = failed(&psql_env(
+        &s.pod,
+        SESSION_VIP,
+        "app",
+        "select 1",
+        &[("PGSSLMODE", "require")],
+    ));
+    assert!(e.contains("server does not support SSL"), "{e}");
+    assert_eq!(
+        ok(&psql_env(&s.pod, SESSION_VIP, "app", "select 1", &[])),
+        "1"
+    );
+
+    let out = Command::new(ambassador_tests::bin())
+        .arg("check")
+        .arg(&s.pod.config)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("app side: TLS when the app asks"), "{text}");
+    assert!(
+        text.contains("sslmode=require fails: set postgres.app_tls"),
+        "{text}"
+    );
+}
+
 /// The proxy's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -170,6 +170,14 @@ fn summary(path: &Path, cfg: &Config) -> String {
                 if pg.direct_tls { ", direct TLS" } else { "" },
                 pg.credentials_file.display()
             );
+            let _ = writeln!(
+                out,
+                "             app side: {}",
+                match &pg.app_tls {
+                    Some(t) => format!("TLS when the app asks (certificate {})", t.cert.display()),
+                    None => "plain; an app asking for TLS is told no (sslmode=prefer goes on in the clear, sslmode=require fails: set postgres.app_tls)".into(),
+                }
+            );
         }
         for (name, src) in &s.request.set_headers {
             let from = match &src.kind {

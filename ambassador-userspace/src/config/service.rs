@@ -65,6 +65,18 @@ pub struct PostgresConfig {
     /// `postgresql`), without an SSLRequest round trip. Needs `upstream.tls`.
     #[serde(default)]
     pub direct_tls: bool,
+    /// TLS toward the app, for apps that insist (`sslmode=require`): the
+    /// Pod-local certificate and key (PEM, re-read when they change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_tls: Option<AppTls>,
+}
+
+/// A certificate the ambassador shows the app.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Server connections are shared per user, database and startup parameters.

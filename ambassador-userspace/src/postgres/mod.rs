@@ -1,8 +1,9 @@
 //! The database ambassador: `protocol: postgres` services.
 //!
 //! The app connects in plain TCP and without a password. The ambassador reads
-//! its startup (answering SSLRequest and GSSENCRequest with `N`: the hop
-//! inside the Pod stays plain), looks the user up in the credentials file,
+//! its startup (answering SSLRequest with `S` and ending the app's TLS when
+//! the service has `app_tls`, else `N`: the hop inside the Pod stays plain;
+//! GSSENCRequest always `N`), looks the user up in the credentials file,
 //! tells the app authentication succeeded, and serves the session over pooled
 //! server connections ([`pool`]) that it opened itself ([`server`]: verified
 //! TLS, SCRAM/md5/cleartext with the file's password, the role check). In
@@ -32,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use crate::{config::service::PoolMode, error::Classified};
+use crate::{config::service::PoolMode, error::Classified, tls::PlainOrTls};
 use pool::{Lease, Pool, PoolKey};
 use protocol::{Severity, Startup};
 
@@ -50,7 +51,7 @@ pub struct SessionTally {
 
 pub async fn serve(
     pg: Arc<PgService>,
-    mut app: TcpStream,
+    app: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> SessionTally {
@@ -59,7 +60,16 @@ pub async fn serve(
         outcome: "closed",
         ..SessionTally::default()
     };
-    let result = session(&pg, &mut app, dst, &mut out, &mut tally).await;
+    let (mut app, first) = match negotiate(&pg, app).await {
+        Ok(Some(n)) => n,
+        Ok(None) => return tally,
+        Err(e) => {
+            crate::log_failure!(e.origin(), %peer, service = %pg.servers.name, "{e}");
+            tally.outcome = "error";
+            return tally;
+        }
+    };
+    let result = session(&pg, &mut app, first, dst, &mut out, &mut tally).await;
     if let Err(e) = &result {
         crate::log_failure!(e.origin(), %peer, service = %pg.servers.name, "{e}");
         protocol::error_response(
@@ -82,26 +92,69 @@ pub async fn serve(
 
 /// The startup phase, then the session; bytes for the app that are left when
 /// it ends (an error included) are in `out`.
+/// The app's first messages: SSLRequest answered `S` and TLS ended when
+/// the service has `app_tls` (else `N`: the hop inside the Pod stays
+/// plain), GSSENCRequest `N`; returns the stream and the message after them
+/// (none: the app left).
+async fn negotiate(
+    pg: &PgService,
+    mut tcp: TcpStream,
+) -> Result<Option<(PlainOrTls, Startup)>, PgError> {
+    loop {
+        let first = match protocol::read_startup(&mut tcp).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(PgError::AppProtocol(e)),
+        };
+        match (first, &pg.app_tls) {
+            (Startup::SslRequest, Some(tls)) => {
+                tcp.write_all(b"S").await.map_err(PgError::AppProtocol)?;
+                // The app is in the Pod, but a stalled one must not hold a
+                // client slot.
+                let accepted = tokio::time::timeout(APP_TLS_HANDSHAKE, tls.accept(tcp))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the app's TLS handshake took over 10 s",
+                        ))
+                    });
+                let mut app = PlainOrTls::terminated(accepted.map_err(PgError::AppProtocol)?);
+                return match protocol::read_startup(&mut app).await {
+                    Ok(Startup::SslRequest | Startup::GssEncRequest) => Err(PgError::AppProtocol(
+                        protocol::invalid("an encryption request inside TLS"),
+                    )),
+                    Ok(next) => Ok(Some((app, next))),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+                    Err(e) => Err(PgError::AppProtocol(e)),
+                };
+            }
+            (Startup::SslRequest | Startup::GssEncRequest, _) => {
+                tcp.write_all(b"N").await.map_err(PgError::AppProtocol)?;
+            }
+            (next, _) => return Ok(Some((PlainOrTls::Plain(tcp), next))),
+        }
+    }
+}
+
 async fn session(
     pg: &Arc<PgService>,
-    app: &mut TcpStream,
+    app: &mut PlainOrTls,
+    first: Startup,
     dst: SocketAddr,
     out: &mut BytesMut,
     tally: &mut SessionTally,
 ) -> Result<(), PgError> {
-    let params = loop {
-        match protocol::read_startup(app).await {
-            Ok(Startup::SslRequest) | Ok(Startup::GssEncRequest) => {
-                // The hop inside the Pod stays plain.
-                app.write_all(b"N").await.map_err(PgError::AppProtocol)?;
-            }
-            Ok(Startup::Cancel { pid, key }) => {
-                forward_cancel(pg, pid, key).await;
-                return Ok(());
-            }
-            Ok(Startup::Startup(p)) => break p,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(PgError::AppProtocol(e)),
+    let params = match first {
+        Startup::Cancel { pid, key } => {
+            forward_cancel(pg, pid, key).await;
+            return Ok(());
+        }
+        Startup::Startup(p) => p,
+        Startup::SslRequest | Startup::GssEncRequest => {
+            return Err(PgError::AppProtocol(protocol::invalid(
+                "an encryption request after the startup phase began",
+            )));
         }
     };
     let mut user = None;
@@ -203,6 +256,9 @@ async fn forward_cancel(pg: &PgService, pid: i32, key: i32) {
     }
 }
 
+/// How long the app may take over its TLS handshake.
+const APP_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// Bytes waiting to be written stop reading from the other side past this.
 const HIGH_WATER: usize = 256 * 1024;
 
@@ -269,8 +325,25 @@ impl Relay<'_> {
         }
     }
 
-    async fn run(&mut self, app: &mut TcpStream) -> Result<(), PgError> {
-        let (mut ard, mut awr) = app.split();
+    /// Plain TCP splits for free; a TLS stream through tokio's split.
+    async fn run(&mut self, app: &mut PlainOrTls) -> Result<(), PgError> {
+        match app {
+            PlainOrTls::Plain(tcp) => {
+                let (r, w) = tcp.split();
+                self.pump(r, w).await
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                self.pump(r, w).await
+            }
+        }
+    }
+
+    async fn pump(
+        &mut self,
+        mut ard: impl AsyncRead + Unpin,
+        mut awr: impl AsyncWrite + Unpin,
+    ) -> Result<(), PgError> {
         loop {
             if let Step::AppDone = self.frame_app()? {
                 flush(&mut awr, &mut self.to_app).await;

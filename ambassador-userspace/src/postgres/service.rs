@@ -17,10 +17,13 @@ use super::{
     server::Servers,
 };
 use crate::{
-    config::service::{PoolConfig, PostgresConfig, TargetRole, TlsConfig},
+    config::{
+        ServerTls,
+        service::{PoolConfig, PostgresConfig, TargetRole, TlsConfig, TlsVersion},
+    },
     endpoint::EndpointSet,
     net::Settings,
-    tls::TlsOrigin,
+    tls::{TlsOrigin, TlsTermination},
 };
 
 /// One postgres service, ready for sessions.
@@ -31,6 +34,8 @@ pub struct PgService {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     pub(super) clients: Arc<Semaphore>,
     pub(super) cancels: Arc<cancel::Registry>,
+    /// Ends the app's TLS when it asks (SSLRequest); else the answer is `N`.
+    pub(super) app_tls: Option<TlsTermination>,
 }
 
 impl std::fmt::Debug for PgService {
@@ -69,7 +74,20 @@ impl PgService {
             }
             None => None,
         };
+        let app_tls = match &cfg.app_tls {
+            Some(a) => Some(TlsTermination::new(&ServerTls {
+                cert: a.cert.clone(),
+                key: a.key.clone(),
+                // What libpq 17 offers; older clients offer none.
+                alpn: vec!["postgresql".into()],
+                min_version: TlsVersion::V1_2,
+                client_ca: None,
+                allowed_sans: Vec::new(),
+            })?),
+            None => None,
+        };
         Ok(PgService {
+            app_tls,
             servers: Arc::new(Servers {
                 name: name.to_string(),
                 endpoints,
