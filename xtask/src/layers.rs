@@ -248,6 +248,26 @@ fn blank_literals(text: &str) -> String {
                 }
                 out.push('"');
             }
+            // A char literal ('"', '{', '\''); a lifetime ('a) is left as it is.
+            '\'' => {
+                let mut ahead = chars.clone();
+                let literal = match (ahead.next(), ahead.next()) {
+                    (Some('\\'), _) => true,
+                    (Some(_), Some('\'')) => true,
+                    _ => false,
+                };
+                out.push('\'');
+                if literal {
+                    let mut escaped = false;
+                    for c in chars.by_ref() {
+                        if !escaped && c == '\'' {
+                            break;
+                        }
+                        escaped = !escaped && c == '\\';
+                    }
+                    out.push('\'');
+                }
+            }
             _ => out.push(c),
         }
     }
@@ -486,6 +506,15 @@ mod tests {
             assert!(flat.contains(&want.to_string()), "{want} in {flat:?}");
         }
         assert!(!without_tests("a\n#[cfg(test)]\nmod tests { crate::x::y }\nb").contains("x::y"));
+    }
+
+    #[test]
+    fn char_literals_do_not_open_strings_or_blocks() {
+        let text = "fn f<'a>(x: &'a str) {\n    let q = ['\"', '{', '\\''];\n}\nfn g() {\n}\n";
+        assert_eq!(
+            functions(text),
+            vec![("f".to_string(), 3), ("g".to_string(), 2)]
+        );
     }
 
     #[test]

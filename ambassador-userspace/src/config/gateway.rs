@@ -76,16 +76,7 @@ impl TryFrom<RawRule> for AccessRule {
             (None, Some(p)) => PathMatch::Prefix(valid_path(p)?.trim_end_matches('/').to_string()),
             (None, None) => PathMatch::Any,
         };
-        let methods = r
-            .methods
-            .into_iter()
-            .map(|m| {
-                let up = m.to_ascii_uppercase();
-                http::Method::from_bytes(up.as_bytes())
-                    .map(|_| up)
-                    .map_err(|_| format!("`{}` is not an HTTP method", super::values::clip(&m)))
-            })
-            .collect::<Result<_, _>>()?;
+        let methods = super::values::methods(r.methods)?;
         Ok(AccessRule {
             action: r.action,
             path,

@@ -360,16 +360,8 @@ impl TryFrom<RawMatch> for RouteMatch {
             }
             _ => return Err("match: give one of path, path_prefix, path_regex".into()),
         };
-        let methods = r
-            .methods
-            .into_iter()
-            .map(|m| {
-                let up = m.to_ascii_uppercase();
-                http::Method::from_bytes(up.as_bytes())
-                    .map(|_| up)
-                    .map_err(|_| format!("match.methods: `{}` is not an HTTP method", clip(&m)))
-            })
-            .collect::<Result<_, _>>()?;
+        let methods =
+            super::values::methods(r.methods).map_err(|e| format!("match.methods: {e}"))?;
         let value = |what: &str, v: RawValueMatch| -> Result<ValueMatch, String> {
             match (v.exact, v.regex, v.present) {
                 (Some(e), None, false) => Ok(ValueMatch::Exact(e)),

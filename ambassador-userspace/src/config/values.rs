@@ -213,3 +213,15 @@ pub fn alpn_or_default(alpn: Option<Vec<String>>) -> Result<Vec<String>, String>
     }
     Ok(alpn)
 }
+
+/// HTTP method names, upper-cased; a name that is not one is named.
+pub fn methods(list: Vec<String>) -> Result<Vec<String>, String> {
+    list.into_iter()
+        .map(|m| {
+            let up = m.to_ascii_uppercase();
+            http::Method::from_bytes(up.as_bytes())
+                .map(|_| up)
+                .map_err(|_| format!("`{}` is not an HTTP method", clip(&m)))
+        })
+        .collect()
+}

@@ -52,13 +52,7 @@ pub(super) const ROUNDS: usize = 10;
 /// Quiet, but the harness waits for the proxy's `proxy listening` line.
 const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
 
-#[derive(Clone, Copy, PartialEq)]
-pub(super) enum Via {
-    Direct,
-    Ambassador,
-    Haproxy,
-    Nginx,
-}
+pub(super) use super::http::Via;
 
 /// What the gateway does besides forwarding.
 #[derive(Clone, Copy, PartialEq)]

@@ -164,17 +164,7 @@ pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
 pub(super) fn haproxy_config(ca_file: &Path) -> String {
     let ca = ca_file.display();
     format!(
-        r#"
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  option http-keep-alive
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  timeout http-keep-alive 30s
+        r#"{}
 frontend plain
   bind 127.0.0.1:{HAPROXY_PORT}
   http-request set-header Authorization "{AUTHORIZATION}"
@@ -187,6 +177,22 @@ backend origin
   server s {SERVER_V4}:{ORIGIN_PORT}
 backend origin_tls
   server s {SERVER_V4}:{ORIGIN_TLS_PORT} ssl verify required ca-file {ca} sni str({ORIGIN_NAME}) verifyhost {ORIGIN_NAME}
-"#
+"#,
+        haproxy_common()
     )
+}
+
+/// What every HAProxy here shares: one thread, keep-alive both ways.
+pub(in crate::bench) fn haproxy_common() -> &'static str {
+    r#"
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  timeout http-keep-alive 30s"#
 }

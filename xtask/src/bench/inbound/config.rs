@@ -11,9 +11,12 @@ use std::path::Path;
 use ambassador_tests::POD_V4;
 
 use super::{
-    super::http::{BODY_BYTES, config::nginx_common},
     AMB_JWT_FULL_PORT, AMB_JWT_PORT, AMB_TLS_PORT, APP_DIRECT_PORT, AUDIENCE, HAPROXY_ES256_PORT,
     HAPROXY_RS256_PORT, HAPROXY_TLS_PORT, ISSUER, NGINX_TLS_PORT, USER_HEADER,
+};
+use crate::bench::http::{
+    BODY_BYTES,
+    config::{haproxy_common, nginx_common},
 };
 
 /// The files the gateways read.
@@ -126,21 +129,12 @@ frontend {name}
         )
     };
     format!(
-        r#"
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  option http-keep-alive
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  timeout http-keep-alive 30s
+        r#"{}
 {}{}{}
 backend app
   server app 127.0.0.1:{AMB_TLS_PORT}
 "#,
+        haproxy_common(),
         frontend("jwt_rs256", HAPROXY_RS256_PORT, &jwt("RS256", f.rsa_public)),
         frontend("jwt_es256", HAPROXY_ES256_PORT, &jwt("ES256", f.ec_public)),
         frontend("tls", HAPROXY_TLS_PORT, ""),
