@@ -251,11 +251,10 @@ fn blank_literals(text: &str) -> String {
             // A char literal ('"', '{', '\''); a lifetime ('a) is left as it is.
             '\'' => {
                 let mut ahead = chars.clone();
-                let literal = match (ahead.next(), ahead.next()) {
-                    (Some('\\'), _) => true,
-                    (Some(_), Some('\'')) => true,
-                    _ => false,
-                };
+                let literal = matches!(
+                    (ahead.next(), ahead.next()),
+                    (Some('\\'), _) | (Some(_), Some('\''))
+                );
                 out.push('\'');
                 if literal {
                     let mut escaped = false;
