@@ -211,6 +211,9 @@ pub struct InboundHttpLine<'a> {
     pub duration_ms: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<&'a str>,
+    /// A gRPC response's status (0 is OK).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u16>,
     /// Why the ambassador answered itself, when it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,

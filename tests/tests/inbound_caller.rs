@@ -336,4 +336,10 @@ fn an_http2_app_gets_grpc_calls_with_their_trailers_on_one_connection() {
     );
     // Four callers' connections, one HTTP/2 connection to the app.
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The app's grpc-status trailers are counted, each call once.
+    let m = pod.metrics();
+    assert!(
+        m.contains(r#"ambassador_grpc_responses_total{service="inbound-8080",direction="inbound",grpc_code="OK"} 4"#),
+        "{m}"
+    );
 }

@@ -36,7 +36,7 @@ use crate::{
     access_log,
     http::{
         activity::{Activity, InFlight},
-        headers::{strip_hop_by_hop, upgrade_protocol},
+        headers::{grpc_status, strip_hop_by_hop, upgrade_protocol},
         response::{ERROR_HEADER, error_response, splice_upgraded},
     },
     route::Route,
@@ -165,6 +165,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<CallerConn>) -> Response<R
     let done = Done {
         _in_flight: in_flight,
         span,
+        grpc_status: grpc_status(resp.headers()),
         status: resp.status().as_u16(),
         conn,
         start,
@@ -387,6 +388,8 @@ struct Done {
     span: Option<crate::trace::Span>,
     conn: Arc<CallerConn>,
     status: u16,
+    /// A gRPC app's status, from the head or the trailers.
+    grpc_status: Option<u16>,
     start: Instant,
     log: Option<Box<RequestLog>>,
 }
@@ -408,6 +411,9 @@ impl Done {
         let (c, m) = (&self.conn, &self.conn.policy.metrics);
         m.response(self.status);
         m.duration.observe(took.as_secs_f64());
+        if let Some(code) = self.grpc_status {
+            m.grpc.count(code);
+        }
         if let Some(l) = &self.log {
             access_log::inbound_http(&access_log::InboundHttpLine {
                 service: &m.name,
@@ -420,6 +426,7 @@ impl Done {
                 bytes_out,
                 duration_ms: took.as_secs_f64() * 1000.0,
                 tls: c.tls,
+                grpc_status: self.grpc_status,
                 error: l.error.as_deref(),
             });
         }
@@ -465,6 +472,11 @@ impl Body for CallerBody {
                     let n = d.len() as u64;
                     self.sent += n;
                     self.counter.inc_by(n);
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(code) = grpc_status(t)
+                    && let Some(done) = self.done.as_mut()
+                {
+                    done.grpc_status = Some(code);
                 }
             }
             Poll::Ready(None) => self.ended = true,
