@@ -395,6 +395,12 @@ fn pooling_reuses_server_connections_and_exhaustion_is_a_clear_error() {
         get(r#"ambassador_pg_pool_exhausted_total{service="orders-db"}"#),
         1.0
     );
+    // The wait: most checkouts found the connection free; the refused one
+    // waited its 1 s queue timeout.
+    let waits = get(r#"ambassador_pg_pool_wait_seconds_count{service="orders-db"}"#);
+    let waited_s = get(r#"ambassador_pg_pool_wait_seconds_sum{service="orders-db"}"#);
+    assert!(waits >= 7.0, "{waits} checkouts");
+    assert!((0.9..3.0).contains(&waited_s), "{waited_s} s waited");
     assert_eq!(
         get(r#"ambassador_connections_total{service="orders-db",direction="outbound"}"#),
         8.0

@@ -41,6 +41,11 @@ struct GrpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BytesLabels {
     service: String,
     direction: &'static str,
@@ -93,6 +98,14 @@ fn latency_buckets() -> Histogram {
     ))
 }
 
+/// Seconds a pool checkout waited: 0.1 ms to ~6.5 s, doubling (the queue
+/// timeout is 5 s by default).
+fn wait_buckets() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 17,
+    ))
+}
+
 /// Every family, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -111,6 +124,7 @@ pub struct Metrics {
     auth_failures: Family<ReasonLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
+    pool_wait: Family<PoolLabel, Histogram, fn() -> Histogram>,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -206,6 +220,13 @@ impl Metrics {
             "grpc_responses",
             "gRPC responses, by their grpc-status (from the head, or the trailers)",
         );
+        let pool_wait = Family::new_with_constructor(wait_buckets as fn() -> Histogram);
+        r.register_with_unit(
+            "pg_pool_wait",
+            "How long a PostgreSQL session waited for a server connection of its pool (0 when one was free)",
+            Unit::Seconds,
+            pool_wait.clone(),
+        );
         let refused_fd_limit = Counter::default();
         r.register(
             "fd_limit_refusals",
@@ -236,6 +257,7 @@ impl Metrics {
             auth_failures,
             refusals,
             grpc,
+            pool_wait,
             refused_fd_limit,
             reloads,
             state,
@@ -338,6 +360,13 @@ impl Metrics {
             Inbound::Refusal => &self.refusals,
         };
         Self::reasoned(family, service, "inbound", reason);
+    }
+
+    /// The pool-wait histogram of a postgres service.
+    pub fn pool_wait(&self, service: &str) -> Histogram {
+        self.pool_wait.get_or_create_owned(&PoolLabel {
+            service: service.to_string(),
+        })
     }
 
     /// A request of the app's a service's route refused (`forbidden`,

@@ -177,11 +177,16 @@ impl Pool {
         queue_timeout: Duration,
     ) -> Result<Lease, PgError> {
         let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
+            Ok(p) => {
+                pg.pool_wait.observe(0.0);
+                p
+            }
             Err(_) => {
                 self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let since = tokio::time::Instant::now();
                 let waited =
                     tokio::time::timeout(queue_timeout, self.slots.clone().acquire_owned()).await;
+                pg.pool_wait.observe(since.elapsed().as_secs_f64());
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 match waited {
                     Ok(Ok(p)) => p,

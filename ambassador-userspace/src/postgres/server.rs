@@ -44,6 +44,8 @@ pub struct Servers {
     pub direct_tls: bool,
     pub target: TargetRole,
     pub credentials: Credentials,
+    /// How long sessions waited for a server connection.
+    pub pool_wait: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Login (TLS, startup, authentication, role check) must finish by then.

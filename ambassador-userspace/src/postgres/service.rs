@@ -96,6 +96,7 @@ impl PgService {
                 direct_tls: cfg.direct_tls,
                 target: target.unwrap_or_default(),
                 credentials: Credentials::new(&cfg.credentials_file)?,
+                pool_wait: crate::metrics::get().pool_wait(name),
             }),
             pool: cfg.pool,
             pools: Mutex::new(HashMap::new()),
