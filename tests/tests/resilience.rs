@@ -387,12 +387,15 @@ services:
       endpoints:
         - {{ address: "{SERVER_V4}:9265", priority: 0 }}
         - {{ address: "{SERVER2_V4}:9265", priority: 1 }}
-      health_check: {{ interval: 500ms, unhealthy_threshold: 1, healthy_threshold: 1, tcp: {{}} }}
+      health_check: {{ interval: 500ms, unhealthy_threshold: 3, healthy_threshold: 1, tcp: {{}} }}
 "#
     ));
-    pod.start_proxy();
+    // Listening before the first check; the checks need three failures to
+    // mark the primary down, so the first request after its death (a connect
+    // failure) ejects it first, for 30 s.
     let primary = HttpUpstream::plain(pod.server_listener(SERVER_V4, 9265));
     let _secondary = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 9265));
+    pod.start_proxy();
     let served_by = |pod: &Pod| {
         stdout(&pod.curl(&format!("http://{NOWHERE}:8265/"), &[]))
             .split_whitespace()
