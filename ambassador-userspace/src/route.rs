@@ -258,7 +258,10 @@ impl Route {
 
     /// The route's changes to the path, query and headers (after the
     /// service's own header policy).
-    pub fn apply_request(&self, head: &mut Parts) {
+    /// A rewrite that makes no valid request target (a regex replacement
+    /// putting a space in it, say) is an error: the request must not go
+    /// with the path the route was meant to change.
+    pub fn apply_request(&self, head: &mut Parts) -> Result<(), String> {
         let w = &self.rewrite;
         if w.path_prefix.is_some()
             || w.path_regex.is_some()
@@ -266,11 +269,13 @@ impl Route {
             || !w.remove_query.is_empty()
         {
             let pq = self.rewritten(head.uri.path(), head.uri.query());
-            let mut parts = std::mem::take(&mut head.uri).into_parts();
-            parts.path_and_query = PathAndQuery::try_from(pq).ok().or(parts.path_and_query);
-            head.uri = Uri::from_parts(parts).unwrap_or_default();
+            let bad = || format!("route {}'s rewrite made no valid request target", self.name);
+            let mut parts = head.uri.clone().into_parts();
+            parts.path_and_query = Some(PathAndQuery::try_from(pq).map_err(|_| bad())?);
+            head.uri = Uri::from_parts(parts).map_err(|_| bad())?;
         }
         self.request_headers.apply(&mut head.headers);
+        Ok(())
     }
 
     pub fn apply_response(&self, headers: &mut HeaderMap) {

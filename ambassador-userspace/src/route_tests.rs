@@ -155,7 +155,7 @@ fn forwarded<'a>(r: &'a Routes, uri: &str) -> (Parts, &'a Route) {
         panic!("{uri} did not forward");
     };
     let (mut parts, ()) = req.into_parts();
-    route.apply_request(&mut parts);
+    route.apply_request(&mut parts).unwrap();
     (parts, route)
 }
 
@@ -234,4 +234,19 @@ fn percent_escapes_of_plain_characters_are_not_normal() {
     ] {
         assert!(!is_normal(p), "{p}");
     }
+}
+
+#[test]
+fn a_rewrite_that_makes_no_valid_target_is_an_error_not_the_old_path() {
+    let (_, r) = routes(
+        r#"[{ match: { path_prefix: /a }, rewrite: { path_regex: ["^/a/(.*)$", "/b/$1 x"] } }]"#,
+    );
+    let req = http::Request::get("/a/secret").body(()).unwrap();
+    let Decision::Forward(route) = r.decide(req.method(), req.uri(), req.headers(), Instant::now())
+    else {
+        panic!("did not forward");
+    };
+    let (mut parts, ()) = req.into_parts();
+    let e = route.apply_request(&mut parts).unwrap_err();
+    assert!(e.contains("made no valid request target"), "{e}");
 }

@@ -68,7 +68,9 @@ pub(super) async fn prepare(
     name_upstream(&mut req, to, upstream, app_authority)?;
     if let Some(route) = to.route {
         let (mut head, body) = req.into_parts();
-        route.apply_request(&mut head);
+        route
+            .apply_request(&mut head)
+            .map_err(|e| Refused::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         if let Some((host, authority)) = route.host() {
             head.headers.insert(header::HOST, host.clone());
             // With endpoints the URI's authority is only a name (the

@@ -288,7 +288,8 @@ fn head_for_app(
     }
     conn.caller.apply(&mut parts.headers);
     if let Some(r) = route {
-        r.apply_request(parts);
+        r.apply_request(parts)
+            .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         if let Some((host, _)) = r.host() {
             parts.headers.insert(header::HOST, host.clone());
         }
