@@ -238,10 +238,10 @@ fn percent_escapes_of_plain_characters_are_not_normal() {
 
 #[test]
 fn a_rewrite_that_makes_no_valid_target_is_an_error_not_the_old_path() {
-    let (_, r) = routes(
-        r#"[{ match: { path_prefix: /a }, rewrite: { path_regex: ["^/a/(.*)$", "/b/$1 x"] } }]"#,
-    );
-    let req = http::Request::get("/a/secret").body(()).unwrap();
+    let (_, r) =
+        routes(r#"[{ match: { path_prefix: /a }, rewrite: { path_regex: ["^/a/(.*)$", "$1"] } }]"#);
+    // `/a/` leaves nothing for `$1`: an empty target.
+    let req = http::Request::get("/a/").body(()).unwrap();
     let Decision::Forward(route) = r.decide(req.method(), req.uri(), req.headers(), Instant::now())
     else {
         panic!("did not forward");

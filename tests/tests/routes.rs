@@ -200,6 +200,10 @@ fn route_mistakes_are_one_line_naming_the_field() {
             "give one of exact, regex, present",
         ),
         (
+            "{ match: { path_prefix: /a }, rewrite: { path_regex: [\"^/a(.*)$\", \"/b $1\"] } }",
+            "rewrite.path_regex: the replacement `/b $1` holds characters a path cannot",
+        ),
+        (
             "{ match: { path: /a }, upstream: nowhere }",
             ".routes[0].upstream: `nowhere`: no service has that name",
         ),

@@ -271,9 +271,20 @@ fn rewrite(r: RawRewrite, m: &RouteMatch) -> Result<Rewrite, String> {
     if r.path_prefix.is_some() && r.path_regex.is_some() {
         return Err("rewrite: give path_prefix or path_regex, not both".into());
     }
-    if let Some((pattern, _)) = &r.path_regex {
+    if let Some((pattern, to)) = &r.path_regex {
         regex::Regex::new(pattern)
             .map_err(|e| format!("rewrite.path_regex: `{}`: {e}", clip(pattern)))?;
+        // Its literal part must be path characters: the groups come from a
+        // valid path, so the result is one too.
+        let literal: String = group_refs().replace_all(to, "").into_owned();
+        if literal.contains(['?', '#'])
+            || http::uri::PathAndQuery::try_from(format!("/{literal}").as_str()).is_err()
+        {
+            return Err(format!(
+                "rewrite.path_regex: the replacement `{}` holds characters a path cannot (escape them with %)",
+                clip(to)
+            ));
+        }
     }
     if let Some(h) = &r.host {
         h.parse::<http::uri::Authority>()
@@ -294,6 +305,11 @@ fn rewrite(r: RawRewrite, m: &RouteMatch) -> Result<Rewrite, String> {
         add_query: r.add_query,
         remove_query: r.remove_query,
     })
+}
+
+/// `$1`, `$name`, `${name}` in a replacement.
+fn group_refs() -> regex::Regex {
+    regex::Regex::new(r"\$(\{[^}]*\}|[A-Za-z0-9_]+)").expect("a fixed pattern")
 }
 
 /// Characters a query name or value may hold as written.
