@@ -218,6 +218,9 @@ fn killing_run_outright_never_lets_its_command_tree_go_direct() {
     let log = dir.join("first.log");
     let mut run = run_with_grandchild(&cfg, port, &log);
     let cg = cgroup2_mount().join(format!("ambassador-run-{}", run.id()));
+    // Seen missing once in a full suite run (not reproduced alone): wait
+    // for it, and say so plainly if it never shows.
+    wait_until("run's cgroup", 5, || cg.exists());
     let pins = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/ambassador/cgroup-{}",
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg).unwrap())
