@@ -78,7 +78,8 @@ pub(super) const BODY_BYTES: usize = 1024;
 /// compared round by round too ("won"). Many short rounds rather than a few
 /// long ones, for the same reason. Max and CPU are the median round.
 pub(super) const ROUNDS: usize = 10;
-const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
+/// Quiet, but the harness waits for the proxy's `proxy listening` line.
+pub(super) const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
 
 #[derive(Clone, Copy, PartialEq)]
 pub(super) enum Via {

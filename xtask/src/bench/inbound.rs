@@ -48,11 +48,9 @@ const ISSUER: &str = "https://issuer.bench.test";
 const AUDIENCE: &str = "orders";
 const USER_HEADER: &str = "x-user";
 const USER: &str = "alice";
-pub(super) const ROUNDS: usize = 10;
-/// Quiet, but the harness waits for the proxy's `proxy listening` line.
-const LOG_FILTER: &str = "warn,ambassador_userspace::proxy=info";
-
-pub(super) use super::http::Via;
+/// The HTTP section's rounds and log filter: the two sections are read
+/// side by side.
+pub(super) use super::http::{LOG_FILTER, ROUNDS, Via};
 
 /// What the gateway does besides forwarding.
 #[derive(Clone, Copy, PartialEq)]
