@@ -1,11 +1,13 @@
 //! The admin API: `/live`, `/ready`, `/metrics`, `/config` (secrets
 //! redacted), `/status`, `/log-level`, `/reload`.
 //!
-//! Two doors. On TCP (the Pod's loopback by default) it only answers
+//! Three doors. On TCP (the Pod's loopback by default) it only answers
 //! reads: the app shares that loopback, and must not change what the proxy
 //! does to it. Changes (`PUT /log-level`, `POST /reload`) go through a Unix
 //! socket that only the proxy's own user (and root) can open: a file in the
-//! sidecar's own filesystem, mode 0600, each peer's uid checked again.
+//! sidecar's own filesystem, mode 0600, each peer's uid checked again. And
+//! `/metrics` alone on the Pod's addresses (`proxy.metrics`), for scrapers
+//! outside the Pod, which have no business reading the config.
 
 use std::{
     convert::Infallible,
@@ -29,19 +31,31 @@ pub type LogLevel = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + 
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot listen for the admin API on {addr}: {source} (is another ambassador there? set proxy.admin, or `off`)"
+    "cannot listen for {what} on {addr}: {source} (is another ambassador there? set proxy.{key}, or `off`)"
 )]
 pub struct AdminError {
+    what: &'static str,
+    key: &'static str,
     addr: SocketAddr,
     #[source]
     source: std::io::Error,
 }
 
+/// What a door serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Door {
+    /// `GET /metrics` only (`proxy.metrics`).
+    Metrics,
+    /// Every read (`proxy.admin`).
+    Reads,
+    /// Reads and changes (the admin socket).
+    Changes,
+}
+
 struct Admin {
     live: Arc<Live>,
     log_level: Option<LogLevel>,
-    /// Whether this door may change things (the Unix socket).
-    mutating: bool,
+    door: Door,
 }
 
 /// Why the admin socket could not be served (the start goes on without it).
@@ -63,17 +77,36 @@ pub fn set_log_control(l: LogLevel) {
 /// Binds now (so a taken port fails the start) and serves the read-only
 /// endpoints in the background.
 pub async fn start(addr: SocketAddr, live: Arc<Live>) -> Result<SocketAddr, AdminError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError { addr, source })?;
+    listen(addr, live, Door::Reads).await
+}
+
+/// Binds now and serves `GET /metrics` alone in the background.
+pub async fn start_metrics(addr: SocketAddr, live: Arc<Live>) -> Result<SocketAddr, AdminError> {
+    listen(addr, live, Door::Metrics).await
+}
+
+async fn listen(addr: SocketAddr, live: Arc<Live>, door: Door) -> Result<SocketAddr, AdminError> {
+    let (what, key) = match door {
+        Door::Metrics => ("metrics", "metrics"),
+        _ => ("the admin API", "admin"),
+    };
+    let listener = TcpListener::bind(addr).await.map_err(|source| AdminError {
+        what,
+        key,
+        addr,
+        source,
+    })?;
     let bound = listener.local_addr().unwrap_or(addr);
     register_state(Arc::downgrade(&live));
     let admin = Arc::new(Admin {
         live,
         log_level: LOG_CONTROL.get().cloned(),
-        mutating: false,
+        door,
     });
-    info!(%bound, "admin API listening (read-only on TCP)");
+    match door {
+        Door::Metrics => info!(%bound, "metrics listening (GET /metrics only)"),
+        _ => info!(%bound, "admin API listening (read-only on TCP)"),
+    }
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -107,7 +140,7 @@ pub fn start_socket(path: &std::path::Path, live: Arc<Live>) -> Result<(), Socke
     let admin = Arc::new(Admin {
         live,
         log_level: LOG_CONTROL.get().cloned(),
-        mutating: true,
+        door: Door::Changes,
     });
     // SAFETY: geteuid has no preconditions.
     let own = unsafe { libc::geteuid() };
@@ -297,6 +330,12 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
 impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
+        if self.door == Door::Metrics && path != "/metrics" {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: this listener serves GET /metrics only (the rest of the admin API is on the Pod's loopback)\n",
+            );
+        }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
@@ -322,7 +361,7 @@ impl Admin {
             (&Method::GET, "/config") => json(&*self.live.config()),
             (&Method::GET, "/status") => json(&status(&self.live)),
             (&Method::PUT | &Method::POST, "/log-level") | (&Method::POST, "/reload")
-                if !self.mutating =>
+                if self.door != Door::Changes =>
             {
                 text(
                     StatusCode::FORBIDDEN,

@@ -11,6 +11,8 @@
 //! Everything the tests use is re-exported here, so `use ambassador_tests::*`
 //! finds it wherever it lives.
 
+pub mod containers;
+pub mod dockerfile;
 pub mod framing;
 pub mod jwt;
 mod netns;

@@ -248,24 +248,7 @@ fn inject_errors_are_one_line_naming_the_document_and_the_field() {
 fn dockerfile_matches_the_repository_and_the_manifests() {
     let root = workspace();
     let text = fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
-    // Instructions, continuation lines joined, comments dropped.
-    let mut instructions: Vec<(String, String)> = Vec::new();
-    let mut pending = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if pending.is_empty() && (t.is_empty() || t.starts_with('#')) {
-            continue;
-        }
-        if let Some(head) = t.strip_suffix('\\') {
-            pending.push_str(head);
-            pending.push(' ');
-            continue;
-        }
-        pending.push_str(t);
-        let (op, args) = pending.split_once(' ').unwrap_or((&pending, ""));
-        instructions.push((op.to_ascii_uppercase(), args.trim().to_string()));
-        pending.clear();
-    }
+    let stages = dockerfile::parse(&text).unwrap_or_else(|e| panic!("deploy/Dockerfile: {e}"));
     let ignored: Vec<String> = fs::read_to_string(root.join(".dockerignore"))
         .unwrap()
         .lines()
@@ -273,64 +256,27 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| l.trim_end_matches('/').to_string())
         .collect();
-
-    let mut stages: Vec<(String, String)> = Vec::new(); // (base, name)
+    // What the build copies from the repository: there, and not ignored.
     let mut copied: Vec<String> = Vec::new();
-    let mut final_copies: Vec<(String, String, String)> = Vec::new(); // (from, src, dest)
-    let mut user = None;
-    let mut entrypoint = None;
-    let mut cmd = None;
-    let mut runs = String::new();
-    for (op, args) in &instructions {
-        match op.as_str() {
-            "FROM" => {
-                let w: Vec<&str> = args.split_whitespace().collect();
-                let name = match w.as_slice() {
-                    [_, kw, name] if kw.eq_ignore_ascii_case("as") => name.to_string(),
-                    [_] => String::new(),
-                    _ => panic!("FROM {args}"),
-                };
-                stages.push((w[0].to_string(), name));
-                user = None;
-                entrypoint = None;
-                cmd = None;
-                final_copies.clear();
-            }
-            "COPY" => {
-                let w: Vec<&str> = args.split_whitespace().collect();
-                let from = w
-                    .iter()
-                    .find_map(|a| a.strip_prefix("--from="))
-                    .map(str::to_string);
-                let paths: Vec<&str> = w.iter().copied().filter(|a| !a.starts_with("--")).collect();
-                let (dest, srcs) = paths.split_last().expect("COPY src.. dest");
-                for src in srcs {
-                    match &from {
-                        Some(stage) => {
-                            assert!(
-                                stages[..stages.len() - 1].iter().any(|(_, n)| n == stage),
-                                "COPY --from={stage}: no earlier stage of that name"
-                            );
-                            final_copies.push((stage.clone(), src.to_string(), dest.to_string()));
-                        }
-                        None => {
-                            let s = src.trim_end_matches('/');
-                            assert!(root.join(s).exists(), "COPY {src}: not in the repository");
-                            assert!(
-                                !ignored.iter().any(|i| i == s),
-                                "COPY {src}: in .dockerignore"
-                            );
-                            copied.push(s.to_string());
-                        }
+    for (i, stage) in stages.iter().enumerate() {
+        for c in &stage.copies {
+            match &c.from {
+                Some(from) => assert!(
+                    stages[..i].iter().any(|s| &s.name == from),
+                    "COPY --from={from}: no earlier stage of that name"
+                ),
+                None => {
+                    for src in &c.srcs {
+                        let s = src.trim_end_matches('/');
+                        assert!(root.join(s).exists(), "COPY {src}: not in the repository");
+                        assert!(
+                            !ignored.iter().any(|i| i == s),
+                            "COPY {src}: in .dockerignore"
+                        );
+                        copied.push(s.to_string());
                     }
                 }
             }
-            "RUN" => runs.push_str(args),
-            "USER" => user = Some(args.clone()),
-            "ENTRYPOINT" => entrypoint = Some(args.clone()),
-            "CMD" => cmd = Some(args.clone()),
-            "WORKDIR" | "ARG" | "ENV" | "LABEL" => {}
-            other => panic!("unexpected instruction {other}"),
         }
     }
     assert_eq!(
@@ -361,6 +307,7 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
     }
 
     // Built like `cargo xtask build`, with a toolchain new enough.
+    let runs = &stages[0].runs;
     assert!(runs.contains("cargo xtask build"), "{runs}");
     let bin_manifest = fs::read_to_string(root.join("ambassador-userspace/Cargo.toml")).unwrap();
     let bin_name = bin_manifest
@@ -379,7 +326,7 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
         .find_map(|l| l.strip_prefix("rust-version = "))
         .map(|v| v.trim_matches('"'))
         .expect("rust-version");
-    let builder = &stages[0].0;
+    let builder = &stages[0].base;
     let tag = builder.split(':').nth(1).expect("builder tag");
     let parse = |v: &str| -> Vec<u32> { v.split('.').map(|p| p.parse().unwrap()).collect() };
     let tag_version = tag.split('-').next().unwrap();
@@ -388,7 +335,7 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
         "builder {builder} is older than rust-version {rust_version}"
     );
     // glibc of the builder's Debian must be that of the runtime.
-    let runtime = &stages[1].0;
+    let runtime = &stages[1].base;
     assert!(runtime.starts_with("gcr.io/distroless/"), "{runtime}");
     assert!(
         builder.contains("bookworm") && runtime.contains("debian12"),
@@ -397,19 +344,18 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
 
     // The runtime: the binary where the manifests' exec probes call it, as the proxy's uid.
     let binary = "/usr/local/bin/ambassador";
+    let last = &stages[1];
     assert!(
-        final_copies
+        last.copies
             .iter()
-            .any(|(from, src, dest)| from == &stages[0].1
-                && src.ends_with(&format!("/{bin_name}"))
-                && dest == binary),
-        "{final_copies:?}"
+            .any(|c| c.from.as_ref() == Some(&stages[0].name)
+                && c.srcs.iter().any(|s| s.ends_with(&format!("/{bin_name}")))
+                && c.dest == binary),
+        "{:?}",
+        last.copies
     );
-    assert_eq!(
-        entrypoint.as_deref(),
-        Some(format!("[\"{binary}\"]").as_str())
-    );
-    let user = user.expect("the runtime stage sets USER");
+    assert_eq!(last.entrypoint_argv().unwrap(), [binary]);
+    let user = last.user.clone().expect("the runtime stage sets USER");
     let uid: u32 = user
         .split(':')
         .next()
@@ -419,8 +365,8 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
     assert_eq!(uid, PROXY_UID, "USER {user}");
     assert_ne!(uid, 0);
     assert_eq!(
-        cmd.as_deref(),
-        Some(r#"["proxy", "--config", "/etc/ambassador/config.yaml"]"#)
+        last.cmd_argv().unwrap(),
+        ["proxy", "--config", "/etc/ambassador/config.yaml"]
     );
 
     let deployment = fs::read_to_string(root.join("deploy/kubernetes/deployment.yaml")).unwrap();
@@ -436,4 +382,80 @@ fn dockerfile_matches_the_repository_and_the_manifests() {
         Some(u64::from(uid))
     );
     assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/etc/ambassador");
+}
+
+/// The Pod templates of a manifest's documents (Pods and workloads).
+fn pod_templates(doc: &Value) -> Vec<&Value> {
+    match doc["kind"].as_str() {
+        Some("Pod") => vec![doc],
+        Some("CronJob") => vec![&doc["spec"]["jobTemplate"]["spec"]["template"]],
+        Some(_) if doc["spec"]["template"].is_mapping() => vec![&doc["spec"]["template"]],
+        _ => Vec::new(),
+    }
+}
+
+/// Container runtimes' default AppArmor profile (docker-default,
+/// cri-containerd.apparmor.d) denies writes under /sys/fs/ except the
+/// cgroupfs: a container that pins or unpins in the node's bpffs runs
+/// unconfined, and says so in the manifest. Nothing else does.
+#[test]
+fn containers_that_write_the_bpffs_run_without_apparmor_confinement() {
+    let mut files = Vec::new();
+    yaml_files(&workspace().join("deploy"), &mut files);
+    let mut writers = Vec::new();
+    for file in files {
+        for doc in documents(&fs::read_to_string(&file).unwrap()) {
+            for t in pod_templates(&doc) {
+                let bpffs: Vec<&str> = t["spec"]["volumes"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .filter(|v| v["hostPath"]["path"] == "/sys/fs/bpf")
+                    .filter_map(|v| v["name"].as_str())
+                    .collect();
+                let containers = ["initContainers", "containers"]
+                    .iter()
+                    .flat_map(|k| t["spec"][*k].as_sequence().into_iter().flatten());
+                for c in containers {
+                    let name = c["name"].as_str().unwrap();
+                    let writes = c["volumeMounts"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| {
+                            bpffs.contains(&m["name"].as_str().unwrap_or_default())
+                                && m["readOnly"] != true
+                        });
+                    let key = format!("container.apparmor.security.beta.kubernetes.io/{name}");
+                    let profile = &t["metadata"]["annotations"][key.as_str()];
+                    if writes {
+                        assert_eq!(profile, "unconfined", "{}: {name}", file.display());
+                        // And it calls bpf(2), which default seccomp profiles
+                        // of before 2023 allow only with CAP_SYS_ADMIN.
+                        assert_eq!(
+                            c["securityContext"]["seccompProfile"]["type"],
+                            "Unconfined",
+                            "{}: {name}",
+                            file.display()
+                        );
+                        writers.push(format!(
+                            "{}:{name}",
+                            file.file_name().unwrap().to_string_lossy()
+                        ));
+                    } else {
+                        assert!(
+                            profile.is_null(),
+                            "{}: {name} needs no exception",
+                            file.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    writers.sort();
+    assert_eq!(
+        writers,
+        ["deployment.yaml:ambassador-init", "gc-daemonset.yaml:gc"]
+    );
 }

@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 #[cfg(test)]
 mod layers;
 mod pgo;
@@ -37,6 +38,23 @@ enum Cmd {
         /// bench's ambassador workloads in a simulated Pod; ~10 min), in target/pgo.
         #[arg(long)]
         pgo: bool,
+    },
+    /// The runtime image of deploy/Dockerfile, built offline with podman from the
+    /// release binary (or the PGO one): into podman's local storage, and with
+    /// `--save` to an OCI archive in target/image/ for `kind load image-archive`.
+    Image {
+        /// Build from the profile-guided binary (root; builds it if needed, ~10 min).
+        #[arg(long, conflicts_with = "binary")]
+        pgo: bool,
+        /// Build from this binary instead of building one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The image's name.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Also write target/image/ambassador-VERSION.oci.tar.
+        #[arg(long)]
+        save: bool,
     },
     /// Demo: a local upstream, an unmodified curl under `ambassador run`, the redirect and counters.
     Run,
@@ -97,6 +115,12 @@ fn main() {
     let result = match cli.command {
         Cmd::Build { debug, pgo: false } => build(!debug).map(|_| ()),
         Cmd::Build { pgo: true, .. } => build(true).and_then(|_| pgo::build()).map(|_| ()),
+        Cmd::Image {
+            pgo,
+            binary,
+            tag,
+            save,
+        } => image(pgo, binary, tag, save),
         Cmd::Run => build(true).and_then(|bin| demo::run(&bin)),
         Cmd::Test { args } => test(&args),
         Cmd::Bench {
@@ -205,6 +229,31 @@ fn bench_bins(no_pgo: bool, baseline: Option<PathBuf>) -> anyhow::Result<bench::
     })
 }
 
+/// `cargo xtask image`.
+fn image(
+    pgo: bool,
+    binary: Option<PathBuf>,
+    tag: Option<String>,
+    save: bool,
+) -> anyhow::Result<()> {
+    let bin = match (binary, pgo) {
+        (Some(b), _) => b,
+        (None, true) => build(true).and_then(|_| pgo::build())?,
+        (None, false) => build(true)?,
+    };
+    toolchain::ensure_podman()?;
+    let tag = tag.unwrap_or_else(image::default_tag);
+    image::build(&bin, &tag)?;
+    println!("xtask: image {tag} (from {})", bin.display());
+    if save {
+        println!("xtask: saved as {}", image::save(&tag)?.display());
+    }
+    Ok(())
+}
+
+/// The image the container tests run, from the binary under test.
+const TEST_IMAGE: &str = "localhost/ambassador:test";
+
 /// The cargo that runs xtask (rustup's stable), for host builds.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
@@ -220,6 +269,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let bin = build(false)?;
     toolchain::ensure_test_tools()?;
     let k8s_validate = toolchain::ensure_k8s_validator()?;
+    toolchain::ensure_podman()?;
+    image::build(&bin, TEST_IMAGE).context("building the container tests' image")?;
     let root = root();
     run_cmd(
         Command::new(cargo())
@@ -248,7 +299,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace"])
         .args(extra)
         .env("AMBASSADOR_BIN", &bin)
-        .env("AMBASSADOR_K8S_VALIDATE", &k8s_validate);
+        .env("AMBASSADOR_K8S_VALIDATE", &k8s_validate)
+        .env("AMBASSADOR_IMAGE", TEST_IMAGE);
     let (passed, failed, ignored) = run_counting(&mut cargo_test).context("tests")?;
     // cargo prints one result line per test binary, the last often "0 passed"
     // (doc-tests): close with the total.

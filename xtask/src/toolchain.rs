@@ -119,10 +119,19 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("installing {}", missing.join(" ")))
 }
 
+/// Debian's multiarch triplet for this machine (`x86_64-linux-gnu`,
+/// `aarch64-linux-gnu`): where its shared libraries are.
+pub fn multiarch() -> String {
+    output(Command::new("gcc").arg("-print-multiarch"))
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| format!("{}-linux-gnu", std::env::consts::ARCH))
+}
+
 /// The directory bpf-linker's build wants as LLVM_PREFIX: `lib/libLLVM.so`
 /// pointing at Debian's shared LLVM.
 fn llvm_prefix() -> anyhow::Result<PathBuf> {
-    let libdir = Path::new("/usr/lib/x86_64-linux-gnu");
+    let libdir = Path::new("/usr/lib").join(multiarch());
+    let libdir = libdir.as_path();
     let lib = std::fs::read_dir(libdir)?
         .flatten()
         .map(|e| e.path())
@@ -211,6 +220,13 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         "postgresql-client",
         "python3-psycopg",
     ])
+}
+
+/// podman, to build the image (`cargo xtask image`) and run real Pods in the
+/// container tests, with runc (Debian's crun refuses hybrid cgroup hosts) and
+/// catatonit (the pause process of the pods' infra containers, built locally).
+pub fn ensure_podman() -> anyhow::Result<()> {
+    apt_install(&["podman", "runc", "catatonit"])
 }
 
 /// The pinned offline Kubernetes validator for the deploy tests.
@@ -303,4 +319,14 @@ fn rustc(args: &[&str]) -> anyhow::Result<String> {
         .context("cannot run rustc")?;
     ensure!(out.status.success(), "rustc {args:?} failed");
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_multiarch_triplet_names_this_machines_library_directory() {
+        let t = super::multiarch();
+        assert!(t.starts_with(std::env::consts::ARCH), "{t}");
+        assert!(std::path::Path::new("/usr/lib").join(&t).is_dir(), "{t}");
+    }
 }

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 use super::sidecar::{self, Start};
 use crate::{
     access_log,
-    config::{AdminListen, AdminSocket, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET},
+    config::{AdminListen, AdminSocket, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS},
     inbound, interception,
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
@@ -50,11 +50,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let inbound_port = cfg.inbound.enabled().then_some(cfg.inbound.port);
     let tracing = crate::trace::init_configured(&cfg)?;
     let start = Start {
-        admin: match cfg.proxy.admin {
-            None => Some(DEFAULT_ADMIN),
-            Some(AdminListen::At(a)) => Some(a),
-            Some(AdminListen::Off) => None,
-        },
+        admin: AdminListen::or_default(cfg.proxy.admin, DEFAULT_ADMIN),
+        metrics: AdminListen::or_default(cfg.proxy.metrics, DEFAULT_METRICS),
         // Not given: the default place, where a sidecar has it; a proxy
         // started elsewhere goes on without (SIGHUP still reloads).
         admin_socket: match &cfg.proxy.admin_socket {

@@ -110,10 +110,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
         false => None,
     };
     let start = Start {
-        admin: match cfg.proxy.admin {
-            Some(AdminListen::At(a)) => Some(a),
-            _ => None,
-        },
+        admin: AdminListen::given(cfg.proxy.admin),
+        metrics: AdminListen::given(cfg.proxy.metrics),
         admin_socket: match &cfg.proxy.admin_socket {
             Some(AdminSocket::At(p)) => Some((p.clone(), true)),
             _ => None,

@@ -1,6 +1,6 @@
 //! The one start-up sequence of a serving proxy, `proxy` and `run` alike:
 //! the live config, the hook that carries reloads to the kernel maps, the
-//! admin API's two doors (reads on TCP, changes on the socket), reloads on
+//! admin API's doors (reads on TCP, changes on the socket, metrics alone), reloads on
 //! SIGHUP and file changes, then ready.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -20,6 +20,8 @@ pub struct Start {
     /// Access logging when the file does not say.
     pub access_log_default: bool,
     pub admin: Option<SocketAddr>,
+    /// The metrics listener (`GET /metrics` only).
+    pub metrics: Option<SocketAddr>,
     /// The admin socket, and whether the file asked for it (then a socket
     /// that cannot be made stops the start; else it is a warning).
     pub admin_socket: Option<(PathBuf, bool)>,
@@ -37,6 +39,9 @@ pub async fn start(
     }
     if let Some(at) = s.admin {
         admin::start(at, live.clone()).await?;
+    }
+    if let Some(at) = s.metrics {
+        admin::start_metrics(at, live.clone()).await?;
     }
     if let Some((path, asked)) = s.admin_socket {
         match admin::start_socket(&path, live.clone()) {

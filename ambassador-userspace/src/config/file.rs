@@ -105,6 +105,11 @@ pub enum AdminListen {
 pub const DEFAULT_ADMIN: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15020);
 
+/// The sidecar's metrics listener unless `proxy.metrics` says otherwise: on
+/// the Pod's addresses, where a scraper outside the Pod reaches it.
+pub const DEFAULT_METRICS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 15090);
+
 impl schemars::JsonSchema for AdminListen {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "AdminListen".into()
@@ -112,7 +117,7 @@ impl schemars::JsonSchema for AdminListen {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "address:port for the admin API (like 127.0.0.1:15020), or `off`",
+            "description": "address:port to listen on (like 127.0.0.1:15020), or `off`",
             "examples": ["127.0.0.1:15020", "off"]
         })
     }
@@ -233,6 +238,49 @@ pub struct ProxyConfig {
     /// serves it only when this is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_socket: Option<AdminSocket>,
+    /// The metrics listener: `GET /metrics` and nothing else, for scrapers
+    /// outside the Pod. An address (0.0.0.0:15090 for `proxy`) or `off`.
+    /// `run` serves it only when this is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<AdminListen>,
+}
+
+impl AdminListen {
+    /// Where to listen: the address given, `default` when none is, nothing
+    /// when `off`.
+    pub fn or_default(
+        v: Option<AdminListen>,
+        default: std::net::SocketAddr,
+    ) -> Option<std::net::SocketAddr> {
+        match v {
+            None => Some(default),
+            Some(AdminListen::At(a)) => Some(a),
+            Some(AdminListen::Off) => None,
+        }
+    }
+
+    /// Where to listen when only an address given counts (`run`).
+    pub fn given(v: Option<AdminListen>) -> Option<std::net::SocketAddr> {
+        match v {
+            Some(AdminListen::At(a)) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The TCP ports `proxy` listens on besides the redirect port: never
+    /// steered to the inbound listener.
+    pub fn own_ports(&self) -> impl Iterator<Item = u16> {
+        [
+            AdminListen::or_default(self.admin, DEFAULT_ADMIN),
+            AdminListen::or_default(self.metrics, DEFAULT_METRICS),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|a| a.port())
+        .chain([self.port])
+    }
 }
 
 impl Default for ProxyConfig {
@@ -249,6 +297,7 @@ impl Default for ProxyConfig {
             workers: 1,
             admin: None,
             admin_socket: None,
+            metrics: None,
         }
     }
 }

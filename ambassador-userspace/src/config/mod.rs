@@ -18,8 +18,9 @@ pub mod validate;
 pub mod values;
 
 pub use file::{
-    AdminListen, AdminSocket, Config, ConfigError, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET, FailMode,
-    InterceptConfig, MAX_WORKERS, ProxyConfig, TelemetryConfig, TracingConfig,
+    AdminListen, AdminSocket, Config, ConfigError, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET,
+    DEFAULT_METRICS, FailMode, InterceptConfig, MAX_WORKERS, ProxyConfig, TelemetryConfig,
+    TracingConfig,
 };
 pub use inbound::{
     AppProtocol, InboundConfig, InboundPolicy, InboundPorts, InboundProtocol, ServerTls,

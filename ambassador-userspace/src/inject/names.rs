@@ -12,6 +12,31 @@ pub const ANN_EXCLUDE_INBOUND_PORTS: &str = "ambassador.io/exclude-inbound-ports
 pub const ANN_CONFIG: &str = "ambassador.io/config";
 pub const ANN_SECRETS: &str = "ambassador.io/secrets";
 
+/// The container runtime's default AppArmor profile denies writes under
+/// /sys/fs/ except the cgroupfs, so `init` could not pin in the bpffs: the
+/// init container runs unconfined (the annotation, which Kubernetes 1.29
+/// knows; 1.30+ also has `securityContext.appArmorProfile`).
+pub const ANN_APPARMOR_INIT: &str =
+    "container.apparmor.security.beta.kubernetes.io/ambassador-init";
+/// The usual scrape annotations' names; they name the proxy's metrics
+/// listener only where the Pod has none of its own.
+pub const ANN_SCRAPE: [&str; 3] = [
+    "prometheus.io/scrape",
+    "prometheus.io/port",
+    "prometheus.io/path",
+];
+/// The proxy's metrics listener (`proxy.metrics`' default for `proxy`).
+pub const METRICS_PORT: u16 = crate::config::DEFAULT_METRICS.port();
+pub const METRICS_PORT_NAME: &str = "amb-metrics";
+/// The proxy's uid (`proxy.uid`' default): its sockets are never redirected,
+/// so an app running as this uid would bypass the proxy.
+pub const PROXY_UID: u32 = ambassador_common::DEFAULT_PROXY_UID;
+
+/// The scrape annotations' values for the proxy's metrics listener.
+pub fn scrape_values() -> [String; 3] {
+    ["true".into(), METRICS_PORT.to_string(), "/metrics".into()]
+}
+
 pub const INIT_CONTAINER: &str = "ambassador-init";
 pub const PROXY_CONTAINER: &str = "ambassador-proxy";
 pub const VOL_CONFIG: &str = "ambassador-config";

@@ -165,8 +165,21 @@ pub fn strip(spec: &mut Mapping, annotations: Option<&mut Mapping>) -> bool {
             spec.remove("volumes");
         }
     }
-    if let Some(a) = annotations {
-        found |= a.remove(ANN_INJECTED).is_some();
+    if let Some(a) = annotations
+        && a.remove(ANN_INJECTED).is_some()
+    {
+        found = true;
+        a.remove(ANN_APPARMOR_INIT);
+        let ours = scrape_values();
+        if ANN_SCRAPE
+            .iter()
+            .zip(&ours)
+            .all(|(k, v)| a.get(*k).and_then(Value::as_str) == Some(v.as_str()))
+        {
+            for k in ANN_SCRAPE {
+                a.remove(k);
+            }
+        }
     }
     found
 }
@@ -218,15 +231,23 @@ pub fn inject_template(
         Some(reason) if was_injected => format!("{reason}; the earlier injection was taken out"),
         Some(reason) => reason,
         None => {
+            check_app_uids(spec, &at("spec"), ctx)?;
             add(spec, &asked, opts);
             let a = annotations_now.get_or_insert_with(Mapping::new);
-            a.insert(ANN_INJECTED.into(), env!("CARGO_PKG_VERSION").into());
-            if was_injected {
+            let scrape_taken = add_annotations(a);
+            let mut line = if was_injected {
                 "injected again"
             } else {
                 "injected"
             }
-            .to_string()
+            .to_string();
+            if scrape_taken {
+                line.push_str(&format!(
+                    " (the Pod's prometheus.io annotations are its own: the proxy's metrics, \
+                     on port {METRICS_PORT}, are not announced)"
+                ));
+            }
+            line
         }
     };
     if let Some(a) = annotations_now {
@@ -236,6 +257,59 @@ pub fn inject_template(
         return Ok("already injected, unchanged".into());
     }
     Ok(report)
+}
+
+/// Ours, after the injection's containers; true when the Pod has scrape
+/// annotations of its own (left as they are).
+fn add_annotations(a: &mut Mapping) -> bool {
+    a.insert(ANN_INJECTED.into(), env!("CARGO_PKG_VERSION").into());
+    a.insert(ANN_APPARMOR_INIT.into(), "unconfined".into());
+    let taken = ANN_SCRAPE.iter().any(|k| a.contains_key(*k));
+    if !taken {
+        for (k, v) in ANN_SCRAPE.iter().zip(scrape_values()) {
+            a.insert((*k).into(), v.into());
+        }
+    }
+    taken
+}
+
+/// The proxy's sockets are never redirected: an app container running as
+/// its uid would bypass it, silently. Refused, naming where the uid is set.
+fn check_app_uids(spec: &Mapping, spec_field: &str, ctx: &Ctx) -> Result<(), InjectError> {
+    let uid_of = |v: Option<&Value>| {
+        v.and_then(|sc| get(sc, "runAsUser"))
+            .and_then(Value::as_u64)
+    };
+    let pod_uid = uid_of(spec.get("securityContext"));
+    for key in ["initContainers", "containers"] {
+        let Some(Value::Sequence(list)) = spec.get(key) else {
+            continue;
+        };
+        for (i, c) in list.iter().enumerate() {
+            let (uid, field) = match uid_of(get(c, "securityContext")) {
+                Some(u) => (
+                    u,
+                    format!("{spec_field}.{key}[{i}].securityContext.runAsUser"),
+                ),
+                None => match pod_uid {
+                    Some(u) => (u, format!("{spec_field}.securityContext.runAsUser")),
+                    None => continue,
+                },
+            };
+            if uid == u64::from(PROXY_UID) {
+                let name = get_str(c, "name").unwrap_or("(unnamed)");
+                return Err(ctx.err(
+                    field,
+                    format!(
+                        "container `{name}` runs as uid {uid}, the proxy's own (proxy.uid), whose \
+                         connections are never redirected: it would bypass the proxy; run it as \
+                         another uid"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The template's spec is a mapping whose lists are lists (a null one is

@@ -404,3 +404,102 @@ fn deploy_manifests_are_what_inject_makes() {
     assert_eq!(cfg.proxy.uid, 1337);
     assert_eq!(cfg.proxy.uid, ambassador_common::DEFAULT_PROXY_UID);
 }
+
+#[test]
+fn the_init_container_runs_unconfined_and_the_metrics_port_is_announced() {
+    let v = &parse_all(&run(DEPLOYMENT).text)[0];
+    let a = at(v, "spec.template.metadata.annotations");
+    // The runtime's default AppArmor profile denies writes to the bpffs.
+    assert_eq!(a[ANN_APPARMOR_INIT], "unconfined");
+    assert!(ANN_APPARMOR_INIT.ends_with(&format!("/{INIT_CONTAINER}")));
+    assert_eq!(a["prometheus.io/scrape"], "true");
+    assert_eq!(a["prometheus.io/port"], "15090");
+    assert_eq!(a["prometheus.io/path"], "/metrics");
+    let proxy = at(v, "spec.template.spec.initContainers.1");
+    assert_eq!(at(proxy, "ports.0.containerPort").as_u64(), Some(15090));
+    assert_eq!(at(proxy, "ports.0.name"), METRICS_PORT_NAME);
+    assert!(
+        METRICS_PORT_NAME.len() <= 15,
+        "a port name is an IANA_SVC_NAME"
+    );
+}
+
+#[test]
+fn the_apps_own_scrape_annotations_are_left_alone() {
+    let own = DEPLOYMENT.replace(
+        "      labels: {app: web}\n",
+        "      labels: {app: web}\n      annotations: {prometheus.io/scrape: 'true', prometheus.io/port: '9102'}\n",
+    );
+    let out = run(&own);
+    assert!(
+        out.report[0].contains("the Pod's prometheus.io annotations are its own"),
+        "{:?}",
+        out.report
+    );
+    let v = &parse_all(&out.text)[0];
+    let a = at(v, "spec.template.metadata.annotations");
+    assert_eq!(a["prometheus.io/port"], "9102");
+    assert!(a.get("prometheus.io/path").is_none());
+    // Injecting again changes nothing, and taking the injection out keeps them.
+    assert_eq!(run(&out.text).text, out.text);
+    let off = out.text.replace(
+        "prometheus.io/port: '9102'",
+        "prometheus.io/port: '9102'\n        ambassador.io/inject: 'false'",
+    );
+    let v = &parse_all(&run(&off).text)[0];
+    let a = at(v, "spec.template.metadata.annotations");
+    assert_eq!(a["prometheus.io/port"], "9102");
+    assert!(a.get(ANN_APPARMOR_INIT).is_none());
+    // Ours, once injected, go with the injection.
+    let ours = run(DEPLOYMENT).text.replace(
+        "      annotations:\n",
+        "      annotations:\n        ambassador.io/inject: 'false'\n",
+    );
+    let v = &parse_all(&run(&ours).text)[0];
+    let a = at(v, "spec.template.metadata.annotations");
+    assert!(a.get("prometheus.io/scrape").is_none(), "{a:?}");
+    assert!(a.get(ANN_APPARMOR_INIT).is_none());
+}
+
+#[test]
+fn an_app_running_as_the_proxys_uid_is_refused() {
+    let container = DEPLOYMENT.replace(
+        "{name: web, image: web:1}",
+        "{name: web, image: web:1, securityContext: {runAsUser: 1337}}",
+    );
+    let e = inject(&container, &Options::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "document 1 (line 1, Deployment web): spec.template.spec.containers[0].securityContext.runAsUser: \
+         container `web` runs as uid 1337, the proxy's own (proxy.uid), whose connections are never \
+         redirected: it would bypass the proxy; run it as another uid"
+    );
+    // Set for the whole Pod, it reaches the app's init containers too.
+    let pod = DEPLOYMENT.replace(
+        "      initContainers:\n",
+        "      securityContext: {runAsUser: 1337}\n      initContainers:\n",
+    );
+    let e = inject(&pod, &Options::default()).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "spec.template.spec.securityContext.runAsUser: container `migrate` runs as uid 1337"
+        ),
+        "{e}"
+    );
+    // Every container overriding the Pod's uid: nothing runs as 1337.
+    let overridden = pod
+        .replace(
+            "{name: migrate, image: migrate:1}",
+            "{name: migrate, image: migrate:1, securityContext: {runAsUser: 1000}}",
+        )
+        .replace(
+            "{name: web, image: web:1}",
+            "{name: web, image: web:1, securityContext: {runAsUser: 1000}}",
+        );
+    assert_eq!(
+        run(&overridden).report,
+        vec!["ambassador: Deployment web: injected"]
+    );
+}

@@ -193,15 +193,25 @@ fn by_own_cgroup(mounts: &[Cgroup2Mount], name: &str) -> Result<Option<PodCgroup
     Ok(None)
 }
 
-/// True when a directory name is the kubelet's name for the Pod `uid`.
+/// True when a directory is the kubelet's name for the Pod `uid` (either
+/// cgroup driver), or podman's for the pod `uid` (`kube play` gives its pod
+/// ID as `metadata.uid`): `libpod_parent/<id>` with cgroupfs,
+/// `machine-libpod_pod_<id>.slice` with systemd.
 fn named_after(dir: &Path, uid: &str) -> bool {
     let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
         return false;
     };
+    let in_libpod_parent = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|p| p == "libpod_parent");
+    if in_libpod_parent && name == uid {
+        return true;
+    }
     let name = name.strip_suffix(".slice").unwrap_or(name);
     [uid.to_string(), uid.replace('-', "_")].iter().any(|u| {
         name.strip_suffix(u.as_str())
-            .is_some_and(|p| p.ends_with("pod"))
+            .is_some_and(|p| p.ends_with("pod") || p.ends_with("-libpod_pod_"))
     })
 }
 
@@ -457,6 +467,20 @@ mod tests {
              kubepods-besteffort-pod0b6ad8e2_4b1c_4d8e_9e0f_2f6f1c1c2a3b.slice",
         ] {
             assert!(named_after(Path::new(name), uid), "{name}");
+        }
+        // podman (`kube play`), whose pod ID is the Pod's `metadata.uid`.
+        let id = "04ccee82c07c268cebf6ea07595526b8cf53301beacbda52c8d22a1d80427558";
+        for name in [
+            format!("/sys/fs/cgroup/libpod_parent/{id}"),
+            format!("/sys/fs/cgroup/machine.slice/machine-libpod_pod_{id}.slice"),
+        ] {
+            assert!(named_after(Path::new(&name), id), "{name}");
+        }
+        for name in [
+            format!("/sys/fs/cgroup/other/{id}"),
+            format!("/sys/fs/cgroup/libpod_parent/x{id}"),
+        ] {
+            assert!(!named_after(Path::new(&name), id), "{name}");
         }
         for name in [
             "/sys/fs/cgroup/kubepods/burstable/pod1b6ad8e2-4b1c-4d8e-9e0f-2f6f1c1c2a3b",

@@ -189,13 +189,7 @@ pub fn write_inbound_ports<T: std::borrow::BorrowMut<MapData>>(
     if let crate::config::InboundPorts::List(l) = &i.ports {
         want.extend(l.iter().map(|p| (*p, m::IN_PORT_INTERCEPT)));
     }
-    let own = [cfg.proxy.port, i.port]
-        .into_iter()
-        .chain(match cfg.proxy.admin {
-            Some(crate::config::AdminListen::At(a)) => Some(a.port()),
-            Some(crate::config::AdminListen::Off) => None,
-            None => Some(crate::config::DEFAULT_ADMIN.port()),
-        });
+    let own = cfg.proxy.own_ports().chain([i.port]);
     want.extend(
         i.exclude_ports
             .iter()
