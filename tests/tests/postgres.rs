@@ -443,12 +443,42 @@ fn cancel_goes_through_the_ambassador() {
     assert!(s.pod.wait_log("cancel request passed on"));
 }
 
+/// The driver workloads of tests/clients/pg_drivers.py (asyncpg, psycopg 3).
+fn drivers(pod: &Pod, args: &[&str]) -> Output {
+    let mut cmd = pod.app("/usr/bin/python3");
+    cmd.arg(workspace().join("tests/clients/pg_drivers.py"))
+        .args(args);
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
+    assert!(in_time, "driver workload hung: {}", stderr(&out));
+    out
+}
+
+/// One sample of a counter in the proxy's /metrics.
+fn metric(pod: &Pod, line_start: &str) -> u64 {
+    let (_, text) = pod.admin("GET", "/metrics", "");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 #[test]
-fn named_prepared_statements_refused_in_transaction_mode_and_working_in_session_mode() {
-    let (mut s, _pg) = orders_app();
+fn drivers_that_prepare_statements_share_few_server_connections_in_transaction_mode() {
+    let (mut s, pg) = orders_app();
+    pg.sql("ALTER DATABASE orders OWNER TO app");
     let (ca, creds) = s.paths();
+    let small = "198.18.0.7";
     s.start(&[
-        s.orders_service("tx", "{ mode: transaction }"),
+        s.orders_service("tx", "{ mode: transaction, size: 2 }"),
+        service(
+            "small",
+            small,
+            &["198.18.0.2:5432"],
+            &ca,
+            &creds,
+            "",
+            "{ mode: transaction, size: 1, max_prepared_statements: 2 }",
+        ),
         service(
             "session",
             SESSION_VIP,
@@ -459,27 +489,73 @@ fn named_prepared_statements_refused_in_transaction_mode_and_working_in_session_
             "{ mode: session }",
         ),
     ]);
-    let out = py(&s.pod, &["prepared", &dsn(VIP, "app"), "3"]);
-    let e = failed(&out);
+    // asyncpg prepares everything (its statement cache, prepare(),
+    // executemany in a transaction): 20 connections over 2 servers.
+    assert_eq!(
+        ok(&drivers(&s.pod, &["asyncpg", VIP, "20", "20"])),
+        "ok 1200"
+    );
+    let app_servers = || {
+        pg.sql("select count(*) from pg_stat_activity where usename = 'app'")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    assert!(app_servers() <= 2, "{}", app_servers());
+    // psycopg 3 with its default prepare_threshold and a cache of two: it
+    // sends DEALLOCATE by name as it rotates, DEALLOCATE ALL after a rollback.
+    assert_eq!(ok(&drivers(&s.pod, &["psycopg", VIP, "8", "20"])), "ok 480");
+    // A pool per user, database and startup parameters: psycopg's differ
+    // from asyncpg's.
+    assert!(app_servers() <= 4, "{}", app_servers());
+    let prepared = metric(
+        &s.pod,
+        r#"ambassador_pg_prepared_statements_total{service="tx",event="prepared"} "#,
+    );
+    let reused = metric(
+        &s.pod,
+        r#"ambassador_pg_prepared_statements_total{service="tx",event="reused"} "#,
+    );
+    // Prepared once per server connection and statement, reused after.
     assert!(
-        e.contains("named prepared statements are not supported in transaction pooling mode"),
+        prepared > 0 && reused > 10 * prepared,
+        "{prepared} prepared, {reused} reused"
+    );
+
+    // Five statements through a connection that keeps two: closed and
+    // prepared again as they come back, unseen by the app.
+    assert_eq!(
+        ok(&drivers(&s.pod, &["distinct", small, "5", "4"])),
+        "ok 20"
+    );
+    let evicted = metric(
+        &s.pod,
+        r#"ambassador_pg_prepared_statements_total{service="small",event="evicted"} "#,
+    );
+    assert!(evicted >= 15, "{evicted}");
+    eprintln!(
+        "prepared statements: {prepared} prepared, {reused} reused (tx), {evicted} evicted (small)"
+    );
+
+    // SQL-level PREPARE would be bound to one server connection: refused.
+    let e = failed(&drivers(&s.pod, &["sql-prepare", VIP]));
+    assert!(
+        e.contains("SQL PREPARE is not supported in transaction pooling"),
         "{e}"
     );
-    // Unnamed statements (psycopg's default) are fine in transaction mode.
+    // Unnamed statements pass as they are.
     assert_eq!(
         ok(&py(&s.pod, &["query", &dsn(VIP, "app"), "select 1 + 1"])),
         "2"
     );
-    assert_eq!(
-        ok(&py(&s.pod, &["prepared", &dsn(SESSION_VIP, "app"), "3"])),
-        "2 3 4"
-    );
-    // Session reuse after DISCARD ALL: the statements are gone, so a new
-    // session preparing the same names works again.
-    assert_eq!(
-        ok(&py(&s.pod, &["prepared", &dsn(SESSION_VIP, "app"), "3"])),
-        "2 3 4"
-    );
+    // Session mode passes named statements straight through; a session
+    // reused after DISCARD ALL prepares the same names again.
+    for _ in 0..2 {
+        assert_eq!(
+            ok(&py(&s.pod, &["prepared", &dsn(SESSION_VIP, "app"), "3"])),
+            "2 3 4"
+        );
+    }
 }
 
 #[test]

@@ -215,10 +215,11 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         // The config schema test validates the examples with these.
         "python3-jsonschema",
         "python3-yaml",
-        // The database ambassador's tests: real servers, psql, a python driver.
+        // The database ambassador's tests: real servers, psql, python drivers.
         "postgresql",
         "postgresql-client",
         "python3-psycopg",
+        "python3-asyncpg",
     ])
 }
 

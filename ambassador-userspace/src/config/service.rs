@@ -97,6 +97,9 @@ pub struct PoolConfig {
     )]
     #[schemars(with = "super::values::DurationText")]
     pub queue_timeout: Duration,
+    /// Transaction mode: named prepared statements each server connection
+    /// keeps (least recently used closed first); 0 refuses them.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -107,6 +110,7 @@ impl Default for PoolConfig {
             min_idle: 0,
             max_clients: 500,
             queue_timeout: Duration::from_secs(5),
+            max_prepared_statements: 200,
         }
     }
 }

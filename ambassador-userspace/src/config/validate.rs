@@ -222,21 +222,7 @@ fn check_service(s: &service::ServiceConfig) -> Result<(), String> {
             return Err(".postgres: needs `protocol: postgres`".into());
         }
         (Some(pg), true) => {
-            let p = &pg.pool;
-            if !(1..=MAX_LIMIT).contains(&p.size) || !(1..=MAX_LIMIT).contains(&p.max_clients) {
-                return Err(format!(
-                    ".postgres.pool: size and max_clients between 1 and {MAX_LIMIT}"
-                ));
-            }
-            if p.min_idle > p.size {
-                return Err(format!(
-                    ".postgres.pool.min_idle: at most pool.size ({})",
-                    p.size
-                ));
-            }
-            if p.queue_timeout.is_zero() {
-                return Err(".postgres.pool.queue_timeout: must be more than 0".into());
-            }
+            check_pool(&pg.pool)?;
             if pg.direct_tls && s.upstream.tls.is_none() {
                 return Err(".postgres.direct_tls: needs upstream.tls".into());
             }
@@ -279,4 +265,28 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
                 .starts_with(needle)
         })
         .map(|i| i + 1)
+}
+
+/// A postgres service's pool limits.
+fn check_pool(p: &crate::config::service::PoolConfig) -> Result<(), String> {
+    if !(1..=MAX_LIMIT).contains(&p.size) || !(1..=MAX_LIMIT).contains(&p.max_clients) {
+        return Err(format!(
+            ".postgres.pool: size and max_clients between 1 and {MAX_LIMIT}"
+        ));
+    }
+    if p.min_idle > p.size {
+        return Err(format!(
+            ".postgres.pool.min_idle: at most pool.size ({})",
+            p.size
+        ));
+    }
+    if p.max_prepared_statements > MAX_LIMIT {
+        return Err(format!(
+            ".postgres.pool.max_prepared_statements: at most {MAX_LIMIT}"
+        ));
+    }
+    if p.queue_timeout.is_zero() {
+        return Err(".postgres.pool.queue_timeout: must be more than 0".into());
+    }
+    Ok(())
 }

@@ -78,6 +78,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatementLabels {
+    service: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeniedLabels {
     protocol: &'static str,
     reason: &'static str,
@@ -125,6 +131,7 @@ pub struct Metrics {
     refusals: Family<ReasonLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
     pool_wait: Family<PoolLabel, Histogram, fn() -> Histogram>,
+    statements: Family<StatementLabels, Counter>,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -227,6 +234,11 @@ impl Metrics {
             Unit::Seconds,
             pool_wait.clone(),
         );
+        let statements = registered(
+            &mut r,
+            "pg_prepared_statements",
+            "Named prepared statements in transaction pooling: prepared on a server connection, reused where one had it, evicted (closed) from a full one",
+        );
         let refused_fd_limit = Counter::default();
         r.register(
             "fd_limit_refusals",
@@ -258,6 +270,7 @@ impl Metrics {
             refusals,
             grpc,
             pool_wait,
+            statements,
             refused_fd_limit,
             reloads,
             state,
@@ -366,6 +379,15 @@ impl Metrics {
     pub fn pool_wait(&self, service: &str) -> Histogram {
         self.pool_wait.get_or_create_owned(&PoolLabel {
             service: service.to_string(),
+        })
+    }
+
+    /// The prepared-statement counter of a postgres service for `event`
+    /// (`prepared`, `reused`, `evicted`).
+    pub fn pg_statements(&self, service: &str, event: &'static str) -> Counter {
+        self.statements.get_or_create_owned(&StatementLabels {
+            service: service.to_string(),
+            event,
         })
     }
 

@@ -175,6 +175,25 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
     });
 }
 
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| {
+        b.put_slice(tag.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+/// A frontend message whose body is a kind byte and a name (Describe,
+/// Close), or a Parse: the name, NUL-terminated, then `rest`.
+pub fn named_message(buf: &mut BytesMut, tag: u8, kind: Option<u8>, name: &[u8], rest: &[u8]) {
+    message(buf, tag, |b| {
+        if let Some(k) = kind {
+            b.put_u8(k);
+        }
+        b.put_slice(name);
+        b.put_slice(rest);
+    });
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
 }
@@ -184,12 +203,15 @@ pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
 pub enum Severity {
     /// The session ends.
     Fatal,
+    /// This request failed; the session goes on.
+    Error,
 }
 
 /// An ErrorResponse, as a driver shows it: severity, SQLSTATE, message.
 pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, msg: &str) {
     let sev = match severity {
         Severity::Fatal => "FATAL",
+        Severity::Error => "ERROR",
     };
     message(buf, b'E', |b| {
         for (field, value) in [(b'S', sev), (b'V', sev), (b'C', code), (b'M', msg)] {

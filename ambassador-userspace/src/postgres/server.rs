@@ -62,6 +62,8 @@ pub struct ServerConn {
     pub key: i32,
     /// ParameterStatus values the server reported at login.
     pub params: Vec<(String, String)>,
+    /// Named statements prepared here (transaction pooling).
+    pub statements: super::statements::ServerStatements,
 }
 
 impl ServerConn {
@@ -84,6 +86,7 @@ impl ServerConn {
         let io = |source| PgError::ServerIo { addr, source };
         let mut out = BytesMut::new();
         frontend::query("DISCARD ALL", &mut out).map_err(io)?;
+        self.statements.clear();
         self.wr.write_all(&out).await.map_err(io)?;
         let mut buf = BytesMut::new();
         let mut failed = None;
@@ -350,6 +353,7 @@ async fn login(
         pid,
         key,
         params,
+        statements: Default::default(),
     })
 }
 

@@ -36,6 +36,8 @@ pub struct PgService {
     pub(super) cancels: Arc<cancel::Registry>,
     /// Ends the app's TLS when it asks (SSLRequest); else the answer is `N`.
     pub(super) app_tls: Option<TlsTermination>,
+    /// Named statements' server-side names (transaction pooling).
+    pub(super) statements: super::statements::Registry,
 }
 
 impl std::fmt::Debug for PgService {
@@ -102,6 +104,7 @@ impl PgService {
             pools: Mutex::new(HashMap::new()),
             clients: Arc::new(Semaphore::new(cfg.pool.max_clients)),
             cancels: Arc::new(cancel::Registry::default()),
+            statements: Default::default(),
         })
     }
 
