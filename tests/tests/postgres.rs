@@ -652,6 +652,78 @@ fn failover_to_a_promoted_replica() {
 }
 
 #[test]
+fn a_reader_service_sends_sessions_to_the_replica_and_falls_back_to_the_primary() {
+    let mut s = setup("app: app-pass\n");
+    let primary = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
+    primary.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
+    primary.sql("CREATE DATABASE orders OWNER app");
+    primary.sql("CREATE ROLE replicator REPLICATION LOGIN PASSWORD 'rep-pass'");
+    let mut replica = PgServer::replica_of(&primary, &s.pod.servers, SERVER2_V4, 5432, "rep-pass");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.sql("select count(*) from pg_stat_replication where state = 'streaming'") != "1" {
+        assert!(Instant::now() < deadline, "replica is not streaming");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (ca, creds) = s.paths();
+    let reader = "198.18.0.6";
+    let both = ["198.18.0.2:5432", "198.18.0.3:5432"];
+    s.start(&[
+        service(
+            "writer",
+            VIP,
+            &both,
+            &ca,
+            &creds,
+            "      target: read-write\n",
+            "{ mode: transaction, size: 2 }",
+        ),
+        service(
+            "reader",
+            reader,
+            &both,
+            &ca,
+            &creds,
+            "      target: prefer-standby\n",
+            "{ mode: transaction, size: 2 }",
+        ),
+    ]);
+    let q = "select host(inet_server_addr()), pg_is_in_recovery()";
+    for _ in 0..3 {
+        assert_eq!(ok(&psql(&s.pod, "app", q)), "198.18.0.2|f");
+        assert_eq!(ok(&psql_env(&s.pod, reader, "app", q, &[])), "198.18.0.3|t");
+    }
+    // The reader's sessions are on the replica: writes are refused there.
+    let e = failed(&psql_env(
+        &s.pod,
+        reader,
+        "app",
+        "create table t (i int)",
+        &[],
+    ));
+    assert!(e.contains("read-only transaction"), "{e}");
+    // With the replica gone, readers go to the primary (prefer-standby).
+    replica.kill();
+    let since = Instant::now();
+    loop {
+        let out = psql_env(&s.pod, reader, "app", q, &[]);
+        if out.status.success() && stdout(&out).trim() == "198.18.0.2|f" {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "readers never moved to the primary: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "readers on the primary {:?} after the replica died",
+        since.elapsed()
+    );
+}
+
+#[test]
 fn direct_tls_with_alpn_postgresql() {
     let mut s = setup("app: app-pass\n");
     let pg = PgServer::start(&s.pod.servers, SERVER_V4, 5432, PgTls::Off, "su-pass");

@@ -163,10 +163,7 @@ fn summary(path: &Path, cfg: &Config) -> String {
                 pg.pool.min_idle,
                 pg.pool.max_clients,
                 pg.pool.queue_timeout,
-                match s.upstream.target.unwrap_or_default() {
-                    crate::config::service::TargetRole::ReadWrite => "read-write",
-                    crate::config::service::TargetRole::Any => "any",
-                },
+                s.upstream.target.unwrap_or_default().as_str(),
                 if pg.direct_tls { ", direct TLS" } else { "" },
                 pg.credentials_file.display()
             );

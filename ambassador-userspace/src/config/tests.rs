@@ -495,3 +495,32 @@ fn inbound_tls_and_proxy_protocol_mistakes_are_named() {
         assert!(e.contains(want), "{text}: {e}");
     }
 }
+
+#[test]
+fn target_roles_choose_servers_as_libpq_does() {
+    use service::{Fit, ServerRole, TargetRole::*};
+    let primary = ServerRole {
+        standby: false,
+        read_only_default: false,
+    };
+    let standby = ServerRole {
+        standby: true,
+        read_only_default: false,
+    };
+    let ro_primary = ServerRole {
+        standby: false,
+        read_only_default: true,
+    };
+    let table = [
+        (ReadWrite, [Fit::Yes, Fit::No, Fit::No]),
+        (Any, [Fit::Yes, Fit::Yes, Fit::Yes]),
+        (ReadOnly, [Fit::No, Fit::Yes, Fit::Yes]),
+        (Primary, [Fit::Yes, Fit::No, Fit::Yes]),
+        (Standby, [Fit::No, Fit::Yes, Fit::No]),
+        (PreferStandby, [Fit::Fallback, Fit::Yes, Fit::Fallback]),
+    ];
+    for (target, want) in table {
+        let got = [primary, standby, ro_primary].map(|r| target.fits(r));
+        assert_eq!(got, want, "{}", target.as_str());
+    }
+}

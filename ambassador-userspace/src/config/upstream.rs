@@ -17,6 +17,68 @@ pub enum TargetRole {
     /// Any server that answers.
     #[serde(rename = "any")]
     Any,
+    /// Only a server that does not take writes by default (a standby, or
+    /// `default_transaction_read_only` on).
+    #[serde(rename = "read-only")]
+    ReadOnly,
+    /// Only a server that is not in recovery.
+    #[serde(rename = "primary")]
+    Primary,
+    /// Only a server in recovery (a replica).
+    #[serde(rename = "standby")]
+    Standby,
+    /// A replica when one answers, else any server: the reader side of a
+    /// read/write split that still works while the replicas are down.
+    #[serde(rename = "prefer-standby")]
+    PreferStandby,
+}
+
+/// What a server is, as far as choosing it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerRole {
+    /// In recovery (`in_hot_standby`).
+    pub standby: bool,
+    /// `default_transaction_read_only` on.
+    pub read_only_default: bool,
+}
+
+/// Whether a server will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    Yes,
+    /// Only if no better one answers (`prefer-standby` and a primary).
+    Fallback,
+    No,
+}
+
+impl TargetRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetRole::ReadWrite => "read-write",
+            TargetRole::Any => "any",
+            TargetRole::ReadOnly => "read-only",
+            TargetRole::Primary => "primary",
+            TargetRole::Standby => "standby",
+            TargetRole::PreferStandby => "prefer-standby",
+        }
+    }
+
+    /// As libpq decides `target_session_attrs`.
+    pub fn fits(self, r: ServerRole) -> Fit {
+        let read_only = r.standby || r.read_only_default;
+        let yes = match self {
+            TargetRole::Any => true,
+            TargetRole::ReadWrite => !read_only,
+            TargetRole::ReadOnly => read_only,
+            TargetRole::Primary => !r.standby,
+            TargetRole::Standby | TargetRole::PreferStandby => r.standby,
+        };
+        match (yes, self) {
+            (true, _) => Fit::Yes,
+            (false, TargetRole::PreferStandby) => Fit::Fallback,
+            (false, _) => Fit::No,
+        }
+    }
 }
 
 #[derive(

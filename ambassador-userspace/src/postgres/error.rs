@@ -49,8 +49,12 @@ pub enum PgError {
     AuthMethod { addr: SocketAddr, method: String },
     #[error("SCRAM authentication with server {addr} failed: {reason}")]
     Scram { addr: SocketAddr, reason: String },
-    #[error("service {service}: no endpoint is a reachable read-write server ({reasons})")]
-    NoServerWithRole { service: String, reasons: String },
+    #[error("service {service}: no endpoint is a reachable {target} server ({reasons})")]
+    NoServerWithRole {
+        service: String,
+        target: &'static str,
+        reasons: String,
+    },
     #[error("server connection to {addr} failed: {source}")]
     ServerIo {
         addr: SocketAddr,

@@ -28,7 +28,10 @@ use super::{
     protocol::{error_fields, invalid, parse_backend},
 };
 use crate::{
-    config::service::TargetRole,
+    config::{
+        service::TargetRole,
+        upstream::{Fit, ServerRole},
+    },
     endpoint::{Endpoint, EndpointSet, resolve},
     error::{Classified, Retry},
     net::Settings,
@@ -133,6 +136,8 @@ pub async fn open(
     // Each endpoint's reason, for the error when none will do.
     let mut reasons: Vec<String> = Vec::new();
     let mut wrong_role = false;
+    // A server that will do if none better answers (prefer-standby).
+    let mut fallback: Option<ServerConn> = None;
     let mut dst = dst;
     loop {
         let (addr, endpoint) = if endpoints.is_empty() {
@@ -168,13 +173,23 @@ pub async fn open(
                     endpoints.success(ep);
                 }
                 conn.endpoint = endpoint;
-                if role_ok(pg.target, &mut conn).await? {
-                    return Ok(conn);
+                let role = server_role(&mut conn).await?;
+                match pg.target.fits(role) {
+                    Fit::Yes => return Ok(conn),
+                    Fit::Fallback if fallback.is_none() => fallback = Some(conn),
+                    Fit::Fallback | Fit::No => {}
                 }
-                // A standby is healthy, just not what is asked for.
-                tracing::debug!(service = %pg.name, server = %addr, "server is read-only: trying the next endpoint");
+                // Healthy, just not what is asked for.
+                let what = if role.standby {
+                    "a standby"
+                } else if role.read_only_default {
+                    "read-only"
+                } else {
+                    "a primary"
+                };
+                tracing::debug!(service = %pg.name, server = %addr, "server is {what}: trying the next endpoint");
                 wrong_role = true;
-                reasons.push(format!("{addr} is read-only"));
+                reasons.push(format!("{addr} is {what}"));
             }
             Err(e) if e.retry() == Retry::Elsewhere => {
                 if let Some(ep) = &endpoint
@@ -189,10 +204,14 @@ pub async fn open(
             Err(e) => return Err(e),
         }
     }
+    if let Some(conn) = fallback {
+        return Ok(conn);
+    }
     Err(match last {
         Some(e) if !wrong_role => e,
         _ => PgError::NoServerWithRole {
             service: pg.name.clone(),
+            target: pg.target.as_str(),
             reasons: reasons.join("; "),
         },
     })
@@ -397,24 +416,22 @@ pub fn body_bytes(body: &postgres_protocol::message::backend::ErrorResponseBody)
     raw
 }
 
-/// Whether the server may take this connection's traffic. PostgreSQL 14+
-/// reports `in_hot_standby` and `default_transaction_read_only` at login;
-/// older servers are asked `SHOW transaction_read_only`.
-async fn role_ok(target: TargetRole, conn: &mut ServerConn) -> Result<bool, PgError> {
-    if target == TargetRole::Any {
-        return Ok(true);
-    }
+/// What the server is. PostgreSQL 14+ reports `in_hot_standby` and
+/// `default_transaction_read_only` at login; older servers are asked `SHOW
+/// transaction_read_only` (on for a standby).
+async fn server_role(conn: &mut ServerConn) -> Result<ServerRole, PgError> {
     let param = |n: &str| {
         conn.params
             .iter()
             .find(|(k, _)| k == n)
             .map(|(_, v)| v.as_str())
     };
-    if param("default_transaction_read_only") == Some("on") {
-        return Ok(false);
-    }
+    let read_only_default = param("default_transaction_read_only") == Some("on");
     if let Some(v) = param("in_hot_standby") {
-        return Ok(v != "on");
+        return Ok(ServerRole {
+            standby: v == "on",
+            read_only_default,
+        });
     }
     let addr = conn.addr;
     let io = |source| PgError::ServerIo { addr, source };
@@ -436,7 +453,10 @@ async fn role_ok(target: TargetRole, conn: &mut ServerConn) -> Result<bool, PgEr
             _ => {}
         }
     }
-    Ok(!read_only)
+    Ok(ServerRole {
+        standby: read_only && !read_only_default,
+        read_only_default,
+    })
 }
 
 /// Passes an app's cancel on to the server connection it names.
