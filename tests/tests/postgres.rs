@@ -558,6 +558,54 @@ fn drivers_that_prepare_statements_share_few_server_connections_in_transaction_m
     }
 }
 
+/// pgx's load (tests/clients/pgx_load), built from source against Debian's
+/// pgx v4 (GOPATH mode: nothing is downloaded).
+fn pgx_load() -> std::path::PathBuf {
+    let out = workspace().join("target/clients/pgx_load");
+    let build = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(workspace().join("tests/clients/pgx_load/main.go"))
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOCACHE", workspace().join("target/clients/go-cache"))
+        .output()
+        .expect("go (golang-go, installed by cargo xtask test)");
+    assert!(build.status.success(), "go build: {}", stderr(&build));
+    out
+}
+
+#[test]
+fn jdbc_and_pgx_with_their_defaults_work_in_transaction_pooling() {
+    let (mut s, pg) = orders_app();
+    s.start(&[s.orders_service("tx", "{ mode: transaction, size: 2 }")]);
+    // pgx v4 prepares every query (its statement cache): 10 connections.
+    let pgx = pgx_load();
+    let mut cmd = s.pod.app(pgx.to_str().unwrap());
+    cmd.args([VIP, "10", "30"]);
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
+    assert!(in_time, "pgx hung: {}", stderr(&out));
+    assert_eq!(ok(&out), "ok 600");
+    // JDBC: server-side statements from the fifth execution on (prepareThreshold 5).
+    let mut cmd = s.pod.app("java");
+    cmd.arg("-cp")
+        .arg("/usr/share/java/postgresql.jar")
+        .arg(workspace().join("tests/clients/PgJdbc.java"))
+        .args([VIP, "6", "20"]);
+    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
+    assert!(in_time, "java hung: {}", stderr(&out));
+    assert_eq!(ok(&out), "ok 240");
+    let servers = pg.sql("select count(*) from pg_stat_activity where usename = 'app'");
+    // One pool per startup parameters: pgx's and JDBC's differ.
+    assert!(servers.trim().parse::<u32>().unwrap() <= 4, "{servers}");
+    let reused = metric(
+        &s.pod,
+        r#"ambassador_pg_prepared_statements_total{service="tx",event="reused"} "#,
+    );
+    assert!(reused > 300, "{reused}");
+}
+
 #[test]
 fn failover_to_a_promoted_replica() {
     let mut s = setup("app: app-pass\n");

@@ -220,6 +220,12 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         "postgresql-client",
         "python3-psycopg",
         "python3-asyncpg",
+        // Drivers that prepare statements by default: JDBC (run from source
+        // by the JDK), pgx v4 (built offline from Debian's Go sources).
+        "openjdk-17-jdk-headless",
+        "libpostgresql-jdbc-java",
+        "golang-go",
+        "golang-github-jackc-pgx-v4-dev",
     ])
 }
 
