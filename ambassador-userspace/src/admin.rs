@@ -279,6 +279,12 @@ fn postgres_rows(rows: &mut metrics::StateRows, service: &str, pg: &crate::postg
             name(),
             g(sum.waiting),
         ),
+        (
+            "pg_prepared_statements_cached",
+            "Named statements prepared on the pools' server connections (transaction pooling)",
+            name(),
+            g(sum.statements),
+        ),
     ]);
     rows.counters.extend([
         (

@@ -521,6 +521,19 @@ fn drivers_that_prepare_statements_share_few_server_connections_in_transaction_m
         prepared > 0 && reused > 10 * prepared,
         "{prepared} prepared, {reused} reused"
     );
+    let (_, text) = s.pod.admin("GET", "/metrics", "");
+    let cached = text
+        .lines()
+        .find(|l| {
+            l.starts_with("ambassador_pg_prepared_statements_cached")
+                && l.contains(r#"service="tx""#)
+        })
+        .unwrap_or_else(|| panic!("no cached-statements gauge: {text}"));
+    let cached: u64 = cached.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        cached > 0 && cached <= prepared,
+        "{cached} cached, {prepared} prepared"
+    );
 
     // Five statements through a connection that keeps two: closed and
     // prepared again as they come back, unseen by the app.

@@ -200,7 +200,7 @@ pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
     for p in &status.pools {
         let _ = writeln!(
             out,
-            "  pool {} {}: {} server connection(s), {} idle, {} in use, {} waiting; opened {}, errors {}, exhausted {}",
+            "  pool {} {}: {} server connection(s), {} idle, {} in use, {} waiting; opened {}, errors {}, exhausted {}; {} prepared statement(s)",
             p.service,
             p.pool,
             p.stats.servers,
@@ -209,7 +209,8 @@ pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
             p.stats.waiting,
             p.stats.opened,
             p.stats.errors,
-            p.stats.exhausted
+            p.stats.exhausted,
+            p.stats.statements
         );
     }
     Some(out)

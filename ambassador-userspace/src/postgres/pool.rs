@@ -65,6 +65,9 @@ pub struct PoolStats {
     pub errors: AtomicU64,
     /// Apps that waited `queue_timeout` in vain.
     pub exhausted: AtomicU64,
+    /// Named statements prepared on its server connections (transaction
+    /// pooling), kept by each connection's set.
+    pub statements: Arc<AtomicUsize>,
 }
 
 /// A point-in-time copy of [`PoolStats`].
@@ -77,6 +80,8 @@ pub struct PoolSnapshot {
     pub opened: u64,
     pub errors: u64,
     pub exhausted: u64,
+    #[serde(default)]
+    pub statements: usize,
 }
 
 impl std::ops::AddAssign for PoolSnapshot {
@@ -88,6 +93,7 @@ impl std::ops::AddAssign for PoolSnapshot {
         self.opened += o.opened;
         self.errors += o.errors;
         self.exhausted += o.exhausted;
+        self.statements += o.statements;
     }
 }
 
@@ -101,6 +107,7 @@ impl PoolStats {
             opened: self.opened.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             exhausted: self.exhausted.load(Ordering::Relaxed),
+            statements: self.statements.load(Ordering::Relaxed),
         }
     }
 }
@@ -229,7 +236,7 @@ impl Pool {
             &self.key.startup(),
         )
         .await;
-        let conn = match opened {
+        let mut conn = match opened {
             Ok(c) => c,
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +245,7 @@ impl Pool {
         };
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         self.stats.servers.fetch_add(1, Ordering::Relaxed);
+        conn.statements.count_in(self.stats.statements.clone());
         let mut params = crate::sync::lock(&self.params);
         if params.is_none() {
             *params = Some(conn.params.clone());

@@ -9,7 +9,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -71,6 +71,14 @@ impl Registry {
 pub struct ServerStatements {
     used: HashMap<u64, (u64, Arc<Prepared>)>,
     tick: u64,
+    /// The pool's count of statements on its connections.
+    count: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for ServerStatements {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 /// What making a statement usable on a server connection takes.
@@ -83,6 +91,19 @@ pub enum Ensure {
 }
 
 impl ServerStatements {
+    /// Keeps `count` (the pool's) up to date from now on.
+    pub fn count_in(&mut self, count: Arc<AtomicUsize>) {
+        count.fetch_add(self.used.len(), Ordering::Relaxed);
+        self.count = Some(count);
+    }
+
+    fn counted(&self, added: usize, removed: usize) {
+        if let Some(c) = &self.count {
+            c.fetch_add(added, Ordering::Relaxed);
+            c.fetch_sub(removed, Ordering::Relaxed);
+        }
+    }
+
     /// Marks `p` as used (and prepared from now on), keeping at most `cap`.
     pub fn ensure(&mut self, p: &Arc<Prepared>, cap: usize) -> Ensure {
         self.tick += 1;
@@ -100,18 +121,23 @@ impl ServerStatements {
             .flatten();
         if let Some(e) = evict {
             self.used.remove(&e);
+            self.counted(0, 1);
         }
         self.used.insert(p.id, (self.tick, p.clone()));
+        self.counted(1, 0);
         Ensure::Prepare { evict }
     }
 
     /// The Parse for `id` failed or never ran.
     pub fn forget(&mut self, id: u64) {
-        self.used.remove(&id);
+        if self.used.remove(&id).is_some() {
+            self.counted(0, 1);
+        }
     }
 
     /// The server dropped them all (`DISCARD ALL`, `DEALLOCATE ALL`).
     pub fn clear(&mut self) {
+        self.counted(0, self.used.len());
         self.used.clear();
     }
 
@@ -145,6 +171,8 @@ mod tests {
         let r = Registry::default();
         let [one, two, three] = [b"1\0", b"2\0", b"3\0"].map(|b| r.get(b));
         let mut s = ServerStatements::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        s.count_in(count.clone());
         assert_eq!(s.ensure(&one, 2), Ensure::Prepare { evict: None });
         assert_eq!(s.ensure(&two, 2), Ensure::Prepare { evict: None });
         assert_eq!(s.ensure(&one, 2), Ensure::Present);
@@ -155,6 +183,7 @@ mod tests {
             }
         );
         assert_eq!(s.len(), 2);
+        assert_eq!(count.load(Ordering::Relaxed), 2);
         s.forget(three.id);
         assert_eq!(s.ensure(&three, 2), Ensure::Prepare { evict: None });
         // A server connection keeps its statements' names alive.
@@ -162,6 +191,9 @@ mod tests {
         drop(one);
         assert_eq!(r.get(b"1\0").id, id);
         s.clear();
+        assert_eq!(count.load(Ordering::Relaxed), 0);
         assert_eq!(s.ensure(&two, 2), Ensure::Prepare { evict: None });
+        drop(s);
+        assert_eq!(count.load(Ordering::Relaxed), 0, "a closed connection's go");
     }
 }
