@@ -196,11 +196,11 @@ fn postgres_errors_name_field_and_line() {
     let e = Config::parse(&format!("{base}    upstream: {{ target: any }}\n")).unwrap_err();
     assert!(e.contains("upstream.target: only postgres"), "{e}");
     let e = Config::parse(&format!(
-            "{base}    protocol: postgres\n    upstream: {{ target: primary }}\n    postgres: {{ credentials_file: /c.yaml }}\n"
+            "{base}    protocol: postgres\n    upstream: {{ target: replica }}\n    postgres: {{ credentials_file: /c.yaml }}\n"
         ))
         .unwrap_err();
     assert!(
-        e.contains("unknown variant `primary`, expected `read-write` or `any`"),
+        e.contains("unknown variant `replica`, expected one of `read-write`, `any`, `read-only`, `primary`, `standby`, `prefer-standby`"),
         "{e}"
     );
 }
