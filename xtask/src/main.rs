@@ -179,8 +179,12 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         user.arg("--release");
     }
     run_cmd(&mut user).context("building ambassador")?;
-    Ok(root
-        .join("target")
+    // Where cargo put it: CARGO_TARGET_DIR when set (else a stale binary in
+    // target/ would be tested).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target
         .join(if release { "release" } else { "debug" })
         .join("ambassador"))
 }

@@ -315,47 +315,69 @@ fn modes_table<'a>(mut rows: impl Iterator<Item = &'a Figures>) -> String {
 }
 
 /// The PostgreSQL section's table: each path's pgbench runs, persistent
-/// connections and `-C`.
-pub(super) fn postgres_table(rows: &[(postgres::Via, bool, postgres::Run)]) -> String {
-    use postgres::{CLIENTS, SECONDS, Via};
+/// connections, `-C` and `-M prepared` (a run that could not be done shows
+/// why).
+pub(super) fn postgres_table(
+    rows: &[(postgres::Via, postgres::Load, Result<postgres::Run, String>)],
+) -> String {
+    use postgres::{CLIENTS, LOADS, SECONDS, Via};
     let mut r = format!(
         "\npostgres bench (pgbench -S select-only, scale 1, {CLIENTS} clients, {SECONDS} s per run; \
          server PostgreSQL with TLS + SCRAM required; ratio = tps / direct tps)\n\n"
     );
-    r.push_str(&format!(
-        "{:<40} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}\n",
-        "path", "tps", "ratio", "lat ms", "tps -C", "ratio", "lat ms"
-    ));
-    let base = |new_conn: bool| {
-        rows.iter()
-            .find(|(v, c, _)| *v == Via::Direct && *c == new_conn)
-            .map_or(1.0, |(_, _, r)| r.tps)
-    };
-    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
-        let get = |new_conn: bool| {
-            rows.iter()
-                .find(|(v, c, _)| *v == via && *c == new_conn)
-                .map(|(_, _, r)| r)
-                .expect("every run recorded")
-        };
-        let (p, c) = (get(false), get(true));
+    r.push_str(&format!("{:<40}", "path"));
+    for load in LOADS {
         r.push_str(&format!(
-            "{:<40} {:>12.0} {:>8.2} {:>10.3} {:>12.0} {:>8.2} {:>10.3}\n",
-            via.name(),
-            p.tps,
-            p.tps / base(false),
-            p.latency_ms,
-            c.tps,
-            c.tps / base(true),
-            c.latency_ms
+            " {:>16} {:>6} {:>7}",
+            format!("tps {}", load.flags().trim_start_matches("-M ")),
+            "ratio",
+            "lat ms"
         ));
     }
-    let failed: u64 = rows.iter().map(|(_, _, r)| r.failed).sum();
+    r.push('\n');
+    let get = |via: Via, load: postgres::Load| {
+        rows.iter()
+            .find(|(v, l, _)| *v == via && *l == load)
+            .map(|(_, _, r)| r)
+            .expect("every run recorded")
+    };
+    let mut notes = Vec::new();
+    for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
+        r.push_str(&format!("{:<40}", via.name()));
+        for load in LOADS {
+            let base = match get(Via::Direct, load) {
+                Ok(b) => b.tps,
+                Err(_) => f64::NAN,
+            };
+            match get(via, load) {
+                Ok(run) => r.push_str(&format!(
+                    " {:>16.0} {:>6.2} {:>7.3}",
+                    run.tps,
+                    run.tps / base,
+                    run.latency_ms
+                )),
+                Err(e) => {
+                    r.push_str(&format!(" {:>16} {:>6} {:>7}", "fails", "-", "-"));
+                    notes.push(format!("{} {}: {e}", via.name(), load.flags()));
+                }
+            }
+        }
+        r.push('\n');
+    }
+    let failed: u64 = rows
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .map(|r| r.failed)
+        .sum();
     r.push_str(&format!(
         "\n-C = a new connection per transaction. The ambassador and PgBouncer keep their TLS+SCRAM \
          server connections;\ndirect -C pays a TLS handshake and SCRAM per transaction. Both run one thread (ambassador \
-         proxy.workers 1) without connection logs. Failed transactions: {failed}.\n"
+         proxy.workers 1) without connection logs. -M prepared: named statements; the ambassador \
+         prepares them once per pooled server connection.\nFailed transactions: {failed}.\n"
     ));
+    for n in notes {
+        r.push_str(&format!("{n}\n"));
+    }
     r
 }
 
