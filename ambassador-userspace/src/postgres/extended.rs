@@ -30,6 +30,7 @@ const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// How prepared statements went, for metrics.
+#[derive(Clone)]
 pub struct Counters {
     pub prepared: Counter,
     pub reused: Counter,

@@ -195,7 +195,7 @@ async fn session(
         (PoolMode::Transaction, Some(p)) => p,
         (mode, _) => {
             let l = pool.checkout(&pg.servers, pg.pool.queue_timeout).await?;
-            let p = l.conn.conn.params.clone();
+            let p: pool::ServerParams = l.conn.conn.params.clone().into();
             if mode == PoolMode::Session {
                 lease = Some(l);
             } else {
@@ -205,7 +205,7 @@ async fn session(
         }
     };
     protocol::auth_ok(out);
-    for (k, v) in &server_params {
+    for (k, v) in server_params.iter() {
         protocol::parameter_status(out, k, v);
     }
     protocol::backend_key_data(out, registration.pid, registration.key);

@@ -129,6 +129,9 @@ impl Drop for Counted {
     }
 }
 
+/// ParameterStatus values a server reported at login, shared.
+pub type ServerParams = Arc<[(String, String)]>;
+
 pub struct Pool {
     pub key: PoolKey,
     idle: Mutex<Vec<Counted>>,
@@ -138,7 +141,9 @@ pub struct Pool {
     pub stats: PoolStats,
     /// What the first server said at login, for apps that start a session
     /// before they need a server (transaction mode).
-    params: Mutex<Option<Vec<(String, String)>>>,
+    /// The first login's ParameterStatus values, shared by every session
+    /// of the pool (transaction mode sends them without a server).
+    params: Mutex<Option<ServerParams>>,
 }
 
 /// A server connection lent to one app session (or transaction).
@@ -159,7 +164,7 @@ impl Pool {
         })
     }
 
-    pub fn cached_params(&self) -> Option<Vec<(String, String)>> {
+    pub fn cached_params(&self) -> Option<ServerParams> {
         crate::sync::lock(&self.params).clone()
     }
 
@@ -248,7 +253,7 @@ impl Pool {
         conn.statements.count_in(self.stats.statements.clone());
         let mut params = crate::sync::lock(&self.params);
         if params.is_none() {
-            *params = Some(conn.params.clone());
+            *params = Some(conn.params.clone().into());
         }
         drop(params);
         tracing::debug!(service = %pg.name, pool = %self.key, server = %conn.addr, "server connection opened");

@@ -11,7 +11,7 @@ use super::{
     cancel,
     error::PgError,
     expect::Verdict,
-    extended::{Counters, Named, Sides, Took},
+    extended::{Named, Sides, Took},
     pool::{Lease, Pool},
     protocol,
     service::PgService,
@@ -35,16 +35,7 @@ fn named(pg: &PgService) -> Option<Named> {
     if pg.pool.mode != PoolMode::Transaction || cap == 0 {
         return None;
     }
-    let m = crate::metrics::get();
-    let name = &pg.servers.name;
-    Some(Named::new(
-        cap,
-        Counters {
-            prepared: m.pg_statements(name, "prepared"),
-            reused: m.pg_statements(name, "reused"),
-            evicted: m.pg_statements(name, "evicted"),
-        },
-    ))
+    Some(Named::new(cap, pg.statement_counters.clone()))
 }
 
 /// Bytes waiting to be written stop reading from the other side past this.

@@ -38,6 +38,8 @@ pub struct PgService {
     pub(super) app_tls: Option<TlsTermination>,
     /// Named statements' server-side names (transaction pooling).
     pub(super) statements: super::statements::Registry,
+    /// Their metrics, looked up once rather than per session.
+    pub(super) statement_counters: super::extended::Counters,
 }
 
 impl std::fmt::Debug for PgService {
@@ -105,6 +107,14 @@ impl PgService {
             clients: Arc::new(Semaphore::new(cfg.pool.max_clients)),
             cancels: Arc::new(cancel::Registry::default()),
             statements: Default::default(),
+            statement_counters: {
+                let m = crate::metrics::get();
+                super::extended::Counters {
+                    prepared: m.pg_statements(name, "prepared"),
+                    reused: m.pg_statements(name, "reused"),
+                    evicted: m.pg_statements(name, "evicted"),
+                }
+            },
         })
     }
 
