@@ -619,9 +619,8 @@ fn jdbc_and_pgx_with_their_defaults_work_in_transaction_pooling() {
     assert!(reused > 300, "{reused}");
 }
 
-#[test]
-fn failover_to_a_promoted_replica() {
-    let mut s = setup("app: app-pass\n");
+/// A primary with the `orders` database and a streaming replica of it.
+fn primary_and_replica(s: &Setup) -> (PgServer, PgServer) {
     let primary = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
     primary.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
     primary.sql("CREATE DATABASE orders OWNER app");
@@ -632,6 +631,13 @@ fn failover_to_a_promoted_replica() {
         assert!(Instant::now() < deadline, "replica is not streaming");
         thread::sleep(Duration::from_millis(100));
     }
+    (primary, replica)
+}
+
+#[test]
+fn failover_to_a_promoted_replica() {
+    let mut s = setup("app: app-pass\n");
+    let (primary, replica) = primary_and_replica(&s);
     assert_eq!(replica.sql("select pg_is_in_recovery()"), "t");
     let (ca, creds) = s.paths();
     s.start(&[service(
@@ -715,16 +721,7 @@ fn failover_to_a_promoted_replica() {
 #[test]
 fn a_reader_service_sends_sessions_to_the_replica_and_falls_back_to_the_primary() {
     let mut s = setup("app: app-pass\n");
-    let primary = PgServer::start(&s.pod.servers, SERVER_V4, 5432, s.server_tls(), "su-pass");
-    primary.sql("CREATE ROLE app LOGIN PASSWORD 'app-pass'");
-    primary.sql("CREATE DATABASE orders OWNER app");
-    primary.sql("CREATE ROLE replicator REPLICATION LOGIN PASSWORD 'rep-pass'");
-    let mut replica = PgServer::replica_of(&primary, &s.pod.servers, SERVER2_V4, 5432, "rep-pass");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while primary.sql("select count(*) from pg_stat_replication where state = 'streaming'") != "1" {
-        assert!(Instant::now() < deadline, "replica is not streaming");
-        thread::sleep(Duration::from_millis(100));
-    }
+    let (_primary, mut replica) = primary_and_replica(&s);
     let (ca, creds) = s.paths();
     let reader = "198.18.0.6";
     let both = ["198.18.0.2:5432", "198.18.0.3:5432"];

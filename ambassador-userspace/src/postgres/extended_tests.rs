@@ -43,12 +43,10 @@ impl World {
         }
     }
 
-    /// The app sends `msg`; returns how it was taken.
-    fn app(&mut self, msg: &BytesMut) -> Took {
-        self.from_app.extend_from_slice(msg);
+    /// The message at the front of what the app sent, taken.
+    fn take_front(&mut self) -> Took {
         let m = protocol::peek(&self.from_app).unwrap().unwrap();
-        let took = self
-            .named
+        self.named
             .take(
                 m,
                 &mut Sides {
@@ -59,7 +57,13 @@ impl World {
                     status: b'I',
                 },
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The app sends `msg`; returns how it was taken.
+    fn app(&mut self, msg: &BytesMut) -> Took {
+        self.from_app.extend_from_slice(msg);
+        let took = self.take_front();
         match took {
             Took::Sent { left, .. } => {
                 let rest = self.from_app.split_to(left);
@@ -321,20 +325,7 @@ fn a_big_bind_is_renamed_at_its_head_and_streamed() {
     let value = vec![7u8; 1 << 20];
     let msg = bind("s1", &value);
     w.from_app.extend_from_slice(&msg[..64]);
-    let m = protocol::peek(&w.from_app).unwrap().unwrap();
-    let took = w
-        .named
-        .take(
-            m,
-            &mut Sides {
-                from_app: &mut w.from_app,
-                to_server: &mut w.to_server,
-                server: &mut w.server,
-                registry: &w.registry,
-                status: b'I',
-            },
-        )
-        .unwrap();
+    let took = w.take_front();
     let Took::Sent { left, .. } = took else {
         panic!("{took:?}")
     };
