@@ -7,8 +7,11 @@ use std::sync::OnceLock;
 
 use bytes::BytesMut;
 
+/// One fuzz target: any bytes in, no panic.
+pub type Target = fn(&[u8]);
+
 /// The targets by name (the fuzz crate has one binary each).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("http_request", http_request),
     ("detect", detect),
@@ -105,8 +108,8 @@ pub fn pg_startup(data: &[u8]) {
 }
 
 /// Message streams both ways: the session pump's framing (first byte: how
-/// the bytes are cut into reads), and a server's login messages as the
-/// login reads them.
+/// the bytes are cut into reads), transaction pooling's named statements,
+/// and a server's login messages as the login reads them.
 pub fn pg_messages(data: &[u8]) {
     let Some((&cut, data)) = data.split_first() else {
         return;
@@ -126,6 +129,7 @@ pub fn pg_messages(data: &[u8]) {
             }
         }
     }
+    pg_extended(data, step);
     let mut buf = BytesMut::from(data);
     while let Ok(Some(m)) = crate::postgres::protocol::parse_backend(&mut buf) {
         if let postgres_protocol::message::backend::Message::ErrorResponse(body) = m {
@@ -133,6 +137,54 @@ pub fn pg_messages(data: &[u8]) {
                 &body,
             ));
         }
+    }
+}
+
+/// The app's messages through transaction pooling's named-statement
+/// handling (a server connection keeping `cap` statements), then every byte
+/// as a server message tag against the answers owed.
+fn pg_extended(data: &[u8], cap: usize) {
+    use crate::postgres::{
+        extended::{Counters, Named, Sides, Took},
+        protocol,
+        statements::{Registry, ServerStatements},
+    };
+    let counters = Counters {
+        prepared: Default::default(),
+        reused: Default::default(),
+        evicted: Default::default(),
+    };
+    let mut named = Named::new(cap % 4 + 1, counters);
+    let (registry, mut server) = (Registry::default(), ServerStatements::default());
+    let (mut from_app, mut to_server, mut to_app) =
+        (BytesMut::from(data), BytesMut::new(), BytesMut::new());
+    while let Ok(Some(m)) = protocol::peek(&from_app) {
+        let mut sides = Sides {
+            from_app: &mut from_app,
+            to_server: &mut to_server,
+            server: &mut server,
+            registry: &registry,
+            status: b'I',
+        };
+        match named.take(m, &mut sides) {
+            Ok(Took::Sent { left, .. }) => {
+                let n = left.min(from_app.len());
+                to_server.extend_from_slice(&from_app.split_to(n));
+                if n < left {
+                    break;
+                }
+            }
+            Ok(Took::Answered) => named.expected.answer_due(&mut to_app),
+            Ok(Took::More) | Err(_) => break,
+        }
+    }
+    let mut undone = Vec::new();
+    for &tag in data {
+        named.expected.on_server(tag, &mut undone);
+        for u in undone.drain(..) {
+            named.undo(&u, Some(&mut server));
+        }
+        named.expected.answer_due(&mut to_app);
     }
 }
 

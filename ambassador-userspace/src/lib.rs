@@ -15,6 +15,8 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod inbound;
 pub mod inject;

@@ -15,14 +15,14 @@
 pub mod auth;
 pub mod cancel;
 pub mod error;
-mod expect;
-mod extended;
+pub(crate) mod expect;
+pub(crate) mod extended;
 pub mod pool;
 pub mod protocol;
 mod relay;
 pub mod server;
 pub mod service;
-mod statements;
+pub(crate) mod statements;
 
 pub use error::{PgError, PgSetupError};
 pub use pool::PoolSnapshot;
