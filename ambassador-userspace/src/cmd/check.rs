@@ -157,12 +157,17 @@ fn summary(path: &Path, cfg: &Config) -> String {
         if let Some(pg) = &s.postgres {
             let _ = writeln!(
                 out,
-                "             postgres: {} pooling (size {}, min_idle {}, max_clients {}, queue {:?}), target {}{}, credentials from {}",
+                "             postgres: {} pooling (size {}, min_idle {}, max_clients {}, queue {:?}{}), target {}{}, credentials from {}",
                 format!("{:?}", pg.pool.mode).to_lowercase(),
                 pg.pool.size,
                 pg.pool.min_idle,
                 pg.pool.max_clients,
                 pg.pool.queue_timeout,
+                match (pg.pool.mode, pg.pool.max_prepared_statements) {
+                    (crate::config::service::PoolMode::Session, _) => String::new(),
+                    (_, 0) => ", named prepared statements refused".into(),
+                    (_, n) => format!(", {n} prepared statements per server connection"),
+                },
                 s.upstream.target.unwrap_or_default().as_str(),
                 if pg.direct_tls { ", direct TLS" } else { "" },
                 pg.credentials_file.display()
