@@ -478,7 +478,7 @@ fn a_pod_made_by_inject_runs_proxied_fails_closed_and_leaves_nothing() {
     );
 
     // Metrics from outside the Pod, and nothing else there.
-    let scrape = |path: &str| {
+    let request = |method: &str, path: &str| {
         let out = Command::new("ip")
             .args([
                 "netns",
@@ -486,6 +486,8 @@ fn a_pod_made_by_inject_runs_proxied_fails_closed_and_leaves_nothing() {
                 &run.servers.name,
                 "curl",
                 "-sS",
+                "-X",
+                method,
                 "-w",
                 "\n%{http_code}",
             ])
@@ -494,13 +496,23 @@ fn a_pod_made_by_inject_runs_proxied_fails_closed_and_leaves_nothing() {
             .unwrap();
         stdout(&out)
     };
+    let scrape = |path: &str| request("GET", path);
     let metrics = scrape("/metrics");
     assert!(metrics.ends_with("\n200"), "{metrics}");
     assert!(
         metrics.contains(r#"ambassador_http_requests_total{service="api",direction="outbound",status_class="2xx"} 1"#),
         "{metrics}"
     );
-    assert!(scrape("/config").ends_with("\n404"));
+    // Callers outside the Pod reach this port: nothing but the metrics.
+    for (method, path) in [
+        ("GET", "/config"),
+        ("GET", "/status"),
+        ("POST", "/reload"),
+        ("PUT", "/log-level"),
+    ] {
+        let got = request(method, path);
+        assert!(got.ends_with("\n404"), "{method} {path}: {got}");
+    }
 
     // A dead sidecar: the app's connects fail at once (fail closed) ...
     podman_ok(&["kill", "--signal", "KILL", &proxy]);
