@@ -260,16 +260,19 @@ pub fn watch(live: Arc<Live>, every: Duration) {
     let Some(path) = live.path.clone() else {
         return;
     };
+    // Both before the caller says ready, not when the task first runs: a
+    // SIGHUP right after `/ready` (or the first log line) must reload, not
+    // end the process (SIGHUP's default), and a change made then must count.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("cannot watch SIGHUP ({e}): reloads only on file change");
+            None
+        }
+    };
+    let mut seen = stamp(&path);
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!("cannot watch SIGHUP ({e}): reloads only on file change");
-                None
-            }
-        };
-        let mut seen = stamp(&path);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
