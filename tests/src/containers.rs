@@ -80,7 +80,8 @@ pub fn app_image() -> String {
         .output()
         .expect("run tar");
     assert!(out.status.success(), "tar: {}", stderr(&out));
-    podman_ok(&[
+    let before = podman(&["image", "inspect", "--format", "{{.Id}}", &tag]);
+    let new = podman_ok(&[
         "import",
         "--quiet",
         "--change",
@@ -88,6 +89,11 @@ pub fn app_image() -> String {
         tar.to_str().unwrap(),
         &tag,
     ]);
+    // The image the tag named before would stay behind, untagged.
+    let old = stdout(&before).trim().to_string();
+    if before.status.success() && !new.contains(&old) {
+        let _ = podman(&["rmi", "--force", &old]);
+    }
     tag
 }
 

@@ -94,6 +94,7 @@ pub fn build(binary: &Path, tag: &str) -> anyhow::Result<()> {
             .arg("."),
     )
     .context("packing the root filesystem")?;
+    let before = image_id(tag);
     let mut import = Command::new("podman");
     import.args(["import", "--quiet"]);
     for change in changes(&stage)? {
@@ -105,7 +106,25 @@ pub fn build(binary: &Path, tag: &str) -> anyhow::Result<()> {
         .stdout(std::process::Stdio::null());
     run_cmd(&mut import).context("podman import")?;
     let _ = fs::remove_file(&tar);
+    // The tag moved: the image it named would stay behind, untagged, at
+    // every build (the test suite builds one each run).
+    if let Some(old) = before.filter(|old| image_id(tag).as_ref() != Some(old)) {
+        let _ = Command::new("podman")
+            .args(["rmi", "--force", &old])
+            .output();
+    }
     Ok(())
+}
+
+/// The image `tag` names now, if any.
+fn image_id(tag: &str) -> Option<String> {
+    let out = Command::new("podman")
+        .args(["image", "inspect", "--format", "{{.Id}}", tag])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Writes the image as an OCI archive; returns its path.
