@@ -47,8 +47,13 @@ fn psql(pod: &Pod, user: &str, sql: &str) -> Output {
 fn psql_env(pod: &Pod, vip: &str, user: &str, sql: &str, env: &[(&str, &str)]) -> Output {
     let mut cmd = psql_cmd(pod, vip, user, sql);
     cmd.envs(env.iter().copied());
-    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(30));
-    assert!(in_time, "psql hung: {}", stderr(&out));
+    finished(&mut cmd, "psql", 30)
+}
+
+/// An app-side command's output, which must come within `secs`.
+fn finished(cmd: &mut Command, what: &str, secs: u64) -> Output {
+    let (out, in_time) = output_within(cmd, Duration::from_secs(secs));
+    assert!(in_time, "{what} hung: {}", stderr(&out));
     out
 }
 
@@ -76,9 +81,7 @@ fn py(pod: &Pod, args: &[&str]) -> Output {
     let mut cmd = pod.app("/usr/bin/python3");
     cmd.arg(workspace().join("tests/clients/pg_client.py"))
         .args(args);
-    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(30));
-    assert!(in_time, "python client hung: {}", stderr(&out));
-    out
+    finished(&mut cmd, "python client", 30)
 }
 
 /// A postgres service on `vip` to `endpoints` with verified TLS.
@@ -448,9 +451,7 @@ fn drivers(pod: &Pod, args: &[&str]) -> Output {
     let mut cmd = pod.app("/usr/bin/python3");
     cmd.arg(workspace().join("tests/clients/pg_drivers.py"))
         .args(args);
-    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
-    assert!(in_time, "driver workload hung: {}", stderr(&out));
-    out
+    finished(&mut cmd, "driver workload", 120)
 }
 
 /// One sample of a counter in the proxy's /metrics.
@@ -597,18 +598,14 @@ fn jdbc_and_pgx_with_their_defaults_work_in_transaction_pooling() {
     let pgx = pgx_load();
     let mut cmd = s.pod.app(pgx.to_str().unwrap());
     cmd.args([VIP, "10", "30"]);
-    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
-    assert!(in_time, "pgx hung: {}", stderr(&out));
-    assert_eq!(ok(&out), "ok 600");
+    assert_eq!(ok(&finished(&mut cmd, "pgx", 120)), "ok 600");
     // JDBC: server-side statements from the fifth execution on (prepareThreshold 5).
     let mut cmd = s.pod.app("java");
     cmd.arg("-cp")
         .arg("/usr/share/java/postgresql.jar")
         .arg(workspace().join("tests/clients/PgJdbc.java"))
         .args([VIP, "6", "20"]);
-    let (out, in_time) = output_within(&mut cmd, Duration::from_secs(120));
-    assert!(in_time, "java hung: {}", stderr(&out));
-    assert_eq!(ok(&out), "ok 240");
+    assert_eq!(ok(&finished(&mut cmd, "java", 120)), "ok 240");
     let servers = pg.sql("select count(*) from pg_stat_activity where usename = 'app'");
     // One pool per startup parameters: pgx's and JDBC's differ.
     assert!(servers.trim().parse::<u32>().unwrap() <= 4, "{servers}");

@@ -272,17 +272,19 @@ impl Named {
         if s.from_app.len() < peek {
             return Ok(Took::More);
         }
+        // Every query passes here: decided on its first word, without a copy,
+        // unless that word is one of the four this handles.
+        if !ours(first_word(&s.from_app[5..peek])) {
+            return Ok(self.pass(m, Some(Answer::Ready), true));
+        }
+        if s.from_app.len() < m.len {
+            return Ok(Took::More);
+        }
         let text = String::from_utf8_lossy(&s.from_app[5..peek]).to_ascii_lowercase();
         let words: Vec<&str> = text
             .trim_end_matches(['\0', ';', ' ', '\n', '\t', '\r'])
             .split_whitespace()
             .collect();
-        let ours = words
-            .first()
-            .is_some_and(|w| matches!(*w, "prepare" | "execute" | "deallocate" | "discard"));
-        if ours && s.from_app.len() < m.len {
-            return Ok(Took::More);
-        }
         let reply = match words.as_slice() {
             ["deallocate", "all"] | ["deallocate", "prepare", "all"] => {
                 self.statements.clear();
@@ -351,6 +353,27 @@ impl Named {
             )),
         }
     }
+}
+
+/// The first word of a query's text (up to whitespace, `;` or its NUL).
+fn first_word(text: &[u8]) -> &[u8] {
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(text.len());
+    let rest = &text[start..];
+    let len = rest
+        .iter()
+        .position(|b| b.is_ascii_whitespace() || matches!(b, b';' | 0))
+        .unwrap_or(rest.len());
+    &rest[..len]
+}
+
+/// Whether a query starting with `word` is one transaction pooling handles.
+fn ours(word: &[u8]) -> bool {
+    ["prepare", "execute", "deallocate", "discard"]
+        .iter()
+        .any(|k| word.eq_ignore_ascii_case(k.as_bytes()))
 }
 
 /// A statement name as SQL writes it: folded to lower case unless quoted.
