@@ -127,6 +127,10 @@ pub struct HttpLine<'a> {
     /// A gRPC response's status (0 is OK).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u16>,
+    /// What the response cache did (hit, miss, revalidated, stale,
+    /// coalesced, not_modified, bypass), for services with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_tls: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,6 +275,7 @@ mod tests {
             duration_ms: 1.5,
             retries: 0,
             grpc_status: None,
+            cache: Some("hit"),
             upstream_tls: Some("TLSv1_3"),
             trace_id: None,
             error: None,

@@ -230,8 +230,10 @@ fn register_state(live: Weak<Live>) {
             let Some(live) = live.upgrade() else { return };
             let table = live.table();
             for svc in table.services() {
-                if let crate::service::Kind::Postgres(pg) = &svc.kind {
-                    postgres_rows(rows, &svc.name, pg);
+                match &svc.kind {
+                    crate::service::Kind::Postgres(pg) => postgres_rows(rows, &svc.name, pg),
+                    crate::service::Kind::Http(h) => cache_rows(rows, &svc.name, h),
+                    crate::service::Kind::Tcp { .. } => {}
                 }
                 for ep in svc.endpoints.endpoints() {
                     rows.endpoint_up.push((
@@ -243,6 +245,33 @@ fn register_state(live: Weak<Live>) {
             }
         }),
     );
+}
+
+/// What an HTTP service's response caches hold (its own and its routes').
+fn cache_rows(rows: &mut metrics::StateRows, service: &str, h: &crate::service::HttpService) {
+    let mut caches = h.cache.iter().chain(h.routes.caches()).peekable();
+    if caches.peek().is_none() {
+        return;
+    }
+    let (bytes, entries) = caches.fold((0u64, 0usize), |(b, n), c| {
+        let (cb, cn) = c.held();
+        (b + cb, n + cn)
+    });
+    let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    rows.gauges.extend([
+        (
+            "cache_bytes",
+            "Bytes the response caches hold (bodies and heads, as max_bytes counts them)",
+            service.to_string(),
+            g(bytes),
+        ),
+        (
+            "cache_entries",
+            "Keys the response caches hold",
+            service.to_string(),
+            g(entries as u64),
+        ),
+    ]);
 }
 
 /// A database service's pools, summed over its (user, database) pools.

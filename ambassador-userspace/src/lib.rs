@@ -10,6 +10,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod cmd;
 pub mod config;
 pub mod endpoint;

@@ -20,6 +20,7 @@ use http_body_util::Full;
 use regex::Regex;
 
 use crate::{
+    config::cache::RouteCache,
     config::route::{PathCond, RouteAction, RouteConfig, ValueMatch, anchored},
     ratelimit::Limiter,
 };
@@ -44,6 +45,18 @@ pub struct Route {
     limiter: Option<Limiter>,
     /// Another service to send to, by name.
     pub upstream: Option<String>,
+    /// Where its forwarded requests are cached.
+    pub caching: Caching,
+    /// Its place in the list, from 1 (tells the service's routes apart in
+    /// cache keys).
+    pub number: u32,
+}
+
+/// A route's response cache: its service's, none, or its own.
+pub enum Caching {
+    Service,
+    Off,
+    Own(std::sync::Arc<crate::cache::Cache>),
 }
 
 struct Matcher {
@@ -107,11 +120,13 @@ impl std::fmt::Debug for Route {
 
 impl Routes {
     /// Compiles a service's routes (the config already checked them).
-    pub fn new(cfg: &[RouteConfig]) -> Routes {
+    /// Compiles a service's routes (the config already checked them);
+    /// `service` names their caches' series.
+    pub fn new(cfg: &[RouteConfig], service: &str) -> Routes {
         let list: Vec<Route> = cfg
             .iter()
             .enumerate()
-            .map(|(i, r)| Route::new(i, r))
+            .map(|(i, r)| Route::new(i, r, service))
             .collect();
         let paths_matter = list
             .iter()
@@ -121,6 +136,14 @@ impl Routes {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// The routes' own response caches.
+    pub fn caches(&self) -> impl Iterator<Item = &std::sync::Arc<crate::cache::Cache>> {
+        self.list.iter().filter_map(|r| match &r.caching {
+            Caching::Own(c) => Some(c),
+            _ => None,
+        })
     }
 
     /// The first route that matches decides; its rate limit is taken from
@@ -191,7 +214,7 @@ fn covers(a: &RouteConfig, b: &RouteConfig) -> bool {
 }
 
 impl Route {
-    fn new(i: usize, r: &RouteConfig) -> Route {
+    fn new(i: usize, r: &RouteConfig, service: &str) -> Route {
         let m = &r.matcher;
         let regex = |re: &str| anchored(re).expect("checked at load");
         let value = |v: &ValueMatch| match v {
@@ -247,6 +270,14 @@ impl Route {
             timeout: r.timeout,
             limiter: r.rate_limit.as_ref().map(Limiter::new),
             upstream: r.upstream.clone(),
+            caching: match r.cache {
+                RouteCache::Service => Caching::Service,
+                RouteCache::Off => Caching::Off,
+                RouteCache::Own(c) => {
+                    Caching::Own(std::sync::Arc::new(crate::cache::Cache::new(c, service)))
+                }
+            },
+            number: u32::try_from(i + 1).unwrap_or(u32::MAX),
         }
     }
 

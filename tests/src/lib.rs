@@ -16,6 +16,7 @@ pub mod dockerfile;
 pub mod framing;
 pub mod jwt;
 mod netns;
+pub mod origin;
 mod otlp;
 mod pod;
 pub mod postgres;

@@ -505,15 +505,25 @@ async fn handle(
         format!("served by {me} via {version}\n")
     };
     // Recorded before answering, so a client that has its response can assert.
-    seen.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(SeenRequest {
+    let before = {
+        let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = parts.uri.path();
+        let before = seen
+            .iter()
+            .filter(|s| s.uri.split('?').next() == Some(path))
+            .count();
+        seen.push(SeenRequest {
             method: parts.method.to_string(),
             uri: parts.uri.to_string(),
             version: version.clone(),
             headers,
             body_len,
         });
+        before
+    };
+    if crate::origin::is_origin(&parts) {
+        return Ok(crate::origin::respond(&parts, before).await);
+    }
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     if parts.uri.path() == "/close" {
         // hyper closes the connection after this answer.

@@ -154,6 +154,11 @@ impl RequestRules {
         })
     }
 
+    /// Whether the policy sets this header (the ambassador's own value).
+    pub fn sets(&self, name: &HeaderName) -> bool {
+        self.set.iter().any(|i| i.name == *name)
+    }
+
     /// Removes what must go (including any inbound copy of a header we set, so
     /// the app can neither spoof nor read it) and sets ours.
     pub async fn apply(&self, headers: &mut HeaderMap) -> Result<(), AuthError> {

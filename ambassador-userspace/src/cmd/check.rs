@@ -190,6 +190,9 @@ fn summary(path: &Path, cfg: &Config) -> String {
             };
             let _ = writeln!(out, "             sets {} from {from}", name.0);
         }
+        if let Some(c) = &s.cache {
+            let _ = writeln!(out, "             cache: {}", cache(c));
+        }
         out.push_str(&routes(s));
     }
     let _ = writeln!(
@@ -238,10 +241,36 @@ fn exempt(cfg: &Config) -> String {
     format!("{}: not under policy", holes.join("; "))
 }
 
+/// A response cache's bounds, and what it stores that the RFC alone would not.
+fn cache(c: &crate::config::cache::CacheConfig) -> String {
+    let mb = |b: u64| match b {
+        0..1024 => format!("{b} bytes"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+    };
+    let mut text = format!(
+        "GET/HEAD responses up to {} each, {} in all",
+        mb(c.max_entry_bytes),
+        mb(c.max_bytes)
+    );
+    if let Some(t) = c.default_ttl {
+        text.push_str(&format!(", {t:?} fresh when the upstream says nothing"));
+    }
+    if let Some(t) = c.stale_if_error {
+        text.push_str(&format!(
+            ", served up to {t:?} stale when the upstream fails"
+        ));
+    }
+    text
+}
+
 /// A service's routes in order, each its conditions and what it does, and
 /// a warning for each route an earlier one leaves no request to.
 fn routes(s: &ServiceConfig) -> String {
-    use crate::config::route::{PathCond, RouteAction, ValueMatch};
+    use crate::config::{
+        cache::RouteCache,
+        route::{PathCond, RouteAction, ValueMatch},
+    };
     let mut out = String::new();
     let value = |v: &ValueMatch| match v {
         ValueMatch::Present => "present".to_string(),
@@ -279,9 +308,16 @@ fn routes(s: &ServiceConfig) -> String {
                 format!("redirect {status} to {location}")
             }
         };
-        let limit = r.rate_limit.as_ref().map_or(String::new(), |l| {
+        let mut limit = r.rate_limit.as_ref().map_or(String::new(), |l| {
             format!(", {} req/s burst {}", l.requests_per_second, l.burst)
         });
+        match &r.cache {
+            RouteCache::Service if s.cache.is_some() => limit.push_str(", cached (the service's)"),
+            RouteCache::Service => {}
+            RouteCache::Off if s.cache.is_some() => limit.push_str(", not cached"),
+            RouteCache::Off => {}
+            RouteCache::Own(c) => limit.push_str(&format!(", cached ({})", cache(c))),
+        }
         let _ = writeln!(
             out,
             "             route {} {}: {} -> {does}{limit}",

@@ -4,6 +4,7 @@
 //! the line; every key has a default, so an empty file is valid.
 
 pub mod authn;
+pub mod cache;
 pub mod file;
 pub mod gateway;
 pub mod grpc;

@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    cache::RouteCache,
     gateway::{RateKey, RateLimit},
     request::HeaderKey,
     values::{DurationText, clip, opt_duration, ser_opt_duration},
@@ -39,6 +40,9 @@ pub struct RouteConfig {
     /// Another HTTP service (with endpoints) the route sends to: its
     /// endpoints, TLS, credentials, retries and timeouts.
     pub upstream: Option<String>,
+    /// The route's own response cache, none, or (left out) the service's.
+    #[serde(skip_serializing_if = "RouteCache::is_service")]
+    pub cache: RouteCache,
 }
 
 impl Eq for RouteConfig {}
@@ -145,6 +149,8 @@ struct RawRoute {
     timeout: Option<Duration>,
     rate_limit: Option<RateLimit>,
     upstream: Option<String>,
+    #[serde(default)]
+    cache: RouteCache,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -225,10 +231,11 @@ impl TryFrom<RawRoute> for RouteConfig {
             && (rewrite != Rewrite::default()
                 || !r.request_headers.is_empty()
                 || r.timeout.is_some()
-                || r.upstream.is_some())
+                || r.upstream.is_some()
+                || r.cache != RouteCache::Service)
         {
             return Err(
-                "rewrite, request_headers, timeout and upstream are for routes that forward (no deny, direct_response, redirect)".into(),
+                "rewrite, request_headers, timeout, upstream and cache are for routes that forward (no deny, direct_response, redirect)".into(),
             );
         }
         if r.timeout.is_some_and(|t| t.is_zero()) {
@@ -255,6 +262,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             timeout: r.timeout,
             rate_limit: r.rate_limit,
             upstream: r.upstream,
+            cache: r.cache,
         })
     }
 }

@@ -46,6 +46,9 @@ pub struct ServiceConfig {
     pub outlier: Outlier,
     #[serde(default)]
     pub retries: Retries,
+    /// HTTP services: a shared response cache (RFC 9111) for GET and HEAD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<super::cache::CacheConfig>,
     /// PostgreSQL policy (`protocol: postgres` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<PostgresConfig>,

@@ -155,6 +155,12 @@ fn check_service(s: &service::ServiceConfig) -> Result<(), String> {
         || !s.request.remove_headers.is_empty()
         || !s.request.rename_headers.is_empty();
     check_routes(s)?;
+    if s.cache.is_some() && !matches!(s.protocol, Protocol::Http | Protocol::Auto) {
+        return Err(format!(
+            ".cache: needs `protocol: http` (service `{}`)",
+            s.name
+        ));
+    }
     if s.protocol == Protocol::Tcp && has_policy {
         return Err(format!(
             ".request: header policy needs `protocol: http` (service `{}`)",

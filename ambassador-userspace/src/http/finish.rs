@@ -35,6 +35,8 @@ pub(super) struct Exchange {
     pub(super) bytes_in: Option<u64>,
     /// A gRPC response's status, from its head or its trailers.
     pub(super) grpc_status: Option<u16>,
+    /// What the response cache did, for services with one.
+    pub(super) cache: Option<&'static str>,
 }
 
 /// The request's own facts, kept only while access logging is on.
@@ -123,6 +125,7 @@ impl Finish {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 retries: self.exchange.retries,
                 grpc_status: self.exchange.grpc_status,
+                cache: self.exchange.cache,
                 upstream_tls: self.exchange.tls,
                 trace_id: i.trace_id.as_deref(),
                 error: i.error.as_deref(),

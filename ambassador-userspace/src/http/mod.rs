@@ -6,7 +6,8 @@
 //! ([`conn`]: what its requests share; [`activity`]: its timers; [`app_io`]:
 //! its socket), and hands each request to [`admit`] (which service, may it
 //! go), then [`routed`] (the service's routes decide: an answer of the
-//! proxy's own, or on) and [`forward`]: [`rewrite`], [`replay`], [`attempt`]
+//! proxy's own, or on), [`cached`] (a stored response answers, or one is
+//! stored on the way back) and [`forward`]: [`rewrite`], [`replay`], [`attempt`]
 //! with [`classify`]; [`response`] is what goes back, [`finish`] its series and
 //! log line.
 
@@ -14,6 +15,7 @@ pub mod activity;
 mod admit;
 mod app_io;
 mod attempt;
+mod cached;
 mod classify;
 mod conn;
 mod dest;

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use super::finish::Finish;
 use crate::{
+    cache::fill::Fill,
     endpoint::Picked,
     tls::TlsOrigin,
     upstream::{ConnectError, Lease, RequestError},
@@ -39,6 +40,8 @@ pub struct ResponseBody {
     /// The HTTP/1.1 pool's connection: back to the pool once the body has
     /// ended, closed if the body is dropped before.
     pub(super) lease: Option<Lease>,
+    /// The response cache keeps the body as it goes by.
+    pub(super) fill: Option<Fill>,
     ended: bool,
 }
 
@@ -59,6 +62,7 @@ impl ResponseBody {
             finish: None,
             sent: 0,
             lease: None,
+            fill: None,
         }
     }
 }
@@ -106,15 +110,29 @@ impl hyper::body::Body for ResponseBody {
             std::task::Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.sent += d.len() as u64;
-                } else if let (Some(t), Some(fin)) = (f.trailers_ref(), &mut this.finish)
-                    && let Some(code) = super::headers::grpc_status(t)
-                {
-                    fin.exchange.grpc_status = Some(code);
+                    if this.fill.as_mut().is_some_and(|fill| !fill.data(d)) {
+                        this.fill = None;
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    // Trailers are not stored: nor is what they end.
+                    this.fill = None;
+                    if let (Some(fin), Some(code)) =
+                        (&mut this.finish, super::headers::grpc_status(t))
+                    {
+                        fin.exchange.grpc_status = Some(code);
+                    }
                 }
                 this.ended = this.inner.is_end_stream();
             }
             std::task::Poll::Ready(None) => this.ended = true,
-            _ => {}
+            // An error: what came is not the whole body.
+            std::task::Poll::Ready(Some(Err(_))) => this.fill = None,
+            std::task::Poll::Pending => {}
+        }
+        if this.ended
+            && let Some(fill) = this.fill.take()
+        {
+            fill.end();
         }
         r
     }

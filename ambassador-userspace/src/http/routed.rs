@@ -1,5 +1,6 @@
-//! A request a service's route decides: forwarded by the route (its
-//! changes to the response made here, on the way back), or answered by the
+//! A request a service's route decides: forwarded by the route (through
+//! the response cache where there is one; the route's changes to the
+//! response made here, on the way back), or answered by the
 //! proxy itself: a refusal (path not in normal form, denied, rate limited),
 //! a direct response or a redirect.
 
@@ -10,14 +11,14 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 
 use super::{
+    cached,
     dest::Dest,
     finish::Exchange,
-    forward,
     response::{Body, error_response},
 };
 use crate::{
     ratelimit::retry_after,
-    route::{Decision, Route},
+    route::{Caching, Decision, Route},
 };
 
 /// Decides by the service's routes, then does it: one `match`.
@@ -46,8 +47,18 @@ pub(super) async fn serve(
         crate::metrics::get().count_route_refusal(service, reason);
     }
     match decision {
-        Decision::Service => forward::forward(req, to, upstream, exchange).await,
+        Decision::Service => {
+            let cache = to.http().and_then(|h| h.cache.as_ref()).map(|c| (c, 0));
+            cached::forward(req, to, upstream, cache, exchange).await
+        }
         Decision::Forward(route) => {
+            // Cached by the service the app called, told apart by route.
+            let cache = match &route.caching {
+                Caching::Service => to.http().and_then(|h| h.cache.as_ref()),
+                Caching::Off => None,
+                Caching::Own(c) => Some(c),
+            }
+            .map(|c| (c, route.number));
             // Another service's upstream: its endpoints name themselves.
             let other = route.upstream.as_deref().map(|n| to.conn.table.by_name(n));
             let mut resp = match other {
@@ -56,11 +67,11 @@ pub(super) async fn serve(
                         route: Some(route),
                         ..to
                     };
-                    forward::forward(req, to, upstream, exchange).await
+                    cached::forward(req, to, upstream, cache, exchange).await
                 }
                 Some(Some(svc)) => {
                     let to = Dest::new(to.conn, Some(svc), Some(route));
-                    forward::forward(req, to, None, exchange).await
+                    cached::forward(req, to, None, cache, exchange).await
                 }
                 // A reload took the service away between table and request.
                 Some(None) => error_response(

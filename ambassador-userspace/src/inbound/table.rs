@@ -165,7 +165,8 @@ impl InboundTable {
                     connections: policy
                         .and_then(|p| p.limits.max_connections)
                         .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), n)),
-                    routes: policy.map_or_else(Routes::default, |p| Routes::new(&p.routes)),
+                    routes: policy
+                        .map_or_else(Routes::default, |p| Routes::new(&p.routes, "inbound")),
                 }),
             );
         }

@@ -17,7 +17,9 @@ use prometheus_client::{
 
 /// `direction`: `outbound` (the app's calls) or `inbound` (callers of the
 /// Pod, whose series are named by port policy).
+mod cache;
 mod state;
+pub use cache::CacheMetrics;
 pub use state::{StateCollector, StateRows, StateSource};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +134,7 @@ pub struct Metrics {
     grpc: Family<GrpcLabels, Counter>,
     pool_wait: Family<PoolLabel, Histogram, fn() -> Histogram>,
     statements: Family<StatementLabels, Counter>,
+    cache: cache::CacheFamilies,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -189,8 +192,7 @@ impl Metrics {
             "tls_handshake_failures",
             "Failed TLS handshakes, with upstreams (outbound) or callers (inbound), by reason",
         );
-        let retries = Family::default();
-        r.register("retries", "HTTP requests sent again", retries.clone());
+        let retries = registered(&mut r, "retries", "HTTP requests sent again");
         let breaker = registered(
             &mut r,
             "breaker_rejections",
@@ -239,6 +241,7 @@ impl Metrics {
             "pg_prepared_statements",
             "Named prepared statements in transaction pooling: prepared on a server connection, reused where one had it, evicted (closed) from a full one",
         );
+        let cache = cache::CacheFamilies::register(&mut r);
         let refused_fd_limit = Counter::default();
         r.register(
             "fd_limit_refusals",
@@ -271,6 +274,7 @@ impl Metrics {
             grpc,
             pool_wait,
             statements,
+            cache,
             refused_fd_limit,
             reloads,
             state,
@@ -421,6 +425,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The handles of one service's response caches.
+    pub fn cache(&self, service: &str) -> CacheMetrics {
+        self.cache.handles(service)
+    }
+
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabel { result }).inc();
@@ -529,64 +538,5 @@ pub struct EndpointMetrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_series_are_shared_by_name_and_classed() {
-        let m = get();
-        let a = m.service("svc-test-a");
-        let b = m.service("svc-test-a");
-        a.response(200);
-        b.response(204);
-        a.response(503);
-        a.response(42); // nonsense status: counted in the lowest class, no panic
-        let text = m.encode();
-        assert!(
-            text.contains(
-                r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="2xx"} 2"#
-            ),
-            "{text}"
-        );
-        assert!(text.contains(
-            r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="5xx"} 1"#
-        ));
-        assert!(text.contains(
-            r#"ambassador_http_requests_total{service="svc-test-a",direction="outbound",status_class="1xx"} 1"#
-        ));
-    }
-
-    #[test]
-    fn state_sources_render_at_scrape() {
-        let m = get();
-        m.state().set(
-            "unit-test",
-            Box::new(|rows: &mut StateRows| {
-                rows.endpoint_up
-                    .push(("s".into(), "10.0.0.1:80".into(), true));
-                rows.kernel.push(("redirected", 7));
-                rows.kernel.push(("accelerated", 5));
-                rows.gauges.push(("pool_idle", "idle", "db".into(), 3));
-            }),
-        );
-        let text = m.encode();
-        assert!(
-            text.contains(r#"ambassador_endpoint_up{service="s",endpoint="10.0.0.1:80"} 1"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"ambassador_kernel_connects_total{outcome="redirected"} 7"#),
-            "{text}"
-        );
-        // Not a connect outcome: a series of its own.
-        assert!(
-            text.contains("ambassador_kernel_accelerated_streams_total 5"),
-            "{text}"
-        );
-        assert!(!text.contains(r#"outcome="accelerated""#), "{text}");
-        assert!(
-            text.contains(r#"ambassador_pool_idle{service="db"} 3"#),
-            "{text}"
-        );
-    }
-}
+#[path = "tests.rs"]
+mod tests;

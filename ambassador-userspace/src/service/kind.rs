@@ -74,6 +74,9 @@ pub struct HttpService {
     pub rules: RequestRules,
     /// First match wins; none matching: the service's own policy.
     pub routes: Routes,
+    /// Responses kept for reuse (`cache:`), for requests no route with its
+    /// own (or none) matched.
+    pub cache: Option<Arc<crate::cache::Cache>>,
     /// Pooled upstream connections to the original destination, when the
     /// service has no endpoints.
     pub client: HttpClient,
@@ -251,7 +254,10 @@ impl HttpService {
             request_timeout: cfg.timeouts.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             retry: RetryPolicy::new(cfg.retries),
             rules,
-            routes: Routes::new(&cfg.routes),
+            routes: Routes::new(&cfg.routes, &cfg.name),
+            cache: cfg
+                .cache
+                .map(|c| Arc::new(crate::cache::Cache::new(c, &cfg.name))),
             client: connector.clone().client(),
             connector,
             endpoint_clients,
