@@ -55,6 +55,13 @@ const ORIGIN_H2_PORT: u16 = 8444;
 /// ... and speaks h2c (prior knowledge) to this one, which the service passes
 /// through as HTTP/2.
 const ORIGIN_H2C_PORT: u16 = 8083;
+/// What the app dials for ambassador's cached service (its endpoint is
+/// the origin's plain port); nginx's proxy_cache listens on
+/// `NGINX_CACHED_PORT`. Both serve `CACHED_PATH`, which the origin marks
+/// cacheable.
+const AMBASSADOR_CACHED_PORT: u16 = 8084;
+const NGINX_CACHED_PORT: u16 = 18082;
+const CACHED_PATH: &str = "cached/";
 const HAPROXY_PORT: u16 = 18080;
 const HAPROXY_TLS_PORT: u16 = 18443;
 const NGINX_PORT: u16 = 18081;
@@ -110,6 +117,8 @@ struct Mode {
     workers: Option<u32>,
     /// ambassador's `intercept.accelerate` (ignored for the others).
     accelerate: bool,
+    /// Cache hits: the proxy answers from its response cache.
+    cached: bool,
     label: String,
 }
 
@@ -120,6 +129,7 @@ pub(super) struct Row {
     pub(super) bin: Bin,
     pub(super) workers: Option<u32>,
     pub(super) accelerate: bool,
+    pub(super) cached: bool,
     pub(super) f: Figures,
 }
 
@@ -130,6 +140,27 @@ struct Servers {
     haproxy: Daemon,
     /// Only held, to be stopped last.
     _origin: Daemon,
+    _nginx_cache: ShmDir,
+}
+
+/// A directory on tmpfs, removed when dropped.
+struct ShmDir(std::path::PathBuf);
+
+impl ShmDir {
+    fn new(name: &str) -> anyhow::Result<ShmDir> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = Path::new("/dev/shm").join(format!("{name}-{}", std::process::id()));
+        fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        // nginx's worker (not root) writes its cache there.
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777))?;
+        Ok(ShmDir(d))
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Runs the HTTP section; returns its report (empty for [`Pass::Train`]).
@@ -250,23 +281,26 @@ impl Servers {
             ],
         )?;
         let proxy_dir = subdir(dir, "nginx-proxy")?;
+        let cache = ShmDir::new("ambassador-bench-nginx-cache")?;
         let mut nginx_proxy = nginx(
             "nginx (proxy)",
             &pod_at,
             &proxy_dir,
-            &nginx_proxy_config(&proxy_dir, ca_file),
+            &nginx_proxy_config(&proxy_dir, ca_file, &cache.0),
         )?;
         nginx_proxy.wait_listening(
             &pod.netns,
             &[
                 addr("127.0.0.1", NGINX_PORT),
                 addr("127.0.0.1", NGINX_TLS_PORT),
+                addr("127.0.0.1", NGINX_CACHED_PORT),
             ],
         )?;
         Ok(Servers {
             nginx_proxy,
             haproxy,
             _origin: origin,
+            _nginx_cache: cache,
         })
     }
 }
@@ -282,6 +316,7 @@ fn modes(bins: &Bins, versions: &Versions, pass: Pass) -> (Vec<Mode>, usize, u32
         bin: Bin::Main,
         workers,
         accelerate: true,
+        cached: false,
         label,
     };
     let mut modes = vec![
@@ -307,6 +342,20 @@ fn modes(bins: &Bins, versions: &Versions, pass: Pass) -> (Vec<Mode>, usize, u32
         ),
         mode(Via::Haproxy, true, None, "HAProxy, TLS to origin".into()),
         mode(Via::Nginx, true, None, "nginx, TLS to origin".into()),
+        // Cache hits, ambassador's and nginx proxy_cache's.
+        Mode {
+            cached: true,
+            ..mode(
+                Via::Ambassador,
+                false,
+                Some(1),
+                "ambassador, cache hits".into(),
+            )
+        },
+        Mode {
+            cached: true,
+            ..mode(Via::Nginx, false, None, "nginx proxy_cache hits".into())
+        },
         // Two workers, next to the default one.
         mode(
             Via::Ambassador,
@@ -369,6 +418,7 @@ fn rows(modes: Vec<Mode>, runs: Vec<Vec<Run>>) -> Vec<Row> {
             bin: m.bin,
             workers: m.workers,
             accelerate: m.accelerate,
+            cached: m.cached,
             f: figures(m.label, &r),
         })
         .collect()

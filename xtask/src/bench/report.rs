@@ -75,6 +75,7 @@ pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNot
         rows.iter().find(|x| {
             x.via == via
                 && x.tls == tls
+                && !x.cached
                 && (via != Via::Ambassador
                     || (x.workers == Some(1) && x.accelerate && x.bin == bin))
         })
@@ -100,11 +101,23 @@ pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNot
             r.push_str(&versus(&label, &amb.f, &other.f, base));
         }
     }
+    let cached = |via: Via| rows.iter().find(|x| x.via == via && x.cached);
+    if let (Some(amb), Some(ngx)) = (cached(Via::Ambassador), cached(Via::Nginx)) {
+        r.push_str(&versus(
+            "cache hits vs nginx proxy_cache",
+            &amb.f,
+            &ngx.f,
+            base,
+        ));
+    }
     r.push_str(&format!(
         "\nOrigin: nginx {ngx} (1 worker) on {SERVER_V4} in the servers' namespace, across a veth.\n\
          Each proxy sets Authorization (checked at the origin first) and runs one thread:\n\
          ambassador proxy.workers 1, HAProxy nbthread 1, nginx worker_processes 1 (upstream keepalive 32);\n\
-         the last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
+         cache hits: every request after the first answered from the proxy's response cache (the origin\n\
+         marks /cached/ public, max-age=3600): ambassador `cache: {{}}` (in memory), nginx proxy_cache\n\
+         with its cache directory on tmpfs (/dev/shm); the origin is not in their path.\n\
+         The last rows are ambassador with 2 workers, with the app<->proxy hop over loopback TCP\n\
          (intercept.accelerate false, as HAProxy and nginx have it), and (if any) the release build without PGO.\n\
          ambassador: the client runs in the Pod's app cgroup\n\
          and dials the origin; the eBPF redirect takes it to the proxy. HAProxy and nginx listen on\n\

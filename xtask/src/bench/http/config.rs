@@ -7,9 +7,10 @@ use std::path::Path;
 use ambassador_tests::SERVER_V4;
 
 use super::{
-    AMBASSADOR_H2_PORT, AMBASSADOR_TLS_PORT, AUTHORIZATION, BODY_BYTES, HAPROXY_PORT,
-    HAPROXY_TLS_PORT, NGINX_PORT, NGINX_TLS_PORT, ORIGIN_H2_PORT, ORIGIN_H2C_PORT, ORIGIN_NAME,
-    ORIGIN_PORT, ORIGIN_TLS_PORT, TRAIN_PATH, TRAIN_RESPONSE_BYTES,
+    AMBASSADOR_CACHED_PORT, AMBASSADOR_H2_PORT, AMBASSADOR_TLS_PORT, AUTHORIZATION, BODY_BYTES,
+    CACHED_PATH, HAPROXY_PORT, HAPROXY_TLS_PORT, NGINX_CACHED_PORT, NGINX_PORT, NGINX_TLS_PORT,
+    ORIGIN_H2_PORT, ORIGIN_H2C_PORT, ORIGIN_NAME, ORIGIN_PORT, ORIGIN_TLS_PORT, TRAIN_PATH,
+    TRAIN_RESPONSE_BYTES,
 };
 
 /// `workers: None` leaves ambassador's default.
@@ -53,6 +54,12 @@ services:
     match: {{ cidr: {SERVER_V4}/32, port: {ORIGIN_H2C_PORT} }}
     protocol: http
     request: {auth}
+  - name: origin-cached
+    match: {{ cidr: {SERVER_V4}/32, port: {AMBASSADOR_CACHED_PORT} }}
+    protocol: http
+    upstream: {{ endpoints: [{{ address: "{SERVER_V4}:{ORIGIN_PORT}" }}] }}
+    request: {auth}
+    cache: {{}}
 "#,
         tls_service("origin-tls", AMBASSADOR_TLS_PORT, ORIGIN_TLS_PORT),
         tls_service("origin-h2", AMBASSADOR_H2_PORT, ORIGIN_H2_PORT),
@@ -87,8 +94,15 @@ pub(super) fn origin_config(dir: &Path, cert: &Path, key: &Path) -> String {
     let body = "x".repeat(BODY_BYTES);
     let trained = "y".repeat(TRAIN_RESPONSE_BYTES);
     // /auth shows which Authorization arrived, for the checks before each run.
+    // /cached/ answers are public (the proxies send Authorization) and
+    // fresh for an hour: after the first, every request is a hit.
     let locations = format!(
         r#"location = /auth {{ return 200 "$http_authorization"; }}
+    location = /{CACHED_PATH}auth {{ return 200 "$http_authorization"; }}
+    location /{CACHED_PATH} {{
+      add_header Cache-Control "public, max-age=3600";
+      return 200 "{body}";
+    }}
     location = /{TRAIN_PATH} {{ return 200 "{trained}"; }}
     location / {{ return 200 "{body}"; }}"#
     );
@@ -123,7 +137,9 @@ pub(super) fn origin_config(dir: &Path, cert: &Path, key: &Path) -> String {
     )
 }
 
-pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
+/// `cache`: proxy_cache's directory, on tmpfs so that its hits are served
+/// from memory as ambassador's are.
+pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path, cache: &Path) -> String {
     // HTTP/1.1 with `Connection ""` is what lets nginx keep upstream
     // connections open (it sends `Connection: close` otherwise).
     let proxying = format!(
@@ -143,6 +159,16 @@ pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
       {proxying}
     }}
   }}
+  proxy_cache_path {cache} levels=1:2 keys_zone=bench:10m max_size=64m use_temp_path=off;
+  server {{
+    listen 127.0.0.1:{NGINX_CACHED_PORT};
+    location / {{
+      proxy_pass http://origin;
+      {proxying}
+      proxy_cache bench;
+      add_header X-Cache-Status $upstream_cache_status;
+    }}
+  }}
   server {{
     listen 127.0.0.1:{NGINX_TLS_PORT};
     location / {{
@@ -157,7 +183,8 @@ pub(super) fn nginx_proxy_config(dir: &Path, ca_file: &Path) -> String {
 }}
 "#,
         nginx_common(dir),
-        ca_file.display()
+        ca_file.display(),
+        cache = cache.display(),
     )
 }
 

@@ -5,9 +5,10 @@ use ambassador_tests::{Placement, SERVER_V4, placed};
 use anyhow::{Context as _, ensure};
 
 use super::{
-    super::oha::Target, AMBASSADOR_H2_PORT, AMBASSADOR_TLS_PORT, AUTHORIZATION, BODY_BYTES,
-    HAPROXY_PORT, HAPROXY_TLS_PORT, Mode, NGINX_PORT, NGINX_TLS_PORT, ORIGIN_H2C_PORT, ORIGIN_PORT,
-    TRAIN_PATH, TRAIN_REQUEST_BYTES, TRAIN_RESPONSE_BYTES, Via,
+    super::oha::Target, AMBASSADOR_CACHED_PORT, AMBASSADOR_H2_PORT, AMBASSADOR_TLS_PORT,
+    AUTHORIZATION, BODY_BYTES, CACHED_PATH, HAPROXY_PORT, HAPROXY_TLS_PORT, Mode,
+    NGINX_CACHED_PORT, NGINX_PORT, NGINX_TLS_PORT, ORIGIN_H2C_PORT, ORIGIN_PORT, TRAIN_PATH,
+    TRAIN_REQUEST_BYTES, TRAIN_RESPONSE_BYTES, Via,
 };
 
 /// The same job every way: the origin must see the header the proxy set (and
@@ -37,11 +38,28 @@ pub(super) fn check(at: &Placement<'_>, mode: &Mode) -> anyhow::Result<()> {
         "{}: GET / answered {got:?}, expected \"200 {BODY_BYTES}\"",
         mode.label
     );
+    if mode.cached {
+        // Stored by the GET above: this one is a hit (an Age from
+        // ambassador, nginx's own status header).
+        let head = curl(at, &base, &["-s", "-o", "/dev/null", "-D", "-"])?.to_ascii_lowercase();
+        ensure!(
+            head.contains("\r\nage: ") || head.contains("x-cache-status: hit"),
+            "{}: the second GET was not a cache hit:\n{head}",
+            mode.label
+        );
+    }
     Ok(())
 }
 
 /// Where the client sends its requests in each mode.
 fn url(m: &Mode) -> String {
+    if m.cached {
+        let (host, port) = match m.via {
+            Via::Nginx => ("127.0.0.1", NGINX_CACHED_PORT),
+            _ => (SERVER_V4, AMBASSADOR_CACHED_PORT),
+        };
+        return format!("http://{host}:{port}/{CACHED_PATH}");
+    }
     let (host, port) = match (m.via, m.tls) {
         (Via::Ambassador, true) if m.h2 => (SERVER_V4, AMBASSADOR_H2_PORT),
         (Via::Ambassador, false) if m.h2 => (SERVER_V4, ORIGIN_H2C_PORT),
