@@ -35,4 +35,5 @@ pub mod service;
 pub mod sync;
 pub mod tls;
 pub mod trace;
+pub mod transcode;
 pub mod upstream;

@@ -50,6 +50,8 @@ pub struct Route {
     /// Its place in the list, from 1 (tells the service's routes apart in
     /// cache keys).
     pub number: u32,
+    /// REST/JSON made into gRPC calls (`transcode:`).
+    pub transcoder: Option<crate::transcode::Transcoder>,
 }
 
 /// A route's response cache: its service's, none, or its own.
@@ -121,17 +123,18 @@ impl std::fmt::Debug for Route {
 impl Routes {
     /// Compiles a service's routes (the config already checked them).
     /// Compiles a service's routes (the config already checked them);
-    /// `service` names their caches' series.
-    pub fn new(cfg: &[RouteConfig], service: &str) -> Routes {
+    /// `service` names their caches' series. Fails only on what the config
+    /// names outside itself (a transcoding route's descriptor set).
+    pub fn new(cfg: &[RouteConfig], service: &str) -> Result<Routes, String> {
         let list: Vec<Route> = cfg
             .iter()
             .enumerate()
             .map(|(i, r)| Route::new(i, r, service))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let paths_matter = list
             .iter()
             .any(|r| !matches!(r.matcher.path, PathMatcher::Any));
-        Routes { list, paths_matter }
+        Ok(Routes { list, paths_matter })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,7 +217,7 @@ fn covers(a: &RouteConfig, b: &RouteConfig) -> bool {
 }
 
 impl Route {
-    fn new(i: usize, r: &RouteConfig, service: &str) -> Route {
+    fn new(i: usize, r: &RouteConfig, service: &str) -> Result<Route, String> {
         let m = &r.matcher;
         let regex = |re: &str| anchored(re).expect("checked at load");
         let value = |v: &ValueMatch| match v {
@@ -260,8 +263,15 @@ impl Route {
             add_query: w.add_query.clone().into_iter().collect(),
             remove_query: w.remove_query.clone(),
         };
-        Route {
-            name: r.name.clone().unwrap_or_else(|| format!("route-{}", i + 1)),
+        let name = r.name.clone().unwrap_or_else(|| format!("route-{}", i + 1));
+        let transcoder = match &r.transcode {
+            Some(t) => Some(
+                crate::transcode::Transcoder::load(t).map_err(|e| format!("route {name}: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Route {
+            name,
             matcher,
             action: r.action.clone(),
             rewrite,
@@ -271,6 +281,8 @@ impl Route {
             limiter: r.rate_limit.as_ref().map(Limiter::new),
             upstream: r.upstream.clone(),
             caching: match r.cache {
+                // A transcoded answer is made per call: never cached.
+                _ if transcoder.is_some() => Caching::Off,
                 RouteCache::Service => Caching::Service,
                 RouteCache::Off => Caching::Off,
                 RouteCache::Own(c) => {
@@ -278,7 +290,8 @@ impl Route {
                 }
             },
             number: u32::try_from(i + 1).unwrap_or(u32::MAX),
-        }
+            transcoder,
+        })
     }
 
     /// The Host the route sends (as a header value, and as the authority

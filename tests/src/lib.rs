@@ -14,6 +14,7 @@
 pub mod containers;
 pub mod dockerfile;
 pub mod framing;
+pub mod grpc;
 pub mod jwt;
 mod netns;
 pub mod origin;

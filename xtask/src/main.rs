@@ -69,8 +69,8 @@ enum Cmd {
     /// termination + JWT); pgbench through ambassador vs
     /// PgBouncer vs direct; ratios.
     Bench {
-        /// Run one section only (`http`, `inbound` or `postgres`).
-        #[arg(long, value_parser = ["http", "inbound", "postgres"])]
+        /// Run one section only (`http`, `inbound`, `transcode` or `postgres`).
+        #[arg(long, value_parser = ["http", "inbound", "transcode", "postgres"])]
         only: Option<String>,
         /// Measure the plain release build only, skipping the PGO build (and its
         /// no-PGO comparison row).

@@ -226,6 +226,9 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         "libpostgresql-jdbc-java",
         "golang-go",
         "golang-github-jackc-pgx-v4-dev",
+        // Transcoding: the descriptor sets users make, and the tests' tonic
+        // server generated from the same .proto (tests/build.rs).
+        "protobuf-compiler",
     ])
 }
 

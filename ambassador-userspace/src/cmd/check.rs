@@ -241,6 +241,27 @@ fn exempt(cfg: &Config) -> String {
     format!("{}: not under policy", holes.join("; "))
 }
 
+/// A transcoding route's REST bindings, one a line.
+fn transcoded(t: &crate::config::transcode::TranscodeConfig) -> String {
+    let mut out = String::new();
+    match crate::transcode::Transcoder::load(t) {
+        Ok(tr) => {
+            let _ = writeln!(
+                out,
+                "               transcodes to gRPC ({}):",
+                t.services.join(", ")
+            );
+            for b in tr.describe() {
+                let _ = writeln!(out, "                 {b}");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "               transcode: {e}");
+        }
+    }
+    out
+}
+
 /// A response cache's bounds, and what it stores that the RFC alone would not.
 fn cache(c: &crate::config::cache::CacheConfig) -> String {
     let mb = |b: u64| match b {
@@ -300,6 +321,7 @@ fn routes(s: &ServiceConfig) -> String {
             .as_ref()
             .map_or(String::new(), |u| format!(" to service {u}"));
         let does = match &r.action {
+            RouteAction::Forward if r.transcode.is_some() => format!("gRPC call{to}"),
             RouteAction::Forward if r.rewrite == Default::default() => format!("forward{to}"),
             RouteAction::Forward => format!("forward{to}, rewritten"),
             RouteAction::Deny => "deny (403)".to_string(),
@@ -329,6 +351,9 @@ fn routes(s: &ServiceConfig) -> String {
                 when.join(", ")
             }
         );
+        if let Some(t) = &r.transcode {
+            out.push_str(&transcoded(t));
+        }
     }
     for (later, earlier) in crate::route::Routes::shadowed(&s.routes) {
         let _ = writeln!(

@@ -284,6 +284,11 @@ fn validate_policy(p: &InboundPolicy) -> Result<(), String> {
                 "routes[{i}].upstream: an inbound port's routes go to the app (upstream is for services)"
             ));
         }
+        if r.transcode.is_some() {
+            return Err(format!(
+                "routes[{i}].transcode: an inbound port's routes go to the app as they came"
+            ));
+        }
         if r.cache != super::cache::RouteCache::Service {
             return Err(format!(
                 "routes[{i}].cache: an inbound port's routes have no response cache (caching is for the app's calls out)"

@@ -14,6 +14,7 @@ pub mod overrides;
 pub mod request;
 pub mod route;
 pub mod service;
+pub mod transcode;
 pub mod upstream;
 pub mod validate;
 pub mod values;

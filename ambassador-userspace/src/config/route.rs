@@ -13,6 +13,7 @@ use super::{
     cache::RouteCache,
     gateway::{RateKey, RateLimit},
     request::HeaderKey,
+    transcode::TranscodeConfig,
     values::{DurationText, clip, opt_duration, ser_opt_duration},
 };
 
@@ -43,6 +44,9 @@ pub struct RouteConfig {
     /// The route's own response cache, none, or (left out) the service's.
     #[serde(skip_serializing_if = "RouteCache::is_service")]
     pub cache: RouteCache,
+    /// REST/JSON from the app made into gRPC calls to the upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcode: Option<TranscodeConfig>,
 }
 
 impl Eq for RouteConfig {}
@@ -151,6 +155,7 @@ struct RawRoute {
     upstream: Option<String>,
     #[serde(default)]
     cache: RouteCache,
+    transcode: Option<TranscodeConfig>,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -232,11 +237,21 @@ impl TryFrom<RawRoute> for RouteConfig {
                 || !r.request_headers.is_empty()
                 || r.timeout.is_some()
                 || r.upstream.is_some()
-                || r.cache != RouteCache::Service)
+                || r.cache != RouteCache::Service
+                || r.transcode.is_some())
         {
             return Err(
-                "rewrite, request_headers, timeout, upstream and cache are for routes that forward (no deny, direct_response, redirect)".into(),
+                "rewrite, request_headers, timeout, upstream, cache and transcode are for routes that forward (no deny, direct_response, redirect)".into(),
             );
+        }
+        if let Some(t) = &r.transcode {
+            t.validate()?;
+            if rewrite.path_prefix.is_some() || rewrite.path_regex.is_some() {
+                return Err("transcode: the route's paths are the REST API's; a path rewrite would change them (leave rewrite.path_* out)".into());
+            }
+            if r.cache != RouteCache::Service {
+                return Err("transcode: gRPC answers are not cached (leave cache out)".into());
+            }
         }
         if r.timeout.is_some_and(|t| t.is_zero()) {
             return Err("timeout: must be more than 0".into());
@@ -263,6 +278,7 @@ impl TryFrom<RawRoute> for RouteConfig {
             rate_limit: r.rate_limit,
             upstream: r.upstream,
             cache: r.cache,
+            transcode: r.transcode,
         })
     }
 }

@@ -4,7 +4,9 @@
 //! body kept for another attempt where one may follow ([`replay`]), then
 //! the attempts ([`attempt`], each judged by [`classify`]).
 
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response, uri::Authority};
+use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 
 use super::{
@@ -12,7 +14,7 @@ use super::{
     attempt::{self, Exchanged},
     dest::Dest,
     finish::Exchange,
-    replay,
+    replay::{self, Outgoing},
     response::Body,
     rewrite,
 };
@@ -50,6 +52,40 @@ pub(super) async fn forward(
         upgrade: p.upgrade,
         permits,
         policy,
+    };
+    attempt::run(x, exchange).await
+}
+
+/// A request the proxy made itself (a gRPC call transcoded from the app's
+/// REST call): its body is whole, so any attempt may send it again. HTTP/2
+/// toward the upstream (h2c in the clear, ALPN over TLS).
+pub(super) async fn send_made(
+    req: Request<Bytes>,
+    to: Dest<'_>,
+    upstream: Option<&(Authority, HeaderValue)>,
+    exchange: &mut Exchange,
+) -> Response<Body> {
+    let permits = match admit::breakers(&to) {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
+    let (mut head, bytes) = req.into_parts();
+    // Read by `prepare` as "HTTP/2 from the app": h2c where plain.
+    head.version = http::Version::HTTP_2;
+    let req = Request::from_parts(head, Full::new(bytes.clone()));
+    let p = match rewrite::prepare(req, to, upstream).await {
+        Ok(p) => p,
+        Err(refused) => return refused.into_response(),
+    };
+    let x = Exchanged {
+        to,
+        head: p.head,
+        body: Outgoing::Replay(bytes),
+        h2c: p.h2c,
+        own_h2c: p.own_h2c,
+        upgrade: None,
+        permits,
+        policy: to.http().map(|h| &h.retry).filter(|r| r.enabled()),
     };
     attempt::run(x, exchange).await
 }

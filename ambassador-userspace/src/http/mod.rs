@@ -7,7 +7,8 @@
 //! its socket), and hands each request to [`admit`] (which service, may it
 //! go), then [`routed`] (the service's routes decide: an answer of the
 //! proxy's own, or on), [`cached`] (a stored response answers, or one is
-//! stored on the way back) and [`forward`]: [`rewrite`], [`replay`], [`attempt`]
+//! stored on the way back) or [`transcoded`] (REST/JSON made into a gRPC
+//! call and back), and [`forward`]: [`rewrite`], [`replay`], [`attempt`]
 //! with [`classify`]; [`response`] is what goes back, [`finish`] its series and
 //! log line.
 
@@ -28,6 +29,7 @@ mod rewrite;
 mod routed;
 pub mod server;
 pub mod target;
+mod transcoded;
 
 pub use headers::{strip_hop_by_hop, upgrade_protocol};
 pub use response::{Body, ERROR_HEADER, error_response};

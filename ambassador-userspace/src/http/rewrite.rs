@@ -10,7 +10,7 @@ use http::{
     request::Parts,
     uri::{Authority, PathAndQuery, Scheme},
 };
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body, Incoming};
 use tracing::warn;
 
 use super::{
@@ -24,9 +24,9 @@ use crate::upstream::{
 };
 
 /// A request ready to go out, and how.
-pub(super) struct Prepared {
+pub(super) struct Prepared<B = Incoming> {
     pub head: Parts,
-    pub body: Incoming,
+    pub body: B,
     /// The app's side of an upgrade, once the upstream agrees (101).
     pub upgrade: Option<hyper::upgrade::OnUpgrade>,
     /// HTTP/2 from the app to a plain upstream stays HTTP/2 (h2c): gRPC
@@ -37,11 +37,11 @@ pub(super) struct Prepared {
     pub own_h2c: Option<Arc<HttpClient>>,
 }
 
-pub(super) async fn prepare(
-    mut req: Request<Incoming>,
+pub(super) async fn prepare<B: Body>(
+    mut req: Request<B>,
     to: Dest<'_>,
     upstream: Option<&(Authority, HeaderValue)>,
-) -> Result<Prepared, Refused> {
+) -> Result<Prepared<B>, Refused> {
     let h2c = req.version() == Version::HTTP_2 && to.tls().is_none();
     let own_h2c = (h2c && !to.has_endpoints()).then(|| to.conn.h2c_client(to.service()));
     // The app's own :authority goes to where the app was going.
@@ -100,8 +100,8 @@ pub(super) async fn prepare(
 
 /// The upstream sees its own name in Host and :authority, as if the app had
 /// called it directly; the connector knows which endpoint to dial.
-fn name_upstream(
-    req: &mut Request<Incoming>,
+fn name_upstream<B>(
+    req: &mut Request<B>,
     to: Dest<'_>,
     upstream: Option<&(Authority, HeaderValue)>,
     app_authority: Option<Authority>,
@@ -154,7 +154,7 @@ fn name_upstream(
 
 /// hyper sends no body of unknown length with GET or HEAD unless the
 /// framing is asked for: the app's chunked body would vanish.
-fn keep_framing(head: &mut Parts, body: &Incoming) {
+fn keep_framing(head: &mut Parts, body: &impl Body) {
     if !body.is_end_stream()
         && body.size_hint().exact().is_none()
         && matches!(head.method, http::Method::GET | http::Method::HEAD)

@@ -15,6 +15,7 @@ use super::{
     dest::Dest,
     finish::Exchange,
     response::{Body, error_response},
+    transcoded,
 };
 use crate::{
     ratelimit::retry_after,
@@ -67,11 +68,11 @@ pub(super) async fn serve(
                         route: Some(route),
                         ..to
                     };
-                    cached::forward(req, to, upstream, cache, exchange).await
+                    by_route(req, to, upstream, cache, exchange).await
                 }
                 Some(Some(svc)) => {
                     let to = Dest::new(to.conn, Some(svc), Some(route));
-                    cached::forward(req, to, None, cache, exchange).await
+                    by_route(req, to, None, cache, exchange).await
                 }
                 // A reload took the service away between table and request.
                 Some(None) => error_response(
@@ -106,6 +107,21 @@ pub(super) async fn serve(
             resp
         }
         Decision::Respond(route) => answer(route),
+    }
+}
+
+/// A forwarding route's request: transcoded into a gRPC call, or sent on
+/// (through the cache where there is one).
+async fn by_route(
+    req: Request<Incoming>,
+    to: Dest<'_>,
+    upstream: Option<&(Authority, HeaderValue)>,
+    cache: Option<(&std::sync::Arc<crate::cache::Cache>, u32)>,
+    exchange: &mut Exchange,
+) -> Response<Body> {
+    match to.route.and_then(|r| r.transcoder.as_ref()) {
+        Some(t) => transcoded::forward(req, to, upstream, t, exchange).await,
+        None => cached::forward(req, to, upstream, cache, exchange).await,
     }
 }
 

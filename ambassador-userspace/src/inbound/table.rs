@@ -147,6 +147,12 @@ impl InboundTable {
                 Some(a) => Some(Authn::new(a, proxy).map_err(|why| InboundError { port, why })?),
                 None => None,
             };
+            let routes = match policy {
+                Some(p) => {
+                    Routes::new(&p.routes, "inbound").map_err(|why| InboundError { port, why })?
+                }
+                None => Routes::default(),
+            };
             ports.insert(
                 port,
                 Arc::new(PortPolicy {
@@ -165,8 +171,7 @@ impl InboundTable {
                     connections: policy
                         .and_then(|p| p.limits.max_connections)
                         .map(|n| (Arc::new(tokio::sync::Semaphore::new(n)), n)),
-                    routes: policy
-                        .map_or_else(Routes::default, |p| Routes::new(&p.routes, "inbound")),
+                    routes,
                 }),
             );
         }

@@ -254,7 +254,8 @@ impl HttpService {
             request_timeout: cfg.timeouts.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             retry: RetryPolicy::new(cfg.retries),
             rules,
-            routes: Routes::new(&cfg.routes, &cfg.name),
+            routes: Routes::new(&cfg.routes, &cfg.name)
+                .map_err(|e| ServiceError::Build(format!("service {}: {e}", cfg.name)))?,
             cache: cfg
                 .cache
                 .map(|c| Arc::new(crate::cache::Cache::new(c, &cfg.name))),

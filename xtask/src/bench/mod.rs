@@ -7,7 +7,8 @@
 //! children, a network namespace joined by veth to a servers' namespace), the
 //! proxy as uid 1337. The client and the echo server are this binary's hidden
 //! `__connect` / `__echo` commands; throughput is iperf3 (`l4.rs`). The HTTP
-//! section (ambassador vs HAProxy vs nginx, `http.rs`), failover
+//! section (ambassador vs HAProxy vs nginx, `http.rs`), transcoding
+//! (`transcode.rs`), failover
 //! (`failover.rs`) and PostgreSQL (`postgres.rs`) follow; `stats.rs` holds
 //! the statistics and `report.rs` the tables. This file runs the sections
 //! and holds what they share.
@@ -21,6 +22,7 @@ mod oha;
 pub mod postgres;
 mod report;
 mod stats;
+mod transcode;
 
 use std::{
     path::{Path, PathBuf},
@@ -109,6 +111,11 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     report.push_str(&inbound);
     std::fs::write(out.join("report.txt"), &report)?;
 
+    let transcoded = transcode::run()?;
+    print!("{transcoded}");
+    report.push_str(&transcoded);
+    std::fs::write(out.join("report.txt"), &report)?;
+
     let failover = failover::run()?;
     print!("{failover}");
     report.push_str(&failover);
@@ -122,7 +129,7 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --only http|inbound|postgres`: one section alone.
+/// `cargo xtask bench --only http|inbound|transcode|postgres`: one section alone.
 pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     require_root()?;
     crate::toolchain::ensure_test_tools()?;
@@ -130,6 +137,7 @@ pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     let report = match section {
         "http" => http::run(bins, Pass::Measure)?,
         "inbound" => inbound::run()?,
+        "transcode" => transcode::run()?,
         _ => postgres::run(Pass::Measure)?,
     };
     let report = format!("{report}{}", crate::pgo::described(bins));

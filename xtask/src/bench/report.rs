@@ -9,6 +9,7 @@ use super::{
     oha::Figures,
     postgres,
     stats::{added, quartiles},
+    transcode,
 };
 
 // Each table names its own section's constants (`use` in the function): the
@@ -135,6 +136,46 @@ pub(super) fn http_table(rows: &[http::Row], v: &http::Versions, notes: &HttpNot
         notes.accelerated,
         ngx = v.nginx,
         cores = cores(),
+    ));
+    r
+}
+
+/// The transcoding section's table: the REST call ambassador transcodes
+/// next to the same call made natively, direct and through ambassador.
+pub(super) fn transcode_table(
+    rows: &[transcode::Row],
+    v: &http::Versions,
+    notes: &HttpNotes,
+    calls: usize,
+) -> String {
+    use http::{CONNECTIONS, ROUNDS};
+    use transcode::How;
+    let base = &rows[0].f;
+    let mut r = format!(
+        "\nambassador transcoding bench (oha {}: one unary gRPC call, GetBook, {CONNECTIONS} connections;\n\
+         {}\n\n",
+        v.oha,
+        rounds_explained(ROUNDS, base.requests)
+    );
+    r.push_str(&modes_table(rows.iter().map(|x| &x.f)));
+    let find = |how: How| rows.iter().find(|x| x.how == how);
+    if let (Some(rest), Some(relayed)) = (find(How::Transcoded), find(How::Relayed)) {
+        r.push_str(&versus_header("REST/JSON -> gRPC"));
+        r.push_str(&versus(
+            "vs gRPC relayed by ambassador",
+            &rest.f,
+            &relayed.f,
+            base,
+        ));
+    }
+    r.push_str(&format!(
+        "\nThe server: tonic (the test bookstore, {calls} calls answered), one runtime thread, in the servers'\n\
+         namespace. Native rows: oha --http2 POSTs the framed binary request (content-type application/grpc);\n\
+         the transcoded row: oha GETs /v1/shelves/s1/books/7 over HTTP/1.1 and gets JSON (the body of the\n\
+         request message made of the path, the answer made into canonical proto3 JSON). ambassador: one\n\
+         worker, the client in the Pod's app cgroup; x is the ratio to the native call made directly.\n\
+         CPU busy in the second before/after: {} / {}.\n",
+        notes.busy_before, notes.busy_after
     ));
     r
 }
