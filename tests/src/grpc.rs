@@ -4,7 +4,8 @@
 //!
 //! GetBook answers book `id` on `shelf` (NOT_FOUND for id 404), CreateBook
 //! and UpdateBook and Echo give back what they got (CreateBook with id 99),
-//! ListBooks streams `limit` books, Slow answers after `millis`, Fail fails
+//! ListBooks streams `limit` books (`delay_ms` apart, failing after
+//! `fail_after`), Slow answers after `millis`, Fail fails
 //! with the status it is asked for.
 
 use std::{
@@ -110,16 +111,28 @@ impl Bookstore for Shop {
     ) -> Result<Response<Self::ListBooksStream>, Status> {
         self.record("ListBooks", &req);
         let r = req.into_inner();
-        let books: Vec<Result<Book, Status>> = (1..=i64::from(r.limit))
-            .map(|id| {
-                Ok(Book {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for id in 1..=i64::from(r.limit) {
+                if id > 1 && r.delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(r.delay_ms as u64)).await;
+                }
+                if r.fail_after > 0 && id > i64::from(r.fail_after) {
+                    let _ = tx.send(Err(Status::unavailable("the shelf is gone"))).await;
+                    return;
+                }
+                let book = Book {
                     id,
                     title: format!("book {id} on {}", r.shelf),
                     ..Default::default()
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(books))))
+                };
+                if tx.send(Ok(book)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn slow(&self, req: Request<SlowRequest>) -> Result<Response<Book>, Status> {

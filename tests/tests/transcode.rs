@@ -2,7 +2,8 @@
 //! REST calls, a route transcodes them by a descriptor set protoc made, and
 //! a real gRPC server (tonic) answers: path and query bindings, a body
 //! field, the whole body, the `/package.Service/Method` fallback, server
-//! streaming as a JSON array, unknown fields refused before any call, gRPC
+//! streaming as a JSON array or NDJSON delivered message by message (and
+//! its error as the last element), unknown fields refused before any call, gRPC
 //! statuses mapped to HTTP ones with their message, the route timeout sent
 //! as `grpc-timeout` and enforced, the service's credentials as metadata.
 
@@ -145,6 +146,38 @@ fn rest_calls_become_grpc_calls_and_back() {
             "{\"id\":\"1\",\"title\":\"book 1 on s3\"}\n{\"id\":\"2\",\"title\":\"book 2 on s3\"}\n"
         ),
         "{out}"
+    );
+
+    // Message by message as they come: the first book long before the last.
+    let timing = stdout(&pod.curl(
+        &format!("http://{SERVER_V4}:8080/v1/shelves/s4/books?limit=3&delayMs=400"),
+        &[
+            "-N",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_starttransfer} %{time_total}",
+        ],
+    ));
+    let (first, total) = timing.split_once(' ').expect("two times");
+    let (first, total): (f64, f64) = (first.parse().unwrap(), total.parse().unwrap());
+    assert!(
+        first < 0.3 && total > 0.75,
+        "first byte at {first} s, end at {total} s"
+    );
+    // A stream that fails on the way ends with the error as its last line.
+    let out = stdout(&pod.curl(
+        &format!("http://{SERVER_V4}:8080/bookstore.Bookstore/ListBooks"),
+        &[
+            "-X",
+            "POST",
+            "--data-raw",
+            r#"{"shelf":"s5","limit":3,"failAfter":1}"#,
+        ],
+    ));
+    assert_eq!(
+        out,
+        "{\"id\":\"1\",\"title\":\"book 1 on s5\"}\n{\"error\":{\"code\":14,\"message\":\"the shelf is gone\"}}\n"
     );
 
     // Refused before any call: unknown field, bad JSON, no binding.

@@ -20,7 +20,9 @@ pub struct TranscodeConfig {
     /// The largest JSON request body taken (default 4 MiB); larger: 413.
     #[serde(default = "max_body")]
     pub max_request_bytes: u64,
-    /// The largest gRPC answer turned into JSON (default 4 MiB); larger: 502.
+    /// The largest gRPC answer (a unary one, or one streamed message) made
+    /// into JSON (default 4 MiB); larger: 502, or an error element ending a
+    /// stream.
     #[serde(default = "max_body")]
     pub max_response_bytes: u64,
 }

@@ -95,9 +95,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// The `grpc-status` a gRPC response's head or trailers carry.
-pub fn grpc_status(h: &HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
-}
+pub use crate::transcode::grpc::status as grpc_status;
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ use crate::{
     cache::fill::Fill,
     endpoint::Picked,
     tls::TlsOrigin,
+    transcode::stream::JsonStream,
     upstream::{ConnectError, Lease, RequestError},
 };
 
@@ -42,6 +43,8 @@ pub struct ResponseBody {
     pub(super) lease: Option<Lease>,
     /// The response cache keeps the body as it goes by.
     pub(super) fill: Option<Fill>,
+    /// A server-streaming gRPC answer made into JSON message by message.
+    pub(super) json: Option<JsonStream>,
     ended: bool,
 }
 
@@ -63,6 +66,7 @@ impl ResponseBody {
             sent: 0,
             lease: None,
             fill: None,
+            json: None,
         }
     }
 }
@@ -103,9 +107,7 @@ impl hyper::body::Body for ResponseBody {
             }
             return std::task::Poll::Ready(Some(Err(Box::new(BodyTimeout(*t)))));
         }
-        let r = std::pin::Pin::new(&mut this.inner)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as Self::Error);
+        let r = this.next_frame(cx);
         match &r {
             std::task::Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -138,11 +140,63 @@ impl hyper::body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.json {
+            Some(j) => j.closed(),
+            None => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match &self.json {
+            Some(_) => hyper::body::SizeHint::default(),
+            None => self.inner.size_hint(),
+        }
+    }
+}
+
+type Polled = std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl ResponseBody {
+    /// The next frame for the app: the upstream's, or (a streamed gRPC
+    /// answer being transcoded) the JSON its messages make; the gRPC status
+    /// of its trailers is kept for the series and the log.
+    fn next_frame(&mut self, cx: &mut std::task::Context<'_>) -> Polled {
+        use hyper::body::Frame;
+        use std::task::Poll;
+        let Some(json) = self.json.as_mut() else {
+            return std::pin::Pin::new(&mut self.inner)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError);
+        };
+        if let Some(b) = json.take_ready() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        loop {
+            let out = match std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => json.data(&d),
+                    Err(f) => {
+                        let t = f.into_trailers().ok();
+                        if let (Some(fin), Some(code)) = (
+                            &mut self.finish,
+                            t.as_ref().and_then(super::headers::grpc_status),
+                        ) {
+                            fin.exchange.grpc_status = Some(code);
+                        }
+                        json.end(t.as_ref())
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => json.end(None),
+            };
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            if json.closed() {
+                return Poll::Ready(None);
+            }
+        }
     }
 }
 

@@ -17,9 +17,9 @@ use super::{
     finish::Exchange,
     forward,
     headers::grpc_status,
-    response::{Body, ERROR_HEADER},
+    response::{Body, ERROR_HEADER, ResponseBody},
 };
-use crate::transcode::{Matched, Transcoder, answer, grpc, request};
+use crate::transcode::{Matched, Transcoder, answer, grpc, request, stream::JsonStream};
 
 pub(super) async fn forward(
     req: Request<Incoming>,
@@ -139,6 +139,9 @@ async fn answered(
         exchange.grpc_status = Some(code);
         return status_error(code, &parts.headers);
     }
+    if m.binding.method.is_server_streaming() {
+        return streamed(body, m, t, exchange).await;
+    }
     let collected = match Limited::new(body, t.max_response_bytes as usize)
         .collect()
         .await
@@ -174,37 +177,93 @@ async fn answered(
     if code != 0 {
         return status_error(code, &trailers);
     }
-    match json_answer(collected.to_bytes(), m, t) {
-        Ok(body) => {
-            let streaming = m.binding.method.is_server_streaming();
-            let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(answer::content_type(streaming, t.stream)),
-            );
-            resp
-        }
+    match json_answer(collected.to_bytes(), m) {
+        Ok(body) => ok_json(body, false, t),
         Err(why) => error(StatusCode::BAD_GATEWAY, 13, &why),
     }
 }
 
-/// The answer's messages as JSON: one for a unary call, all of them for a
-/// server-streaming one.
-fn json_answer(body: Bytes, m: &Matched<'_>, t: &Transcoder) -> Result<Vec<u8>, String> {
+/// A server-streaming answer, made into JSON message by message as it
+/// comes. Its first frame is read before the head goes out, so a stream
+/// that fails before any message still gets its HTTP status.
+async fn streamed(
+    mut body: ResponseBody,
+    m: &Matched<'_>,
+    t: &Transcoder,
+    exchange: &mut Exchange,
+) -> Response<Body> {
+    let b = m.binding;
+    let mut json = JsonStream::new(
+        b.method.output(),
+        b.response_body.clone(),
+        t.stream,
+        t.max_response_bytes,
+    );
+    match body.frame().await {
+        Some(Ok(f)) => match f.into_data() {
+            Ok(d) => json.prime(&d),
+            Err(f) => {
+                let trailers = f.into_trailers().unwrap_or_default();
+                exchange.grpc_status = grpc_status(&trailers);
+                return match exchange.grpc_status {
+                    // No message at all: an empty array (or nothing).
+                    Some(0) => ok_json(json.end(Some(&trailers)).to_vec(), true, t),
+                    Some(code) => status_error(code, &trailers),
+                    None => error(
+                        StatusCode::BAD_GATEWAY,
+                        13,
+                        "the gRPC answer ended without a grpc-status",
+                    ),
+                };
+            }
+        },
+        Some(Err(e)) if e.is::<super::response::BodyTimeout>() => {
+            return error(StatusCode::GATEWAY_TIMEOUT, 4, &e.to_string());
+        }
+        Some(Err(e)) => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                14,
+                &format!("the gRPC answer broke: {e}"),
+            );
+        }
+        None => {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                13,
+                "the gRPC answer ended without a grpc-status",
+            );
+        }
+    }
+    body.json = Some(json);
+    let mut resp = Response::new(Either::Left(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(answer::content_type(true, t.stream)),
+    );
+    resp
+}
+
+/// A 200 with JSON.
+fn ok_json(body: Vec<u8>, streaming: bool, t: &Transcoder) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(answer::content_type(streaming, t.stream)),
+    );
+    resp
+}
+
+/// A unary answer's one message as JSON.
+fn json_answer(body: Bytes, m: &Matched<'_>) -> Result<Vec<u8>, String> {
     let messages = grpc::messages(body).map_err(|e| e.to_string())?;
-    let out = m.binding.method.output();
-    let field = m.binding.response_body.as_ref();
-    let jsons = messages
-        .iter()
-        .map(|msg| answer::json(&out, msg, field))
-        .collect::<Result<Vec<_>, _>>()?;
-    if m.binding.method.is_server_streaming() {
-        return Ok(answer::stream(&jsons, t.stream));
-    }
-    match <[Vec<u8>; 1]>::try_from(jsons) {
-        Ok([one]) => Ok(one),
-        Err(v) => Err(format!("a unary call answered with {} messages", v.len())),
-    }
+    let [one] = <[Bytes; 1]>::try_from(messages)
+        .map_err(|v| format!("a unary call answered with {} messages", v.len()))?;
+    answer::json(
+        &m.binding.method.output(),
+        &one,
+        m.binding.response_body.as_ref(),
+    )
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {

@@ -1,6 +1,5 @@
 //! The REST answer made of a gRPC one: each response message in canonical
-//! proto3 JSON (or the binding's `response_body` field of it), a
-//! server-streaming call's messages as a JSON array or one per line, and a
+//! proto3 JSON (or the binding's `response_body` field of it), and a
 //! gRPC error as `{"code", "message", "details"}` (google.rpc.Status in
 //! JSON, as grpc-gateway and Envoy give it) with the mapped HTTP status.
 
@@ -58,31 +57,6 @@ fn default_json(f: &FieldDescriptor) -> Json {
         prost_reflect::Kind::Bool => Json::Bool(false),
         _ => Json::from(0),
     }
-}
-
-/// A server-streaming call's messages, in the configured form.
-pub fn stream(parts: &[Vec<u8>], format: StreamFormat) -> Vec<u8> {
-    let len: usize = parts.iter().map(|p| p.len() + 2).sum();
-    let mut out = Vec::with_capacity(len + 2);
-    match format {
-        StreamFormat::Array => {
-            out.push(b'[');
-            for (i, p) in parts.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(p);
-            }
-            out.push(b']');
-        }
-        StreamFormat::Ndjson => {
-            for p in parts {
-                out.extend_from_slice(p);
-                out.push(b'\n');
-            }
-        }
-    }
-    out
 }
 
 /// The JSON error body for a gRPC status.

@@ -53,6 +53,11 @@ pub fn messages(body: Bytes) -> Result<Vec<Bytes>, FrameError> {
     Ok(out)
 }
 
+/// The `grpc-status` a gRPC response's head or trailers carry.
+pub fn status(h: &http::HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
 /// `grpc-timeout` for a deadline (milliseconds; at most 8 digits).
 pub fn timeout_value(t: std::time::Duration) -> String {
     let ms = t.as_millis().clamp(1, 99_999_999);

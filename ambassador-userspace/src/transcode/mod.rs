@@ -3,12 +3,14 @@
 //! annotation and additional bindings, and `POST /package.Service/Method`
 //! always), and per request the binding that matches. [`template`] is the
 //! path templates, [`request`] the protobuf request made of the app's,
-//! [`answer`] the JSON made of the gRPC answer, [`grpc`] the wire's framing
+//! [`answer`] the JSON made of the gRPC answer ([`stream`]: a streamed one,
+//! message by message), [`grpc`] the wire's framing
 //! and the status mapping.
 
 pub mod answer;
 pub mod grpc;
 pub mod request;
+pub mod stream;
 pub mod template;
 
 use http::Method;

@@ -13,6 +13,11 @@ use crate::config::transcode::TranscodeConfig;
 /// `protoc --include_imports -o` of the bookstore (protoc is installed by
 /// `cargo xtask test`).
 fn descriptor_set() -> PathBuf {
+    static MADE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    MADE.get_or_init(make_descriptor_set).clone()
+}
+
+fn make_descriptor_set() -> PathBuf {
     let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/protos");
     let out = std::env::temp_dir().join(format!("bookstore-{}.pb", std::process::id()));
     let st = std::process::Command::new("protoc")
@@ -223,19 +228,59 @@ fn answers_as_canonical_json() {
             .unwrap_err()
             .contains("bookstore.Book")
     );
-    let parts = vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()];
-    use crate::config::transcode::StreamFormat;
-    assert_eq!(
-        answer::stream(&parts, StreamFormat::Array),
-        br#"[{"a":1},{"b":2}]"#
-    );
-    assert_eq!(
-        answer::stream(&parts, StreamFormat::Ndjson),
-        b"{\"a\":1}\n{\"b\":2}\n"
-    );
     let e: serde_json::Value = serde_json::from_slice(&answer::error(5, "no book")).unwrap();
     assert_eq!(
         e,
         serde_json::json!({"code": 5, "message": "no book", "details": []})
     );
+}
+
+#[test]
+fn streamed_answers_message_by_message() {
+    use crate::config::transcode::StreamFormat;
+    use stream::JsonStream;
+    let t = transcoder();
+    let out = t
+        .find(&Method::GET, "/v1/books/1")
+        .unwrap()
+        .binding
+        .method
+        .output();
+    let book = |id: i64| {
+        let mut b = DynamicMessage::new(out.clone());
+        b.set_field_by_name("id", prost_reflect::Value::I64(id));
+        grpc::frame(&b.encode_to_vec())
+    };
+    let trailers = |code: &str, msg: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-status", code.parse().unwrap());
+        h.insert("grpc-message", msg.parse().unwrap());
+        h
+    };
+    // Frames split anywhere: each message comes out once it is whole.
+    let mut s = JsonStream::new(out.clone(), None, StreamFormat::Array, 1 << 20);
+    let two = [book(1), book(2)].concat();
+    assert_eq!(&s.data(&two[..3])[..], b"");
+    assert_eq!(&s.data(&two[3..9])[..], br#"[{"id":"1"}"#);
+    assert_eq!(&s.data(&two[9..])[..], br#",{"id":"2"}"#);
+    assert_eq!(&s.end(Some(&trailers("0", "")))[..], b"]");
+    assert!(s.closed());
+    // An error at the end is the last element.
+    let mut s = JsonStream::new(out.clone(), None, StreamFormat::Ndjson, 1 << 20);
+    assert_eq!(&s.data(&book(3))[..], b"{\"id\":\"3\"}\n");
+    let tail = s.end(Some(&trailers("14", "going%20away")));
+    assert_eq!(
+        &tail[..],
+        b"{\"error\":{\"code\":14,\"message\":\"going away\"}}\n"
+    );
+    // No status, a message too large: errors too.
+    let mut s = JsonStream::new(out.clone(), None, StreamFormat::Array, 1 << 20);
+    assert!(String::from_utf8_lossy(&s.end(None)).contains("without a grpc-status"));
+    let mut s = JsonStream::new(out, None, StreamFormat::Array, 4);
+    let big = s.data(&[0, 0, 0, 1, 0]);
+    assert!(
+        String::from_utf8_lossy(&big).contains("larger than 4 bytes"),
+        "{big:?}"
+    );
+    assert!(s.closed());
 }
