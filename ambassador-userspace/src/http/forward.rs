@@ -25,12 +25,8 @@ pub(super) async fn forward(
     upstream: Option<&(Authority, HeaderValue)>,
     exchange: &mut Exchange,
 ) -> Response<Body> {
-    let permits = match admit::breakers(&to) {
-        Ok(p) => p,
-        Err(refused) => return refused.into_response(),
-    };
-    let p = match rewrite::prepare(req, to, upstream).await {
-        Ok(p) => p,
+    let (permits, p) = match admitted(req, to, upstream).await {
+        Ok(ok) => ok,
         Err(refused) => return refused.into_response(),
     };
     exchange.bytes_in = p.body.size_hint().exact();
@@ -65,16 +61,12 @@ pub(super) async fn send_made(
     upstream: Option<&(Authority, HeaderValue)>,
     exchange: &mut Exchange,
 ) -> Response<Body> {
-    let permits = match admit::breakers(&to) {
-        Ok(p) => p,
-        Err(refused) => return refused.into_response(),
-    };
     let (mut head, bytes) = req.into_parts();
     // Read by `prepare` as "HTTP/2 from the app": h2c where plain.
     head.version = http::Version::HTTP_2;
     let req = Request::from_parts(head, Full::new(bytes.clone()));
-    let p = match rewrite::prepare(req, to, upstream).await {
-        Ok(p) => p,
+    let (permits, p) = match admitted(req, to, upstream).await {
+        Ok(ok) => ok,
         Err(refused) => return refused.into_response(),
     };
     let x = Exchanged {
@@ -88,4 +80,15 @@ pub(super) async fn send_made(
         policy: to.http().map(|h| &h.retry).filter(|r| r.enabled()),
     };
     attempt::run(x, exchange).await
+}
+
+/// The request's share of the limits, and the request as the upstream must
+/// see it.
+async fn admitted<B: hyper::body::Body>(
+    req: Request<B>,
+    to: Dest<'_>,
+    upstream: Option<&(Authority, HeaderValue)>,
+) -> Result<(admit::Permits, rewrite::Prepared<B>), super::response::Refused> {
+    let permits = admit::breakers(&to)?;
+    Ok((permits, rewrite::prepare(req, to, upstream).await?))
 }

@@ -236,7 +236,13 @@ pub fn error_response<L>(status: StatusCode, reason: &str) -> Response<Either<L,
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    // Header values must be visible ASCII: keep the reason readable anyway.
+    set_reason(h, reason);
+    resp
+}
+
+/// The reason in `x-ambassador-error` (header values must be visible
+/// ASCII: the reason is kept readable anyway).
+pub(super) fn set_reason(h: &mut http::HeaderMap, reason: &str) {
     let clean: String = reason
         .chars()
         .map(|c| {
@@ -250,7 +256,6 @@ pub fn error_response<L>(status: StatusCode, reason: &str) -> Response<Either<L,
     if let Ok(v) = HeaderValue::from_str(&clean) {
         h.insert(HeaderName::from_static(ERROR_HEADER), v);
     }
-    resp
 }
 
 /// The app's answer when no response came: 503 for our limits, 504 for

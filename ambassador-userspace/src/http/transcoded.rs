@@ -17,7 +17,7 @@ use super::{
     finish::Exchange,
     forward,
     headers::grpc_status,
-    response::{Body, ERROR_HEADER, ResponseBody},
+    response::{Body, ERROR_HEADER, ResponseBody, set_reason},
 };
 use crate::transcode::{Matched, Transcoder, answer, grpc, request, stream::JsonStream};
 
@@ -293,18 +293,6 @@ fn error(status: StatusCode, code: u16, why: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let clean: String = why
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&clean) {
-        h.insert(http::header::HeaderName::from_static(ERROR_HEADER), v);
-    }
+    set_reason(h, why);
     resp
 }

@@ -146,7 +146,6 @@ pub(super) fn transcode_table(
     rows: &[transcode::Row],
     v: &http::Versions,
     notes: &HttpNotes,
-    calls: usize,
 ) -> String {
     use http::{CONNECTIONS, ROUNDS};
     use transcode::How;
@@ -169,7 +168,7 @@ pub(super) fn transcode_table(
         ));
     }
     r.push_str(&format!(
-        "\nThe server: tonic (the test bookstore, {calls} calls answered), one runtime thread, in the servers'\n\
+        "\nThe server: tonic (the test bookstore, release build), one runtime thread, in the servers'\n\
          namespace. Native rows: oha --http2 POSTs the framed binary request (content-type application/grpc);\n\
          the transcoded row: oha GETs /v1/shelves/s1/books/7 over HTTP/1.1 and gets JSON (the body of the\n\
          request message made of the path, the answer made into canonical proto3 JSON). ambassador: one\n\

@@ -4,12 +4,14 @@
 //! request, not intercepted), natively through ambassador (h2c relayed by an
 //! `http` service: the proxy without transcoding), and as the REST call
 //! ambassador transcodes (HTTP/1.1 `GET /v1/shelves/s1/books/7`, JSON
-//! back). Measured and reported as the HTTP section is (`oha.rs`): the
+//! back). The server is a release build of its own (`tests/src/bin/bookstore.rs`).
+//! Measured and reported as the HTTP section is (`oha.rs`): the
 //! transcoded call next to the native one, round by round.
 
 use std::fs;
 
 use ambassador_tests::{Placement, Pod, SERVER_V4, cgroup2_mount, grpc};
+
 use anyhow::{Context as _, ensure};
 
 use super::{
@@ -58,9 +60,8 @@ pub fn run() -> anyhow::Result<String> {
     fs::write(&call, grpc::get_book_call(SHELF, BOOK)).context("writing the gRPC request")?;
     fs::write(&pod.config, ambassador_config(&pb)).context("writing the ambassador config")?;
     pod.start_proxy_logging(LOG_FILTER);
-    let server = grpc::GrpcUpstream::start(pod.server_listener(SERVER_V4, GRPC_PORT));
-
     let root_cg = cgroup2_mount();
+    let server = bookstore(&pod, &root_cg)?;
     let modes = [
         (How::Native, "gRPC direct (HTTP/2, binary)"),
         (How::Relayed, "gRPC through ambassador (h2c)"),
@@ -85,7 +86,6 @@ pub fn run() -> anyhow::Result<String> {
         }
         eprintln!("xtask: bench transcode round {}/{ROUNDS} done", round + 1);
     }
-    let calls = server.calls().len();
     drop(server);
     drop(pod);
     let rows: Vec<Row> = modes
@@ -102,7 +102,47 @@ pub fn run() -> anyhow::Result<String> {
         busy_before,
         busy_after: cpu_busy(),
     };
-    Ok(report::transcode_table(&rows, &versions, &notes, calls))
+    Ok(report::transcode_table(&rows, &versions, &notes))
+}
+
+/// The bookstore, built optimised and run as its own process in the
+/// servers' namespace (this binary is a debug build: a server inside it
+/// would be what the bench measures).
+fn bookstore(pod: &Pod, root_cg: &std::path::Path) -> anyhow::Result<super::Guard> {
+    let mut build = std::process::Command::new(crate::cargo());
+    build.current_dir(crate::root()).args([
+        "build",
+        "--release",
+        "--package",
+        "ambassador-tests",
+        "--bin",
+        "bookstore",
+    ]);
+    crate::run_cmd(&mut build).context("building the bookstore gRPC server")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::root().join("target"));
+    let at = Placement {
+        netns: &pod.servers,
+        cgroup: root_cg,
+        uid: None,
+    };
+    let child = ambassador_tests::placed(target.join("release/bookstore"), &at)
+        .arg(format!("{SERVER_V4}:{GRPC_PORT}"))
+        .spawn()
+        .context("starting the bookstore")?;
+    let guard = super::Guard(child);
+    let addr: std::net::SocketAddr = format!("{SERVER_V4}:{GRPC_PORT}").parse()?;
+    for _ in 0..100 {
+        let up = pod.servers.enter(move || {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(100))
+        });
+        if up.is_ok() {
+            return Ok(guard);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!("the bookstore did not listen on {addr} within 5 s")
 }
 
 fn ambassador_config(pb: &std::path::Path) -> String {
