@@ -47,13 +47,19 @@ pub mod maps {
     pub const IN_PORTS: &str = "AMB_IN_PORTS";
     /// The proxy's inbound listeners: index `IN_LISTEN_V4` and `IN_LISTEN_V6`.
     pub const IN_LISTEN: &str = "AMB_IN_LISTEN";
+    /// UDP destinations allowed under `default: deny`: LPM tries keyed by
+    /// the port (2 bytes, network order) then the address, so a prefix
+    /// of 16 bits is "this port, any address".
+    pub const UDP_V4: &str = "AMB_UDP_V4";
+    pub const UDP_V6: &str = "AMB_UDP_V6";
+    pub const MAX_UDP_ALLOWED: u32 = 256;
     pub const IN_PORT_INTERCEPT: u8 = 1;
     pub const IN_PORT_EXCLUDE: u8 = 2;
     pub const IN_LISTEN_V4: u32 = 0;
     pub const IN_LISTEN_V6: u32 = 1;
     pub const MAX_INBOUND_PORTS: u32 = 256;
     /// Every map the programs pin, in the order `status` lists them.
-    pub const PINNED: [&str; 12] = [
+    pub const PINNED: [&str; 14] = [
         CONFIG,
         EXCLUDE_PORTS,
         EXCLUDE_V4,
@@ -66,6 +72,8 @@ pub mod maps {
         IN_CONFIG,
         IN_PORTS,
         IN_LISTEN,
+        UDP_V4,
+        UDP_V6,
     ];
     pub const MAX_EXCLUDED_PORTS: u32 = 64;
     pub const MAX_EXCLUDED_CIDRS: u32 = 256;
@@ -79,14 +87,19 @@ pub mod programs {
     pub const GETSOCKOPT: &str = "ambassador_getsockopt";
     pub const GETPEERNAME4: &str = "ambassador_getpeername4";
     pub const GETPEERNAME6: &str = "ambassador_getpeername6";
+    /// UDP datagrams sent with an address (`sendto`, `sendmsg`).
+    pub const SENDMSG4: &str = "ambassador_sendmsg4";
+    pub const SENDMSG6: &str = "ambassador_sendmsg6";
     /// The cgroup programs, one link each.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 8] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
         GETSOCKOPT,
         GETPEERNAME4,
         GETPEERNAME6,
+        SENDMSG4,
+        SENDMSG6,
     ];
     /// The sk_msg program, attached to the `AMB_SOCKS` map rather than a cgroup.
     pub const ACCEL: &str = "ambassador_accel";
@@ -113,7 +126,12 @@ pub mod counter {
     pub const IN_PASSED: u32 = 6;
     /// Inbound: refused (proxy absent under fail-closed).
     pub const IN_REFUSED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// UDP under `default: deny`: datagrams (or UDP connects) to an
+    /// allowed destination ...
+    pub const UDP_ALLOWED: u32 = 8;
+    /// ... and refused ones (EPERM).
+    pub const UDP_REFUSED: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "bypassed",
@@ -123,6 +141,8 @@ pub mod counter {
         "inbound_redirected",
         "inbound_passed",
         "inbound_refused",
+        "udp_allowed",
+        "udp_refused",
     ];
 }
 
@@ -143,7 +163,10 @@ pub struct Config {
     /// 1: bytes between the app and the proxy skip the loopback TCP stack
     /// (sk_msg redirect between the two sockets).
     pub accelerate: u8,
-    pub _pad: [u8; 3],
+    /// 1: UDP to destinations outside `AMB_UDP_V4`/`AMB_UDP_V6` is refused
+    /// (`default: deny`); 0: UDP is left alone.
+    pub udp_deny: u8,
+    pub _pad: [u8; 2],
 }
 
 /// The single entry of the inbound config map, written by `init` / `run`.

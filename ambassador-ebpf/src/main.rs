@@ -9,6 +9,8 @@
 //! - `getsockopt`: answer `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the
 //!   proxy's accepted socket from that table, exactly as netfilter would.
 //! - `getpeername4/6`: the app sees the original destination as its peer.
+//! - UDP (`connect4/6` on UDP sockets, `sendmsg4/6`): under `default: deny`,
+//!   only to allowed destinations (`udp.rs`).
 //! - the shortcut: `sockops` also puts both local ends of a redirected
 //!   connection (the app's socket, the proxy's accepted one) into a sockhash,
 //!   and `accel` (sk_msg) hands each one's sends straight to the other's
@@ -17,6 +19,7 @@
 #![no_main]
 
 mod inbound;
+mod udp;
 
 use ambassador_common::{
     AF_INET, AF_INET6, Config, ConnKey, DEFAULT_TABLE_SIZE, NO_UID, OrigDst, SO_ORIGINAL_DST,
@@ -364,10 +367,10 @@ fn log_dst(ctx: &SockAddrContext, what: &str, orig: &OrigDst) {
 pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
     let Some(cfg) = config() else { return ALLOW };
+    if sa.type_ != SOCK_STREAM {
+        return udp::verdict_v4(&ctx, &cfg, sa.user_ip4, sa.user_port);
+    }
     if is_proxy_socket(&ctx, &cfg) {
         return ALLOW;
     }
@@ -390,10 +393,10 @@ pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
 pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
     let Some(cfg) = config() else { return ALLOW };
+    if sa.type_ != SOCK_STREAM {
+        return udp::verdict_v6(&ctx, &cfg, sa.user_ip6, sa.user_port);
+    }
     if is_proxy_socket(&ctx, &cfg) {
         return ALLOW;
     }
@@ -439,6 +442,22 @@ pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
         sa.user_port = cfg.proxy_port.to_be() as u32;
     }
     finish(&ctx, verdict, cookie, &orig)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ambassador_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    let Some(cfg) = config() else { return ALLOW };
+    udp::verdict_v4(&ctx, &cfg, sa.user_ip4, sa.user_port)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ambassador_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    let Some(cfg) = config() else { return ALLOW };
+    udp::verdict_v6(&ctx, &cfg, sa.user_ip6, sa.user_port)
 }
 
 /// The key of the app's side of a redirected connection, as the proxy's

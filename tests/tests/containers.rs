@@ -391,7 +391,11 @@ fn a_pod_made_by_inject_runs_proxied_fails_closed_and_leaves_nothing() {
         fs::metadata(&run.cgroup).unwrap().ino()
     };
     let programs = attached_programs(&run.cgroup);
-    assert_eq!(programs.matches("ambassador_").count(), 6, "{programs}");
+    assert_eq!(
+        programs.matches("ambassador_").count(),
+        ambassador_common::programs::ALL.len(),
+        "{programs}"
+    );
     let app_cg = run.cgroup.join(format!(
         "libpod-{}",
         podman_ok(&["inspect", &format!("{name}-app"), "--format", "{{.Id}}"])

@@ -850,7 +850,7 @@ fn the_sidecar_serves_its_pods_kernel_counters_and_applies_exclusions_on_reload(
     // status reads the exemptions back from the kernel maps.
     let text = stdout(&pod.ambassador(&["status"], None));
     assert!(
-        text.contains("exempt   TCP to port 22, 7000, 7100 of any host; UDP (not intercepted): not under policy"),
+        text.contains("exempt   TCP to port 22, 7000, 7100 of any host; UDP: not under policy"),
         "{text}"
     );
     let m = pod.metrics();
@@ -874,11 +874,11 @@ fn check_lists_what_is_not_under_policy() {
         (
             "intercept: { exclude_cidrs: [10.0.0.0/8] }\ninbound: { ports: all, exclude_ports: [9090] }\n",
             "exempt     TCP to port 22 of any host (intercept.exclude_ports); TCP to 10.0.0.0/8 on any port (intercept.exclude_cidrs); \
-             UDP (datagrams are not intercepted: DNS, QUIC); callers of port 9090 (inbound.exclude_ports): not under policy",
+             UDP (policed only under default: deny); callers of port 9090 (inbound.exclude_ports): not under policy",
         ),
         (
             "default: deny\n",
-            "exempt     UDP (datagrams are not intercepted: DNS, QUIC): not under policy",
+            "exempt     nothing: every TCP connect is policed",
         ),
     ] {
         let file = dir.join("c.yaml");

@@ -196,6 +196,8 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
         "getsockopt",
         "getpeername4",
         "getpeername6",
+        "sendmsg4",
+        "sendmsg6",
     ] {
         assert!(attached.contains(kind), "{kind} missing:\n{attached}");
     }

@@ -110,6 +110,9 @@ fn summary(path: &Path, cfg: &Config) -> String {
         }
     );
     let _ = writeln!(out, "exempt     {}", exempt(cfg));
+    if cfg.default == DefaultPolicy::Deny {
+        let _ = writeln!(out, "udp        {}", udp(cfg));
+    }
     let _ = writeln!(
         out,
         "proxy      127.0.0.1:{0} and [::1]:{0}, uid {1}",
@@ -225,7 +228,9 @@ fn exempt(cfg: &Config) -> String {
             blocks.join(", ")
         ));
     }
-    holes.push("UDP (datagrams are not intercepted: DNS, QUIC)".into());
+    if cfg.default != DefaultPolicy::Deny {
+        holes.push("UDP (policed only under default: deny)".into());
+    }
     if cfg.inbound.enabled() && !cfg.inbound.exclude_ports.is_empty() {
         let ports: Vec<String> = cfg
             .inbound
@@ -237,6 +242,9 @@ fn exempt(cfg: &Config) -> String {
             "callers of port {} (inbound.exclude_ports)",
             ports.join(", ")
         ));
+    }
+    if holes.is_empty() {
+        return "nothing: every TCP connect is policed".into();
     }
     format!("{}: not under policy", holes.join("; "))
 }
@@ -283,6 +291,20 @@ fn cache(c: &crate::config::cache::CacheConfig) -> String {
         ));
     }
     text
+}
+
+/// Where datagrams may go under `default: deny`.
+fn udp(cfg: &Config) -> String {
+    let allowed: Vec<String> = crate::interception::load::udp_allowed(cfg)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let to = if allowed.is_empty() {
+        "nowhere (and no resolver: DNS lookups fail; allow it in intercept.udp.allow)".to_string()
+    } else {
+        format!("only to {}", allowed.join(", "))
+    };
+    format!("{to}; every other datagram refused (EPERM), QUIC included: clients fall back to TCP")
 }
 
 /// A service's routes in order, each its conditions and what it does, and

@@ -111,7 +111,27 @@ fn exempt_line(s: &InstallStatus) -> String {
     if !s.exempt_cidrs.is_empty() {
         holes.push(format!("TCP to {} on any port", s.exempt_cidrs.join(", ")));
     }
-    holes.push("UDP (not intercepted)".into());
+    // Under `default: deny` the kernel polices UDP; otherwise it is a hole.
+    match s.config.filter(|c| c.udp_deny != 0) {
+        Some(_) if s.udp_allowed.is_empty() => {
+            return format!("{}; UDP refused everywhere", not_under(&holes));
+        }
+        Some(_) => {
+            return format!(
+                "{}; UDP only to {}",
+                not_under(&holes),
+                s.udp_allowed.join(", ")
+            );
+        }
+        None => holes.push("UDP".into()),
+    }
+    not_under(&holes)
+}
+
+fn not_under(holes: &[String]) -> String {
+    if holes.is_empty() {
+        return "nothing: every TCP connect is policed".into();
+    }
     format!("{}: not under policy", holes.join("; "))
 }
 

@@ -315,6 +315,8 @@ pub struct InterceptConfig {
     /// Bytes between the app and the proxy skip the loopback TCP stack: an
     /// sk_msg program hands each side's sends to the other's socket.
     pub accelerate: bool,
+    /// Where UDP may go under `default: deny`.
+    pub udp: super::udp::UdpPolicy,
 }
 
 impl Default for InterceptConfig {
@@ -326,6 +328,7 @@ impl Default for InterceptConfig {
             loopback: false,
             table_size: DEFAULT_TABLE_SIZE,
             accelerate: true,
+            udp: Default::default(),
         }
     }
 }

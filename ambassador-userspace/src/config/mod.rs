@@ -15,6 +15,7 @@ pub mod request;
 pub mod route;
 pub mod service;
 pub mod transcode;
+pub mod udp;
 pub mod upstream;
 pub mod validate;
 pub mod values;

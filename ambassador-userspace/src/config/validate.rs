@@ -32,6 +32,13 @@ pub fn validate(cfg: &Config, text: &str) -> Result<(), String> {
             at("exclude_ports")
         ));
     }
+    if cfg.intercept.udp.allow.len() > maps::MAX_UDP_ALLOWED as usize - 8 {
+        return Err(format!(
+            "{}intercept.udp.allow: at most {} destinations",
+            at("udp"),
+            maps::MAX_UDP_ALLOWED - 8
+        ));
+    }
     if cfg.intercept.exclude_ports.len() > maps::MAX_EXCLUDED_PORTS as usize {
         return Err(format!(
             "{}intercept.exclude_ports: at most {} ports",

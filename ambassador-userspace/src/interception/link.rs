@@ -26,6 +26,8 @@ pub enum AttachType {
     SkMsgVerdict = 7,
     Inet4Connect = 10,
     Inet6Connect = 11,
+    Udp4SendMsg = 14,
+    Udp6SendMsg = 15,
     GetSockopt = 21,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,

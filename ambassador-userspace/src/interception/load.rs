@@ -143,8 +143,12 @@ pub fn configure(
         proxy_uid: proxy_uid.unwrap_or(NO_UID),
         proxy_mark: cfg.proxy.mark.unwrap_or(0),
         accelerate: u8::from(cfg.intercept.accelerate),
-        _pad: [0; 3],
+        udp_deny: u8::from(cfg.default == crate::config::service::DefaultPolicy::Deny),
+        _pad: [0; 2],
     };
+    let allowed = udp_allowed(cfg);
+    udp_v4(&mut map_mut(bpf, m::UDP_V4)?, &allowed)?;
+    udp_v6(&mut map_mut(bpf, m::UDP_V6)?, &allowed)?;
     excluded_ports(&mut map_mut(bpf, m::EXCLUDE_PORTS)?, cfg)?;
     excluded_v4(&mut map_mut(bpf, m::EXCLUDE_V4)?, cfg)?;
     excluded_v6(&mut map_mut(bpf, m::EXCLUDE_V6)?, cfg)?;
@@ -255,6 +259,84 @@ pub fn write_exclusions<T: std::borrow::BorrowMut<MapData>>(
     excluded_v6(v6, cfg)
 }
 
+/// Makes the UDP allow tries say what `intercept.udp` says: its list and
+/// the resolvers of `resolvers_from` on port 53 (stale entries removed).
+pub fn write_udp<T: std::borrow::BorrowMut<MapData>>(
+    v4: &mut LpmTrie<T, [u8; 6], u8>,
+    v6: &mut LpmTrie<T, [u8; 18], u8>,
+    cfg: &Config,
+) -> Result<(), InterceptError> {
+    let allowed = udp_allowed(cfg);
+    udp_v4(v4, &allowed)?;
+    udp_v6(v6, &allowed)
+}
+
+/// The IPv4 trie: (port, address) prefixes; `*:PORT` is the port alone.
+fn udp_v4<T: std::borrow::BorrowMut<MapData>>(
+    v4: &mut LpmTrie<T, [u8; 6], u8>,
+    allowed: &[crate::config::udp::UdpAllow],
+) -> Result<(), InterceptError> {
+    let stale: Vec<Key<[u8; 6]>> = v4.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        v4.remove(&k).map_err(InterceptError::map(m::UDP_V4))?;
+    }
+    for a in allowed {
+        let n = match a.net {
+            None => ipnet::Ipv4Net::default(),
+            Some(IpNet::V4(n)) => n,
+            Some(IpNet::V6(_)) => continue,
+        };
+        let mut data = [0u8; 6];
+        data[..2].copy_from_slice(&a.port.to_be_bytes());
+        data[2..].copy_from_slice(&n.addr().octets());
+        let bits = 16 + u32::from(n.prefix_len());
+        v4.insert(&Key::new(bits, data), 1, 0)
+            .map_err(InterceptError::map(m::UDP_V4))?;
+    }
+    Ok(())
+}
+
+/// The IPv6 trie, as the IPv4 one.
+fn udp_v6<T: std::borrow::BorrowMut<MapData>>(
+    v6: &mut LpmTrie<T, [u8; 18], u8>,
+    allowed: &[crate::config::udp::UdpAllow],
+) -> Result<(), InterceptError> {
+    let stale: Vec<Key<[u8; 18]>> = v6.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        v6.remove(&k).map_err(InterceptError::map(m::UDP_V6))?;
+    }
+    for a in allowed {
+        let n = match a.net {
+            None => ipnet::Ipv6Net::default(),
+            Some(IpNet::V6(n)) => n,
+            Some(IpNet::V4(_)) => continue,
+        };
+        let mut data = [0u8; 18];
+        data[..2].copy_from_slice(&a.port.to_be_bytes());
+        data[2..].copy_from_slice(&n.addr().octets());
+        let bits = 16 + u32::from(n.prefix_len());
+        v6.insert(&Key::new(bits, data), 1, 0)
+            .map_err(InterceptError::map(m::UDP_V6))?;
+    }
+    Ok(())
+}
+
+/// Every UDP destination `cfg` allows: its list, and port 53 of the
+/// resolvers its file names (a file that cannot be read adds none).
+pub fn udp_allowed(cfg: &Config) -> Vec<crate::config::udp::UdpAllow> {
+    use crate::config::udp::{UdpAllow, nameservers};
+    let u = &cfg.intercept.udp;
+    let mut all = u.allow.clone();
+    if let Some(path) = &u.resolvers_from {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        all.extend(nameservers(&text).into_iter().take(8).map(|ip| UdpAllow {
+            net: Some(IpNet::from(ip)),
+            port: 53,
+        }));
+    }
+    all
+}
+
 fn excluded_ports<T: std::borrow::BorrowMut<MapData>>(
     ports: &mut HashMap<T, u16, u8>,
     cfg: &Config,
@@ -333,6 +415,8 @@ pub fn attach(
         (p::GETSOCKOPT, A::GetSockopt),
         (p::GETPEERNAME4, A::Inet4GetPeerName),
         (p::GETPEERNAME6, A::Inet6GetPeerName),
+        (p::SENDMSG4, A::Udp4SendMsg),
+        (p::SENDMSG6, A::Udp6SendMsg),
     ];
     let mut links = Vec::with_capacity(hooks.len());
     for (name, at) in hooks {

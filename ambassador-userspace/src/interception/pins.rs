@@ -32,12 +32,12 @@ pub fn dir_for(cgroup_id: u64) -> PathBuf {
     root().join(format!("cgroup-{cgroup_id}"))
 }
 
-/// The maps a Pod's own proxy may open (counters to read, exclusions and
-/// the inbound ports and fail mode to update on reload), pinned a second
+/// The maps a Pod's own proxy may open (counters to read, exclusions, the
+/// UDP allow list, and the inbound ports and fail mode to update on reload), pinned a second
 /// time under the Pod's UID so the sidecar can be given this one directory
 /// and nothing else of the node. The inbound listener map is among them:
 /// the proxy puts its listeners in.
-pub const SHARED_MAPS: [&str; 7] = [
+pub const SHARED_MAPS: [&str; 9] = [
     m::COUNTERS,
     m::EXCLUDE_PORTS,
     m::EXCLUDE_V4,
@@ -45,6 +45,8 @@ pub const SHARED_MAPS: [&str; 7] = [
     m::IN_LISTEN,
     m::IN_PORTS,
     m::IN_CONFIG,
+    m::UDP_V4,
+    m::UDP_V6,
 ];
 
 pub fn shared_dir_for(pod_uid: &str) -> PathBuf {

@@ -1,7 +1,7 @@
 //! A Pod's maps as its own proxy opens them (`proxy --kernel-maps DIR`,
 //! the `pod-<uid>/` directory `init --pod-uid` pinned them in, mounted into
-//! the sidecar): counters to read; exclusions, inbound ports and the inbound
-//! fail mode to write on reload.
+//! the sidecar): counters to read; exclusions, the UDP allow list, inbound
+//! ports and the inbound fail mode to write on reload.
 
 use std::path::Path;
 
@@ -10,7 +10,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 
 use super::{
     error::InterceptError,
-    load::{inbound_entry, write_exclusions, write_inbound_ports},
+    load::{inbound_entry, write_exclusions, write_inbound_ports, write_udp},
 };
 use crate::config::Config;
 
@@ -28,7 +28,14 @@ pub struct Writable {
     v4: aya::maps::LpmTrie<MapData, [u8; 4], u8>,
     v6: aya::maps::LpmTrie<MapData, [u8; 16], u8>,
     inbound: Option<InboundMaps>,
+    /// The UDP allow tries (absent when an older `init` did not share them).
+    udp: Option<UdpMaps>,
 }
+
+type UdpMaps = (
+    aya::maps::LpmTrie<MapData, [u8; 6], u8>,
+    aya::maps::LpmTrie<MapData, [u8; 18], u8>,
+);
 
 /// The inbound program's ports and its config entry.
 type InboundMaps = (HashMap<MapData, u16, u8>, Array<MapData, KernelInbound>);
@@ -49,6 +56,15 @@ impl SharedMaps {
             )),
             _ => None,
         };
+        let udp = match (open(dir, m::UDP_V4), open(dir, m::UDP_V6)) {
+            (Ok(v4), Ok(v6)) => Some((
+                aya::maps::LpmTrie::try_from(Map::LpmTrie(v4))
+                    .map_err(InterceptError::map(m::UDP_V4))?,
+                aya::maps::LpmTrie::try_from(Map::LpmTrie(v6))
+                    .map_err(InterceptError::map(m::UDP_V6))?,
+            )),
+            _ => None,
+        };
         Ok(SharedMaps {
             counters: PerCpuArray::try_from(Map::PerCpuArray(open(dir, m::COUNTERS)?))
                 .map_err(InterceptError::map(m::COUNTERS))?,
@@ -60,6 +76,7 @@ impl SharedMaps {
                 v6: aya::maps::LpmTrie::try_from(Map::LpmTrie(open(dir, m::EXCLUDE_V6)?))
                     .map_err(InterceptError::map(m::EXCLUDE_V6))?,
                 inbound,
+                udp,
             },
         })
     }
@@ -71,6 +88,9 @@ impl Writable {
     /// with the old ports.
     pub fn write(&mut self, cfg: &Config) -> Result<(), InterceptError> {
         write_exclusions(&mut self.ports, &mut self.v4, &mut self.v6, cfg)?;
+        if let Some((v4, v6)) = &mut self.udp {
+            write_udp(v4, v6, cfg)?;
+        }
         match &mut self.inbound {
             Some((ports, conf)) => {
                 write_inbound_ports(ports, cfg)?;

@@ -37,6 +37,8 @@ pub struct InstallStatus {
     /// address blocks (`10.0.0.0/8`).
     pub exempt_ports: Vec<u16>,
     pub exempt_cidrs: Vec<String>,
+    /// Where UDP may go (`*:53`, `10.0.0.0/8:5000`), as in its tries.
+    pub udp_allowed: Vec<String>,
 }
 
 /// Every install on this host.
@@ -90,6 +92,7 @@ pub fn list() -> Vec<InstallStatus> {
         out.push(InstallStatus {
             exempt_ports,
             exempt_cidrs,
+            udp_allowed: udp_allowed(&open),
             inbound_link,
             inbound,
             inbound_ports,
@@ -103,6 +106,51 @@ pub fn list() -> Vec<InstallStatus> {
         });
     }
     out.sort_by_key(|s| s.cgroup_id);
+    out
+}
+
+/// The UDP allow tries' entries, as `intercept.udp.allow` writes them.
+fn udp_allowed(open: &dyn Fn(&str) -> Option<MapData>) -> Vec<String> {
+    use crate::config::udp::UdpAllow;
+    use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+    let mut out: Vec<String> = Vec::new();
+    let entry = |port: [u8; 2], net: Option<IpNet>| {
+        UdpAllow {
+            net,
+            port: u16::from_be_bytes(port),
+        }
+        .to_string()
+    };
+    if let Some(t) =
+        open(m::UDP_V4).and_then(|d| LpmTrie::<_, [u8; 6], u8>::try_from(Map::LpmTrie(d)).ok())
+    {
+        for k in t.keys().filter_map(Result::ok) {
+            let d = k.data();
+            let bits = k.prefix_len().saturating_sub(16) as u8;
+            let ip = std::net::Ipv4Addr::new(d[2], d[3], d[4], d[5]);
+            let net = (bits > 0).then(|| IpNet::V4(Ipv4Net::new(ip, bits).unwrap_or_default()));
+            out.push(entry([d[0], d[1]], net));
+        }
+    }
+    if let Some(t) =
+        open(m::UDP_V6).and_then(|d| LpmTrie::<_, [u8; 18], u8>::try_from(Map::LpmTrie(d)).ok())
+    {
+        for k in t.keys().filter_map(Result::ok) {
+            let d = k.data();
+            let bits = k.prefix_len().saturating_sub(16) as u8;
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&d[2..]);
+            let ip = std::net::Ipv6Addr::from(a);
+            // `*:PORT` is written to both tries: said once.
+            if bits == 0 {
+                continue;
+            }
+            let net = Some(IpNet::V6(Ipv6Net::new(ip, bits).unwrap_or_default()));
+            out.push(entry([d[0], d[1]], net));
+        }
+    }
+    out.sort();
+    out.dedup();
     out
 }
 

@@ -82,10 +82,32 @@ impl Collector for StateCollector {
                 None,
                 c.metric_type(),
             )?;
-            for (outcome, v) in rows.kernel.iter().filter(|(n, _)| *n != accelerated) {
+            for (outcome, v) in rows
+                .kernel
+                .iter()
+                .filter(|(n, _)| *n != accelerated && !n.starts_with("udp_"))
+            {
                 let labels = [("outcome", *outcome)];
                 let fam = e.encode_family(&labels)?;
                 ConstCounter::new(*v).encode(fam)?;
+            }
+        }
+        let mut udp = rows
+            .kernel
+            .iter()
+            .filter(|(n, _)| n.starts_with("udp_"))
+            .peekable();
+        if udp.peek().is_some() {
+            let c = ConstCounter::new(0u64);
+            let mut e = encoder.encode_descriptor(
+                "kernel_udp",
+                "UDP sends and connects under default: deny, by outcome: allowed (intercept.udp), refused (EPERM)",
+                None,
+                c.metric_type(),
+            )?;
+            for (name, v) in udp {
+                let labels = [("outcome", name.trim_start_matches("udp_"))];
+                ConstCounter::new(*v).encode(e.encode_family(&labels)?)?;
             }
         }
         if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {

@@ -34,6 +34,7 @@ fn state_sources_render_at_scrape() {
                 .push(("s".into(), "10.0.0.1:80".into(), true));
             rows.kernel.push(("redirected", 7));
             rows.kernel.push(("accelerated", 5));
+            rows.kernel.push(("udp_refused", 3));
             rows.gauges.push(("pool_idle", "idle", "db".into(), 3));
         }),
     );
@@ -52,6 +53,12 @@ fn state_sources_render_at_scrape() {
         "{text}"
     );
     assert!(!text.contains(r#"outcome="accelerated""#), "{text}");
+    // UDP verdicts are not connects: a series of their own.
+    assert!(
+        text.contains(r#"ambassador_kernel_udp_total{outcome="refused"} 3"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"outcome="udp_refused""#), "{text}");
     assert!(
         text.contains(r#"ambassador_pool_idle{service="db"} 3"#),
         "{text}"

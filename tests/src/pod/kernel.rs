@@ -20,6 +20,9 @@ pub struct Counters {
     pub accelerated: u64,
     /// Callers' connections the sk_lookup program handed to the proxy.
     pub inbound_redirected: u64,
+    /// UDP sends and connects under `default: deny`: allowed, refused.
+    pub udp_allowed: u64,
+    pub udp_refused: u64,
 }
 
 impl Pod {
@@ -40,6 +43,8 @@ impl Pod {
             passed: get(counter::PASSED),
             accelerated: get(counter::ACCELERATED),
             inbound_redirected: get(counter::IN_REDIRECTED),
+            udp_allowed: get(counter::UDP_ALLOWED),
+            udp_refused: get(counter::UDP_REFUSED),
         }
     }
 
