@@ -224,6 +224,11 @@ pub struct ProxyConfig {
     #[serde(deserialize_with = "duration", serialize_with = "ser_duration")]
     #[schemars(with = "DurationText")]
     pub dns_refresh: Duration,
+    /// The domains short names (`payments`) are completed with, both in
+    /// `match.host` and in the app's requests; default: the `search` line of
+    /// /etc/resolv.conf (a Pod's: `default.svc.cluster.local ...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_domains: Option<Vec<String>>,
     /// Runtime worker threads. 1 (the default) runs a single-threaded
     /// runtime: a sidecar shares its Pod's CPU, and on a 2-core node one
     /// thread measured faster than two (no cross-thread wake-ups). 0 picks
@@ -293,6 +298,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(3600),
             header_read_timeout: Duration::from_secs(10),
             dns_refresh: Duration::from_secs(30),
+            search_domains: None,
             drain_timeout: Duration::from_secs(10),
             workers: 1,
             admin: None,

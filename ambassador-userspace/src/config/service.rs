@@ -313,6 +313,21 @@ struct RawMatch {
     port: Option<u16>,
 }
 
+/// A host name, or `*.` and a domain of two labels or more (any name below
+/// it).
+fn match_host(h: &str) -> Result<String, String> {
+    match h.strip_prefix("*.") {
+        Some(domain) if domain.contains('.') => {
+            Ok(format!("*.{}", super::values::valid_host(domain)?))
+        }
+        Some(_) => Err(format!(
+            "`{}`: a wildcard covers the names below a domain of two labels or more (*.example.com)",
+            super::values::clip(h)
+        )),
+        None => super::values::valid_host(h),
+    }
+}
+
 impl TryFrom<RawMatch> for MatchConfig {
     type Error = String;
     fn try_from(r: RawMatch) -> Result<Self, String> {
@@ -323,7 +338,7 @@ impl TryFrom<RawMatch> for MatchConfig {
             return Err("port 0 is not a port".into());
         }
         let host = match r.host {
-            Some(h) => Some(super::values::valid_host(&h)?),
+            Some(h) => Some(match_host(&h)?),
             None => None,
         };
         Ok(MatchConfig {

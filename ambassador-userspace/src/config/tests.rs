@@ -524,3 +524,35 @@ fn target_roles_choose_servers_as_libpq_does() {
         assert_eq!(got, want, "{}", target.as_str());
     }
 }
+
+#[test]
+fn hosts_as_users_write_them() {
+    let svc = |host: &str| {
+        format!(
+            "services:\n  - name: s\n    match: {{ host: \"{host}\", port: 80 }}\n    protocol: http\n"
+        )
+    };
+    for ok in [
+        "*.example.com",
+        "*.a.b.example.com",
+        "payments",
+        "Payments.Default",
+    ] {
+        assert!(Config::parse(&svc(ok)).is_ok(), "{ok}");
+    }
+    let c = Config::parse(&svc("*.Example.COM")).unwrap();
+    assert_eq!(c.services[0].matcher.host.as_deref(), Some("*.example.com"));
+    for (bad, why) in [
+        ("*.com", "two labels or more"),
+        ("a.*.com", "is not a host name"),
+        ("*", "is not a host name"),
+        ("**.example.com", "is not a host name"),
+    ] {
+        let e = Config::parse(&svc(bad)).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    let e = Config::parse("proxy: { search_domains: [\"bad domain\"] }")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("proxy.search_domains"), "{e}");
+}

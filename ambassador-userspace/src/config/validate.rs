@@ -76,6 +76,15 @@ pub fn validate(cfg: &Config, text: &str) -> Result<(), String> {
         ));
     }
     validate_services(cfg, text)?;
+    for d in cfg.proxy.search_domains.iter().flatten() {
+        if d.starts_with("*.") || super::values::valid_host(d).is_err() {
+            return Err(format!(
+                "{}proxy.search_domains: `{}` is not a domain (like default.svc.cluster.local)",
+                at("search_domains"),
+                clip(d)
+            ));
+        }
+    }
     for (name, d) in [
         ("connect_timeout", cfg.proxy.connect_timeout),
         ("idle_timeout", cfg.proxy.idle_timeout),

@@ -31,8 +31,9 @@ pub(super) async fn choose_service(
     })?;
     // The Host is looked at only where it decides something.
     let svc = match &conn.route {
-        Route::Service(s) => match &s.host {
-            Some(h) if host.as_deref() != Some(h.as_str()) => None,
+        Route::Service(s) => match (&s.host, host.as_deref()) {
+            (Some(h), Some(name)) if table.names_match(h, name) => Some(s.clone()),
+            (Some(_), _) => None,
             _ => Some(s.clone()),
         },
         Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
@@ -41,7 +42,7 @@ pub(super) async fn choose_service(
     // A name that belongs to a service of another kind is no HTTP service.
     let svc = svc.filter(|s| s.http().is_some());
     match svc {
-        Some(s) if !table.owns(&s, dst.ip()).await => {
+        Some(s) if !table.owns(&s, dst.ip(), host.as_deref()).await => {
             let name = crate::config::clip(host.as_deref().unwrap_or(""));
             warn!(%dst, service = %s.name, host = %name, "denied: the request names a service's host toward an address that name does not resolve to");
             crate::metrics::get().denied("http", "not_owned");

@@ -276,24 +276,21 @@ fn udp_v4<T: std::borrow::BorrowMut<MapData>>(
     v4: &mut LpmTrie<T, [u8; 6], u8>,
     allowed: &[crate::config::udp::UdpAllow],
 ) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 6]>> = v4.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        v4.remove(&k).map_err(InterceptError::map(m::UDP_V4))?;
-    }
-    for a in allowed {
-        let n = match a.net {
-            None => ipnet::Ipv4Net::default(),
-            Some(IpNet::V4(n)) => n,
-            Some(IpNet::V6(_)) => continue,
-        };
-        let mut data = [0u8; 6];
-        data[..2].copy_from_slice(&a.port.to_be_bytes());
-        data[2..].copy_from_slice(&n.addr().octets());
-        let bits = 16 + u32::from(n.prefix_len());
-        v4.insert(&Key::new(bits, data), 1, 0)
-            .map_err(InterceptError::map(m::UDP_V4))?;
-    }
-    Ok(())
+    let want: Vec<(u32, [u8; 6])> = allowed
+        .iter()
+        .filter_map(|a| {
+            let n = match a.net {
+                None => ipnet::Ipv4Net::default(),
+                Some(IpNet::V4(n)) => n,
+                Some(IpNet::V6(_)) => return None,
+            };
+            let mut data = [0u8; 6];
+            data[..2].copy_from_slice(&a.port.to_be_bytes());
+            data[2..].copy_from_slice(&n.addr().octets());
+            Some((16 + u32::from(n.prefix_len()), data))
+        })
+        .collect();
+    refill(v4, m::UDP_V4, &want)
 }
 
 /// The IPv6 trie, as the IPv4 one.
@@ -301,22 +298,36 @@ fn udp_v6<T: std::borrow::BorrowMut<MapData>>(
     v6: &mut LpmTrie<T, [u8; 18], u8>,
     allowed: &[crate::config::udp::UdpAllow],
 ) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 18]>> = v6.keys().filter_map(Result::ok).collect();
+    let want: Vec<(u32, [u8; 18])> = allowed
+        .iter()
+        .filter_map(|a| {
+            let n = match a.net {
+                None => ipnet::Ipv6Net::default(),
+                Some(IpNet::V6(n)) => n,
+                Some(IpNet::V4(_)) => return None,
+            };
+            let mut data = [0u8; 18];
+            data[..2].copy_from_slice(&a.port.to_be_bytes());
+            data[2..].copy_from_slice(&n.addr().octets());
+            Some((16 + u32::from(n.prefix_len()), data))
+        })
+        .collect();
+    refill(v6, m::UDP_V6, &want)
+}
+
+/// Makes an LPM trie hold exactly `want` (prefix bits, data).
+fn refill<T: std::borrow::BorrowMut<MapData>, const N: usize>(
+    trie: &mut LpmTrie<T, [u8; N], u8>,
+    name: &'static str,
+    want: &[(u32, [u8; N])],
+) -> Result<(), InterceptError> {
+    let stale: Vec<Key<[u8; N]>> = trie.keys().filter_map(Result::ok).collect();
     for k in stale {
-        v6.remove(&k).map_err(InterceptError::map(m::UDP_V6))?;
+        trie.remove(&k).map_err(InterceptError::map(name))?;
     }
-    for a in allowed {
-        let n = match a.net {
-            None => ipnet::Ipv6Net::default(),
-            Some(IpNet::V6(n)) => n,
-            Some(IpNet::V4(_)) => continue,
-        };
-        let mut data = [0u8; 18];
-        data[..2].copy_from_slice(&a.port.to_be_bytes());
-        data[2..].copy_from_slice(&n.addr().octets());
-        let bits = 16 + u32::from(n.prefix_len());
-        v6.insert(&Key::new(bits, data), 1, 0)
-            .map_err(InterceptError::map(m::UDP_V6))?;
+    for (bits, data) in want {
+        trie.insert(&Key::new(*bits, *data), 1, 0)
+            .map_err(InterceptError::map(name))?;
     }
     Ok(())
 }
@@ -359,34 +370,32 @@ fn excluded_v4<T: std::borrow::BorrowMut<MapData>>(
     v4: &mut LpmTrie<T, [u8; 4], u8>,
     cfg: &Config,
 ) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        v4.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V4))?;
-    }
-    for c in &cfg.intercept.exclude_cidrs {
-        if let IpNet::V4(n) = c.0 {
-            v4.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
-                .map_err(InterceptError::map(m::EXCLUDE_V4))?;
-        }
-    }
-    Ok(())
+    let want: Vec<(u32, [u8; 4])> = cfg
+        .intercept
+        .exclude_cidrs
+        .iter()
+        .filter_map(|c| match c.0 {
+            IpNet::V4(n) => Some((u32::from(n.prefix_len()), n.addr().octets())),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    refill(v4, m::EXCLUDE_V4, &want)
 }
 
 fn excluded_v6<T: std::borrow::BorrowMut<MapData>>(
     v6: &mut LpmTrie<T, [u8; 16], u8>,
     cfg: &Config,
 ) -> Result<(), InterceptError> {
-    let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-    for k in stale {
-        v6.remove(&k).map_err(InterceptError::map(m::EXCLUDE_V6))?;
-    }
-    for c in &cfg.intercept.exclude_cidrs {
-        if let IpNet::V6(n) = c.0 {
-            v6.insert(&Key::new(n.prefix_len().into(), n.addr().octets()), 1, 0)
-                .map_err(InterceptError::map(m::EXCLUDE_V6))?;
-        }
-    }
-    Ok(())
+    let want: Vec<(u32, [u8; 16])> = cfg
+        .intercept
+        .exclude_cidrs
+        .iter()
+        .filter_map(|c| match c.0 {
+            IpNet::V6(n) => Some((u32::from(n.prefix_len()), n.addr().octets())),
+            IpNet::V4(_) => None,
+        })
+        .collect();
+    refill(v6, m::EXCLUDE_V6, &want)
 }
 
 fn map_mut<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<T, InterceptError>

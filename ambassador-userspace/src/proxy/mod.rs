@@ -127,7 +127,7 @@ impl Ctx {
                 self.relay_to_service(app, peer, dst, &svc, originate).await
             }
             Plan::RelayNamed { svc, sni } => {
-                if !table.owns(&svc, dst.ip()).await {
+                if !table.owns(&svc, dst.ip(), Some(&sni)).await {
                     // An allowed name toward any address would be a tunnel
                     // to anywhere.
                     warn!(%peer, %dst, service = %svc.name, %sni, "denied: TLS names a service's host toward an address that name does not resolve to");

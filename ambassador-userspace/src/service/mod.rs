@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod kind;
+pub mod names;
 pub mod table;
 
 pub use error::ServiceError;

@@ -12,6 +12,7 @@ use std::{
 use super::{
     error::ServiceError,
     kind::{Kind, Service},
+    names,
 };
 use crate::{
     config::{Cidr, Config, service::DefaultPolicy},
@@ -90,6 +91,11 @@ pub struct ServiceTable {
     /// When each name was last looked up on demand (an address it did not
     /// cover), so a stream of such connections costs one lookup a second.
     relookups: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// The Pod's search domains: short names are completed by them.
+    search: Vec<String>,
+    /// Some name is a wildcard, or short names may be completed: a request
+    /// name not found as it is is looked for as others too.
+    patterned: bool,
 }
 
 impl ServiceTable {
@@ -97,18 +103,33 @@ impl ServiceTable {
         let mut by_addr = Vec::new();
         let mut by_host: HashMap<String, Vec<_>> = HashMap::new();
         let mut all = Vec::with_capacity(cfg.services.len());
+        let search = match &cfg.proxy.search_domains {
+            Some(list) => list
+                .iter()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            None => names::search_domains(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        };
         for (index, sc) in cfg.services.iter().enumerate() {
             let svc = Arc::new(Service::new(sc, index, settings)?);
             all.push(svc.clone());
             match (&sc.matcher.cidr, &sc.matcher.host) {
                 (Some(cidr), _) => by_addr.push((*cidr, sc.matcher.port, svc)),
-                (None, Some(host)) => by_host
-                    .entry(host.clone())
-                    .or_default()
-                    .push((sc.matcher.port, svc)),
+                (None, Some(host)) => {
+                    // A short name is also its completions: the app may use those.
+                    for name in std::iter::once(host.clone()).chain(names::aliases(host, &search)) {
+                        by_host
+                            .entry(name)
+                            .or_default()
+                            .push((sc.matcher.port, svc.clone()));
+                    }
+                }
                 (None, None) => unreachable!("validated: a match names host or cidr"),
             }
         }
+        let patterned = !search.is_empty() || by_host.keys().any(|h| names::is_wildcard(h));
         let by_name = all
             .iter()
             .enumerate()
@@ -126,6 +147,8 @@ impl ServiceTable {
             settings: settings.clone(),
             passthrough_metrics: crate::metrics::get().service("passthrough"),
             relookups: Default::default(),
+            search,
+            patterned,
         })
     }
 
@@ -136,7 +159,9 @@ impl ServiceTable {
     /// to. Anything else (a Host or SNI naming the service toward another
     /// address) would carry the service's credentials, or the app's bytes,
     /// to a destination the config never named.
-    pub async fn owns(&self, svc: &Arc<Service>, dst: IpAddr) -> bool {
+    /// `name` is the request's Host or SNI: for a wildcard service, the
+    /// name looked up (the pattern itself resolves to nothing).
+    pub async fn owns(&self, svc: &Arc<Service>, dst: IpAddr, name: Option<&str>) -> bool {
         if !svc.endpoints.is_empty() {
             return true;
         }
@@ -149,8 +174,13 @@ impl ServiceTable {
         if self.resolves_to(svc, dst) {
             return true;
         }
+        let lookup_name = match name {
+            Some(n) if names::is_wildcard(host) => n,
+            _ if names::is_wildcard(host) => return false,
+            _ => host,
+        };
         // The app may have resolved the name more recently than we did.
-        self.relookup(host).await && self.resolves_to(svc, dst)
+        self.relookup(lookup_name, host).await && self.resolves_to(svc, dst)
     }
 
     fn resolves_to(&self, svc: &Arc<Service>, ip: IpAddr) -> bool {
@@ -161,8 +191,10 @@ impl ServiceTable {
     }
 
     /// Looks `host` up again now (at most once a second per name) and adds
-    /// what it resolves to; false when it was looked up too recently.
-    async fn relookup(&self, host: &str) -> bool {
+    /// what it resolves to for the services named `key` (the same name, or
+    /// the wildcard it falls under); false when it was looked up too
+    /// recently.
+    async fn relookup(&self, host: &str, key: &str) -> bool {
         {
             let mut last = crate::sync::lock(&self.relookups);
             let now = std::time::Instant::now();
@@ -177,7 +209,7 @@ impl ServiceTable {
             }
             last.insert(host.to_string(), now);
         }
-        let Some(services) = self.by_host.get(host) else {
+        let Some(services) = self.by_host.get(key) else {
             return false;
         };
         let Some(ips) = lookup(host).await else {
@@ -229,7 +261,8 @@ impl ServiceTable {
     pub async fn refresh_names(&self) {
         let previous = crate::sync::read(&self.resolved).clone();
         let mut next: HashMap<IpAddr, PortServices> = HashMap::new();
-        let mut names = self.by_host.keys();
+        // A wildcard names no one host to resolve.
+        let mut names = self.by_host.keys().filter(|h| !names::is_wildcard(h));
         let mut lookups = tokio::task::JoinSet::new();
         loop {
             // Many names: a bounded number of lookups at once.
@@ -321,13 +354,31 @@ impl ServiceTable {
         });
     }
 
-    /// The service named by `host` for a connection to `port`.
+    /// The service named by `host` for a connection to `port`: by the name
+    /// itself, else (only where the config has wildcards or short names)
+    /// completed by a search domain or under a wildcard.
     pub fn by_host(&self, host: &str, port: u16) -> Option<Arc<Service>> {
-        self.by_host
-            .get(host)?
-            .iter()
-            .find(|(p, _)| p.is_none_or(|p| p == port))
-            .map(|(_, s)| s.clone())
+        let under = |name: &str| {
+            self.by_host
+                .get(name)?
+                .iter()
+                .find(|(p, _)| p.is_none_or(|p| p == port))
+                .map(|(_, s)| s.clone())
+        };
+        if let Some(s) = under(host) {
+            return Some(s);
+        }
+        if !self.patterned {
+            return None;
+        }
+        names::candidates(host, &self.search)
+            .skip(1)
+            .find_map(|c| under(&c))
+    }
+
+    /// Whether a service's host matches a request's name.
+    pub fn names_match(&self, pattern: &str, name: &str) -> bool {
+        pattern == name || (self.patterned && names::matches(pattern, name, &self.search))
     }
 
     /// The counters of every postgres pool (for `status` views and metrics).
