@@ -122,14 +122,18 @@ impl std::fmt::Debug for Route {
 
 impl Routes {
     /// Compiles a service's routes (the config already checked them).
-    /// Compiles a service's routes (the config already checked them);
-    /// `service` names their caches' series. Fails only on what the config
-    /// names outside itself (a transcoding route's descriptor set).
-    pub fn new(cfg: &[RouteConfig], service: &str) -> Result<Routes, String> {
+    /// Compiles a service's routes (the config already checked them); the
+    /// service (`owner`: none for an inbound port's) owns their caches.
+    /// Fails only on what the config names outside itself (a transcoding
+    /// route's descriptor set).
+    pub fn new(
+        cfg: &[RouteConfig],
+        owner: Option<&crate::config::service::ServiceConfig>,
+    ) -> Result<Routes, String> {
         let list: Vec<Route> = cfg
             .iter()
             .enumerate()
-            .map(|(i, r)| Route::new(i, r, service))
+            .map(|(i, r)| Route::new(i, r, owner))
             .collect::<Result<_, _>>()?;
         let paths_matter = list
             .iter()
@@ -217,7 +221,12 @@ fn covers(a: &RouteConfig, b: &RouteConfig) -> bool {
 }
 
 impl Route {
-    fn new(i: usize, r: &RouteConfig, service: &str) -> Result<Route, String> {
+    fn new(
+        i: usize,
+        r: &RouteConfig,
+        owner: Option<&crate::config::service::ServiceConfig>,
+    ) -> Result<Route, String> {
+        let number = u32::try_from(i + 1).unwrap_or(u32::MAX);
         let m = &r.matcher;
         let regex = |re: &str| anchored(re).expect("checked at load");
         let value = |v: &ValueMatch| match v {
@@ -285,11 +294,12 @@ impl Route {
                 _ if transcoder.is_some() => Caching::Off,
                 RouteCache::Service => Caching::Service,
                 RouteCache::Off => Caching::Off,
-                RouteCache::Own(c) => {
-                    Caching::Own(std::sync::Arc::new(crate::cache::Cache::new(c, service)))
-                }
+                RouteCache::Own(c) => match owner {
+                    Some(o) => Caching::Own(crate::cache::Cache::shared(c, o, number)),
+                    None => Caching::Off,
+                },
             },
-            number: u32::try_from(i + 1).unwrap_or(u32::MAX),
+            number,
             transcoder,
         })
     }

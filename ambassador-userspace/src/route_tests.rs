@@ -2,7 +2,7 @@ use super::*;
 
 fn routes(yaml: &str) -> (Vec<RouteConfig>, Routes) {
     let cfg: Vec<RouteConfig> = serde_yaml_ng::from_str(yaml).unwrap();
-    let r = Routes::new(&cfg, "test").unwrap();
+    let r = Routes::new(&cfg, None).unwrap();
     (cfg, r)
 }
 

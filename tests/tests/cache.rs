@@ -263,3 +263,37 @@ fn concurrent_misses_make_one_request_bytes_stay_bounded_stale_answers_outages()
     // What was never stored fails as before.
     assert_eq!(get(&pod, api, "/origin/never", &[]).status, 502);
 }
+
+/// A reload keeps what an unchanged service stored; a service whose config
+/// changed starts empty.
+#[test]
+fn reloads_keep_the_caches_of_unchanged_services() {
+    let mut pod = Pod::new(CONFIG);
+    pod.start_proxy();
+    let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
+    let a = "/origin/keep?cc=max-age%3D60";
+    assert_eq!(get(&pod, SERVER_V4, a, &[]).body, "/origin/keep #1\n");
+    // Another service added: `api` is unchanged, its entry stays.
+    let more = format!(
+        "{CONFIG}  - name: other\n    match: {{ cidr: 198.18.0.9/32, port: 80 }}\n    protocol: http\n"
+    );
+    pod.rewrite_config(&more);
+    pod.hup_proxy();
+    assert!(pod.wait_log("config reloaded"), "{}", pod.proxy_log());
+    assert_eq!(get(&pod, SERVER_V4, a, &[]).body, "/origin/keep #1\n");
+    assert_eq!(reached(&up, "/origin/keep"), 1);
+    // `api` changed (a longer request timeout): its cache starts empty.
+    let changed = more.replace(
+        "    cache: { max_bytes: 200000",
+        "    timeouts: { request: 20s }\n    cache: { max_bytes: 200000",
+    );
+    assert_ne!(changed, more);
+    pod.rewrite_config(&changed);
+    pod.hup_proxy();
+    assert!(
+        pod.wait_log_count("config reloaded", 2),
+        "{}",
+        pod.proxy_log()
+    );
+    assert_eq!(get(&pod, SERVER_V4, a, &[]).body, "/origin/keep #2\n");
+}

@@ -67,6 +67,10 @@ type Store = quick_cache::sync::Cache<
 >;
 
 pub struct Cache {
+    /// The service it belongs to, as configured: a reload that leaves it
+    /// unchanged keeps this cache ([`Cache::shared`]).
+    owner: Box<crate::config::service::ServiceConfig>,
+    route: u32,
     store: Store,
     /// Keys a request is fetching now, and how the others learn it is done.
     pending: Mutex<HashMap<Key, watch::Receiver<()>>>,
@@ -98,8 +102,34 @@ impl Drop for Lead {
     }
 }
 
+/// The caches in use, so a reload finds the one it may keep.
+static LIVE: Mutex<Vec<std::sync::Weak<Cache>>> = Mutex::new(Vec::new());
+
 impl Cache {
-    pub fn new(cfg: CacheConfig, service: &str) -> Cache {
+    /// The cache of `owner` (and its route `route`, 0 for the service's):
+    /// the one already in use when the service's config is unchanged (a
+    /// reload keeps what is stored), else a new, empty one.
+    pub fn shared(
+        cfg: CacheConfig,
+        owner: &crate::config::service::ServiceConfig,
+        route: u32,
+    ) -> Arc<Cache> {
+        let mut live = crate::sync::lock(&LIVE);
+        live.retain(|w| w.strong_count() > 0);
+        let same = live
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|c| c.route == route && c.config == cfg && *c.owner == *owner);
+        if let Some(c) = same {
+            return c;
+        }
+        let c = Arc::new(Cache::new(cfg, owner, route));
+        live.push(Arc::downgrade(&c));
+        c
+    }
+
+    fn new(cfg: CacheConfig, owner: &crate::config::service::ServiceConfig, route: u32) -> Cache {
+        let service = owner.name.as_str();
         let metrics = crate::metrics::get().cache(service);
         // quick_cache splits its bound among shards: each must hold several
         // of the largest entries.
@@ -111,6 +141,8 @@ impl Cache {
             .build()
             .expect("capacities are set");
         Cache {
+            owner: Box::new(owner.clone()),
+            route,
             store: Store::with_options(
                 options,
                 Weigh,

@@ -9,6 +9,22 @@ use super::{
     *,
 };
 
+/// A service config of this name with this cache.
+fn owner(name: &str, c: CacheConfig) -> crate::config::service::ServiceConfig {
+    let yaml = format!(
+        "name: {name}\nmatch: {{ host: {name}.test, port: 80 }}\nprotocol: http\ncache: {{ max_bytes: {}, max_entry_bytes: {} }}\n",
+        c.max_bytes, c.max_entry_bytes
+    );
+    let mut s: crate::config::service::ServiceConfig = serde_yaml_ng::from_str(&yaml).unwrap();
+    s.cache = Some(c);
+    s
+}
+
+/// A cache of its own for a test.
+fn cache(c: CacheConfig, name: &str) -> Arc<Cache> {
+    Cache::shared(c, &owner(name, c), 0)
+}
+
 fn cfg(max_bytes: u64, max_entry_bytes: u64) -> CacheConfig {
     CacheConfig {
         max_bytes,
@@ -80,7 +96,7 @@ fn found(c: &Cache, req: &Request<()>) -> &'static str {
 
 #[test]
 fn what_may_be_stored() {
-    let c = Arc::new(Cache::new(cfg(1 << 20, 1000), "cache-unit-admit"));
+    let c = cache(cfg(1 << 20, 1000), "cache-unit-admit");
     let now = SystemTime::now();
     let plain = get("/a", &[]);
     let authed = get("/a", &[("authorization", "Bearer t")]);
@@ -149,13 +165,13 @@ fn what_may_be_stored() {
 fn default_ttl_is_the_only_heuristic() {
     let h = head(200, &[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")]);
     let req = get("/a", &[]);
-    let none = Arc::new(Cache::new(cfg(1 << 20, 1000), "cache-unit-ttl"));
+    let none = cache(cfg(1 << 20, 1000), "cache-unit-ttl");
     assert!(store(&none, &req, &h, b"x"));
     // Ten years since the last change would be a year's heuristic: none.
     assert_eq!(found(&none, &req), "stale");
     let mut with = cfg(1 << 20, 1000);
     with.default_ttl = Some(Duration::from_secs(30));
-    let ttl = Arc::new(Cache::new(with, "cache-unit-ttl"));
+    let ttl = cache(with, "cache-unit-ttl2");
     assert!(store(&ttl, &req, &h, b"x"));
     assert_eq!(found(&ttl, &req), "fresh");
     // The response's own freshness wins over the default.
@@ -167,7 +183,7 @@ fn default_ttl_is_the_only_heuristic() {
 
 #[test]
 fn variants_by_vary_and_the_request_s_own_directives() {
-    let c = Arc::new(Cache::new(cfg(1 << 20, 1000), "cache-unit-vary"));
+    let c = cache(cfg(1 << 20, 1000), "cache-unit-vary");
     let h = head(
         200,
         &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
@@ -197,7 +213,7 @@ fn variants_by_vary_and_the_request_s_own_directives() {
 
 #[test]
 fn bodies_over_the_entry_bound_are_not_kept_and_bytes_are_bounded() {
-    let c = Arc::new(Cache::new(cfg(4000, 1000), "cache-unit-bound"));
+    let c = cache(cfg(4000, 1000), "cache-unit-bound");
     let h = head(200, &[("cache-control", "max-age=60")]);
     assert!(!store(&c, &get("/big", &[]), &h, &[b'x'; 1001]));
     assert_eq!(found(&c, &get("/big", &[])), "none");
@@ -212,7 +228,7 @@ fn bodies_over_the_entry_bound_are_not_kept_and_bytes_are_bounded() {
 
 #[tokio::test]
 async fn one_leads_the_others_wait_for_it() {
-    let c = Arc::new(Cache::new(cfg(1 << 20, 1000), "cache-unit-turn"));
+    let c = cache(cfg(1 << 20, 1000), "cache-unit-turn");
     let req = get("/a", &[]);
     let k = key(&req);
     let Turn::Lead(lead) = c.turn(&k) else {
@@ -228,4 +244,29 @@ async fn one_leads_the_others_wait_for_it() {
         matches!(c.turn(&k), Turn::Lead(_)),
         "a later one leads again"
     );
+}
+
+#[test]
+fn a_reload_keeps_the_cache_of_an_unchanged_service() {
+    let c = cfg(1 << 20, 1000);
+    let first = Cache::shared(c, &owner("cache-unit-reload", c), 0);
+    let same = Cache::shared(c, &owner("cache-unit-reload", c), 0);
+    assert!(Arc::ptr_eq(&first, &same));
+    // Another route, other bounds, another config of the service: its own.
+    assert!(!Arc::ptr_eq(
+        &first,
+        &Cache::shared(c, &owner("cache-unit-reload", c), 2)
+    ));
+    let bigger = cfg(2 << 20, 1000);
+    assert!(!Arc::ptr_eq(
+        &first,
+        &Cache::shared(bigger, &owner("cache-unit-reload", bigger), 0)
+    ));
+    let mut changed = owner("cache-unit-reload", c);
+    changed.matcher.port = Some(81);
+    assert!(!Arc::ptr_eq(&first, &Cache::shared(c, &changed, 0)));
+    // Once no table holds it, it is gone.
+    drop((first, same));
+    let again = Cache::shared(c, &owner("cache-unit-reload", c), 0);
+    assert_eq!(again.held(), (0, 0));
 }

@@ -149,7 +149,7 @@ impl InboundTable {
             };
             let routes = match policy {
                 Some(p) => {
-                    Routes::new(&p.routes, "inbound").map_err(|why| InboundError { port, why })?
+                    Routes::new(&p.routes, None).map_err(|why| InboundError { port, why })?
                 }
                 None => Routes::default(),
             };

@@ -254,11 +254,9 @@ impl HttpService {
             request_timeout: cfg.timeouts.request.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             retry: RetryPolicy::new(cfg.retries),
             rules,
-            routes: Routes::new(&cfg.routes, &cfg.name)
+            routes: Routes::new(&cfg.routes, Some(cfg))
                 .map_err(|e| ServiceError::Build(format!("service {}: {e}", cfg.name)))?,
-            cache: cfg
-                .cache
-                .map(|c| Arc::new(crate::cache::Cache::new(c, &cfg.name))),
+            cache: cfg.cache.map(|c| crate::cache::Cache::shared(c, cfg, 0)),
             client: connector.clone().client(),
             connector,
             endpoint_clients,

@@ -244,6 +244,19 @@ impl Pod {
         false
     }
 
+    /// Waits (up to 5 s) until the proxy has logged `needle` `n` times (a
+    /// second reload, say).
+    pub fn wait_log_count(&self, needle: &str, n: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.proxy_log().matches(needle).count() >= n {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// The access-log lines the proxy wrote so far.
     pub fn access_log(&self) -> Vec<String> {
         self.proxy_stdout
