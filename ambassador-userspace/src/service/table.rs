@@ -43,6 +43,9 @@ async fn lookup(host: &str) -> Option<Vec<IpAddr>> {
     }
 }
 
+/// On-demand lookups of names under wildcards at once.
+const WILD_LOOKUPS: usize = 8;
+
 /// Lookups at once when many names are resolved.
 const PARALLEL_LOOKUPS: usize = 32;
 
@@ -93,6 +96,8 @@ pub struct ServiceTable {
     relookups: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// The Pod's search domains: short names are completed by them.
     search: Vec<String>,
+    /// On-demand lookups of names under a wildcard in flight.
+    wild_lookups: Arc<tokio::sync::Semaphore>,
     /// Some name is a wildcard, or short names may be completed: a request
     /// name not found as it is is looked for as others too.
     patterned: bool,
@@ -149,6 +154,7 @@ impl ServiceTable {
             relookups: Default::default(),
             search,
             patterned,
+            wild_lookups: Arc::new(tokio::sync::Semaphore::new(WILD_LOOKUPS)),
         })
     }
 
@@ -211,6 +217,16 @@ impl ServiceTable {
         }
         let Some(services) = self.by_host.get(key) else {
             return false;
+        };
+        // Names under a wildcard are the app's to choose: a bounded number
+        // of their lookups at once, so a spray of new names cannot take
+        // every lookup thread (those past it are refused as not owned).
+        let _slot = match host == key {
+            true => None,
+            false => match self.wild_lookups.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return false,
+            },
         };
         let Some(ips) = lookup(host).await else {
             return false;
@@ -395,5 +411,43 @@ impl ServiceTable {
 
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(yaml: &str) -> ServiceTable {
+        let cfg = Config::parse(yaml).unwrap();
+        ServiceTable::new(&cfg, &Settings::from_config(&cfg.proxy)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn names_under_a_wildcard_are_found_and_their_lookups_bounded() {
+        let t = table(
+            "proxy: { search_domains: [ns.svc] }\nservices:\n  - name: w\n    match: { host: \"*.0.0.1\", port: 80 }\n    protocol: http\n  - name: short\n    match: { host: api, port: 80 }\n    protocol: http\n",
+        );
+        // `127.0.0.1` is a name under `*.0.0.1` that resolves (to itself).
+        let w = t.by_host("127.0.0.1", 80).unwrap();
+        assert_eq!(w.name, "w");
+        assert!(t.by_host("0.0.1", 80).is_none());
+        assert!(t.by_host("127.0.0.1", 81).is_none());
+        assert_eq!(t.by_host("api.ns.svc", 80).unwrap().name, "short");
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        // No lookup may start now: not owned, and not looked up.
+        let held = t
+            .wild_lookups
+            .clone()
+            .acquire_many_owned(WILD_LOOKUPS as u32)
+            .await
+            .unwrap();
+        assert!(!t.owns(&w, ip, Some("127.0.0.1")).await);
+        drop(held);
+        // The pattern itself names nothing to look up.
+        assert!(!t.owns(&w, ip, None).await);
+        // A second later (one lookup a second per name), it is.
+        tokio::time::sleep(RELOOKUP_EVERY).await;
+        assert!(t.owns(&w, ip, Some("127.0.0.1")).await);
     }
 }
