@@ -140,7 +140,8 @@ intercept:
     let text = stdout(&out);
     assert!(
         text.contains(&format!(
-            "udp        only to {SERVER_V4}:5353, [{SERVER_V6}]:5353, {SERVER2_V4}:53;"
+            "udp        only to {SERVER_V4}:5353, [{SERVER_V6}]:5353, the nameservers of {} on port 53 ({SERVER2_V4}:53 here);",
+            resolv.display()
         )),
         "{text}"
     );

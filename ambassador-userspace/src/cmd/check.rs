@@ -295,14 +295,34 @@ fn cache(c: &crate::config::cache::CacheConfig) -> String {
 
 /// Where datagrams may go under `default: deny`.
 fn udp(cfg: &Config) -> String {
-    let allowed: Vec<String> = crate::interception::load::udp_allowed(cfg)
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let to = if allowed.is_empty() {
+    let u = &cfg.intercept.udp;
+    let mut to: Vec<String> = u.allow.iter().map(ToString::to_string).collect();
+    if let Some(path) = &u.resolvers_from {
+        let here = std::fs::read_to_string(path).unwrap_or_default();
+        let servers: Vec<String> = crate::config::udp::nameservers(&here)
+            .iter()
+            .map(|ip| {
+                crate::config::udp::UdpAllow {
+                    net: Some((*ip).into()),
+                    port: 53,
+                }
+                .to_string()
+            })
+            .collect();
+        to.push(format!(
+            "the nameservers of {} on port 53 ({} here)",
+            path.display(),
+            if servers.is_empty() {
+                "none".to_string()
+            } else {
+                servers.join(", ")
+            }
+        ));
+    }
+    let to = if to.is_empty() {
         "nowhere (and no resolver: DNS lookups fail; allow it in intercept.udp.allow)".to_string()
     } else {
-        format!("only to {}", allowed.join(", "))
+        format!("only to {}", to.join(", "))
     };
     format!("{to}; every other datagram refused (EPERM), QUIC included: clients fall back to TCP")
 }
