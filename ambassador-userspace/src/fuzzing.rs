@@ -17,6 +17,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("detect", detect),
     ("pg_startup", pg_startup),
     ("pg_messages", pg_messages),
+    ("answers", answers),
 ];
 
 /// A runtime for the async parts (built once; inputs run one at a time).
@@ -185,6 +186,77 @@ fn pg_extended(data: &[u8], cap: usize) {
             named.undo(&u, Some(&mut server));
         }
         named.expected.answer_due(&mut to_app);
+    }
+}
+
+/// What the proxy reads of an upstream's answers itself: a response head
+/// the cache judges (stores, answers a conditional from, refreshes with a
+/// 304's fields); the bytes as gRPC frames made into streamed JSON; and, as
+/// text, a path template (first line) matched against a path (second).
+pub fn answers(data: &[u8]) {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    if let Ok(httparse::Status::Complete(_)) = parsed.parse(data) {
+        let mut b = http::Response::builder().status(parsed.code.unwrap_or(200));
+        for h in parsed.headers.iter() {
+            b = b.header(h.name, h.value);
+        }
+        if let Ok(r) = b.body(()) {
+            cache_judges(&r.into_parts().0);
+        }
+    }
+    let desc = prost_reflect::DescriptorPool::global()
+        .get_message_by_name("google.protobuf.Struct")
+        .expect("a well-known type");
+    for format in [
+        crate::config::transcode::StreamFormat::Array,
+        crate::config::transcode::StreamFormat::Ndjson,
+    ] {
+        let mut s = crate::transcode::stream::JsonStream::new(desc.clone(), None, format, 4096);
+        for chunk in data.chunks(7) {
+            let _ = s.data(chunk);
+        }
+        let _ = s.end(None);
+    }
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Some((template, path)) = text.split_once('\n')
+        && let Ok(t) = crate::transcode::template::Template::parse(template)
+    {
+        let _ = t.matches(path);
+    }
+}
+
+/// A response head through the cache's rules, as for `GET /a` with the
+/// head's own fields as the request's too (conditionals, Vary values).
+fn cache_judges(head: &http::response::Parts) {
+    use crate::cache::{Cache, entry, key::PolicyRequest};
+    static CACHE: OnceLock<std::sync::Arc<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let owner: crate::config::service::ServiceConfig = serde_yaml_ng::from_str(
+            "name: fuzz\nmatch: { host: fuzz.test, port: 80 }\nprotocol: http\ncache: { default_ttl: 5s, stale_if_error: 5s }\n",
+        )
+        .expect("a valid service");
+        Cache::shared(owner.cache.expect("a cache"), &owner, 0)
+    });
+    let mut req = http::Request::get("/a").body(()).expect("a request");
+    *req.headers_mut() = head.headers.clone();
+    let p = PolicyRequest::new(&req, true);
+    let now = std::time::SystemTime::now();
+    if let Some(policy) = cache.admit(&p, head, now) {
+        let variant = entry::variant_of(&head.headers, req.headers());
+        let e = entry::Entry::new(
+            policy,
+            head.status,
+            head.headers.clone(),
+            bytes::Bytes::new(),
+            variant,
+            now,
+        );
+        let _ = e.policy.before_request(&p, now);
+        let _ = e.not_modified_for(req.headers());
+        let _ = e.freshened(&head.headers);
+        let _ = e.head(now);
+        let _ = e.usable_stale(Some(std::time::Duration::from_secs(5)), now);
     }
 }
 
