@@ -13,12 +13,13 @@ use anyhow::{Context as _, bail};
 
 use crate::{root, run_cmd};
 
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "config",
     "http_request",
     "detect",
     "pg_startup",
     "pg_messages",
+    "answers",
 ];
 
 pub fn run(target: Option<&str>, seconds: u64) -> anyhow::Result<()> {
