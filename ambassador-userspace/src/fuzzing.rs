@@ -97,10 +97,11 @@ pub fn detect(data: &[u8]) {
 /// The startup packets an app sends a PostgreSQL service.
 pub fn pg_startup(data: &[u8]) {
     let mut rest = data;
+    let mut buf = BytesMut::new();
     runtime().block_on(async {
         // SSLRequests may come before the StartupMessage.
         for _ in 0..4 {
-            match crate::postgres::protocol::read_startup(&mut rest).await {
+            match crate::postgres::protocol::read_startup(&mut rest, &mut buf).await {
                 Ok(crate::postgres::protocol::Startup::SslRequest) => continue,
                 _ => return,
             }

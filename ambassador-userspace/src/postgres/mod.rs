@@ -51,7 +51,7 @@ pub async fn serve(
         outcome: "closed",
         ..SessionTally::default()
     };
-    let (mut app, first) = match negotiate(&pg, app).await {
+    let (mut app, first, from_app) = match negotiate(&pg, app).await {
         Ok(Some(n)) => n,
         Ok(None) => return tally,
         Err(e) => {
@@ -60,7 +60,7 @@ pub async fn serve(
             return tally;
         }
     };
-    let result = session(&pg, &mut app, first, dst, &mut out, &mut tally).await;
+    let result = session(&pg, &mut app, (first, from_app), dst, &mut out, &mut tally).await;
     if let Err(e) = &result {
         crate::log_failure!(e.origin(), %peer, service = %pg.servers.name, "{e}");
         protocol::error_response(
@@ -86,19 +86,28 @@ pub async fn serve(
 /// The app's first messages: SSLRequest answered `S` and TLS ended when
 /// the service has `app_tls` (else `N`: the hop inside the Pod stays
 /// plain), GSSENCRequest `N`; returns the stream and the message after them
-/// (none: the app left).
+/// (none: the app left), and what the app sent after it.
 async fn negotiate(
     pg: &PgService,
     mut tcp: TcpStream,
-) -> Result<Option<(PlainOrTls, Startup)>, PgError> {
+) -> Result<Option<(PlainOrTls, Startup, BytesMut)>, PgError> {
+    // Becomes the session's buffer of the app's bytes.
+    let mut buf = BytesMut::with_capacity(8 * 1024);
     loop {
-        let first = match protocol::read_startup(&mut tcp).await {
+        let first = match protocol::read_startup(&mut tcp, &mut buf).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(PgError::AppProtocol(e)),
         };
         match (first, &pg.app_tls) {
             (Startup::SslRequest, Some(tls)) => {
+                // Bytes sent before the answer are not the TLS handshake's,
+                // nor to be trusted as inside it (as PostgreSQL refuses them).
+                if !buf.is_empty() {
+                    return Err(PgError::AppProtocol(protocol::invalid(
+                        "data after an SSLRequest before its answer",
+                    )));
+                }
                 tcp.write_all(b"S").await.map_err(PgError::AppProtocol)?;
                 // The app is in the Pod, but a stalled one must not hold a
                 // client slot.
@@ -111,11 +120,11 @@ async fn negotiate(
                         ))
                     });
                 let mut app = PlainOrTls::terminated(accepted.map_err(PgError::AppProtocol)?);
-                return match protocol::read_startup(&mut app).await {
+                return match protocol::read_startup(&mut app, &mut buf).await {
                     Ok(Startup::SslRequest | Startup::GssEncRequest) => Err(PgError::AppProtocol(
                         protocol::invalid("an encryption request inside TLS"),
                     )),
-                    Ok(next) => Ok(Some((app, next))),
+                    Ok(next) => Ok(Some((app, next, buf))),
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
                     Err(e) => Err(PgError::AppProtocol(e)),
                 };
@@ -123,7 +132,7 @@ async fn negotiate(
             (Startup::SslRequest | Startup::GssEncRequest, _) => {
                 tcp.write_all(b"N").await.map_err(PgError::AppProtocol)?;
             }
-            (next, _) => return Ok(Some((PlainOrTls::Plain(tcp), next))),
+            (next, _) => return Ok(Some((PlainOrTls::Plain(tcp), next, buf))),
         }
     }
 }
@@ -131,7 +140,7 @@ async fn negotiate(
 async fn session(
     pg: &Arc<PgService>,
     app: &mut PlainOrTls,
-    first: Startup,
+    (first, from_app): (Startup, BytesMut),
     dst: SocketAddr,
     out: &mut BytesMut,
     tally: &mut SessionTally,
@@ -211,7 +220,13 @@ async fn session(
     protocol::backend_key_data(out, registration.pid, registration.key);
     protocol::ready_for_query(out, b'I');
     debug!(service = %pg.servers.name, pool = %pool.key, mode = ?pg.pool.mode, "session started");
-    let mut relay = relay::Relay::new(pg, &pool, &registration, std::mem::take(out), tally);
+    let mut relay = relay::Relay::new(
+        pg,
+        &pool,
+        &registration,
+        (from_app, std::mem::take(out)),
+        tally,
+    );
     if let Some(l) = lease {
         relay.bind(l);
     }

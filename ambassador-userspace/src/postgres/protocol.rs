@@ -35,17 +35,38 @@ pub fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// Reads one untagged startup packet.
-pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Startup> {
-    let len = r.read_i32().await?;
-    if !(8..=MAX_STARTUP as i32).contains(&len) {
-        return Err(invalid(format!(
-            "startup packet of {len} bytes: not a PostgreSQL client (or an app speaking TLS directly)"
-        )));
+/// Reads one untagged startup packet (as few reads as the app's writes
+/// allow: what came beyond it stays in `buf`, for the next packet or, after
+/// the StartupMessage, for the session).
+pub async fn read_startup<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<Startup> {
+    loop {
+        if buf.len() >= 4 {
+            let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            if !(8..=MAX_STARTUP as i32).contains(&len) {
+                return Err(invalid(format!(
+                    "startup packet of {len} bytes: not a PostgreSQL client (or an app speaking TLS directly)"
+                )));
+            }
+            let len = len as usize;
+            if buf.len() >= len {
+                let packet = buf.split_to(len);
+                return parse_startup(&packet[4..]);
+            }
+            buf.reserve(len - buf.len());
+        } else {
+            buf.reserve(512);
+        }
+        if r.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     }
-    let mut body = vec![0u8; len as usize - 4];
-    r.read_exact(&mut body).await?;
-    let mut b = &body[..];
+}
+
+/// A startup packet's body (after its length).
+fn parse_startup(mut b: &[u8]) -> io::Result<Startup> {
     let code = b.get_i32();
     match code {
         SSL_REQUEST if b.is_empty() => Ok(Startup::SslRequest),
@@ -250,11 +271,40 @@ pub fn error_fields(body: &[u8]) -> (String, String, String) {
 mod tests {
     use super::*;
 
+    /// An app that writes its SSLRequest, StartupMessage and first query at
+    /// once: each packet read in turn from what one read brought, the query
+    /// left for the session.
+    #[tokio::test]
+    async fn startup_packets_written_together_are_taken_apart() {
+        let mut wire = BytesMut::from(&[0u8, 0, 0, 8, 4, 210, 22, 47][..]);
+        postgres_protocol::message::frontend::startup_message([("user", "app")], &mut wire)
+            .unwrap();
+        postgres_protocol::message::frontend::query("select 1", &mut wire).unwrap();
+        let query_len = 1 + 4 + "select 1".len() + 1;
+        let (mut r, mut buf) = (&wire[..], BytesMut::new());
+        assert!(matches!(
+            read_startup(&mut r, &mut buf).await.unwrap(),
+            Startup::SslRequest
+        ));
+        assert!(r.is_empty(), "one read took it all");
+        let Startup::Startup(p) = read_startup(&mut r, &mut buf).await.unwrap() else {
+            panic!("not a startup message")
+        };
+        assert_eq!(p, [("user".into(), "app".into())]);
+        assert_eq!(buf.len(), query_len);
+        assert_eq!(buf[0], b'Q');
+        // Cut short: the app left.
+        let err = read_startup(&mut &wire[..5], &mut BytesMut::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
     #[tokio::test]
     async fn startup_packets() {
         let mut ssl = &[0u8, 0, 0, 8, 4, 210, 22, 47][..];
         assert!(matches!(
-            read_startup(&mut ssl).await.unwrap(),
+            read_startup(&mut ssl, &mut BytesMut::new()).await.unwrap(),
             Startup::SslRequest
         ));
         let mut buf = BytesMut::new();
@@ -263,7 +313,10 @@ mod tests {
             &mut buf,
         )
         .unwrap();
-        let Startup::Startup(p) = read_startup(&mut &buf[..]).await.unwrap() else {
+        let Startup::Startup(p) = read_startup(&mut &buf[..], &mut BytesMut::new())
+            .await
+            .unwrap()
+        else {
             panic!("not a startup message")
         };
         assert_eq!(
@@ -276,12 +329,18 @@ mod tests {
         let mut cancel = BytesMut::new();
         postgres_protocol::message::frontend::cancel_request(7, -9, &mut cancel);
         assert!(matches!(
-            read_startup(&mut &cancel[..]).await.unwrap(),
+            read_startup(&mut &cancel[..], &mut BytesMut::new())
+                .await
+                .unwrap(),
             Startup::Cancel { pid: 7, key: -9 }
         ));
         // An app speaking TLS first: a ClientHello is no startup packet.
         let hello = [0x16u8, 3, 1, 2, 0, 1, 0, 1, 0xfc];
-        assert!(read_startup(&mut &hello[..]).await.is_err());
+        assert!(
+            read_startup(&mut &hello[..], &mut BytesMut::new())
+                .await
+                .is_err()
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl<'a> Relay<'a> {
         pg: &'a Arc<PgService>,
         pool: &'a Arc<Pool>,
         registration: &'a cancel::Registration,
-        to_app: BytesMut,
+        (from_app, to_app): (BytesMut, BytesMut),
         tally: &'a mut SessionTally,
     ) -> Relay<'a> {
         Relay {
@@ -94,7 +94,7 @@ impl<'a> Relay<'a> {
             pool,
             registration,
             bound: None,
-            from_app: BytesMut::with_capacity(8 * 1024),
+            from_app,
             to_server: BytesMut::new(),
             from_server: BytesMut::with_capacity(8 * 1024),
             to_app,
