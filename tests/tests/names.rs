@@ -24,6 +24,13 @@ services:
     request: { set_headers: { x-svc: { value: ledger } } }
 "#;
 
+/// The status curl in the app gets for `GET /` to `addr:8080` with `host`.
+fn status_of(pod: &Pod, addr: &str, host: &str) -> String {
+    let host = format!("host: {host}");
+    let args = ["-o", "/dev/null", "-w", "%{http_code}", "-H", &host];
+    stdout(&pod.curl(&format!("http://{addr}:8080/"), &args))
+}
+
 #[test]
 fn wildcards_and_short_names_match_as_users_write_them() {
     let mut pod = Pod::new(CONFIG);
@@ -41,18 +48,7 @@ fn wildcards_and_short_names_match_as_users_write_them() {
     pod.start_proxy();
     let up = HttpUpstream::plain(pod.server_listener(SERVER_V4, 8080));
     let call = |host: &str| {
-        let out = pod.curl(
-            &format!("http://{SERVER_V4}:8080/"),
-            &[
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                &format!("host: {host}"),
-            ],
-        );
-        let status = stdout(&out);
+        let status = status_of(&pod, SERVER_V4, host);
         let svc = up
             .seen()
             .last()
@@ -86,20 +82,7 @@ fn wildcards_and_short_names_match_as_users_write_them() {
     // resolves elsewhere (or nowhere) is refused, never sent with the
     // service's header; one that resolves there goes.
     let up2 = HttpUpstream::plain(pod.server_listener(SERVER2_V4, 8080));
-    let call2 = |host: &str| {
-        let out = pod.curl(
-            &format!("http://{SERVER2_V4}:8080/"),
-            &[
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                &format!("host: {host}"),
-            ],
-        );
-        stdout(&out)
-    };
+    let call2 = |host: &str| status_of(&pod, SERVER2_V4, host);
     assert_eq!(call2("c.bucket.test"), "403");
     assert_eq!(call2("a.bucket.test"), "403");
     assert!(up2.seen().is_empty());
