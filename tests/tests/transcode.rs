@@ -161,8 +161,10 @@ fn rest_calls_become_grpc_calls_and_back() {
     ));
     let (first, total) = timing.split_once(' ').expect("two times");
     let (first, total): (f64, f64) = (first.parse().unwrap(), total.parse().unwrap());
+    // The stream takes 0.8 s (two 400 ms pauses): its first book reaches
+    // the app well before its end (generous bounds for a loaded machine).
     assert!(
-        first < 0.3 && total > 0.75,
+        first < 0.5 && total - first > 0.6,
         "first byte at {first} s, end at {total} s"
     );
     // A stream that fails on the way ends with the error as its last line.
