@@ -232,7 +232,7 @@ fn register_state(live: Weak<Live>) {
             for svc in table.services() {
                 match &svc.kind {
                     crate::service::Kind::Postgres(pg) => postgres_rows(rows, &svc.name, pg),
-                    crate::service::Kind::Http(h) => cache_rows(rows, &svc.name, h),
+                    crate::service::Kind::Http(_) => cache_rows(rows, svc),
                     crate::service::Kind::Tcp { .. } => {}
                 }
                 for ep in svc.endpoints.endpoints() {
@@ -248,28 +248,21 @@ fn register_state(live: Weak<Live>) {
 }
 
 /// What an HTTP service's response caches hold (its own and its routes').
-fn cache_rows(rows: &mut metrics::StateRows, service: &str, h: &crate::service::HttpService) {
-    let mut caches = h.cache.iter().chain(h.routes.caches()).peekable();
-    if caches.peek().is_none() {
-        return;
-    }
-    let (bytes, entries) = caches.fold((0u64, 0usize), |(b, n), c| {
-        let (cb, cn) = c.held();
-        (b + cb, n + cn)
-    });
+fn cache_rows(rows: &mut metrics::StateRows, svc: &crate::service::Service) {
+    let Some(c) = cache_status(svc) else { return };
     let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     rows.gauges.extend([
         (
             "cache_bytes",
             "Bytes the response caches hold (bodies and heads, as max_bytes counts them)",
-            service.to_string(),
-            g(bytes),
+            svc.name.clone(),
+            g(c.bytes),
         ),
         (
             "cache_entries",
             "Keys the response caches hold",
-            service.to_string(),
-            g(entries as u64),
+            svc.name.clone(),
+            g(c.entries as u64),
         ),
     ]);
 }
@@ -475,6 +468,38 @@ pub struct ServiceStatus {
     pub requests_in_flight: usize,
     pub connections_open: i64,
     pub endpoints: Vec<EndpointStatus>,
+    /// What its response caches hold (its own and its routes'), if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub entries: usize,
+    pub bytes: u64,
+    /// The sum of their `max_bytes`.
+    pub max_bytes: u64,
+}
+
+/// A service's caches, summed (none: it has no cache).
+fn cache_status(s: &crate::service::Service) -> Option<CacheStatus> {
+    let h = s.http()?;
+    let mut caches = h.cache.iter().chain(h.routes.caches()).peekable();
+    caches.peek()?;
+    Some(caches.fold(
+        CacheStatus {
+            entries: 0,
+            bytes: 0,
+            max_bytes: 0,
+        },
+        |mut sum, c| {
+            let (bytes, entries) = c.held();
+            sum.entries += entries;
+            sum.bytes += bytes;
+            sum.max_bytes += c.config.max_bytes;
+            sum
+        },
+    ))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -516,6 +541,7 @@ fn status(live: &Live) -> Status {
                 requests_in_flight: s.limits.config.max_requests
                     - s.limits.requests.available_permits(),
                 connections_open: s.metrics.active.get(),
+                cache: cache_status(s),
                 endpoints: s
                     .endpoints
                     .endpoints()

@@ -180,6 +180,19 @@ fn rfc_9111_semantics_against_a_real_origin() {
         series(&m, r#"ambassador_cache_entries{service="api"}"#) >= 5,
         "{m}"
     );
+    // /status says the same per service, with the bound.
+    let (code, body) = pod.admin("GET", "/status", "");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let api = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "api")
+        .unwrap();
+    assert!(api["cache"]["entries"].as_u64().unwrap() >= 5, "{api}");
+    // The service's 200000 and its `own` route's 100000.
+    assert_eq!(api["cache"]["max_bytes"], 300_000, "{api}");
 }
 
 #[test]

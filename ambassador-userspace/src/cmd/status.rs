@@ -216,6 +216,16 @@ pub fn proxy_view(admin: std::net::SocketAddr) -> Option<String> {
                 e.state, e.address, e.priority, e.outstanding
             );
         }
+        if let Some(c) = &s.cache {
+            let _ = writeln!(
+                out,
+                "    cache    {} entr{}, {} of {} bytes",
+                c.entries,
+                if c.entries == 1 { "y" } else { "ies" },
+                c.bytes,
+                c.max_bytes
+            );
+        }
     }
     for p in &status.pools {
         let _ = writeln!(
