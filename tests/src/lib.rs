@@ -12,6 +12,7 @@
 //! finds it wherever it lives.
 
 pub mod containers;
+pub mod dns;
 pub mod dockerfile;
 pub mod framing;
 pub mod grpc;

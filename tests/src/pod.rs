@@ -54,6 +54,9 @@ pub struct Pod {
     pub proxy_hosts: Vec<(String, String)>,
     /// The proxy's open-files limit, soft and hard (set before `start_proxy`).
     pub proxy_fd_limit: Option<u64>,
+    /// The Pod's `/etc/resolv.conf` (the app's and the proxy's), when the
+    /// test has its own (set before `start_proxy`).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Pod {
@@ -103,6 +106,7 @@ impl Pod {
             proxy_env: Vec::new(),
             proxy_hosts: Vec::new(),
             proxy_fd_limit: None,
+            resolv_conf: None,
         };
         let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
         assert!(out.status.success(), "init failed: {}", stderr(&out));
@@ -146,14 +150,18 @@ impl Pod {
 
     /// A command running in the app container (root, like many app images).
     pub fn app(&self, program: &str) -> Command {
-        placed(
+        let mut cmd = placed(
             program,
             &Placement {
                 netns: &self.netns,
                 cgroup: &self.app_cgroup,
                 uid: None,
             },
-        )
+        );
+        if let Some(resolv) = &self.resolv_conf {
+            crate::dns::with_resolv_conf(&mut cmd, resolv);
+        }
+        cmd
     }
 
     /// Unmodified curl in the app container: no proxy settings, a bound on

@@ -32,7 +32,7 @@ impl Pod {
     /// Starts the proxy as `uid` (`None`: root).
     pub fn start_proxy_as(&mut self, uid: Option<u32>, filter: &str) {
         assert!(self.proxy.is_none(), "proxy already running");
-        if !self.proxy_hosts.is_empty() {
+        if !self.proxy_hosts.is_empty() || self.resolv_conf.is_some() {
             return self.start_proxy_with_hosts(uid, filter);
         }
         let mut cmd = placed(
@@ -48,7 +48,8 @@ impl Pod {
     }
 
     /// The proxy in a mount namespace of its own whose `/etc/hosts` holds
-    /// `proxy_hosts` (the machine's own file is not touched).
+    /// `proxy_hosts` and whose `/etc/resolv.conf` is the Pod's
+    /// `resolv_conf` (the machine's own files are not touched).
     fn start_proxy_with_hosts(&mut self, uid: Option<u32>, filter: &str) {
         let hosts = std::env::temp_dir().join(format!(
             "{}-hosts",
@@ -63,8 +64,12 @@ impl Pod {
             Some(u) => format!("setpriv --reuid {u} --regid {u} --clear-groups "),
             None => String::new(),
         };
+        let resolv = match &self.resolv_conf {
+            Some(r) => format!("mount --bind {} /etc/resolv.conf && ", r.display()),
+            None => String::new(),
+        };
         let script = format!(
-            "mount --bind {hosts} /etc/hosts && exec {drop_to}\"$@\"",
+            "mount --bind {hosts} /etc/hosts && {resolv}exec {drop_to}\"$@\"",
             hosts = hosts.display()
         );
         let cmd = self.proxy_in_mount_ns(&script);
