@@ -53,13 +53,18 @@ pub mod maps {
     pub const UDP_V4: &str = "AMB_UDP_V4";
     pub const UDP_V6: &str = "AMB_UDP_V6";
     pub const MAX_UDP_ALLOWED: u32 = 256;
+    /// The resolvers whose DNS the proxy's forwarder takes (`DnsResolver`
+    /// by index: resolver `i` is answered on `Config::dns_port + i`).
+    pub const DNS: &str = "AMB_DNS";
+    /// As glibc's MAXNS (3), and one more.
+    pub const MAX_DNS_RESOLVERS: u32 = 4;
     pub const IN_PORT_INTERCEPT: u8 = 1;
     pub const IN_PORT_EXCLUDE: u8 = 2;
     pub const IN_LISTEN_V4: u32 = 0;
     pub const IN_LISTEN_V6: u32 = 1;
     pub const MAX_INBOUND_PORTS: u32 = 256;
     /// Every map the programs pin, in the order `status` lists them.
-    pub const PINNED: [&str; 14] = [
+    pub const PINNED: [&str; 15] = [
         CONFIG,
         EXCLUDE_PORTS,
         EXCLUDE_V4,
@@ -74,6 +79,7 @@ pub mod maps {
         IN_LISTEN,
         UDP_V4,
         UDP_V6,
+        DNS,
     ];
     pub const MAX_EXCLUDED_PORTS: u32 = 64;
     pub const MAX_EXCLUDED_CIDRS: u32 = 256;
@@ -90,8 +96,12 @@ pub mod programs {
     /// UDP datagrams sent with an address (`sendto`, `sendmsg`).
     pub const SENDMSG4: &str = "ambassador_sendmsg4";
     pub const SENDMSG6: &str = "ambassador_sendmsg6";
+    /// Replies from the DNS forwarder read with an address (`recvfrom`):
+    /// the app sees its resolver as the sender.
+    pub const RECVMSG4: &str = "ambassador_recvmsg4";
+    pub const RECVMSG6: &str = "ambassador_recvmsg6";
     /// The cgroup programs, one link each.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
@@ -100,6 +110,8 @@ pub mod programs {
         GETPEERNAME6,
         SENDMSG4,
         SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
     ];
     /// The sk_msg program, attached to the `AMB_SOCKS` map rather than a cgroup.
     pub const ACCEL: &str = "ambassador_accel";
@@ -131,7 +143,9 @@ pub mod counter {
     pub const UDP_ALLOWED: u32 = 8;
     /// ... and refused ones (EPERM).
     pub const UDP_REFUSED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// DNS queries to a captured resolver handed to the proxy's forwarder.
+    pub const DNS_REDIRECTED: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "bypassed",
@@ -143,6 +157,7 @@ pub mod counter {
         "inbound_refused",
         "udp_allowed",
         "udp_refused",
+        "dns_redirected",
     ];
 }
 
@@ -166,7 +181,20 @@ pub struct Config {
     /// 1: UDP to destinations outside `AMB_UDP_V4`/`AMB_UDP_V6` is refused
     /// (`default: deny`); 0: UDP is left alone.
     pub udp_deny: u8,
-    pub _pad: [u8; 2],
+    /// Host order: the first port of the proxy's DNS forwarder (resolver
+    /// `i` of `AMB_DNS` on `dns_port + i`); 0: DNS is not captured.
+    pub dns_port: u16,
+}
+
+/// A resolver whose DNS (UDP port 53) the forwarder takes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsResolver {
+    /// Network-order words; IPv4 uses `addr[0]` only.
+    pub addr: [u32; 4],
+    /// `AF_INET`, `AF_INET6`, or 0 for an empty slot.
+    pub family: u16,
+    pub _pad: u16,
 }
 
 /// The single entry of the inbound config map, written by `init` / `run`.
@@ -221,7 +249,7 @@ pub struct ConnKey {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all three are repr(C), contain only integers, and have no implicit
+    // SAFETY: all of them are repr(C), contain only integers, and have no implicit
     // padding (explicit `_pad` fields), so any bit pattern is valid.
     unsafe impl aya::Pod for Config {}
     // SAFETY: see above.
@@ -230,6 +258,8 @@ mod user {
     unsafe impl aya::Pod for ConnKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for InboundConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for DnsResolver {}
 }
 
 #[cfg(feature = "user")]
@@ -328,6 +358,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Config>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 20);
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
+        assert_eq!(core::mem::size_of::<DnsResolver>(), 20);
         assert_eq!(core::mem::size_of::<InboundConfig>(), 8);
     }
 }

@@ -10,7 +10,9 @@
 //!   proxy's accepted socket from that table, exactly as netfilter would.
 //! - `getpeername4/6`: the app sees the original destination as its peer.
 //! - UDP (`connect4/6` on UDP sockets, `sendmsg4/6`): under `default: deny`,
-//!   only to allowed destinations (`udp.rs`).
+//!   only to allowed destinations (`udp.rs`); DNS to the Pod's resolvers
+//!   goes to the proxy's forwarder, and `recvmsg4/6` name the resolver as
+//!   the sender of its answers (`dns.rs`).
 //! - the shortcut: `sockops` also puts both local ends of a redirected
 //!   connection (the app's socket, the proxy's accepted one) into a sockhash,
 //!   and `accel` (sk_msg) hands each one's sends straight to the other's
@@ -18,6 +20,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod inbound;
 mod udp;
 
@@ -32,7 +35,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sock, bpf_sock_tuple,
         sk_action,
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
@@ -206,6 +212,13 @@ fn cookie_of<C>(ctx: *mut C) -> u64 {
 /// so a proxy that starts late or restarts is used from its first accept on.
 #[inline(always)]
 fn proxy_listening(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
+    listening(ctx, v4, port, false)
+}
+
+/// Whether a socket of the proxy's is bound to `port` on 127.0.0.1 (or ::1),
+/// TCP or UDP.
+#[inline(always)]
+fn listening(ctx: &SockAddrContext, v4: bool, port: u16, udp: bool) -> bool {
     // SAFETY: a zeroed tuple is a valid value of this plain-data union.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if v4 {
@@ -220,7 +233,12 @@ fn proxy_listening(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
     // SAFETY: ctx is valid; tuple lives on the stack for the call; a returned
     // socket is released right away as the verifier requires.
     unsafe {
-        let sk = bpf_sk_lookup_tcp(
+        let lookup = if udp {
+            bpf_sk_lookup_udp
+        } else {
+            bpf_sk_lookup_tcp
+        };
+        let sk = lookup(
             ctx.sock_addr.cast(),
             &mut tuple,
             size as u32,
@@ -369,6 +387,9 @@ pub fn ambassador_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(cfg) = config() else { return ALLOW };
     if sa.type_ != SOCK_STREAM {
+        if let Some(verdict) = dns::capture_v4(&ctx, &cfg, sa) {
+            return verdict;
+        }
         return udp::verdict_v4(&ctx, &cfg, sa.user_ip4, sa.user_port);
     }
     if is_proxy_socket(&ctx, &cfg) {
@@ -395,6 +416,9 @@ pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(cfg) = config() else { return ALLOW };
     if sa.type_ != SOCK_STREAM {
+        if let Some(verdict) = dns::capture_v6(&ctx, &cfg, sa) {
+            return verdict;
+        }
         return udp::verdict_v6(&ctx, &cfg, sa.user_ip6, sa.user_port);
     }
     if is_proxy_socket(&ctx, &cfg) {
@@ -447,17 +471,43 @@ pub fn ambassador_connect6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn ambassador_sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
-    let sa = unsafe { &*ctx.sock_addr };
+    let sa = unsafe { &mut *ctx.sock_addr };
     let Some(cfg) = config() else { return ALLOW };
+    if let Some(verdict) = dns::capture_v4(&ctx, &cfg, sa) {
+        return verdict;
+    }
     udp::verdict_v4(&ctx, &cfg, sa.user_ip4, sa.user_port)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn ambassador_sendmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
-    let sa = unsafe { &*ctx.sock_addr };
+    let sa = unsafe { &mut *ctx.sock_addr };
     let Some(cfg) = config() else { return ALLOW };
+    if let Some(verdict) = dns::capture_v6(&ctx, &cfg, sa) {
+        return verdict;
+    }
     udp::verdict_v6(&ctx, &cfg, sa.user_ip6, sa.user_port)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ambassador_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(cfg) = config() {
+        dns::unmask_v4(&cfg, sa);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ambassador_recvmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(cfg) = config() {
+        dns::unmask_v6(&cfg, sa);
+    }
+    ALLOW
 }
 
 /// The key of the app's side of a redirected connection, as the proxy's
@@ -781,6 +831,8 @@ pub fn ambassador_getpeername4(ctx: SockAddrContext) -> i32 {
             sa.user_ip4 = orig.addr[0];
             sa.user_port = orig.port.to_be() as u32;
         }
+    } else if let Some(cfg) = config() {
+        dns::unmask_v4(&cfg, sa);
     }
     ALLOW
 }
@@ -797,6 +849,8 @@ pub fn ambassador_getpeername6(ctx: SockAddrContext) -> i32 {
             orig.addr
         };
         sa.user_port = orig.port.to_be() as u32;
+    } else if let Some(cfg) = config() {
+        dns::unmask_v6(&cfg, sa);
     }
     ALLOW
 }

@@ -160,6 +160,35 @@ pub fn http(line: &HttpLine<'_>) {
     });
 }
 
+/// One DNS query of the app's, as the forwarder answered it.
+#[derive(Serialize)]
+pub struct DnsLine<'a> {
+    pub name: &'a str,
+    /// The question's type: A, AAAA, ...
+    #[serde(rename = "type")]
+    pub qtype: &'a str,
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+    /// The resolver the app asked.
+    pub resolver: std::net::IpAddr,
+    /// What the forwarder did: forwarded, hosts, denied, upstream_error.
+    pub outcome: &'a str,
+    /// The code the app got: NOERROR, NXDOMAIN, SERVFAIL...
+    pub rcode: &'a str,
+    /// Address records in the answer.
+    pub answers: usize,
+    pub duration_ms: f64,
+}
+
+pub fn dns(line: &DnsLine<'_>) {
+    emit(&Stamped {
+        time: now(),
+        kind: "dns",
+        direction: None,
+        line,
+    });
+}
+
 /// One TCP session (relayed bytes, PostgreSQL or opaque).
 #[derive(Serialize)]
 pub struct TcpLine<'a> {

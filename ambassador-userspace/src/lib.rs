@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cache;
 pub mod cmd;
 pub mod config;
+pub mod dns;
 pub mod endpoint;
 pub mod error;
 pub mod files;

@@ -198,6 +198,10 @@ async fn build(
     })
     .await
     .map_err(|e| ServiceError::Build(e.to_string()))??;
+    let mut table = table;
+    if let Some(p) = previous {
+        table.keep_learned(p);
+    }
     let table = Arc::new(table);
     if let Some(p) = previous {
         table.adopt_names(p);
@@ -246,6 +250,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if oi.port != ni.port {
         changed.push("inbound.port");
+    }
+    if old.dns.port != new.dns.port || old.dns.capture != new.dns.capture {
+        changed.push("dns.port and dns.capture (the forwarder's sockets and the kernel's resolver list are set at start)");
     }
     if old.telemetry.tracing != new.telemetry.tracing {
         changed.push("telemetry.tracing");

@@ -80,6 +80,9 @@ intercept:
   udp:
     allow: ["{SERVER_V4}:5353", "[{SERVER_V6}]:5353"]
     resolvers_from: {}
+# The resolver's port 53 as a plain allowed destination (the echo server
+# there speaks no DNS): capture is tests/tests/dns.rs's.
+dns: {{ capture: false }}
 "#,
         resolv.display()
     );

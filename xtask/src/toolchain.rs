@@ -229,6 +229,9 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         // Transcoding: the descriptor sets users make, and the tests' tonic
         // server generated from the same .proto (tests/build.rs).
         "protobuf-compiler",
+        // DNS capture: a real resolver in a test namespace, and dig.
+        "dnsmasq-base",
+        "bind9-dnsutils",
     ])
 }
 

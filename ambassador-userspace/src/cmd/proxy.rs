@@ -2,13 +2,13 @@
 //! destinations with `getsockopt(SO_ORIGINAL_DST)`, answered by the kernel
 //! programs `init` attached.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use super::sidecar::{self, Start};
 use crate::{
     access_log,
     config::{AdminListen, AdminSocket, DEFAULT_ADMIN, DEFAULT_ADMIN_SOCKET, DEFAULT_METRICS},
-    inbound, interception,
+    dns, inbound, interception,
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
     proxy,
@@ -48,6 +48,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     Settings::from_config(&cfg.proxy).check()?;
     let (port, drain) = (cfg.proxy.port, cfg.proxy.drain_timeout);
     let inbound_port = cfg.inbound.enabled().then_some(cfg.inbound.port);
+    let (dns_resolvers, dns_port) = (cfg.dns_resolvers(), cfg.dns.port);
     let tracing = crate::trace::init_configured(&cfg)?;
     let start = Start {
         admin: AdminListen::or_default(cfg.proxy.admin, DEFAULT_ADMIN),
@@ -67,6 +68,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         // The port first: a taken one is the likeliest start failure.
         let listeners = Listeners::bind(port)?;
+        let dns_listeners = dns::udp::bind(&dns_resolvers, dns_port)?;
         let inbound_listeners = match inbound_port {
             Some(p) => Some(inbound_listen(p, maps.as_deref())?),
             None => None,
@@ -77,6 +79,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         })
         .await?;
         let stop = stop_on_signal();
+        let tables = live.clone();
+        let forwarder = tokio::spawn(dns::udp::serve(
+            dns_listeners,
+            Arc::new(move || tables.table()),
+            stop.clone(),
+        ));
         let outbound = proxy::serve(
             listeners,
             OriginalDst::SocketOption,
@@ -90,6 +98,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             }
             None => outbound.await,
         }
+        let _ = forwarder.await;
         access_log::flush();
         anyhow::Ok(())
     })?;

@@ -28,7 +28,7 @@ use super::{
 use crate::{
     access_log,
     config::{AdminListen, AdminSocket, Config},
-    inbound,
+    dns, inbound,
     interception::{self, LoadOptions, cgroup, pins},
     net::{self, Listeners, Settings},
     original_dst::OriginalDst,
@@ -97,7 +97,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let fd_limit = net::raise_fd_limit();
     let listeners = Listeners::bind(0)?;
     let port = listeners.port();
-    let (guard, mut kernel) = intercept(&cfg, port, opts.bpf_log_level)?;
+    // The forwarder's ports: any free ones (several `run`s share a host).
+    let (dns_listeners, dns_port) = dns::udp::bind_anywhere(&cfg.dns_resolvers())?;
+    let (guard, mut kernel) = intercept(&cfg, port, dns_port, opts.bpf_log_level)?;
     // Callers of this network namespace's ports, when the config names
     // some: the listeners' own port does not matter (the program assigns).
     let inbound_listeners = match cfg.inbound.enabled() {
@@ -125,7 +127,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let live = sidecar::start(start, |_| {
         Some(Box::new(move |next: &Config| {
             let mut bpf = crate::sync::lock(&bpf);
-            interception::configure(&mut bpf, next, port, None)
+            interception::configure(&mut bpf, next, port, dns_port, None)
                 .and_then(|()| interception::set_accelerate(&mut bpf, false))
                 .map_err(|e| e.to_string())
         }))
@@ -141,6 +143,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
             Duration::from_secs(1),
         ))
     });
+    let tables = live.clone();
+    let forwarder = tokio::spawn(dns::udp::serve(
+        dns_listeners,
+        Arc::new(move || tables.table()),
+        stop_rx.clone(),
+    ));
     let proxy = tokio::spawn(proxy::serve(
         listeners,
         OriginalDst::Table(Arc::new(kernel.conns)),
@@ -152,6 +160,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<i32> {
     let status = signals.wait_forwarding(&mut child).await?;
     let _ = stop_tx.send(true);
     let _ = proxy.await;
+    let _ = forwarder.await;
     if let Some(i) = inbound {
         let _ = i.await;
     }
@@ -183,7 +192,12 @@ struct Kernel {
 /// The transient cgroup with the programs attached and pinned (pinned, they
 /// outlive this process however it ends: the command tree can never go
 /// direct behind the fail mode's back), and its reaper started.
-fn intercept(cfg: &Config, port: u16, log_level: u8) -> anyhow::Result<(RunGuard, Kernel)> {
+fn intercept(
+    cfg: &Config,
+    port: u16,
+    dns_port: u16,
+    log_level: u8,
+) -> anyhow::Result<(RunGuard, Kernel)> {
     let mount = cgroup::cgroup2_mount()?;
     // Runs killed outright before us (their reapers too): their trees go,
     // then the pins their cgroups held.
@@ -202,7 +216,7 @@ fn intercept(cfg: &Config, port: u16, log_level: u8) -> anyhow::Result<(RunGuard
         table_size: cfg.intercept.table_size,
         log_level,
     })?;
-    interception::configure(&mut bpf, cfg, port, None)?;
+    interception::configure(&mut bpf, cfg, port, dns_port, None)?;
     // The proxy runs outside the command's cgroup, where `sockops` never sees
     // its sockets: the app<->proxy shortcut needs both ends, so it stays off.
     interception::set_accelerate(&mut bpf, false)?;

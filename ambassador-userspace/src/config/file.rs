@@ -36,6 +36,8 @@ pub struct Config {
     /// For connections no service matches.
     pub default: service::DefaultPolicy,
     pub services: Vec<service::ServiceConfig>,
+    /// The app's DNS through the proxy's forwarder.
+    pub dns: super::dns::DnsConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -340,11 +342,38 @@ impl Default for InterceptConfig {
 }
 
 impl Config {
+    /// The resolvers whose DNS the forwarder takes: the nameservers of
+    /// `intercept.udp.resolvers_from` (in order, as the app's resolver
+    /// tries them), when `dns.capture` is on; a file that cannot be read
+    /// names none.
+    pub fn dns_resolvers(&self) -> Vec<std::net::IpAddr> {
+        let Some(path) = self
+            .intercept
+            .udp
+            .resolvers_from
+            .as_ref()
+            .filter(|_| self.dns.capture)
+        else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut all = Vec::new();
+        for ip in super::udp::nameservers(&text) {
+            if !all.contains(&ip) && all.len() < ambassador_common::maps::MAX_DNS_RESOLVERS as usize
+            {
+                all.push(ip);
+            }
+        }
+        all
+    }
+
     /// Every duration the file sets (defaults included): what the proxy adds
     /// to the clock, for the fuzzer to check they all fit.
     pub fn durations(&self) -> Vec<Duration> {
         let p = &self.proxy;
         let mut all = vec![
+            self.dns.timeout,
+            self.dns.hosts_ttl,
             p.connect_timeout,
             p.idle_timeout,
             p.header_read_timeout,

@@ -5,6 +5,7 @@
 
 pub mod authn;
 pub mod cache;
+pub mod dns;
 pub mod file;
 pub mod gateway;
 pub mod grpc;

@@ -76,6 +76,14 @@ pub fn validate(cfg: &Config, text: &str) -> Result<(), String> {
         ));
     }
     validate_services(cfg, text)?;
+    let taken: Vec<u16> = cfg
+        .proxy
+        .own_ports()
+        .chain(cfg.inbound.enabled().then_some(cfg.inbound.port))
+        .collect();
+    cfg.dns
+        .validate(&taken)
+        .map_err(|e| format!("{}{e}", at("dns")))?;
     for d in cfg.proxy.search_domains.iter().flatten() {
         if d.starts_with("*.") || super::values::valid_host(d).is_err() {
             return Err(format!(

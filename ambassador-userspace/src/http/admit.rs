@@ -37,7 +37,7 @@ pub(super) async fn choose_service(
             _ => Some(s.clone()),
         },
         Route::ByHost => host.as_deref().and_then(|h| table.by_host(h, dst.port())),
-        Route::Default => None,
+        Route::Dns | Route::Default => None,
     };
     // A name that belongs to a service of another kind is no HTTP service.
     let svc = svc.filter(|s| s.http().is_some());

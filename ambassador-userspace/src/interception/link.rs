@@ -28,6 +28,8 @@ pub enum AttachType {
     Inet6Connect = 11,
     Udp4SendMsg = 14,
     Udp6SendMsg = 15,
+    Udp4RecvMsg = 19,
+    Udp6RecvMsg = 20,
     GetSockopt = 21,
     Inet4GetPeerName = 29,
     Inet6GetPeerName = 30,

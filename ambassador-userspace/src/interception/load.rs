@@ -134,6 +134,7 @@ pub fn configure(
     bpf: &mut Ebpf,
     cfg: &Config,
     proxy_port: u16,
+    dns_port: u16,
     proxy_uid: Option<u32>,
 ) -> Result<(), InterceptError> {
     let kcfg = KernelConfig {
@@ -144,8 +145,14 @@ pub fn configure(
         proxy_mark: cfg.proxy.mark.unwrap_or(0),
         accelerate: u8::from(cfg.intercept.accelerate),
         udp_deny: u8::from(cfg.default == crate::config::service::DefaultPolicy::Deny),
-        _pad: [0; 2],
+        dns_port: 0,
     };
+    let resolvers = cfg.dns_resolvers();
+    let kcfg = KernelConfig {
+        dns_port: if resolvers.is_empty() { 0 } else { dns_port },
+        ..kcfg
+    };
+    dns_resolvers(&mut map_mut(bpf, m::DNS)?, &resolvers)?;
     let allowed = udp_allowed(cfg);
     udp_v4(&mut map_mut(bpf, m::UDP_V4)?, &allowed)?;
     udp_v6(&mut map_mut(bpf, m::UDP_V6)?, &allowed)?;
@@ -157,6 +164,29 @@ pub fn configure(
     let mut conf: Array<_, KernelConfig> = map_mut(bpf, m::CONFIG)?;
     conf.set(0, kcfg, 0)
         .map_err(InterceptError::map(m::CONFIG))?;
+    Ok(())
+}
+
+/// Fills the captured resolvers' slots in order (the rest emptied): the
+/// forwarder answers resolver `i` on `dns.port + i`.
+fn dns_resolvers<T: std::borrow::BorrowMut<MapData>>(
+    map: &mut Array<T, ambassador_common::DnsResolver>,
+    resolvers: &[std::net::IpAddr],
+) -> Result<(), InterceptError> {
+    for i in 0..m::MAX_DNS_RESOLVERS {
+        let entry = match resolvers.get(i as usize) {
+            Some(ip) => {
+                let (family, addr) = ambassador_common::ip_to_words(*ip);
+                ambassador_common::DnsResolver {
+                    addr,
+                    family,
+                    _pad: 0,
+                }
+            }
+            None => Default::default(),
+        };
+        map.set(i, entry, 0).map_err(InterceptError::map(m::DNS))?;
+    }
     Ok(())
 }
 
@@ -426,6 +456,8 @@ pub fn attach(
         (p::GETPEERNAME6, A::Inet6GetPeerName),
         (p::SENDMSG4, A::Udp4SendMsg),
         (p::SENDMSG6, A::Udp6SendMsg),
+        (p::RECVMSG4, A::Udp4RecvMsg),
+        (p::RECVMSG6, A::Udp6RecvMsg),
     ];
     let mut links = Vec::with_capacity(hooks.len());
     for (name, at) in hooks {

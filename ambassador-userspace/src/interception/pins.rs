@@ -223,7 +223,13 @@ pub fn install(
         table_size: cfg.intercept.table_size,
         log_level,
     })?;
-    configure(&mut bpf, cfg, cfg.proxy.port, Some(cfg.proxy.uid))?;
+    configure(
+        &mut bpf,
+        cfg,
+        cfg.proxy.port,
+        cfg.dns.port,
+        Some(cfg.proxy.uid),
+    )?;
     let cg =
         File::open(cgroup_path).map_err(|_| InterceptError::NoSuchCgroup(cgroup_path.into()))?;
     let mut links = attach(&mut bpf, &cg)?;

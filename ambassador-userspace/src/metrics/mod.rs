@@ -18,8 +18,10 @@ use prometheus_client::{
 /// `direction`: `outbound` (the app's calls) or `inbound` (callers of the
 /// Pod, whose series are named by port policy).
 mod cache;
+mod dns;
 mod state;
 pub use cache::CacheMetrics;
+pub use dns::DnsMetrics;
 pub use state::{StateCollector, StateRows, StateSource};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +137,7 @@ pub struct Metrics {
     pool_wait: Family<PoolLabel, Histogram, fn() -> Histogram>,
     statements: Family<StatementLabels, Counter>,
     cache: cache::CacheFamilies,
+    dns: dns::DnsFamilies,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
     reloads: Family<ResultLabel, Counter>,
@@ -152,6 +155,14 @@ where
     let m = M::default();
     r.register(name, help, m.clone());
     m
+}
+
+/// The families of the response caches and the DNS forwarder.
+fn subsystems(r: &mut Registry) -> (cache::CacheFamilies, dns::DnsFamilies) {
+    (
+        cache::CacheFamilies::register(r),
+        dns::DnsFamilies::register(r),
+    )
 }
 
 /// The process's metrics.
@@ -241,12 +252,11 @@ impl Metrics {
             "pg_prepared_statements",
             "Named prepared statements in transaction pooling: prepared on a server connection, reused where one had it, evicted (closed) from a full one",
         );
-        let cache = cache::CacheFamilies::register(&mut r);
-        let refused_fd_limit = Counter::default();
-        r.register(
+        let (cache, dns) = subsystems(&mut r);
+        let refused_fd_limit: Counter = registered(
+            &mut r,
             "fd_limit_refusals",
             "App connections reset at once because the proxy was near its open-files limit (the rest is kept for the admin API, probes and connections in flight)",
-            refused_fd_limit.clone(),
         );
         let reloads = registered(
             &mut r,
@@ -275,6 +285,7 @@ impl Metrics {
             pool_wait,
             statements,
             cache,
+            dns,
             refused_fd_limit,
             reloads,
             state,
@@ -428,6 +439,11 @@ impl Metrics {
     /// The handles of one service's response caches.
     pub fn cache(&self, service: &str) -> CacheMetrics {
         self.cache.handles(service)
+    }
+
+    /// The DNS forwarder's handles.
+    pub fn dns(&self) -> DnsMetrics {
+        self.dns.handles()
     }
 
     pub fn reload(&self, ok: bool) {

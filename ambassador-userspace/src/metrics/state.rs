@@ -72,8 +72,20 @@ impl Collector for StateCollector {
                 ConstGauge::new(i64::from(*up)).encode(fam)?;
             }
         }
-        let accelerated =
-            ambassador_common::counter::NAMES[ambassador_common::counter::ACCELERATED as usize];
+        use ambassador_common::counter::{ACCELERATED, DNS_REDIRECTED, NAMES};
+        // Counters with a series of their own, not connect outcomes.
+        let singles = [
+            (
+                NAMES[ACCELERATED as usize],
+                "kernel_accelerated_streams",
+                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
+            ),
+            (
+                NAMES[DNS_REDIRECTED as usize],
+                "kernel_dns_redirected",
+                "The app's DNS queries (UDP) the kernel handed to the proxy's forwarder",
+            ),
+        ];
         if !rows.kernel.is_empty() {
             let c = ConstCounter::new(0u64);
             let mut e = encoder.encode_descriptor(
@@ -85,7 +97,7 @@ impl Collector for StateCollector {
             for (outcome, v) in rows
                 .kernel
                 .iter()
-                .filter(|(n, _)| *n != accelerated && !n.starts_with("udp_"))
+                .filter(|(n, _)| !singles.iter().any(|s| s.0 == *n) && !n.starts_with("udp_"))
             {
                 let labels = [("outcome", *outcome)];
                 let fam = e.encode_family(&labels)?;
@@ -110,15 +122,11 @@ impl Collector for StateCollector {
                 ConstCounter::new(*v).encode(e.encode_family(&labels)?)?;
             }
         }
-        if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == accelerated) {
-            let c = ConstCounter::new(*v);
-            let e = encoder.encode_descriptor(
-                "kernel_accelerated_streams",
-                "app<->proxy byte streams (one per direction) that took the sk_msg shortcut past the loopback TCP stack",
-                None,
-                c.metric_type(),
-            )?;
-            c.encode(e)?;
+        for (counter, name, help) in singles {
+            if let Some((_, v)) = rows.kernel.iter().find(|(n, _)| *n == counter) {
+                let c = ConstCounter::new(*v);
+                c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+            }
         }
         rows.gauges.sort_by_key(|g| g.0);
         for group in rows.gauges.chunk_by(|a, b| a.0 == b.0) {

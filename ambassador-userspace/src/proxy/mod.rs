@@ -117,7 +117,7 @@ impl Ctx {
                 let _open = match &route {
                     Route::Service(s) => Some(s.metrics.open()),
                     Route::Default => Some(table.passthrough_metrics.open()),
-                    Route::ByHost => None,
+                    Route::ByHost | Route::Dns => None,
                 };
                 let settings = table.settings.clone();
                 let draining = self.draining.clone();
@@ -149,6 +149,7 @@ impl Ctx {
                 session_log(m, dst, None, start, totals, t.outcome, None);
             }
             Plan::Passthrough => self.passthrough(app, peer, dst, &table).await,
+            Plan::Dns => crate::dns::tcp::serve(app, dst, table).await,
             Plan::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
                 crate::metrics::get().denied("tcp", "no_service");

@@ -31,6 +31,8 @@ pub enum Plan {
     Passthrough,
     /// No service, `default: deny`: reset.
     Deny,
+    /// DNS over TCP to a captured resolver: the forwarder answers.
+    Dns,
 }
 
 /// Whether the first bytes are needed to decide (peeked, never consumed).
@@ -39,7 +41,7 @@ pub fn needs_first_bytes(route: &Route) -> bool {
         Route::Service(s) => s.http().is_some_and(|h| h.auto),
         // Services here are named by Host or SNI: look at what the app says.
         Route::ByHost => true,
-        Route::Default => false,
+        Route::Dns | Route::Default => false,
     }
 }
 
@@ -61,6 +63,7 @@ pub fn plan(route: &Route, first: Option<&Detected>, table: &ServiceTable, port:
             },
             _ => fallback(),
         },
+        Route::Dns => Plan::Dns,
         Route::Default => fallback(),
     }
 }
@@ -101,6 +104,7 @@ mod tests {
             Plan::Postgres { svc, .. } => format!("postgres {}", svc.name),
             Plan::Passthrough => "passthrough".into(),
             Plan::Deny => "deny".into(),
+            Plan::Dns => "dns".into(),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod kind;
+pub mod learned;
 pub mod names;
 pub mod table;
 

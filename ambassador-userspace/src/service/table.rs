@@ -12,10 +12,11 @@ use std::{
 use super::{
     error::ServiceError,
     kind::{Kind, Service},
+    learned::Learned,
     names,
 };
 use crate::{
-    config::{Cidr, Config, service::DefaultPolicy},
+    config::{Cidr, Config, dns::DnsConfig, service::DefaultPolicy},
     net::Settings,
     upstream::{HttpClient, UpstreamConnector},
 };
@@ -26,6 +27,8 @@ pub enum Route {
     Service(Arc<Service>),
     /// HTTP services are named by Host on this port: decide per request.
     ByHost,
+    /// DNS over TCP to a resolver whose queries the forwarder takes.
+    Dns,
     Default,
 }
 
@@ -101,6 +104,13 @@ pub struct ServiceTable {
     /// Some name is a wildcard, or short names may be completed: a request
     /// name not found as it is is looked for as others too.
     patterned: bool,
+    /// What the app's own DNS answered for the names services are named
+    /// by (kept across reloads).
+    learned: Arc<Learned>,
+    /// The forwarder's policy: `hosts`, `deny_unknown`.
+    pub dns: DnsConfig,
+    /// The resolvers whose DNS the forwarder takes.
+    pub resolvers: Vec<IpAddr>,
 }
 
 impl ServiceTable {
@@ -155,7 +165,66 @@ impl ServiceTable {
             search,
             patterned,
             wild_lookups: Arc::new(tokio::sync::Semaphore::new(WILD_LOOKUPS)),
+            learned: Default::default(),
+            dns: cfg.dns.clone(),
+            resolvers: cfg.dns_resolvers(),
         })
+    }
+
+    /// Takes on what the table this one replaces learned from the app's DNS.
+    pub fn keep_learned(&mut self, previous: &ServiceTable) {
+        self.learned = previous.learned.clone();
+    }
+
+    /// What the app's DNS answered, for the forwarder to add to.
+    pub fn learned(&self) -> &Learned {
+        &self.learned
+    }
+
+    /// Whether some service's `match.host` (or `dns.hosts`) names `name`,
+    /// on any port: the names worth learning, and those `deny_unknown`
+    /// lets through.
+    pub fn knows_name(&self, name: &str) -> bool {
+        if self.dns.host(name).is_some() || self.by_host.contains_key(name) {
+            return true;
+        }
+        self.patterned
+            && names::candidates(name, &self.search)
+                .skip(1)
+                .any(|c| self.by_host.contains_key(&c))
+    }
+
+    /// The addresses `host` resolves to: `dns.hosts` first, then the system
+    /// resolver.
+    async fn lookup(&self, host: &str) -> Option<Vec<IpAddr>> {
+        match self.dns.host(host) {
+            Some(ips) => Some(ips.to_vec()),
+            None => lookup(host).await,
+        }
+    }
+
+    /// The services the app's DNS taught `ip` belongs to, on `port`.
+    fn learned_services(&self, ip: IpAddr, port: u16) -> Vec<Arc<Service>> {
+        let mut found: Vec<Arc<Service>> = Vec::new();
+        for name in self.learned.names(ip) {
+            if let Some(s) = self.by_host(&name, port)
+                && !found.iter().any(|f| Arc::ptr_eq(f, &s))
+            {
+                found.push(s);
+            }
+        }
+        found
+    }
+
+    /// Whether the app's DNS answered `ip` for a name `svc` is named by.
+    fn learned_owns(&self, svc: &Service, ip: IpAddr) -> bool {
+        let Some(host) = svc.host.as_deref() else {
+            return false;
+        };
+        self.learned
+            .names(ip)
+            .iter()
+            .any(|n| self.names_match(host, n))
     }
 
     /// Whether a connection the app made to `dst` may go to `svc`: a name
@@ -177,7 +246,7 @@ impl ServiceTable {
         let Some(host) = svc.host.as_deref() else {
             return false;
         };
-        if self.resolves_to(svc, dst) {
+        if self.resolves_to(svc, dst) || self.learned_owns(svc, dst) {
             return true;
         }
         let lookup_name = match name {
@@ -228,7 +297,7 @@ impl ServiceTable {
                 Err(_) => return false,
             },
         };
-        let Some(ips) = lookup(host).await else {
+        let Some(ips) = self.lookup(host).await else {
             return false;
         };
         let mut resolved = crate::sync::write(&self.resolved);
@@ -241,6 +310,9 @@ impl ServiceTable {
     /// First service (in config order) whose address and port match; else
     /// per-request routing when some service is named by host on that port.
     pub fn route(&self, dst: SocketAddr) -> Route {
+        if dst.port() == 53 && self.resolvers.contains(&dst.ip()) {
+            return Route::Dns;
+        }
         let port_ok = |p: &Option<u16>| p.is_none_or(|p| p == dst.port());
         if let Some((_, _, svc)) = self
             .by_addr
@@ -262,6 +334,19 @@ impl ServiceTable {
                 return Route::Service(svc.clone());
             }
             if hits.peek().is_some() {
+                return Route::ByHost;
+            }
+        } else {
+            drop(resolved);
+            // Not resolved by us, but perhaps answered to the app.
+            let learned = self.learned_services(dst.ip(), dst.port());
+            if let Some(svc) = learned
+                .iter()
+                .find(|s| matches!(s.kind, Kind::Tcp { .. } | Kind::Postgres(_)))
+            {
+                return Route::Service(svc.clone());
+            }
+            if !learned.is_empty() {
                 return Route::ByHost;
             }
         }
@@ -286,8 +371,12 @@ impl ServiceTable {
                 && let Some(host) = names.next()
             {
                 let host = host.clone();
+                let fixed = self.dns.host(&host).map(<[IpAddr]>::to_vec);
                 lookups.spawn(async move {
-                    let ips = lookup(&host).await;
+                    let ips = match fixed {
+                        Some(ips) => Some(ips),
+                        None => lookup(&host).await,
+                    };
                     (host, ips)
                 });
             }

@@ -23,6 +23,8 @@ pub struct Counters {
     /// UDP sends and connects under `default: deny`: allowed, refused.
     pub udp_allowed: u64,
     pub udp_refused: u64,
+    /// DNS queries handed to the proxy's forwarder.
+    pub dns_redirected: u64,
 }
 
 impl Pod {
@@ -45,6 +47,7 @@ impl Pod {
             inbound_redirected: get(counter::IN_REDIRECTED),
             udp_allowed: get(counter::UDP_ALLOWED),
             udp_refused: get(counter::UDP_REFUSED),
+            dns_redirected: get(counter::DNS_REDIRECTED),
         }
     }
 
