@@ -18,6 +18,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("pg_startup", pg_startup),
     ("pg_messages", pg_messages),
     ("answers", answers),
+    ("dns", dns),
 ];
 
 /// A runtime for the async parts (built once; inputs run one at a time).
@@ -225,6 +226,41 @@ pub fn answers(data: &[u8]) {
     {
         let _ = t.matches(path);
     }
+}
+
+/// What the DNS forwarder reads from the app and from resolvers: the bytes
+/// as the app's query (decided against a table with `hosts`, wildcards and
+/// `deny_unknown`, each of its own answers made and read back), and as a
+/// resolver's answer to a query for the same name.
+pub fn dns(data: &[u8]) {
+    use crate::dns::{plan::plan, wire};
+    static TABLE: OnceLock<crate::service::ServiceTable> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let cfg = crate::config::Config::parse(
+            "dns: { deny_unknown: true, hosts: { h.test: [10.0.0.1, \"fd00::1\"] } }\nservices:\n  - { name: w, match: { host: \"*.w.test\", port: 80 } }\n",
+        )
+        .expect("a valid config");
+        let settings = crate::net::Settings::from_config(&cfg.proxy);
+        crate::service::ServiceTable::new(&cfg, &settings).expect("a table")
+    });
+    let Ok(q) = wire::Query::parse(data) else {
+        return;
+    };
+    let ips = match plan(&q.name, q.qtype, table) {
+        crate::dns::plan::Plan::Hosts(ips) => ips,
+        _ => Vec::new(),
+    };
+    for code in [
+        hickory_proto::op::ResponseCode::NoError,
+        hickory_proto::op::ResponseCode::NXDomain,
+    ] {
+        let made = q.answer(code, &ips, std::time::Duration::from_secs(30));
+        assert!(
+            wire::Answer::read(&q, &made).is_ok(),
+            "our own answer reads back"
+        );
+    }
+    let _ = wire::Answer::read(&q, data);
 }
 
 /// A response head through the cache's rules, as for `GET /a` with the

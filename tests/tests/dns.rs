@@ -166,6 +166,21 @@ services:
     );
     assert_eq!(dig(&pod, &["db.test"]), SERVER2_V4);
 
+    // check and status say where the app's DNS goes.
+    let check = stdout(&pod.ambassador(&["check"], Some(&pod.config.clone())));
+    assert!(
+        check.contains(&format!(
+            "dns        the app's queries go to the forwarder ({SERVER2_V4} -> 127.0.0.1:15053); 1 name(s) answered from dns.hosts; names no service names: NXDOMAIN, never asked upstream"
+        )),
+        "{check}"
+    );
+    let status = stdout(&pod.ambassador(&["status"], None));
+    assert!(
+        status.contains(&format!(
+            "dns      captured ({SERVER2_V4} -> 127.0.0.1:15053), "
+        )),
+        "{status}"
+    );
     let after = pod.counters();
     assert!(
         after.dns_redirected - before.dns_redirected >= 8,

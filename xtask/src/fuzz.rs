@@ -13,13 +13,14 @@ use anyhow::{Context as _, bail};
 
 use crate::{root, run_cmd};
 
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "config",
     "http_request",
     "detect",
     "pg_startup",
     "pg_messages",
     "answers",
+    "dns",
 ];
 
 pub fn run(target: Option<&str>, seconds: u64) -> anyhow::Result<()> {

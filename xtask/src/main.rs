@@ -69,8 +69,8 @@ enum Cmd {
     /// termination + JWT); pgbench through ambassador vs
     /// PgBouncer vs direct; ratios.
     Bench {
-        /// Run one section only (`http`, `inbound`, `transcode` or `postgres`).
-        #[arg(long, value_parser = ["http", "inbound", "transcode", "postgres"])]
+        /// Run one section only (`http`, `inbound`, `transcode`, `postgres` or `dns`).
+        #[arg(long, value_parser = ["http", "inbound", "transcode", "postgres", "dns"])]
         only: Option<String>,
         /// Measure the plain release build only, skipping the PGO build (and its
         /// no-PGO comparison row).
@@ -108,6 +108,13 @@ enum Cmd {
         each: usize,
         threads: usize,
     },
+    #[command(name = "__dns", hide = true)]
+    Dns {
+        addr: String,
+        name: String,
+        each: usize,
+        threads: usize,
+    },
 }
 
 fn main() {
@@ -142,6 +149,12 @@ fn main() {
             each,
             threads,
         } => bench::connect_client(&addr, each, threads),
+        Cmd::Dns {
+            addr,
+            name,
+            each,
+            threads,
+        } => bench::dns_client(&addr, &name, each, threads),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

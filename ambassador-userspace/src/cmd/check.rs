@@ -113,6 +113,7 @@ fn summary(path: &Path, cfg: &Config) -> String {
     if cfg.default == DefaultPolicy::Deny {
         let _ = writeln!(out, "udp        {}", udp(cfg));
     }
+    let _ = writeln!(out, "dns        {}", dns(cfg));
     let _ = writeln!(
         out,
         "proxy      127.0.0.1:{0} and [::1]:{0}, uid {1}",
@@ -290,6 +291,40 @@ fn cache(c: &crate::config::cache::CacheConfig) -> String {
             ", served up to {t:?} stale when the upstream fails"
         ));
     }
+    text
+}
+
+/// Whether the app's DNS goes through the forwarder, and what it does there.
+fn dns(cfg: &Config) -> String {
+    let d = &cfg.dns;
+    let resolvers = cfg.dns_resolvers();
+    if !d.capture || resolvers.is_empty() {
+        return format!(
+            "not captured ({}): names are learned only by the proxy's own lookups",
+            if d.capture {
+                "no resolver in intercept.udp.resolvers_from"
+            } else {
+                "dns.capture: false"
+            }
+        );
+    }
+    let to: Vec<String> = resolvers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{r} -> 127.0.0.1:{}", usize::from(d.port) + i))
+        .collect();
+    let mut text = format!("the app's queries go to the forwarder ({})", to.join(", "));
+    if !d.hosts.is_empty() {
+        text.push_str(&format!(
+            "; {} name(s) answered from dns.hosts",
+            d.hosts.len()
+        ));
+    }
+    text.push_str(if d.deny_unknown {
+        "; names no service names: NXDOMAIN, never asked upstream"
+    } else {
+        "; the rest forwarded"
+    });
     text
 }
 

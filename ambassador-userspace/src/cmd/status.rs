@@ -78,7 +78,11 @@ pub fn render(installs: &[InstallStatus]) -> String {
         let counters: Vec<String> = s
             .counters
             .iter()
-            .filter(|(n, _)| *n != accelerated && !n.starts_with("inbound_"))
+            .filter(|(n, _)| {
+                *n != accelerated
+                    && *n != counter::NAMES[counter::DNS_REDIRECTED as usize]
+                    && !n.starts_with("inbound_")
+            })
             .map(|(n, v)| format!("{n} {v}"))
             .collect();
         let _ = writeln!(out, "  connects {}", counters.join(", "));
@@ -95,6 +99,7 @@ pub fn render(installs: &[InstallStatus]) -> String {
                 }
             );
         }
+        let _ = writeln!(out, "  dns      {}", dns_line(s));
         let _ = writeln!(out, "  tracked  {} connection(s) in flight", s.tracked);
         let _ = writeln!(out, "  inbound  {}", inbound_line(s));
     }
@@ -126,6 +131,26 @@ fn exempt_line(s: &InstallStatus) -> String {
         None => holes.push("UDP".into()),
     }
     not_under(&holes)
+}
+
+/// Where the app's DNS goes, from the maps.
+fn dns_line(s: &InstallStatus) -> String {
+    let port = s.config.map_or(0, |c| c.dns_port);
+    if port == 0 || s.dns_resolvers.is_empty() {
+        return "not captured".into();
+    }
+    let to: Vec<String> = s
+        .dns_resolvers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{r} -> 127.0.0.1:{}", usize::from(port) + i))
+        .collect();
+    let n = s
+        .counters
+        .iter()
+        .find(|(n, _)| *n == counter::NAMES[counter::DNS_REDIRECTED as usize])
+        .map_or(0, |(_, v)| *v);
+    format!("captured ({}), {n} queries to the forwarder", to.join(", "))
 }
 
 fn not_under(holes: &[String]) -> String {

@@ -39,6 +39,8 @@ pub struct InstallStatus {
     pub exempt_cidrs: Vec<String>,
     /// Where UDP may go (`*:53`, `10.0.0.0/8:5000`), as in its tries.
     pub udp_allowed: Vec<String>,
+    /// The resolvers whose DNS goes to the forwarder, in index order.
+    pub dns_resolvers: Vec<std::net::IpAddr>,
 }
 
 /// Every install on this host.
@@ -93,6 +95,7 @@ pub fn list() -> Vec<InstallStatus> {
             exempt_ports,
             exempt_cidrs,
             udp_allowed: udp_allowed(&open),
+            dns_resolvers: dns_resolvers(&open),
             inbound_link,
             inbound,
             inbound_ports,
@@ -107,6 +110,19 @@ pub fn list() -> Vec<InstallStatus> {
     }
     out.sort_by_key(|s| s.cgroup_id);
     out
+}
+
+/// The captured resolvers, as `init` wrote them.
+fn dns_resolvers(open: &dyn Fn(&str) -> Option<MapData>) -> Vec<std::net::IpAddr> {
+    let Some(a) = open(m::DNS)
+        .and_then(|d| Array::<_, ambassador_common::DnsResolver>::try_from(Map::Array(d)).ok())
+    else {
+        return Vec::new();
+    };
+    (0..m::MAX_DNS_RESOLVERS)
+        .filter_map(|i| a.get(&i, 0).ok())
+        .filter_map(|r| ambassador_common::words_to_ip(r.family, r.addr))
+        .collect()
 }
 
 /// The UDP allow tries' entries, as `intercept.udp.allow` writes them.

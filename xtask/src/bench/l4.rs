@@ -191,6 +191,11 @@ fn connect_bench(
     })
 }
 
+/// The p50 of sequential connects (1-byte echo, close) in microseconds.
+pub(super) fn connect_p50(me: &Path, at: &Placement<'_>, target: &str) -> anyhow::Result<f64> {
+    Ok(connect_bench(me, at, target, SEQUENTIAL, 1)?.p50_us)
+}
+
 fn iperf_gbps(at: &Placement<'_>, seconds: &str, reverse: bool) -> anyhow::Result<f64> {
     let mut cmd = placed("iperf3", at);
     cmd.args([

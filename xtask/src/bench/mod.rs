@@ -13,6 +13,7 @@
 //! the statistics and `report.rs` the tables. This file runs the sections
 //! and holds what they share.
 
+mod dns;
 mod failover;
 pub mod http;
 mod inbound;
@@ -32,6 +33,7 @@ use std::{
 use ambassador_tests::{Placement, Pod};
 use anyhow::bail;
 
+pub use dns::dns_client;
 pub use l4::{connect_client, echo_server, l4_tools, train_l4};
 
 /// What a section's run is for.
@@ -125,11 +127,16 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     print!("{postgres}");
     report.push_str(&postgres);
     std::fs::write(out.join("report.txt"), &report)?;
+
+    let dns = dns::run()?;
+    print!("{dns}");
+    report.push_str(&dns);
+    std::fs::write(out.join("report.txt"), &report)?;
     println!("(written to {})", out.join("report.txt").display());
     Ok(())
 }
 
-/// `cargo xtask bench --only http|inbound|transcode|postgres`: one section alone.
+/// `cargo xtask bench --only http|inbound|transcode|postgres|dns`: one section alone.
 pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     require_root()?;
     crate::toolchain::ensure_test_tools()?;
@@ -138,6 +145,7 @@ pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
         "http" => http::run(bins, Pass::Measure)?,
         "inbound" => inbound::run()?,
         "transcode" => transcode::run()?,
+        "dns" => dns::run()?,
         _ => postgres::run(Pass::Measure)?,
     };
     let report = format!("{report}{}", crate::pgo::described(bins));
