@@ -235,10 +235,10 @@ fn register_state(live: Weak<Live>) {
                     crate::service::Kind::Http(_) => cache_rows(rows, svc),
                     crate::service::Kind::Tcp { .. } => {}
                 }
-                for ep in svc.endpoints.endpoints() {
+                for ep in svc.endpoints.endpoints().iter() {
                     rows.endpoint_up.push((
                         svc.name.clone(),
-                        ep.address.to_string(),
+                        ep.label().to_string(),
                         !svc.endpoints.is_ejected(ep),
                     ));
                 }
@@ -547,7 +547,7 @@ fn status(live: &Live) -> Status {
                     .endpoints()
                     .iter()
                     .map(|e| EndpointStatus {
-                        address: e.address.to_string(),
+                        address: e.label().to_string(),
                         priority: e.priority,
                         state: if e.is_down() {
                             "down"

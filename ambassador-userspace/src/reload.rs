@@ -210,6 +210,10 @@ async fn build(
         .keep_names_resolved(cfg.proxy.dns_refresh, previous.is_none())
         .await;
     table.start_health_checks();
+    // Endpoints named by host: each address an endpoint, kept current.
+    for svc in table.services() {
+        crate::endpoint::refresh::spawn(&svc.endpoints);
+    }
     Ok((table, inbound))
 }
 

@@ -60,6 +60,18 @@ fn every_duration_and_count_is_bounded() {
             "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { health_check: { interval: 1s, http: { path: \"/a b\" } } } }]",
             "must be a path",
         ),
+        (
+            "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { dns: { min_ttl: 500ms } } }]",
+            "services[0].upstream.dns: min_ttl must be at least 1s",
+        ),
+        (
+            "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { dns: { min_ttl: 10s, max_ttl: 5s } } }]",
+            "max_ttl must be at least min_ttl",
+        ),
+        (
+            "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { dns: { max_ttl: 366d } } }]",
+            "too long",
+        ),
     ] {
         let err = Config::parse(text).unwrap_err();
         assert!(err.contains(field), "{text}: {err}");
@@ -217,6 +229,18 @@ fn failover_example_parses() {
     assert_eq!(s.outlier.consecutive_failures, 5);
     assert_eq!(s.upstream.balance, Balance::P2c);
     assert_eq!(s.upstream.endpoints[1].priority, 1);
+    // Not in the file: the defaults.
+    assert_eq!(s.upstream.dns.min_ttl, Duration::from_secs(5));
+    assert_eq!(s.upstream.dns.max_ttl, Duration::from_secs(300));
+    let one = Config::parse(
+        "services: [{ name: a, match: { cidr: 10.0.0.0/8 }, upstream: { dns: { min_ttl: 10m } } }]",
+    )
+    .unwrap();
+    let dns = one.services[0].upstream.dns;
+    assert_eq!(
+        (dns.min_ttl, dns.max_ttl),
+        (Duration::from_secs(600), Duration::from_secs(600))
+    );
     let hc = s.upstream.health_check.as_ref().unwrap();
     assert_eq!(hc.interval, Duration::from_secs(2));
     assert_eq!(

@@ -110,6 +110,66 @@ pub struct UpstreamConfig {
     /// Postgres services: the role a server must have (read-write by default).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<TargetRole>,
+    /// How often endpoints named by host are looked up again.
+    #[serde(default)]
+    pub dns: EndpointDns,
+}
+
+/// Endpoints named by host are looked up again when their answer's TTL runs
+/// out, but never sooner than `min_ttl` (a TTL of 0 would be a lookup loop)
+/// nor later than `max_ttl` (a day-long TTL would hide a moved server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, try_from = "RawEndpointDns")]
+pub struct EndpointDns {
+    #[serde(serialize_with = "super::values::ser_duration")]
+    #[schemars(with = "super::values::DurationText")]
+    pub min_ttl: Duration,
+    #[serde(serialize_with = "super::values::ser_duration")]
+    #[schemars(with = "super::values::DurationText")]
+    pub max_ttl: Duration,
+}
+
+/// The shortest `min_ttl`: below a second, a name would be looked up as
+/// fast as its resolver answers.
+pub const MIN_DNS_TTL: Duration = Duration::from_secs(1);
+
+impl Default for EndpointDns {
+    fn default() -> Self {
+        EndpointDns {
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointDns {
+    /// The shortest wait before a name is asked again, whatever its TTL,
+    /// and the wait after a failed lookup (default 5s, at least 1s).
+    #[serde(default, deserialize_with = "super::values::opt_duration")]
+    #[schemars(with = "Option<super::values::DurationText>")]
+    min_ttl: Option<Duration>,
+    /// The longest, whatever its TTL (default 300s).
+    #[serde(default, deserialize_with = "super::values::opt_duration")]
+    #[schemars(with = "Option<super::values::DurationText>")]
+    max_ttl: Option<Duration>,
+}
+
+impl TryFrom<RawEndpointDns> for EndpointDns {
+    type Error = String;
+    fn try_from(r: RawEndpointDns) -> Result<Self, String> {
+        let d = EndpointDns::default();
+        let min_ttl = r.min_ttl.unwrap_or(d.min_ttl);
+        let max_ttl = r.max_ttl.unwrap_or(d.max_ttl.max(min_ttl));
+        if min_ttl < MIN_DNS_TTL {
+            return Err("min_ttl must be at least 1s".into());
+        }
+        if max_ttl < min_ttl {
+            return Err("max_ttl must be at least min_ttl".into());
+        }
+        Ok(EndpointDns { min_ttl, max_ttl })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, schemars::JsonSchema)]

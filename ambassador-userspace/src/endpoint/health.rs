@@ -3,7 +3,9 @@
 //! `GET path`; `unhealthy_threshold` failures in a row mark it down (traffic
 //! goes elsewhere), `healthy_threshold` passes bring it back, and also end
 //! an outlier ejection (`readmit_ejected`, on by default). Endpoints start
-//! up, so a fresh proxy serves at once.
+//! up, so a fresh proxy serves at once. Each check takes the endpoints as
+//! they are then: an address a name gained is checked from its next round,
+//! and the streaks of endpoints still there go on.
 
 use std::sync::{Arc, Weak};
 
@@ -12,7 +14,7 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tracing::{info, warn};
 
-use super::{Endpoint, EndpointSet, resolve};
+use super::{Endpoint, EndpointSet};
 use crate::{
     config::service::{CheckKind, HealthCheck},
     net::Settings,
@@ -34,7 +36,8 @@ pub struct Target {
 pub fn spawn(target: Target, check: HealthCheck) {
     let target = Arc::new(target);
     tokio::spawn(async move {
-        let mut streaks: Vec<(u32, u32)> = Vec::new();
+        // Failures and passes in a row, per endpoint.
+        let mut streaks: Vec<(Arc<Endpoint>, u32, u32)> = Vec::new();
         let mut tick = tokio::time::interval(check.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -45,7 +48,14 @@ pub fn spawn(target: Target, check: HealthCheck) {
             let eps: Vec<Arc<Endpoint>> = set.endpoints().to_vec();
             // Not held while probing: a reload may take the set away.
             drop(set);
-            streaks.resize(eps.len(), (0, 0));
+            streaks = eps
+                .iter()
+                .map(|ep| {
+                    let same = |(e, _, _): &&(Arc<Endpoint>, u32, u32)| Arc::ptr_eq(e, ep);
+                    let (f, p) = streaks.iter().find(same).map_or((0, 0), |s| (s.1, s.2));
+                    (ep.clone(), f, p)
+                })
+                .collect();
             // Side by side: a slow endpoint must not delay the others' checks.
             let mut probes = tokio::task::JoinSet::new();
             for (i, ep) in eps.iter().enumerate() {
@@ -59,26 +69,26 @@ pub fn spawn(target: Target, check: HealthCheck) {
             let Some(set) = target.endpoints.upgrade() else {
                 return;
             };
-            for ((ep, ok), (fails, passes)) in eps.iter().zip(results).zip(streaks.iter_mut()) {
+            for ((ep, fails, passes), ok) in streaks.iter_mut().zip(results) {
                 if ok {
                     *passes += 1;
                     *fails = 0;
                     if ep.is_down() && *passes >= check.healthy_threshold {
                         ep.set_down(false);
-                        info!(service = %target.service, endpoint = %ep.address, "health check passing again: endpoint back in");
+                        info!(service = %target.service, endpoint = %ep.label(), "health check passing again: endpoint back in");
                     }
                     if check.readmit_ejected
                         && *passes >= check.healthy_threshold
                         && set.readmit(ep)
                     {
-                        info!(service = %target.service, endpoint = %ep.address, "health check passing: ejected endpoint re-admitted");
+                        info!(service = %target.service, endpoint = %ep.label(), "health check passing: ejected endpoint re-admitted");
                     }
                 } else {
                     *fails += 1;
                     *passes = 0;
                     if !ep.is_down() && *fails >= check.unhealthy_threshold {
                         ep.set_down(true);
-                        warn!(service = %target.service, endpoint = %ep.address, "health check failing: endpoint marked down");
+                        warn!(service = %target.service, endpoint = %ep.label(), "health check failing: endpoint marked down");
                     }
                 }
             }
@@ -89,7 +99,7 @@ pub fn spawn(target: Target, check: HealthCheck) {
 /// One check of one endpoint, bounded by the check's timeout.
 async fn probe(svc: &Target, ep: &Endpoint, check: &HealthCheck) -> bool {
     let run = async {
-        let addr = resolve(&ep.address.host, ep.address.port).await.ok()?;
+        let addr = ep.socket_addr().await.ok()?;
         let mut settings: Settings = svc.settings.clone();
         settings.connect_timeout = check.timeout;
         let tcp = crate::net::connect(addr, &settings).await.ok()?;

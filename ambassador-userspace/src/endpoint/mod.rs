@@ -5,15 +5,28 @@
 //! a row is ejected for `base_ejection`, doubled for each ejection in a row
 //! (capped), and comes back on its own.
 //!
+//! An endpoint named by host stands for every address its name resolves
+//! to: `refresh.rs` makes each one an endpoint of its own and keeps the list
+//! current. So the list changes at run time: it is one immutable snapshot,
+//! swapped whole; an endpoint still in the next snapshot is the same
+//! `Arc<Endpoint>` (its health goes on), and one taken out lives on while a
+//! connection holds it.
+//!
 //! Time is tokio's, so the logic is tested on paused time.
 
 pub mod health;
+pub mod lookup;
+pub mod refresh;
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
+use arc_swap::ArcSwap;
 use tokio::{
     net::TcpStream,
     time::{Duration, Instant},
@@ -21,7 +34,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    config::service::{Balance, EndpointConfig, HostPort, Outlier},
+    config::service::{Balance, EndpointConfig, EndpointDns, HostPort, Outlier},
     net::{ConnectError as NetError, Settings},
 };
 
@@ -84,7 +97,7 @@ impl EndpointSet {
             tried.push(picked.endpoint.clone());
             let ep = &picked.endpoint;
             let attempt = async {
-                let addr = resolve(&ep.address.host, ep.address.port).await?;
+                let addr = ep.socket_addr().await?;
                 let tcp = crate::net::connect(addr, settings).await?;
                 Ok::<_, EndpointError>((tcp, addr))
             };
@@ -96,7 +109,7 @@ impl EndpointSet {
                 Ok(t) => return Ok((t, picked)),
                 Err(e) => {
                     if let Some(t) = self.failure(ep) {
-                        warn!(endpoint = %ep.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
+                        warn!(endpoint = %ep.label(), ejected_for = ?t, "endpoint ejected after consecutive failures");
                     }
                     last = Some(e);
                 }
@@ -108,12 +121,21 @@ impl EndpointSet {
 
 #[derive(Debug)]
 pub struct Endpoint {
+    /// As configured: a name (or IP literal) and port.
     pub address: HostPort,
+    /// For an endpoint named by host once its name resolved: the one
+    /// address of the name this endpoint is. None: an IP literal, or a name
+    /// not resolved yet (then each connect resolves it).
+    pub ip: Option<IpAddr>,
+    /// Its entry's place in `upstream.endpoints`.
+    pub source: usize,
     pub priority: u32,
+    /// How status, metrics and logs name it.
+    label: String,
     outstanding: AtomicUsize,
     health: Mutex<Health>,
     /// Marked down by active health checks.
-    down: std::sync::atomic::AtomicBool,
+    down: AtomicBool,
     pub metrics: crate::metrics::EndpointMetrics,
 }
 
@@ -127,6 +149,36 @@ struct Health {
 }
 
 impl Endpoint {
+    fn new(service: &str, source: usize, cfg: &EndpointConfig, ip: Option<IpAddr>) -> Endpoint {
+        let label = label(&cfg.address, ip);
+        Endpoint {
+            metrics: crate::metrics::get().endpoint(service, &label),
+            address: cfg.address.clone(),
+            ip,
+            source,
+            priority: cfg.priority,
+            label,
+            outstanding: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// `host:port` as configured; one address of a name is
+    /// `host:port@address`, so it says where it came from.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Where to connect: its own address, else what its name (or literal)
+    /// resolves to now.
+    pub async fn socket_addr(&self) -> Result<SocketAddr, EndpointError> {
+        match self.ip {
+            Some(ip) => Ok(SocketAddr::new(ip, self.address.port)),
+            None => resolve(&self.address.host, self.address.port).await,
+        }
+    }
+
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
@@ -161,50 +213,77 @@ impl Drop for Picked {
     }
 }
 
+fn label(address: &HostPort, ip: Option<IpAddr>) -> String {
+    match ip {
+        Some(ip) => format!("{address}@{ip}"),
+        None => address.to_string(),
+    }
+}
+
 #[derive(Debug)]
 pub struct EndpointSet {
-    /// Sorted by priority.
-    endpoints: Vec<Arc<Endpoint>>,
+    service: String,
+    /// `upstream.endpoints`, what the list is made from.
+    config: Vec<EndpointConfig>,
+    dns: EndpointDns,
+    /// Sorted by priority; swapped whole when a name's addresses change.
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    /// Counts the swaps (what is kept per endpoint elsewhere follows it).
+    generation: AtomicU64,
+    /// One swap at a time (readers never wait).
+    swap: Mutex<()>,
     balance: Balance,
     outlier: Outlier,
     next: AtomicUsize,
 }
 
 impl EndpointSet {
+    /// One endpoint per entry to begin with: names resolve at connect time
+    /// until `refresh` has their addresses.
     pub fn new(
         service: &str,
         cfg: &[EndpointConfig],
         balance: Balance,
         outlier: Outlier,
+        dns: EndpointDns,
     ) -> EndpointSet {
         let mut endpoints: Vec<Arc<Endpoint>> = cfg
             .iter()
-            .map(|e| {
-                Arc::new(Endpoint {
-                    address: e.address.clone(),
-                    priority: e.priority,
-                    outstanding: AtomicUsize::new(0),
-                    health: Mutex::new(Health::default()),
-                    down: std::sync::atomic::AtomicBool::new(false),
-                    metrics: crate::metrics::get().endpoint(service, &e.address.to_string()),
-                })
-            })
+            .enumerate()
+            .map(|(i, e)| Arc::new(Endpoint::new(service, i, e, None)))
             .collect();
         endpoints.sort_by_key(|e| e.priority);
         EndpointSet {
-            endpoints,
+            service: service.to_string(),
+            config: cfg.to_vec(),
+            dns,
+            endpoints: ArcSwap::from_pointee(endpoints),
+            generation: AtomicU64::new(0),
+            swap: Mutex::new(()),
             balance,
             outlier,
             next: AtomicUsize::new(0),
         }
     }
 
+    /// No endpoints configured: the original destination.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
+        self.config.is_empty()
     }
 
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
+    /// The endpoints now (a snapshot: a swap does not change it).
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// Changes with every new list of endpoints.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether `ep` is in the list now.
+    pub fn contains(&self, ep: &Arc<Endpoint>) -> bool {
+        self.endpoints.load().iter().any(|e| Arc::ptr_eq(e, ep))
     }
 
     /// The endpoint for the next connection or request, skipping `tried`.
@@ -212,24 +291,24 @@ impl EndpointSet {
     /// sending somewhere beats refusing everything ("panic mode").
     pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Picked> {
         let now = Instant::now();
+        let endpoints = self.endpoints.load();
         let fresh = |e: &&Arc<Endpoint>| !tried.iter().any(|t| Arc::ptr_eq(t, e));
         let mut best: Option<u32> = None;
-        for e in self.endpoints.iter().filter(fresh) {
+        for e in endpoints.iter().filter(fresh) {
             if !e.ejected(now) {
                 best = Some(e.priority);
                 break;
             }
         }
         let candidates: Vec<&Arc<Endpoint>> = match best {
-            Some(p) => self
-                .endpoints
+            Some(p) => endpoints
                 .iter()
                 .filter(fresh)
                 .filter(|e| e.priority == p && !e.ejected(now))
                 .collect(),
             None => {
-                let first = self.endpoints.iter().find(fresh)?.priority;
-                self.endpoints
+                let first = endpoints.iter().find(fresh)?.priority;
+                endpoints
                     .iter()
                     .filter(fresh)
                     .filter(|e| e.priority == first)
@@ -268,11 +347,6 @@ impl EndpointSet {
         }
     }
 
-    /// The position of `ep` in `endpoints()`.
-    pub fn index_of(&self, ep: &Arc<Endpoint>) -> Option<usize> {
-        self.endpoints.iter().position(|e| Arc::ptr_eq(e, ep))
-    }
-
     /// Ends `ep`'s outlier ejection, if it is ejected (a passing active
     /// check); its ejection count stays, so a relapse is ejected for longer.
     /// Returns whether it was.
@@ -304,7 +378,8 @@ impl EndpointSet {
     pub fn failure(&self, ep: &Endpoint) -> Option<Duration> {
         ep.metrics.failure.inc();
         let now = Instant::now();
-        let ejected_now = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        let endpoints = self.endpoints.load();
+        let ejected_now = endpoints.iter().filter(|e| e.ejected(now)).count();
         let mut h = crate::sync::lock(&ep.health);
         if h.ejected_until.is_some_and(|t| now < t) {
             return None;
@@ -313,8 +388,7 @@ impl EndpointSet {
         if h.consecutive_failures < self.outlier.consecutive_failures {
             return None;
         }
-        let allowed =
-            ((self.outlier.max_ejected * self.endpoints.len() as f64).floor() as usize).max(1);
+        let allowed = ((self.outlier.max_ejected * endpoints.len() as f64).floor() as usize).max(1);
         if ejected_now >= allowed {
             return None;
         }
@@ -339,144 +413,5 @@ impl EndpointSet {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn set(specs: &[(&str, u32)], balance: Balance) -> EndpointSet {
-        let cfg: Vec<EndpointConfig> = specs
-            .iter()
-            .map(|(a, p)| EndpointConfig {
-                address: HostPort::try_from(a.to_string()).unwrap(),
-                priority: *p,
-            })
-            .collect();
-        EndpointSet::new(
-            "test",
-            &cfg,
-            balance,
-            Outlier {
-                consecutive_failures: 3,
-                base_ejection: Duration::from_secs(30),
-                max_ejection: Duration::from_secs(300),
-                max_ejected: 0.5,
-            },
-        )
-    }
-
-    fn name(p: &Picked) -> String {
-        p.endpoint.address.to_string()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn priority_failover_and_readmission() {
-        let s = set(
-            &[("10.0.0.2:80", 1), ("10.0.0.1:80", 0)],
-            Balance::RoundRobin,
-        );
-        let primary = s.endpoints()[0].clone();
-        assert_eq!(primary.address.to_string(), "10.0.0.1:80");
-        assert_eq!(name(&s.pick(&[]).unwrap()), "10.0.0.1:80");
-        assert_eq!(s.failure(&primary), None);
-        assert_eq!(s.failure(&primary), None);
-        assert_eq!(s.failure(&primary), Some(Duration::from_secs(30)));
-        // Ejected: the secondary takes the traffic.
-        assert_eq!(name(&s.pick(&[]).unwrap()), "10.0.0.2:80");
-        tokio::time::advance(Duration::from_secs(31)).await;
-        // Back after its ejection time.
-        assert_eq!(name(&s.pick(&[]).unwrap()), "10.0.0.1:80");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn ejections_grow_and_are_capped_and_forgotten() {
-        let s = set(
-            &[("10.0.0.1:80", 0), ("10.0.0.2:80", 0)],
-            Balance::RoundRobin,
-        );
-        let ep = s.endpoints()[0].clone();
-        let mut times = Vec::new();
-        for _ in 0..6 {
-            let t = (0..3).find_map(|_| s.failure(&ep)).unwrap();
-            times.push(t.as_secs());
-            tokio::time::advance(t + Duration::from_secs(1)).await;
-        }
-        assert_eq!(times, [30, 60, 120, 240, 300, 300]);
-        // A healthy stretch longer than the cap resets the growth.
-        tokio::time::advance(Duration::from_secs(301)).await;
-        s.success(&ep);
-        let t = (0..3).find_map(|_| s.failure(&ep)).unwrap();
-        assert_eq!(t, Duration::from_secs(30));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn never_more_than_the_share_but_always_one() {
-        let s = set(
-            &[("10.0.0.1:80", 0), ("10.0.0.2:80", 0), ("10.0.0.3:80", 0)],
-            Balance::RoundRobin,
-        );
-        let eject = |i: usize| (0..3).find_map(|_| s.failure(&s.endpoints()[i]));
-        // 0.5 of 3 is 1.
-        assert!(eject(0).is_some());
-        assert!(
-            eject(1).is_none(),
-            "a second ejection would exceed the share"
-        );
-        let single = set(&[("10.0.0.1:80", 0)], Balance::RoundRobin);
-        assert!(
-            (0..3)
-                .find_map(|_| single.failure(&single.endpoints()[0]))
-                .is_some()
-        );
-        // All ejected: still answers, with the best priority.
-        assert_eq!(name(&single.pick(&[]).unwrap()), "10.0.0.1:80");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_success_breaks_the_failure_streak() {
-        let s = set(
-            &[("10.0.0.1:80", 0), ("10.0.0.2:80", 0)],
-            Balance::RoundRobin,
-        );
-        let ep = s.endpoints()[0].clone();
-        s.failure(&ep);
-        s.failure(&ep);
-        s.success(&ep);
-        assert_eq!(s.failure(&ep), None);
-        assert_eq!(s.failure(&ep), None);
-        assert!(!s.is_ejected(&ep));
-    }
-
-    #[test]
-    fn p2c_always_compares_two_different_endpoints() {
-        let s = set(
-            &[("10.0.0.1:80", 0), ("10.0.0.2:80", 0), ("10.0.0.3:80", 0)],
-            Balance::P2c,
-        );
-        // With one endpoint loaded, it must never win against an idle one.
-        let busy = s.pick(&[]).unwrap();
-        for _ in 0..30 {
-            let p = s.pick(&[]).unwrap();
-            assert!(!Arc::ptr_eq(&p.endpoint, &busy.endpoint) || busy.endpoint.outstanding() == 0);
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn p2c_prefers_the_less_loaded_and_skips_what_was_tried() {
-        let s = set(&[("10.0.0.1:80", 0), ("10.0.0.2:80", 0)], Balance::P2c);
-        // Hold many picks of whatever comes: the load stays balanced.
-        let held: Vec<Picked> = (0..100).map(|_| s.pick(&[]).unwrap()).collect();
-        let a = s.endpoints()[0].outstanding();
-        let b = s.endpoints()[1].outstanding();
-        assert_eq!(a + b, 100);
-        assert!(a.abs_diff(b) <= 2, "{a} vs {b}");
-        drop(held);
-        assert_eq!(s.endpoints()[0].outstanding(), 0);
-        let first = s.pick(&[]).unwrap();
-        let tried = [first.endpoint.clone()];
-        let second = s.pick(&tried).unwrap();
-        assert!(!Arc::ptr_eq(&first.endpoint, &second.endpoint));
-        assert!(
-            s.pick(&[first.endpoint.clone(), second.endpoint.clone()])
-                .is_none()
-        );
-    }
-}
+#[path = "tests.rs"]
+mod tests;

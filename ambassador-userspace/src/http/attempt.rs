@@ -21,6 +21,7 @@ use super::{
 use crate::{
     endpoint::Picked,
     retry::{Failure, RetryPolicy},
+    service::pools::Pools,
     upstream::{Answer, HttpClient, ReqBody, RequestError},
 };
 
@@ -86,22 +87,41 @@ pub(super) async fn run(mut x: Exchanged<'_>, exchange: &mut Exchange) -> Respon
     }
 }
 
+/// The client an attempt goes on.
+enum Client<'a> {
+    /// The service's (or the app connection's) own.
+    Shared(&'a HttpClient),
+    /// An endpoint's; h2c or not.
+    Endpoint(Arc<Pools>, bool),
+}
+
+impl std::ops::Deref for Client<'_> {
+    type Target = HttpClient;
+    fn deref(&self) -> &HttpClient {
+        match self {
+            Client::Shared(c) => c,
+            Client::Endpoint(p, true) => &p.h2c,
+            Client::Endpoint(p, false) => &p.http,
+        }
+    }
+}
+
 /// The endpoint and client for the next attempt: the balancer's pick among
 /// the service's endpoints, else the original destination.
 fn pick<'a>(
     to: Dest<'a>,
     h2c: bool,
     own_h2c: Option<&'a HttpClient>,
-) -> (Option<Picked>, &'a HttpClient) {
+) -> (Option<Picked>, Client<'a>) {
     if let Some((s, h)) = to.svc
-        && let Some((p, c, h2)) = h.endpoint_for_request(&s.endpoints)
+        && let Some((p, pools)) = h.endpoint_for_request(&s.endpoints)
     {
-        return (Some(p), if h2c { h2 } else { c });
+        return (Some(p), Client::Endpoint(pools, h2c));
     }
     match (own_h2c, to.http()) {
-        (Some(own), _) => (None, own),
-        (None, Some(h)) => (None, &h.client),
-        (None, None) => (None, &to.conn.table.passthrough),
+        (Some(own), _) => (None, Client::Shared(own)),
+        (None, Some(h)) => (None, Client::Shared(&h.client)),
+        (None, None) => (None, Client::Shared(&to.conn.table.passthrough)),
     }
 }
 

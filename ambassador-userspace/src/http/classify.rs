@@ -82,6 +82,6 @@ fn note_health(svc: &Service, ep: &Arc<Endpoint>, ok: bool) {
     if ok {
         svc.endpoints.success(ep);
     } else if let Some(t) = svc.endpoints.failure(ep) {
-        warn!(service = %svc.name, endpoint = %ep.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
+        warn!(service = %svc.name, endpoint = %ep.label(), ejected_for = ?t, "endpoint ejected after consecutive failures");
     }
 }

@@ -103,7 +103,7 @@ impl Finish {
                 .exchange
                 .endpoint
                 .as_ref()
-                .map(|e| e.address.to_string());
+                .map(|e| e.label().to_string());
             crate::trace::finish(span, self.status, endpoint, error);
         }
         if let Some(i) = self.info {
@@ -114,7 +114,7 @@ impl Finish {
                     .exchange
                     .endpoint
                     .as_ref()
-                    .map(|e| e.address.to_string()),
+                    .map(|e| e.label().to_string()),
                 method: i.method.as_str(),
                 authority: &i.authority,
                 path: &i.path,

@@ -19,9 +19,11 @@ use prometheus_client::{
 /// Pod, whose series are named by port policy).
 mod cache;
 mod dns;
+mod endpoint;
 mod state;
 pub use cache::CacheMetrics;
 pub use dns::DnsMetrics;
+pub use endpoint::EndpointMetrics;
 pub use state::{StateCollector, StateRows, StateSource};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,19 +68,6 @@ struct ReasonLabels {
 struct LimitLabels {
     service: String,
     limit: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EndpointLabels {
-    service: String,
-    endpoint: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    service: String,
-    endpoint: String,
-    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,8 +117,7 @@ pub struct Metrics {
     retries: Family<ServiceLabel, Counter>,
     breaker: Family<LimitLabels, Counter>,
     timeouts: Family<ServiceLabel, Counter>,
-    endpoint_requests: Family<OutcomeLabels, Counter>,
-    ejections: Family<EndpointLabels, Counter>,
+    endpoints: endpoint::EndpointFamilies,
     denied: Family<DeniedLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
@@ -210,16 +198,7 @@ impl Metrics {
             "Requests or connections refused at once because a limit was reached",
         );
         let timeouts = registered(&mut r, "request_timeouts", "Request timeouts that fired");
-        let endpoint_requests = registered(
-            &mut r,
-            "endpoint_requests",
-            "Exchanges with an endpoint, by outcome (failure: connect error, reset or 5xx)",
-        );
-        let ejections = registered(
-            &mut r,
-            "endpoint_ejections",
-            "Endpoints taken out after consecutive failures",
-        );
+        let endpoints = endpoint::EndpointFamilies::register(&mut r);
         let denied = registered(
             &mut r,
             "denied",
@@ -276,8 +255,7 @@ impl Metrics {
             retries,
             breaker,
             timeouts,
-            endpoint_requests,
-            ejections,
+            endpoints,
             denied,
             auth_failures,
             refusals,
@@ -355,22 +333,10 @@ impl Metrics {
         }
     }
 
-    pub fn endpoint(&self, service: &str, endpoint: &str) -> EndpointMetrics {
-        let outcome = |o: &'static str| {
-            self.endpoint_requests.get_or_create_owned(&OutcomeLabels {
-                service: service.to_string(),
-                endpoint: endpoint.to_string(),
-                outcome: o,
-            })
-        };
-        EndpointMetrics {
-            success: outcome("success"),
-            failure: outcome("failure"),
-            ejections: self.ejections.get_or_create_owned(&EndpointLabels {
-                service: service.to_string(),
-                endpoint: endpoint.to_string(),
-            }),
-        }
+    /// The handles of one endpoint (see `endpoint.rs`: its series goes
+    /// with the last endpoint that holds it).
+    pub fn endpoint(&'static self, service: &str, endpoint: &str) -> EndpointMetrics {
+        self.endpoints.handles(service, endpoint)
     }
 
     /// A failed TLS handshake with an upstream (rare: the family lookup is
@@ -544,13 +510,6 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-#[derive(Clone, Debug)]
-pub struct EndpointMetrics {
-    pub success: Counter,
-    pub failure: Counter,
-    pub ejections: Counter,
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use crate::{
         service::TargetRole,
         upstream::{Fit, ServerRole},
     },
-    endpoint::{Endpoint, EndpointSet, resolve},
+    endpoint::{Endpoint, EndpointSet},
     error::{Classified, Retry},
     net::Settings,
     tls::{PlainOrTls, TlsOrigin},
@@ -151,7 +151,7 @@ pub async fn open(
             };
             let ep = picked.endpoint.clone();
             tried.push(ep.clone());
-            match resolve(&ep.address.host, ep.address.port).await {
+            match ep.socket_addr().await {
                 Ok(a) => (a, Some(ep)),
                 Err(e) => {
                     endpoints.failure(&ep);
@@ -195,7 +195,7 @@ pub async fn open(
                 if let Some(ep) = &endpoint
                     && let Some(t) = endpoints.failure(ep)
                 {
-                    tracing::warn!(service = %pg.name, endpoint = %ep.address, ejected_for = ?t, "endpoint ejected after consecutive failures");
+                    tracing::warn!(service = %pg.name, endpoint = %ep.label(), ejected_for = ?t, "endpoint ejected after consecutive failures");
                 }
                 tracing::info!(service = %pg.name, server = %addr, "{e}");
                 reasons.push(e.to_string());

@@ -8,7 +8,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use http::{HeaderValue, uri::Authority};
 use tokio::sync::Semaphore;
 
-use super::error::ServiceError;
+use super::{
+    error::ServiceError,
+    pools::{EndpointPools, Pools},
+};
 use crate::{
     auth::RequestRules,
     config::{
@@ -83,10 +86,8 @@ pub struct HttpService {
     /// Makes the clients for HTTP/2 from the app to the original destination
     /// (h2c, no endpoints): one per app connection, see `http::AppConn`.
     pub connector: UpstreamConnector,
-    /// One pool pair per endpoint (same order as `endpoints.endpoints()`), so
-    /// each request goes where the balancer says and a recovered primary gets
-    /// its traffic back at once.
-    pub endpoint_clients: Vec<(HttpClient, HttpClient)>,
+    /// Pooled clients per endpoint.
+    pub endpoint_pools: EndpointPools,
 }
 
 impl std::fmt::Debug for Service {
@@ -144,6 +145,7 @@ impl Service {
             &cfg.upstream.endpoints,
             cfg.upstream.balance,
             cfg.outlier,
+            cfg.upstream.dns,
         ));
         let limits = Limits::new(&cfg.limits);
         let kind = Kind::new(cfg, &settings, &endpoints, &limits)?;
@@ -225,14 +227,6 @@ impl HttpService {
         let connector = UpstreamConnector::new(settings.clone(), tls.clone())
             .with_endpoints(endpoints.clone())
             .with_connection_limit(limits.connections.clone(), limits.config.max_connections);
-        let endpoint_clients = endpoints
-            .endpoints()
-            .iter()
-            .map(|ep| {
-                let c = connector.clone().for_endpoint(ep.clone());
-                (c.clone().client(), c.h2c_client())
-            })
-            .collect();
         let upstream_name = cfg
             .upstream
             .tls
@@ -258,27 +252,25 @@ impl HttpService {
                 .map_err(|e| ServiceError::Build(format!("service {}: {e}", cfg.name)))?,
             cache: cfg.cache.map(|c| crate::cache::Cache::shared(c, cfg, 0)),
             client: connector.clone().client(),
+            endpoint_pools: EndpointPools::new(connector.clone()),
             connector,
-            endpoint_clients,
         })
     }
 
-    /// The endpoint and its pooled clients (HTTP/1.1-or-ALPN, h2c) for one
-    /// request; none without endpoints (the original destination).
-    pub fn endpoint_for_request(
-        &self,
-        endpoints: &EndpointSet,
-    ) -> Option<(Picked, &HttpClient, &HttpClient)> {
+    /// The endpoint and its pooled clients for one request; none without
+    /// endpoints (the original destination).
+    pub fn endpoint_for_request(&self, endpoints: &EndpointSet) -> Option<(Picked, Arc<Pools>)> {
         let p = endpoints.pick(&[])?;
-        let (c, h) = &self.endpoint_clients[endpoints.index_of(&p.endpoint)?];
-        Some((p, c, h))
+        let pools = self.endpoint_pools.get(endpoints, &p.endpoint);
+        Some((p, pools))
     }
 
     /// How the upstream is named to itself (Host, `:authority`): its TLS
     /// server name, else its first endpoint's host, else the original
     /// destination; with the first endpoint's (or the original) port.
     pub fn authority(&self, endpoints: &EndpointSet, dst: SocketAddr) -> (String, u16) {
-        let first = endpoints.endpoints().first();
+        let list = endpoints.endpoints();
+        let first = list.first();
         let port = first.map_or(dst.port(), |e| e.address.port);
         let host = match (&self.upstream_name, first) {
             (Some(n), _) => n.clone(),

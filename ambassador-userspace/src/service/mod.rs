@@ -6,6 +6,7 @@ pub mod error;
 pub mod kind;
 pub mod learned;
 pub mod names;
+pub mod pools;
 pub mod table;
 
 pub use error::ServiceError;
