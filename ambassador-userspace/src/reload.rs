@@ -205,6 +205,11 @@ async fn build(
     let table = Arc::new(table);
     if let Some(p) = previous {
         table.adopt_names(p);
+        for svc in table.services() {
+            if let Some(old) = p.by_name(&svc.name) {
+                svc.endpoints.adopt(&old.endpoints);
+            }
+        }
     }
     table
         .keep_names_resolved(cfg.proxy.dns_refresh, previous.is_none())

@@ -332,4 +332,20 @@ services:
         "{}",
         pod.proxy_log()
     );
+
+    // A reload's new table starts from the addresses the old one had: with
+    // no resolver to ask, the name still reaches them.
+    pod.hup_proxy();
+    assert!(pod.wait_log("config reloaded"), "{}", pod.proxy_log());
+    assert_eq!(endpoints_up(&pod, "moving"), both(SERVER3_V4, SERVER4_V4));
+    for _ in 0..2 {
+        let out = pod.client(&["greet", NOWHERE, "8310"]);
+        let text = stdout(&out);
+        let to = server_of(
+            text.lines()
+                .find(|l| l.starts_with("GREETING"))
+                .unwrap_or_default(),
+        );
+        assert!(to == SERVER3_V4 || to == SERVER4_V4, "{}", lines(&out));
+    }
 }

@@ -131,6 +131,23 @@ impl EndpointSet {
     }
 }
 
+impl EndpointSet {
+    /// Starts from the addresses `previous` (the set this one replaces on a
+    /// reload) had for the same names, so the new set balances over them at
+    /// once; its own lookups follow in the background.
+    pub fn adopt(&self, previous: &EndpointSet) {
+        let old = previous.endpoints();
+        for (source, cfg) in self.config.iter().enumerate() {
+            let ips: Vec<IpAddr> = old
+                .iter()
+                .filter(|e| e.address == cfg.address)
+                .filter_map(|e| e.ip)
+                .collect();
+            self.resolved(source, &ips);
+        }
+    }
+}
+
 /// Keeps every entry of `set` that is named by host resolved, while the set
 /// lives (a reload's new set has tasks of its own).
 pub fn spawn(set: &Arc<EndpointSet>) {

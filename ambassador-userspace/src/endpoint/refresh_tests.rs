@@ -278,3 +278,19 @@ async fn names_are_looked_up_again_when_their_ttl_runs_out_within_bounds() {
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert!(task.is_finished());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reloaded_set_starts_from_the_addresses_the_old_one_had() {
+    let old = named_set(EndpointDns::default());
+    old.resolved(0, &ips(&["10.0.0.1", "10.0.0.2"]));
+    let new = named_set(EndpointDns::default());
+    new.adopt(&old);
+    assert_eq!(labels(&new), labels(&old));
+    // Its own endpoints: the old set's go with it.
+    assert!(!Arc::ptr_eq(&new.endpoints()[0], &old.endpoints()[0]));
+    // Nothing resolved yet: nothing to adopt, the stand-in stays.
+    let fresh = named_set(EndpointDns::default());
+    let newer = named_set(EndpointDns::default());
+    newer.adopt(&fresh);
+    assert_eq!(labels(&newer), ["db.example:5432", "10.9.9.9:5432"]);
+}

@@ -168,11 +168,21 @@ impl Pool {
         crate::sync::lock(&self.params).clone()
     }
 
-    fn take_idle(&self) -> Option<Counted> {
+    fn take_idle(&self, pg: &Servers) -> Option<Counted> {
         let mut idle = crate::sync::lock(&self.idle);
         // Most recently used first: its TLS session and caches are warm.
         while let Some(mut c) = idle.pop() {
             self.stats.idle.fetch_sub(1, Ordering::Relaxed);
+            // An address its name no longer resolves to gets no new session.
+            let listed = c
+                .conn
+                .endpoint
+                .as_ref()
+                .is_none_or(|e| pg.endpoints.contains(e));
+            if !listed {
+                tracing::debug!(server = %c.conn.addr, pool = %self.key, "idle server connection to an address that left the endpoints: dropped");
+                continue;
+            }
             if c.conn.looks_alive() {
                 return Some(c);
             }
@@ -214,7 +224,7 @@ impl Pool {
                 }
             }
         };
-        let conn = match self.take_idle() {
+        let conn = match self.take_idle(pg) {
             Some(c) => c,
             None => self.open(pg).await?,
         };
