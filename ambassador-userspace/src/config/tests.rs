@@ -229,7 +229,7 @@ fn failover_example_parses() {
     assert_eq!(s.outlier.consecutive_failures, 5);
     assert_eq!(s.upstream.balance, Balance::P2c);
     assert_eq!(s.upstream.endpoints[1].priority, 1);
-    // Not in the file: the defaults.
+    // As the file has them (the defaults).
     assert_eq!(s.upstream.dns.min_ttl, Duration::from_secs(5));
     assert_eq!(s.upstream.dns.max_ttl, Duration::from_secs(300));
     let one = Config::parse(
