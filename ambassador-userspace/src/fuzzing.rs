@@ -256,11 +256,13 @@ pub fn dns(data: &[u8]) {
     ] {
         let made = q.answer(code, &ips, std::time::Duration::from_secs(30));
         assert!(
-            wire::Answer::read(&q, &made).is_ok(),
+            wire::Answer::read(&q, &made, true).is_ok()
+                && wire::Answer::read(&q, &made, false).is_ok(),
             "our own answer reads back"
         );
     }
-    let _ = wire::Answer::read(&q, data);
+    let _ = wire::Answer::read(&q, data, true);
+    let _ = wire::Answer::read(&q, data, false);
 }
 
 /// A response head through the cache's rules, as for `GET /a` with the

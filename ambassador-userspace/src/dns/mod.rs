@@ -94,7 +94,10 @@ async fn forward(
     m: &DnsMetrics,
 ) -> Outcome {
     let sent = Instant::now();
-    match tokio::time::timeout(table.dns.timeout, upstream.exchange(q, bytes)).await {
+    // Only answers for names services are named by are worth reading whole.
+    let full = table.knows_name(&q.name);
+    let asked = upstream.exchange(q, bytes, full);
+    match tokio::time::timeout(table.dns.timeout, asked).await {
         Ok(Ok((reply, answer))) => {
             m.upstream.observe(sent.elapsed().as_secs_f64());
             learn(table, q, &answer);

@@ -12,7 +12,7 @@ use std::{
 use tokio::{net::UdpSocket, sync::watch};
 use tracing::{info, warn};
 
-use super::{Tables, Upstream};
+use super::{Tables, Upstream, upstream::UdpPool};
 
 /// Queries in flight at once.
 const IN_FLIGHT: usize = 1024;
@@ -24,6 +24,8 @@ const MAX_QUERY: usize = 4096;
 pub struct Listener {
     sock: Arc<UdpSocket>,
     resolver: SocketAddr,
+    /// Sockets toward the resolver, kept between queries.
+    pool: Arc<UdpPool>,
 }
 
 /// Binds the sockets for `resolvers` from `port` on (IPv6 only where the
@@ -74,6 +76,7 @@ fn listener(sock: std::net::UdpSocket, resolver: SocketAddr) -> io::Result<Liste
     Ok(Listener {
         sock: Arc::new(UdpSocket::from_std(sock)?),
         resolver,
+        pool: Arc::default(),
     })
 }
 
@@ -123,6 +126,7 @@ async fn one(
         let mut up = Upstream::Udp {
             resolver: l.resolver,
             mark: table.settings.mark,
+            pool: l.pool.clone(),
         };
         tokio::spawn(async move {
             if let Some(reply) = super::answer(&query, &mut up, &table, "udp", &m).await {

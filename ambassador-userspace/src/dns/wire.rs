@@ -7,11 +7,12 @@
 use std::{net::IpAddr, time::Duration};
 
 use hickory_proto::{
-    op::{Edns, Message, MessageType, OpCode, ResponseCode},
+    op::{Edns, Header, Message, MessageType, OpCode, Query as Question, ResponseCode},
     rr::{
         RData, Record, RecordType,
         rdata::{A, AAAA},
     },
+    serialize::binary::{BinDecodable, BinDecoder},
 };
 
 /// A message the forwarder will not take.
@@ -97,17 +98,23 @@ impl Query {
 pub struct Answer {
     /// As dig names it: NOERROR, NXDOMAIN, SERVFAIL...
     pub rcode: &'static str,
-    /// Address records in the answer section.
+    /// Records in the answer section.
     pub count: usize,
-    /// Each owner name (lowercase, no trailing dot) with its addresses.
+    /// Each owner name (lowercase, no trailing dot) with its addresses
+    /// (read only when asked for).
     pub names: Vec<(String, Vec<IpAddr>)>,
     /// The shortest TTL of the address records.
     pub ttl: Duration,
 }
 
 impl Answer {
-    /// Reads `bytes` as the answer to `q`: same id, same question.
-    pub fn read(q: &Query, bytes: &[u8]) -> Result<Answer, WireError> {
+    /// Reads `bytes` as the answer to `q`: same id, same question; `full`:
+    /// its address records too, else only the header and question (what
+    /// relaying it needs).
+    pub fn read(q: &Query, bytes: &[u8], full: bool) -> Result<Answer, WireError> {
+        if !full {
+            return Answer::head(q, bytes);
+        }
         let msg = Message::from_vec(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
         if msg.metadata.id != q.id()
             || msg.metadata.message_type != MessageType::Response
@@ -135,9 +142,33 @@ impl Answer {
         }
         Ok(Answer {
             rcode: rcode_name(msg.metadata.response_code),
-            count,
+            count: msg.answers.len(),
             names,
             ttl: Duration::from_secs(if count == 0 { 0 } else { u64::from(ttl) }),
+        })
+    }
+
+    /// The header and the question only.
+    fn head(q: &Query, bytes: &[u8]) -> Result<Answer, WireError> {
+        let bad =
+            |e: hickory_proto::serialize::binary::DecodeError| WireError::Malformed(e.to_string());
+        let mut d = BinDecoder::new(bytes);
+        let h = Header::read(&mut d).map_err(bad)?;
+        let question = (h.counts.queries == 1)
+            .then(|| Question::read(&mut d))
+            .transpose()
+            .map_err(bad)?;
+        if h.metadata.id != q.id()
+            || h.metadata.message_type != MessageType::Response
+            || question.as_ref() != q.msg.queries.first()
+        {
+            return Err(WireError::Mismatch);
+        }
+        Ok(Answer {
+            rcode: rcode_name(h.metadata.response_code),
+            count: usize::from(h.counts.answers),
+            names: Vec::new(),
+            ttl: Duration::ZERO,
         })
     }
 
@@ -188,18 +219,27 @@ mod tests {
         assert_eq!(q.max_udp_answer(), 1232);
         let ips: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
         let bytes = q.answer(ResponseCode::NoError, &ips, Duration::from_secs(30));
-        let a = Answer::read(&q, &bytes).unwrap();
+        let head = Answer::read(&q, &bytes, false).unwrap();
+        assert_eq!((head.rcode, head.count), ("NOERROR", 1));
+        assert!(head.names.is_empty());
+        let a = Answer::read(&q, &bytes, true).unwrap();
         assert_eq!(a.rcode, "NOERROR");
         assert_eq!(a.count, 1, "only the question's type");
         assert_eq!(a.names, vec![("db.internal".to_string(), vec![ips[0]])]);
         assert_eq!(a.ttl, Duration::from_secs(30));
-        let nx = Answer::read(&q, &q.answer(ResponseCode::NXDomain, &[], Duration::ZERO)).unwrap();
+        let nx = Answer::read(
+            &q,
+            &q.answer(ResponseCode::NXDomain, &[], Duration::ZERO),
+            true,
+        )
+        .unwrap();
         assert_eq!((nx.rcode, nx.count), ("NXDOMAIN", 0));
         let q6 = Query::parse(&query("db.internal", RecordType::AAAA, false)).unwrap();
         assert_eq!(q6.max_udp_answer(), 512);
         let a6 = Answer::read(
             &q6,
             &q6.answer(ResponseCode::NoError, &ips, Duration::from_secs(5)),
+            true,
         )
         .unwrap();
         assert_eq!(a6.addresses(), vec![ips[1]]);
@@ -213,13 +253,17 @@ mod tests {
         ));
         let q = Query::parse(&query("a.test", RecordType::A, false)).unwrap();
         // A query is no answer; an answer to another question neither.
-        assert_eq!(
-            Answer::read(&q, &query("a.test", RecordType::A, false)),
-            Err(WireError::Mismatch)
-        );
+        for full in [true, false] {
+            assert_eq!(
+                Answer::read(&q, &query("a.test", RecordType::A, false), full),
+                Err(WireError::Mismatch)
+            );
+        }
         let other = Query::parse(&query("b.test", RecordType::A, false)).unwrap();
         let wrong = other.answer(ResponseCode::NoError, &[], Duration::ZERO);
-        assert_eq!(Answer::read(&q, &wrong), Err(WireError::Mismatch));
+        for full in [true, false] {
+            assert_eq!(Answer::read(&q, &wrong, full), Err(WireError::Mismatch));
+        }
         let mut resp = Message::response(1, OpCode::Query);
         resp.add_query(Question::query(
             Name::from_ascii("a.test").unwrap(),

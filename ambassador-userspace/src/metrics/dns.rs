@@ -27,6 +27,11 @@ pub const OUTCOMES: [&str; 6] = [
     "dropped",
 ];
 
+/// Response codes as the forwarder names them (`dns::wire::rcode_name`).
+pub const RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "OTHER",
+];
+
 /// The DNS families, registered once.
 pub(super) struct DnsFamilies {
     queries: Family<OutcomeLabel, Counter>,
@@ -69,7 +74,7 @@ impl DnsFamilies {
         DnsMetrics {
             outcomes: OUTCOMES
                 .map(|outcome| self.queries.get_or_create_owned(&OutcomeLabel { outcome })),
-            answers: self.answers.clone(),
+            answers: RCODES.map(|rcode| self.answers.get_or_create_owned(&RcodeLabel { rcode })),
             upstream: self.upstream.clone(),
         }
     }
@@ -79,7 +84,7 @@ impl DnsFamilies {
 #[derive(Clone, Debug)]
 pub struct DnsMetrics {
     outcomes: [Counter; 6],
-    answers: Family<RcodeLabel, Counter>,
+    answers: [Counter; 7],
     pub upstream: Histogram,
 }
 
@@ -89,8 +94,8 @@ impl DnsMetrics {
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.outcomes[i].inc();
         }
-        if let Some(rcode) = rcode {
-            self.answers.get_or_create(&RcodeLabel { rcode }).inc();
+        if let Some(i) = rcode.and_then(|r| RCODES.iter().position(|c| *c == r)) {
+            self.answers[i].inc();
         }
     }
 }

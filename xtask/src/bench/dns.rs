@@ -82,6 +82,8 @@ pub fn run() -> anyhow::Result<String> {
         "telemetry: {{ access_log: false }}\nintercept: {{ udp: {{ resolvers_from: {} }} }}\n",
         resolv.display()
     ));
+    // Thousands of short connections in the connect part.
+    super::reuse_time_wait_ports(&pod)?;
     pod.start_proxy_logging(super::http::LOG_FILTER);
     let resolver = Dnsmasq::start_with(&pod.servers, SERVER2_V4, &[(NAME, SERVER_V4)], 300, false);
     let root_cg = cgroup2_mount();
@@ -243,11 +245,19 @@ fn table(modes: &[Mode], rounds: &[Rounds], connects: &(Vec<f64>, Vec<f64>)) -> 
         ratio(&amb.qps, &direct.qps),
     ));
     let (with, without) = connects;
+    let each = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     out.push_str(&format!(
-        "TCP connect through the redirect, sequential, p50: {:.0} us with the UDP programs attached, {:.0} us without (paired difference {:+.1} us)\n",
+        "TCP connect through the redirect, sequential, p50: {:.0} us with the UDP programs attached, {:.0} us without (paired difference {:+.1} us; rounds: {} / {})\n",
         median(with.iter().copied()),
         median(without.iter().copied()),
         median(added(with, without).into_iter()),
+        each(with),
+        each(without),
     ));
     out
 }
