@@ -33,7 +33,10 @@ const VIP: &str = "198.18.0.9";
 const NAME: &str = "orders-db.internal";
 const PASSWORD: &str = "bench-pass";
 pub(super) const CLIENTS: &str = "8";
-pub(super) const SECONDS: &str = "10";
+pub(super) const SECONDS: &str = "5";
+/// Rounds of every (path, load) run, interleaved: the ratios are paired
+/// round by round, so a slow stretch of the machine moves both sides.
+pub(super) const ROUNDS: usize = 4;
 const BOUNCER_PORT: u16 = 6432;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -136,31 +139,35 @@ services:
     let bouncer = pgbouncer(&pod, &dir, &ca_file)?;
 
     let root = cgroup2_mount();
-    let mut rows = Vec::new();
     let vias: &[Via] = match pass {
         Pass::Measure => &[Via::Direct, Via::Ambassador, Via::PgBouncer],
         Pass::Train => &[Via::Ambassador],
     };
-    for &via in vias {
+    let rounds = if pass == Pass::Train { 1 } else { ROUNDS };
+    let mut rows: Vec<Row> = Vec::new();
+    for round in 0..rounds {
         for load in LOADS {
             if pass == Pass::Train && load == Load::Prepared {
                 continue;
             }
-            let r = pgbench(&pod, &root, &ca_file, via, load, pass);
-            let r = match (r, via, load) {
-                // What PgBouncer 1.18 does with named statements in
-                // transaction pooling: shown, not hidden.
-                (Err(e), Via::PgBouncer, Load::Prepared) => Err(first_error(&format!("{e:#}"))),
-                (r, _, _) => Ok(r.with_context(|| {
-                    let log =
-                        fs::read_to_string(dir.join("pgbouncer/pgbouncer.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    format!("pgbench {} (PgBouncer's last words: {tail:?})", via.name())
-                })?),
-            };
-            eprintln!("xtask: bench postgres {} {} done", via.name(), load.flags());
-            rows.push((via, load, r));
+            for i in 0..vias.len() {
+                let via = vias[(i + round) % vias.len()];
+                let r = pgbench(&pod, &root, &ca_file, via, load, pass);
+                let r = match (r, via, load) {
+                    // What PgBouncer 1.18 does with named statements in
+                    // transaction pooling: shown, not hidden.
+                    (Err(e), Via::PgBouncer, Load::Prepared) => Err(first_error(&format!("{e:#}"))),
+                    (r, _, _) => Ok(r.with_context(|| {
+                        let log = fs::read_to_string(dir.join("pgbouncer/pgbouncer.log"))
+                            .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                        format!("pgbench {} (PgBouncer's last words: {tail:?})", via.name())
+                    })?),
+                };
+                record(&mut rows, via, load, r);
+            }
         }
+        eprintln!("xtask: bench postgres round {}/{rounds} done", round + 1);
     }
     drop(bouncer);
     if pass == Pass::Train {
@@ -171,6 +178,24 @@ services:
     drop(pod);
 
     Ok(report::postgres_table(&rows))
+}
+
+/// One (path, load)'s runs, round by round; an error once is its result.
+pub(super) type Row = (Via, Load, Result<Vec<Run>, String>);
+
+fn record(rows: &mut Vec<Row>, via: Via, load: Load, r: Result<Run, String>) {
+    let i = match rows.iter().position(|(v, l, _)| *v == via && *l == load) {
+        Some(i) => i,
+        None => {
+            rows.push((via, load, Ok(Vec::new())));
+            rows.len() - 1
+        }
+    };
+    match (&mut rows[i].2, r) {
+        (Ok(runs), Ok(run)) => runs.push(run),
+        (slot @ Ok(_), Err(e)) => *slot = Err(e),
+        (Err(_), _) => {}
+    }
 }
 
 impl Load {

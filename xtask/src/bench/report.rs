@@ -8,7 +8,7 @@ use super::{
     failover, http, inbound, l4,
     oha::Figures,
     postgres,
-    stats::{added, quartiles},
+    stats::{added, median, quartiles},
     transcode,
 };
 
@@ -370,13 +370,12 @@ fn modes_table<'a>(mut rows: impl Iterator<Item = &'a Figures>) -> String {
 /// The PostgreSQL section's table: each path's pgbench runs, persistent
 /// connections, `-C` and `-M prepared` (a run that could not be done shows
 /// why).
-pub(super) fn postgres_table(
-    rows: &[(postgres::Via, postgres::Load, Result<postgres::Run, String>)],
-) -> String {
-    use postgres::{CLIENTS, LOADS, SECONDS, Via};
+pub(super) fn postgres_table(rows: &[postgres::Row]) -> String {
+    use postgres::{CLIENTS, LOADS, ROUNDS, SECONDS, Via};
     let mut r = format!(
-        "\npostgres bench (pgbench -S select-only, scale 1, {CLIENTS} clients, {SECONDS} s per run; \
-         server PostgreSQL with TLS + SCRAM required; ratio = tps / direct tps)\n\n"
+        "\npostgres bench (pgbench -S select-only, scale 1, {CLIENTS} clients, {SECONDS} s per run, \
+         {ROUNDS} rounds interleaved; server PostgreSQL with TLS + SCRAM required; tps and latency: \
+         medians over rounds; ratio = the median of each round's tps / direct's in that round)\n\n"
     );
     r.push_str(&format!("{:<40}", "path"));
     for load in LOADS {
@@ -394,22 +393,26 @@ pub(super) fn postgres_table(
             .map(|(_, _, r)| r)
             .expect("every run recorded")
     };
+    let tps = |runs: &[postgres::Run]| runs.iter().map(|x| x.tps).collect::<Vec<f64>>();
+    let paired = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y));
     let mut notes = Vec::new();
     for via in [Via::Direct, Via::Ambassador, Via::PgBouncer] {
         r.push_str(&format!("{:<40}", via.name()));
         for load in LOADS {
-            let base = match get(Via::Direct, load) {
-                Ok(b) => b.tps,
-                Err(_) => f64::NAN,
-            };
-            match get(via, load) {
-                Ok(run) => r.push_str(&format!(
-                    " {:>16.0} {:>6.2} {:>7.3}",
-                    run.tps,
-                    run.tps / base,
-                    run.latency_ms
-                )),
-                Err(e) => {
+            match (get(via, load), get(Via::Direct, load)) {
+                (Ok(runs), base) => {
+                    let ratio = match base {
+                        Ok(b) => paired(&tps(runs), &tps(b)),
+                        Err(_) => f64::NAN,
+                    };
+                    r.push_str(&format!(
+                        " {:>16.0} {:>6.2} {:>7.3}",
+                        median(runs.iter().map(|x| x.tps)),
+                        ratio,
+                        median(runs.iter().map(|x| x.latency_ms))
+                    ))
+                }
+                (Err(e), _) => {
                     r.push_str(&format!(" {:>16} {:>6} {:>7}", "fails", "-", "-"));
                     notes.push(format!("{} {}: {e}", via.name(), load.flags()));
                 }
@@ -417,9 +420,27 @@ pub(super) fn postgres_table(
         }
         r.push('\n');
     }
+    r.push('\n');
+    for load in LOADS {
+        if let (Ok(a), Ok(b)) = (get(Via::Ambassador, load), get(Via::PgBouncer, load)) {
+            let ahead = a.iter().zip(b).filter(|(x, y)| x.tps > y.tps).count();
+            r.push_str(&format!(
+                "ambassador / PgBouncer {}: {:.2}x tps paired by round (ahead in {ahead}/{} rounds; each round: {})\n",
+                load.flags(),
+                paired(&tps(a), &tps(b)),
+                a.len(),
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| format!("{:.0}/{:.0}", x.tps, y.tps))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+    }
     let failed: u64 = rows
         .iter()
         .filter_map(|(_, _, r)| r.as_ref().ok())
+        .flatten()
         .map(|r| r.failed)
         .sum();
     r.push_str(&format!(
