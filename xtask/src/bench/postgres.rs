@@ -27,7 +27,11 @@ use ambassador_tests::{
 };
 use anyhow::{Context as _, bail, ensure};
 
-use super::{Guard, Pass, client_at, report, reuse_time_wait_ports};
+use super::{
+    Guard, Pass, client_at,
+    machine::{cpu_ticks, ticks_per_second},
+    report, reuse_time_wait_ports,
+};
 
 const VIP: &str = "198.18.0.9";
 const NAME: &str = "orders-db.internal";
@@ -73,6 +77,11 @@ pub(super) struct Run {
     pub(super) tps: f64,
     pub(super) latency_ms: f64,
     pub(super) failed: u64,
+    /// The pooler's CPU (user + system) per transaction, in microseconds
+    /// (NaN for direct).
+    pub(super) cpu_us: f64,
+    /// How long pgbench ran.
+    pub(super) seconds: f64,
 }
 
 /// Runs the section; returns its report (empty for [`Pass::Train`], which
@@ -152,7 +161,19 @@ services:
             }
             for i in 0..vias.len() {
                 let via = vias[(i + round) % vias.len()];
-                let r = pgbench(&pod, &root, &ca_file, via, load, pass);
+                let pids: Vec<u32> = match via {
+                    Via::Direct => Vec::new(),
+                    Via::Ambassador => pod.proxy_pid().into_iter().collect(),
+                    Via::PgBouncer => vec![bouncer.0.id()],
+                };
+                let before = cpu_ticks(&pids);
+                let r = pgbench(&pod, &root, &ca_file, via, load, pass).map(|mut run| {
+                    if let (Some(b), Some(a)) = (before, cpu_ticks(&pids)) {
+                        let secs = (a.0 + a.1 - b.0 - b.1) as f64 / ticks_per_second();
+                        run.cpu_us = secs * 1e6 / (run.tps * run.seconds);
+                    }
+                    run
+                });
                 let r = match (r, via, load) {
                     // What PgBouncer 1.18 does with named statements in
                     // transaction pooling: shown, not hidden.
@@ -277,6 +298,8 @@ fn pgbench(
         tps: field("tps = ").context("no tps in pgbench output")?,
         latency_ms: field("latency average = ").unwrap_or(0.0),
         failed: field("number of failed transactions: ").unwrap_or(0.0) as u64,
+        cpu_us: f64::NAN,
+        seconds: seconds.parse().unwrap_or(1.0),
     })
 }
 

@@ -424,11 +424,14 @@ pub(super) fn postgres_table(rows: &[postgres::Row]) -> String {
     for load in LOADS {
         if let (Ok(a), Ok(b)) = (get(Via::Ambassador, load), get(Via::PgBouncer, load)) {
             let ahead = a.iter().zip(b).filter(|(x, y)| x.tps > y.tps).count();
+            let cpu = |runs: &[postgres::Run]| median(runs.iter().map(|x| x.cpu_us));
             r.push_str(&format!(
-                "ambassador / PgBouncer {}: {:.2}x tps paired by round (ahead in {ahead}/{} rounds; each round: {})\n",
+                "ambassador / PgBouncer {}: {:.2}x tps paired by round (ahead in {ahead}/{} rounds), CPU per transaction {:.1} vs {:.1} us; each round: {}\n",
                 load.flags(),
                 paired(&tps(a), &tps(b)),
                 a.len(),
+                cpu(a),
+                cpu(b),
                 a.iter()
                     .zip(b)
                     .map(|(x, y)| format!("{:.0}/{:.0}", x.tps, y.tps))
