@@ -213,6 +213,11 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     }
     .map_err(bind_err)?;
     sock.set_reuseaddr(true).map_err(bind_err)?;
+    // Accepted sockets inherit it (Linux copies it from the listener): no
+    // setsockopt per connection.
+    socket2::SockRef::from(&sock)
+        .set_nodelay(true)
+        .map_err(bind_err)?;
     if addr.is_ipv6() {
         socket2::SockRef::from(&sock)
             .set_only_v6(true)
@@ -285,7 +290,18 @@ impl FdBudget {
 
 #[cfg(test)]
 mod tests {
-    use super::FdBudget;
+    use super::{FdBudget, Listeners};
+
+    /// The proxy sets no TCP_NODELAY per app connection: accepted sockets
+    /// must have it from the listener.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let l = Listeners::bind(0).unwrap();
+        let addr = l.v4.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = l.v4.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 
     #[test]
     fn the_last_part_of_the_fd_limit_is_kept_back_from_apps() {

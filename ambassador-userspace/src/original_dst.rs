@@ -23,12 +23,20 @@ pub enum OriginalDst {
 
 impl OriginalDst {
     /// `Ok(None)`: the connection was not redirected (someone dialled the proxy
-    /// port directly, or its record was evicted).
-    pub fn lookup(&self, stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
+    /// port directly, or its record was evicted). `peer` is what `accept`
+    /// said and `port` the listener's: no syscall asks them again (the
+    /// listeners are 127.0.0.1 and ::1 only, so the peer's family is the
+    /// socket's).
+    pub fn lookup(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        port: u16,
+    ) -> io::Result<Option<SocketAddr>> {
         match self {
             OriginalDst::SocketOption => {
                 let sock = socket2::SockRef::from(stream);
-                let res = if stream.local_addr()?.is_ipv4() {
+                let res = if peer.is_ipv4() {
                     sock.original_dst()
                 } else {
                     sock.original_dst_ipv6()
@@ -48,8 +56,7 @@ impl OriginalDst {
                 }
             }
             OriginalDst::Table(table) => {
-                let peer = stream.peer_addr()?;
-                let key = ConnKey::from_accepted(peer, stream.local_addr()?.port());
+                let key = ConnKey::from_accepted(peer, port);
                 match table.get(&key, 0) {
                     Ok(orig) => Ok(orig.socket_addr()),
                     Err(aya::maps::MapError::KeyNotFound) => Ok(None),

@@ -71,7 +71,6 @@ async fn handle(caller: TcpStream, peer: SocketAddr, live: &Live, draining: watc
         return;
     };
     let table = live.inbound();
-    let _ = caller.set_nodelay(true);
     let conn = Conn {
         peer,
         dst,

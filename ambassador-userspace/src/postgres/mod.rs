@@ -77,7 +77,11 @@ pub async fn serve(
         tally.to_app += out.len() as u64;
         let _ = tokio::time::timeout(Duration::from_secs(5), app.write_all(&out)).await;
     }
-    let _ = app.shutdown().await;
+    // TLS ends with close_notify; a plain socket's close (the drop) sends
+    // the FIN without a shutdown call of its own.
+    if matches!(app, PlainOrTls::Tls(_)) {
+        let _ = app.shutdown().await;
+    }
     tally
 }
 

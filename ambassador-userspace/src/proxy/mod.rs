@@ -99,11 +99,10 @@ struct Ctx {
 impl Ctx {
     async fn handle(&self, app: TcpStream, peer: SocketAddr) {
         let accepted = tokio::time::Instant::now();
-        let dst = match self.original_destination(&app) {
+        let dst = match self.original_destination(&app, peer) {
             Ok(dst) => dst,
             Err(e) => return self.refuse(&app, peer, &e),
         };
-        let _ = app.set_nodelay(true);
         let table = self.live.table();
         let route = table.route(dst);
         let first = match plan::needs_first_bytes(&route) {
@@ -192,10 +191,14 @@ impl Ctx {
         net::reset(app);
     }
 
-    fn original_destination(&self, app: &TcpStream) -> Result<SocketAddr, ProxyError> {
+    fn original_destination(
+        &self,
+        app: &TcpStream,
+        peer: SocketAddr,
+    ) -> Result<SocketAddr, ProxyError> {
         let dst = self
             .original_dst
-            .lookup(app)
+            .lookup(app, peer, self.port)
             .map_err(ProxyError::OriginalDst)?
             .ok_or(ProxyError::NotRedirected)?;
         if dst.port() == self.port && dst.ip().is_loopback() {
