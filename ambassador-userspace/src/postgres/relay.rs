@@ -73,6 +73,9 @@ pub(super) struct Relay<'a> {
     tally: &'a mut SessionTally,
 }
 
+/// How long the app may keep its end open after Terminate.
+const AFTER_TERMINATE: Duration = Duration::from_millis(250);
+
 enum Step {
     Continue,
     /// The app said Terminate or closed.
@@ -169,6 +172,10 @@ impl<'a> Relay<'a> {
             match self.frame_app()? {
                 Step::AppDone => {
                     flush(&mut awr, &mut self.to_app).await;
+                    // The app closes its end right after Terminate: wait for
+                    // that (briefly), so its socket takes the TIME_WAIT and
+                    // ours closes passively, as a server's does.
+                    let _ = tokio::time::timeout(AFTER_TERMINATE, ard.read(&mut [0u8; 1])).await;
                     return Ok(());
                 }
                 Step::NeedServer => {
