@@ -158,24 +158,14 @@ fn dnsmasq_forwarder(pod: &Pod) -> anyhow::Result<Guard> {
 
 /// (p50 us, queries/s, queries) of one run of the client.
 fn query_bench(me: &Path, at: &Placement<'_>, target: &str) -> anyhow::Result<(f64, f64, usize)> {
-    let out = placed(me, at)
-        .args(["__dns", &format!("{target}:53"), NAME])
-        .args([EACH.to_string(), THREADS.to_string()])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "DNS bench client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<f64> = text
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    if f.len() != 2 {
-        bail!("DNS bench client printed {text:?}");
-    }
+    let args = [
+        "__dns".to_string(),
+        format!("{target}:53"),
+        NAME.to_string(),
+        EACH.to_string(),
+        THREADS.to_string(),
+    ];
+    let f = super::client_figures(me, at, &args, 2, "DNS bench client")?;
     Ok((f[0], f[1], EACH * THREADS))
 }
 

@@ -167,23 +167,8 @@ fn connect_bench(
     each: usize,
     threads: usize,
 ) -> anyhow::Result<ConnectResult> {
-    let out = placed(me, at)
-        .args(["__connect", target, &each.to_string(), &threads.to_string()])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "bench client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<f64> = text
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    if f.len() != 3 {
-        bail!("bench client printed {text:?}");
-    }
+    let args = ["__connect", target, &each.to_string(), &threads.to_string()].map(String::from);
+    let f = super::client_figures(me, at, &args, 3, "bench client")?;
     Ok(ConnectResult {
         p50_us: f[0],
         p99_us: f[1],

@@ -158,6 +158,30 @@ pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs this binary (`me`)'s hidden client command `args` where `at` says
+/// and returns the `n` numbers it printed (`what` names it in errors).
+pub(super) fn client_figures(
+    me: &Path,
+    at: &Placement<'_>,
+    args: &[String],
+    n: usize,
+    what: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let out = ambassador_tests::placed(me, at).args(args).output()?;
+    if !out.status.success() {
+        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if f.len() != n {
+        bail!("{what} printed {text:?}");
+    }
+    Ok(f)
+}
+
 /// For benches that open many short connections: TIME_WAIT ports may be
 /// reused, from a wide range (in the bench's own namespace only).
 pub fn reuse_time_wait_ports(pod: &Pod) -> anyhow::Result<()> {
