@@ -64,13 +64,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy, relay throughput;
+    /// Benchmarks: redirect vs direct vs iptables REDIRECT to the same proxy; relay throughput
+    /// through ambassador vs nginx stream vs HAProxy mode tcp vs direct;
     /// HTTP through ambassador vs HAProxy vs nginx vs direct, out of the Pod and into it (TLS
     /// termination + JWT); pgbench through ambassador vs
     /// PgBouncer vs direct; ratios.
     Bench {
-        /// Run one section only (`http`, `inbound`, `transcode`, `postgres` or `dns`).
-        #[arg(long, value_parser = ["http", "inbound", "transcode", "postgres", "dns"])]
+        /// Run one section only (`relay`, `http`, `inbound`, `transcode`, `postgres` or `dns`).
+        #[arg(long, value_parser = ["relay", "http", "inbound", "transcode", "postgres", "dns"])]
         only: Option<String>,
         /// Measure the plain release build only, skipping the PGO build (and its
         /// no-PGO comparison row).

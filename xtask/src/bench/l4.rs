@@ -1,8 +1,10 @@
 //! The L4 section: TCP connect latency and rate (connect, 1-byte echo,
-//! close), and relay throughput (iperf3), from the Pod to a server across the
-//! veth, direct, through the eBPF redirect to ambassador, and through
-//! iptables REDIRECT to the same proxy. Also the hidden `__echo` server and
-//! `__connect` client commands it runs in the namespaces.
+//! close), from the Pod to a server across the veth, direct, through the
+//! eBPF redirect to ambassador, and through iptables REDIRECT to the same
+//! proxy. Relay throughput is measured in the relay section (`relay.rs`);
+//! here the PGO training (`Pass::Train`) still relays with iperf3. Also the
+//! hidden `__echo` server and `__connect` client commands it runs in the
+//! namespaces.
 
 use std::{
     io::{Read, Write},
@@ -15,7 +17,7 @@ use std::{
 };
 
 use ambassador_tests::{Counters, Placement, Pod, SERVER_V4, cgroup2_mount, placed};
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::{Guard, Pass, client_at, reuse_time_wait_ports, stats::quantile_at_index};
 
@@ -24,7 +26,6 @@ const IPERF_PORT: u16 = 5201;
 pub(super) const SEQUENTIAL: usize = 2000;
 pub(super) const PARALLEL_THREADS: usize = 4;
 pub(super) const PARALLEL_EACH: usize = 1500;
-pub(super) const IPERF_SECONDS: &str = "5";
 
 #[derive(Clone, Copy, PartialEq)]
 pub(super) enum Mode {
@@ -49,9 +50,9 @@ pub(super) struct ConnectResult {
     pub(super) rate: f64,
 }
 
-/// Per mode: sequential connects, parallel connects, Gbit/s; and the kernel
-/// counters after the eBPF run.
-pub(super) type L4Results = (Vec<(Mode, ConnectResult, ConnectResult, f64)>, Counters);
+/// Per mode: sequential connects, parallel connects; and the kernel counters
+/// after the eBPF run.
+pub(super) type L4Results = (Vec<(Mode, ConnectResult, ConnectResult)>, Counters);
 
 /// The tools the L4 section needs besides the test harness's.
 pub fn l4_tools() -> anyhow::Result<()> {
@@ -64,7 +65,7 @@ pub fn train_l4() -> anyhow::Result<()> {
     run(Pass::Train).map(drop)
 }
 
-/// The L4 section: connects and relay throughput, by mode.
+/// The L4 section: connects by mode (and, training, relayed iperf3 traffic).
 pub(super) fn run(pass: Pass) -> anyhow::Result<L4Results> {
     let me = std::env::current_exe()?;
     // Access logs off, as for HAProxy and nginx: the same work compared.
@@ -83,12 +84,15 @@ pub(super) fn run(pass: Pass) -> anyhow::Result<L4Results> {
             .args(["__echo", &format!("{SERVER_V4}:{ECHO_PORT}"), "16"])
             .spawn()?,
     );
-    let iperf = Guard(
-        placed("iperf3", &server_at)
-            .args(["-s", "-B", SERVER_V4, "-p", &IPERF_PORT.to_string()])
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    let iperf = match pass {
+        Pass::Train => Some(Guard(
+            placed("iperf3", &server_at)
+                .args(["-s", "-B", SERVER_V4, "-p", &IPERF_PORT.to_string()])
+                .stdout(Stdio::null())
+                .spawn()?,
+        )),
+        Pass::Measure => None,
+    };
     thread::sleep(Duration::from_millis(300));
 
     let modes: &[Mode] = match pass {
@@ -96,9 +100,9 @@ pub(super) fn run(pass: Pass) -> anyhow::Result<L4Results> {
         Pass::Train => &[Mode::Ebpf],
     };
     // Training needs the paths taken, not precise figures.
-    let (scale, iperf_seconds) = match pass {
-        Pass::Measure => (1, IPERF_SECONDS),
-        Pass::Train => (4, "2"),
+    let scale = match pass {
+        Pass::Measure => 1,
+        Pass::Train => 4,
     };
     let mut results = Vec::new();
     for &mode in modes {
@@ -109,14 +113,16 @@ pub(super) fn run(pass: Pass) -> anyhow::Result<L4Results> {
         let target = format!("{SERVER_V4}:{ECHO_PORT}");
         let seq = connect_bench(&me, &at, &target, SEQUENTIAL / scale, 1)?;
         let par = connect_bench(&me, &at, &target, PARALLEL_EACH / scale, PARALLEL_THREADS)?;
-        // Training relays the other way (the server sends, in 16 KiB
-        // writes): the same code, other traffic than the measured run's.
-        let gbps = iperf_gbps(&at, iperf_seconds, pass == Pass::Train)?;
+        // Training relays with the server sending, in 16 KiB writes: the
+        // same code, other traffic than the relay section's measured runs.
+        if pass == Pass::Train {
+            iperf_train(&at)?;
+        }
         if mode == Mode::Iptables {
             iptables(&pod, "-D")?;
         }
         eprintln!("xtask: bench {} done", mode.name());
-        results.push((mode, seq, par, gbps));
+        results.push((mode, seq, par));
     }
     let counters = pod.counters();
     if pass == Pass::Train {
@@ -181,29 +187,16 @@ pub(super) fn connect_p50(me: &Path, at: &Placement<'_>, target: &str) -> anyhow
     Ok(connect_bench(me, at, target, SEQUENTIAL, 1)?.p50_us)
 }
 
-fn iperf_gbps(at: &Placement<'_>, seconds: &str, reverse: bool) -> anyhow::Result<f64> {
-    let mut cmd = placed("iperf3", at);
-    cmd.args([
-        "-c",
-        SERVER_V4,
-        "-p",
-        &IPERF_PORT.to_string(),
-        "-t",
-        seconds,
-        "-J",
-    ]);
-    if reverse {
-        cmd.args(["-R", "-l", "16K"]);
-    }
-    let out = cmd.output()?;
+/// Two seconds of iperf3 with the server sending, for the training.
+fn iperf_train(at: &Placement<'_>) -> anyhow::Result<()> {
+    let out = placed("iperf3", at)
+        .args(["-c", SERVER_V4, "-p", &IPERF_PORT.to_string()])
+        .args(["-t", "2", "-J", "-R", "-l", "16K"])
+        .output()?;
     if !out.status.success() {
         bail!("iperf3 failed: {}", String::from_utf8_lossy(&out.stdout));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("no sum_received in iperf3 output")
+    Ok(())
 }
 
 /// `__echo ADDR THREADS`: accept, echo until EOF, close; a fixed pool of

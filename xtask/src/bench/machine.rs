@@ -1,7 +1,7 @@
-//! The machine around the HTTP section's measurement: processes' CPU time
-//! (for the proxies' CPU per request), how busy the CPUs were before and
-//! after, how many cores there are, and the raised priority the section's
-//! processes run at.
+//! The machine around a section's measurement: processes' CPU time (for the
+//! proxies' CPU per request), the whole machine's busy CPU time, how busy
+//! the CPUs were before and after, how many cores there are, and the raised
+//! priority the section's processes run at.
 
 use std::{fs, thread, time::Duration};
 
@@ -22,6 +22,23 @@ pub(super) fn cpu_ticks(pids: &[u32]) -> Option<(u64, u64)> {
             s + f.get(12)?.parse::<u64>().ok()?,
         ))
     })
+}
+
+/// The whole machine's busy CPU time since boot, in clock ticks (/proc/stat:
+/// user + nice + system + irq + softirq + steal, over all CPUs): also the
+/// kernel's work in softirq and kworkers, which no process is charged for.
+pub(super) fn busy_ticks() -> Option<u64> {
+    let stat = fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    (f.len() == 8).then(|| f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
 }
 
 pub(super) fn ticks_per_second() -> f64 {

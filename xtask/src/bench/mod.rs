@@ -6,7 +6,8 @@
 //! Setup: a simulated Pod (the test harness's: Pod cgroup with app/proxy
 //! children, a network namespace joined by veth to a servers' namespace), the
 //! proxy as uid 1337. The client and the echo server are this binary's hidden
-//! `__connect` / `__echo` commands; throughput is iperf3 (`l4.rs`). The HTTP
+//! `__connect` / `__echo` commands (`l4.rs`); relay throughput is iperf3,
+//! ambassador vs nginx stream vs HAProxy mode tcp (`relay.rs`). The HTTP
 //! section (ambassador vs HAProxy vs nginx, `http.rs`), transcoding
 //! (`transcode.rs`), failover
 //! (`failover.rs`) and PostgreSQL (`postgres.rs`) follow; `stats.rs` holds
@@ -21,6 +22,7 @@ mod l4;
 mod machine;
 mod oha;
 pub mod postgres;
+mod relay;
 mod report;
 mod stats;
 mod transcode;
@@ -101,6 +103,11 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     // Written now so the L4 results are kept if the HTTP section fails.
     std::fs::write(out.join("report.txt"), &report)?;
 
+    let relay = relay::run()?;
+    print!("{relay}");
+    report.push_str(&relay);
+    std::fs::write(out.join("report.txt"), &report)?;
+
     // Its own Pod: its config names HTTP services.
     let http = http::run(bins, Pass::Measure)?;
     print!("\n{http}");
@@ -136,12 +143,14 @@ pub fn run(bins: &Bins) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cargo xtask bench --only http|inbound|transcode|postgres|dns`: one section alone.
+/// `cargo xtask bench --only relay|http|inbound|transcode|postgres|dns`: one
+/// section alone.
 pub fn run_section(bins: &Bins, section: &str) -> anyhow::Result<()> {
     require_root()?;
     crate::toolchain::ensure_test_tools()?;
     use_binary(&bins.main);
     let report = match section {
+        "relay" => relay::run()?,
         "http" => http::run(bins, Pass::Measure)?,
         "inbound" => inbound::run()?,
         "transcode" => transcode::run()?,
