@@ -23,6 +23,32 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
+/// `getsockopt(SOL_IP, SO_AMB_SHORTCUT)` on the proxy's accepted socket: the
+/// kernel's answer to "did the app's bytes take the sk_msg shortcut, and how
+/// many" ([`ShortcutAnswer`]), so the proxy knows when the socket's receive
+/// queue alone holds what is left (and `splice(2)` may read it). A private
+/// option number that no kernel uses on SOL_IP; only the getsockopt program
+/// answers it (a kernel without it says ENOPROTOOPT).
+pub const SO_AMB_SHORTCUT: i32 = 0x414d;
+
+/// The app's socket has not sent yet, or is not on the shortcut at all.
+pub const SHORTCUT_NONE: u32 = 0;
+/// Its sends go straight to the proxy socket's message queue.
+pub const SHORTCUT_TAKE: u32 = 1;
+/// Its sends go by TCP, for good (the move is one way).
+pub const SHORTCUT_KEEP_TCP: u32 = 2;
+
+/// The answer to [`SO_AMB_SHORTCUT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShortcutAnswer {
+    /// `SHORTCUT_*`.
+    pub state: u32,
+    pub _pad: u32,
+    /// Bytes the app's socket has sent by the shortcut, in total.
+    pub redirected: u64,
+}
+
 /// Default size of the per-connection tables (original destinations).
 pub const DEFAULT_TABLE_SIZE: u32 = 65_536;
 

@@ -25,8 +25,9 @@ mod inbound;
 mod udp;
 
 use ambassador_common::{
-    AF_INET, AF_INET6, Config, ConnKey, DEFAULT_TABLE_SIZE, NO_UID, OrigDst, SO_ORIGINAL_DST,
-    SOL_IP, SOL_IPV6, counter, maps as m,
+    AF_INET, AF_INET6, Config, ConnKey, DEFAULT_TABLE_SIZE, NO_UID, OrigDst, SHORTCUT_KEEP_TCP,
+    SHORTCUT_NONE, SHORTCUT_TAKE, SO_AMB_SHORTCUT, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6,
+    ShortcutAnswer, counter, maps as m,
 };
 use aya_ebpf::{
     bindings::{
@@ -74,8 +75,8 @@ static SOCKS: SockHash<SockKey> = SockHash::with_max_entries(DEFAULT_TABLE_SIZE,
 #[map(name = "AMB_ACCEL")]
 static ACCEL: LruHashMap<SockKey, Accel> = LruHashMap::with_max_entries(DEFAULT_TABLE_SIZE, 0);
 
-const TAKE: u32 = 1;
-const KEEP_TCP: u32 = 2;
+const TAKE: u32 = SHORTCUT_TAKE;
+const KEEP_TCP: u32 = SHORTCUT_KEEP_TCP;
 
 /// One direction's state. A redirect into the peer's receive queue is not
 /// held back by the peer's receive buffer (the kernel charges it against
@@ -89,6 +90,8 @@ struct Accel {
     state: u32,
     /// Bytes sent on the shortcut since the peer last sent anything.
     one_way: u32,
+    /// Bytes sent on the shortcut in all (the proxy asks, see `SO_AMB_SHORTCUT`).
+    redirected: u64,
 }
 
 /// About one default TCP receive window.
@@ -571,6 +574,7 @@ fn keep_tcp(me: &SockKey) {
                 &Accel {
                     state: KEEP_TCP,
                     one_way: 0,
+                    redirected: 0,
                 },
                 0,
             );
@@ -699,6 +703,7 @@ pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
             let state = Accel {
                 state: if taken { TAKE } else { KEEP_TCP },
                 one_way: if taken { size } else { 0 },
+                redirected: if taken { u64::from(size) } else { 0 },
             };
             let _ = ACCEL.insert(&me, &state, 0);
             if taken {
@@ -716,7 +721,12 @@ pub fn ambassador_accel(ctx: SkMsgContext) -> u32 {
                 return sk_action::SK_PASS;
             }
             (*a).one_way = one_way;
-            SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64);
+            if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64)
+                == sk_action::SK_PASS as i64
+            {
+                // The socket's sends are serialized by its lock: a plain add.
+                (*a).redirected += u64::from(size);
+            }
         },
     }
     // A failed lookup (the peer closed) leaves the bytes to TCP.
@@ -744,7 +754,13 @@ struct SockaddrIn6 {
 pub fn ambassador_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's lifetime.
     let so = unsafe { &mut *ctx.sockopt };
-    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
+    if so.level != SOL_IP && so.level != SOL_IPV6 {
+        return ALLOW;
+    }
+    if so.optname == SO_AMB_SHORTCUT {
+        return answer_shortcut(so);
+    }
+    if so.optname != SO_ORIGINAL_DST {
         return ALLOW;
     }
     // SAFETY: union field read; sk is always set for sockopt programs.
@@ -818,6 +834,68 @@ pub fn ambassador_getsockopt(ctx: SockoptContext) -> i32 {
         so.optlen = len as i32;
     }
     so.retval = 0;
+    ALLOW
+}
+
+/// `SO_AMB_SHORTCUT` on the proxy's accepted socket: the app's end of the
+/// connection, as `accel` keeps it (its key is this socket's, swapped).
+#[inline(always)]
+fn answer_shortcut(so: &mut aya_ebpf::bindings::bpf_sockopt) -> i32 {
+    // SAFETY: union field read; sk is always set for sockopt programs.
+    let sk: *mut bpf_sock = unsafe { so.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: sk checked non-null; whole-field reads of the kernel's bpf_sock.
+    let app = unsafe {
+        let family = (*sk).family;
+        let (local, remote) = if family == AF_INET as u32 {
+            ([(*sk).dst_ip4, 0, 0, 0], [(*sk).src_ip4, 0, 0, 0])
+        } else {
+            ((*sk).dst_ip6, (*sk).src_ip6)
+        };
+        SockKey::new(
+            family,
+            local,
+            remote,
+            u32::from(u16::from_be((*sk).dst_port)),
+            (*sk).src_port,
+        )
+    };
+    // SAFETY: copied out at once.
+    let answer = match unsafe { ACCEL.get(&app) } {
+        Some(a) => ShortcutAnswer {
+            state: a.state,
+            _pad: 0,
+            redirected: a.redirected,
+        },
+        None => ShortcutAnswer {
+            state: SHORTCUT_NONE,
+            _pad: 0,
+            redirected: 0,
+        },
+    };
+    // SAFETY: union field reads of the kernel buffer bounds.
+    let (start, end) = unsafe {
+        (
+            so.__bindgen_anon_2.optval as usize,
+            so.__bindgen_anon_3.optval_end as usize,
+        )
+    };
+    let len = core::mem::size_of::<ShortcutAnswer>();
+    if start + len > end {
+        return ALLOW;
+    }
+    // SAFETY: bounds checked against optval_end just above.
+    // Two volatile 4-byte stores: merged into one 8-byte store, the
+    // verifier refuses the context access.
+    // SAFETY: bounds checked against optval_end just above; optlen and
+    // retval are writable fields of the kernel's bpf_sockopt.
+    unsafe {
+        (start as *mut ShortcutAnswer).write_unaligned(answer);
+        core::ptr::write_volatile(&mut so.optlen, len as i32);
+        core::ptr::write_volatile(&mut so.retval, 0);
+    }
     ALLOW
 }
 

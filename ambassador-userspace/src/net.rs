@@ -26,6 +26,8 @@ pub struct Settings {
     /// The source address of connections (the inbound path's 127.0.0.6,
     /// which the inbound program lets through); none: the kernel's choice.
     pub bind: Option<IpAddr>,
+    /// Plain relays may splice bulk bytes (`proxy.splice`).
+    pub splice: bool,
 }
 
 impl Settings {
@@ -36,6 +38,7 @@ impl Settings {
             mark: cfg.mark,
             header_read_timeout: cfg.header_read_timeout,
             bind: None,
+            splice: cfg.splice,
         }
     }
 

@@ -236,6 +236,10 @@ pub struct ProxyConfig {
     /// thread measured faster than two (no cross-thread wake-ups). 0 picks
     /// min(2, cores).
     pub workers: usize,
+    /// Plain TCP relays move bulk bytes with splice(2) (kernel to kernel,
+    /// no copy through the proxy) once a direction proves bulk; false keeps
+    /// every byte on read/write.
+    pub splice: bool,
     /// The admin API: an address (loopback by default, 127.0.0.1:15020 for
     /// `proxy`) or `off`. `run` serves it only when this is set.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -303,6 +307,7 @@ impl Default for ProxyConfig {
             search_domains: None,
             drain_timeout: Duration::from_secs(10),
             workers: 1,
+            splice: true,
             admin: None,
             admin_socket: None,
             metrics: None,

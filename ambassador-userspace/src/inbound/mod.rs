@@ -30,7 +30,7 @@ use crate::{
     access_log,
     metrics::ServiceMetrics,
     net::{self, Listeners, Settings},
-    proxy::{accept, relay},
+    proxy::{accept, relay, splice::Gate},
     reload::Live,
     tls::PlainOrTls,
 };
@@ -199,12 +199,21 @@ impl Conn {
         let idle = settings.idle_timeout;
         let (outcome, totals) = match caller {
             // Plain: readiness-driven, no buffer while idle, resets carried.
-            PlainOrTls::Plain(c) => relay::relay(&c, &upstream, idle).await,
+            // A caller's socket: plain TCP, never on the local shortcut.
+            PlainOrTls::Plain(c) => {
+                let gate = if settings.splice {
+                    Gate::Plain
+                } else {
+                    Gate::Off
+                };
+                relay::relay(&c, &upstream, idle, gate).await
+            }
             tls => relay::relay_io(tls, upstream, idle).await,
         };
         debug!(client = %self.peer, dst = %self.dst, ?outcome, "inbound connection closed");
         m.from_app.inc_by(totals.sent);
         m.to_app.inc_by(totals.received);
+        crate::metrics::get().spliced.inc_by(totals.spliced);
         self.log_tcp(m, totals, outcome.name(), tls);
     }
 

@@ -128,6 +128,8 @@ pub struct Metrics {
     dns: dns::DnsFamilies,
     /// App connections refused because the process is near its fd limit.
     pub refused_fd_limit: Counter,
+    /// Relay bytes moved by splice(2), both ways.
+    pub spliced: Counter,
     reloads: Family<ResultLabel, Counter>,
     /// Scrape-time values: endpoint health, kernel counters, pools.
     state: Arc<StateCollector>,
@@ -237,6 +239,11 @@ impl Metrics {
             "fd_limit_refusals",
             "App connections reset at once because the proxy was near its open-files limit (the rest is kept for the admin API, probes and connections in flight)",
         );
+        let spliced = registered(
+            &mut r,
+            "relay_spliced_bytes",
+            "Bytes of plain TCP relays moved by splice(2), kernel to kernel, both ways (bulk directions; the rest are copied)",
+        );
         let reloads = registered(
             &mut r,
             "config_reloads",
@@ -265,6 +272,7 @@ impl Metrics {
             cache,
             dns,
             refused_fd_limit,
+            spliced,
             reloads,
             state,
         }

@@ -5,6 +5,7 @@ pub mod accept;
 pub mod detect;
 pub mod plan;
 pub mod relay;
+pub mod splice;
 
 use std::{
     io,
@@ -144,6 +145,7 @@ impl Ctx {
                 let totals = Totals {
                     sent: t.from_app,
                     received: t.to_app,
+                    spliced: 0,
                 };
                 session_log(m, dst, None, start, totals, t.outcome, None);
             }
@@ -177,7 +179,8 @@ impl Ctx {
         };
         let _ = upstream.set_nodelay(true);
         let idle = table.settings.idle_timeout;
-        let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
+        let gate = splice::outbound_gate(&table.settings);
+        let (outcome, totals) = relay::relay(&app, &upstream, idle, gate).await;
         debug!(%peer, %dst, ?outcome, sent = totals.sent, received = totals.received, "connection closed");
         if outcome == relay::Outcome::Idle {
             info!(%peer, %dst, timeout = ?idle, "idle timeout fired: closing");
@@ -256,7 +259,8 @@ impl Ctx {
         let idle = settings.idle_timeout;
         match svc.relay_tls().filter(|_| originate) {
             None => {
-                let (outcome, totals) = relay::relay(&app, &upstream, idle).await;
+                let gate = splice::outbound_gate(settings);
+                let (outcome, totals) = relay::relay(&app, &upstream, idle, gate).await;
                 if outcome == relay::Outcome::Idle {
                     info!(%peer, service = %svc.name, timeout = ?idle, "idle timeout fired: closing");
                 }
@@ -309,6 +313,7 @@ fn session_log(
 ) {
     m.from_app.inc_by(totals.sent);
     m.to_app.inc_by(totals.received);
+    crate::metrics::get().spliced.inc_by(totals.spliced);
     if access_log::enabled() {
         access_log::tcp(&access_log::TcpLine {
             service: &m.name,
