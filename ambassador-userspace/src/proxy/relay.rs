@@ -377,19 +377,9 @@ mod splice_tests;
 
 #[cfg(test)]
 mod tests {
+    use super::splice_tests::pair;
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
-
-    /// A connected pair: (our end, the far end).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap());
-        let (a, b) = tokio::join!(a, l.accept());
-        (b.unwrap().0, a.unwrap())
-    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn bytes_and_fin_flow_both_ways() {

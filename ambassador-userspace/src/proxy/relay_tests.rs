@@ -13,7 +13,7 @@ use super::{Outcome, Side, relay};
 use crate::proxy::splice::Gate;
 
 /// A connected pair: (our end, the far end).
-async fn pair() -> (TcpStream, TcpStream) {
+pub(super) async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = TcpStream::connect(l.local_addr().unwrap());
     let (a, b) = tokio::join!(a, l.accept());

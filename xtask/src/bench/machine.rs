@@ -28,6 +28,13 @@ pub(super) fn cpu_ticks(pids: &[u32]) -> Option<(u64, u64)> {
 /// user + nice + system + irq + softirq + steal, over all CPUs): also the
 /// kernel's work in softirq and kworkers, which no process is charged for.
 pub(super) fn busy_ticks() -> Option<u64> {
+    let f = cpu_jiffies()?;
+    Some(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+}
+
+/// The first line of /proc/stat: user nice system idle iowait irq softirq
+/// steal, in jiffies since boot, over all CPUs.
+fn cpu_jiffies() -> Option<[u64; 8]> {
     let stat = fs::read_to_string("/proc/stat").ok()?;
     let f: Vec<u64> = stat
         .lines()
@@ -37,8 +44,7 @@ pub(super) fn busy_ticks() -> Option<u64> {
         .take(8)
         .filter_map(|x| x.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal
-    (f.len() == 8).then(|| f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+    f.try_into().ok()
 }
 
 pub(super) fn ticks_per_second() -> f64 {
@@ -81,19 +87,7 @@ impl Drop for Priority {
 /// mostly show the L4 section that just ran).
 pub(super) fn cpu_busy() -> String {
     // (idle, total) jiffies since boot.
-    let sample = || -> Option<(u64, u64)> {
-        let stat = fs::read_to_string("/proc/stat").ok()?;
-        let f: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal
-        (f.len() == 8).then(|| (f[3] + f[4], f.iter().sum()))
-    };
+    let sample = || cpu_jiffies().map(|f| (f[3] + f[4], f.iter().sum::<u64>()));
     let Some((idle0, total0)) = sample() else {
         return "?".into();
     };
