@@ -485,6 +485,35 @@ fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
 }
 
 #[test]
+fn an_init_rerun_replaces_a_pinned_map_whose_layout_changed() {
+    let mut pod = Pod::new(DEFAULTS);
+    // What an older version left pinned: AMB_ACCEL with an 8-byte value
+    // (before it counted the bytes sent by the shortcut).
+    let accel = pod.pin_dir().join("AMB_ACCEL");
+    std::fs::remove_file(&accel).unwrap();
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&accel)
+        .args([
+            "type", "lru_hash", "key", "44", "value", "8", "entries", "64",
+        ])
+        .args(["name", "AMB_ACCEL"])
+        .output()
+        .expect("bpftool");
+    assert!(made.status.success(), "{}", lines(&made));
+    let out = pod.ambassador(&["init", "--cgroup"], Some(&pod.cgroup));
+    assert!(out.status.success(), "{}", lines(&out));
+    let info = aya::maps::MapInfo::from_pin(&accel).expect("AMB_ACCEL pinned again");
+    assert_eq!(info.value_size(), 16, "the old map was reused");
+    // And the new programs work on it: bytes through the shortcut, spliced.
+    pod.start_proxy();
+    let _s = pod.server(SERVER_V4, 7405, Behaviour::Greet);
+    let out = pod.client(&["echo", SERVER_V4, "7405", "1", "4194304"]);
+    assert_eq!(stdout(&out).trim(), "ok 1 mismatched 0", "{}", lines(&out));
+    assert!(pod.counters().accelerated > 0);
+}
+
+#[test]
 fn without_acceleration_bytes_take_loopback_tcp() {
     let mut pod = Pod::new("intercept:\n  accelerate: false\n");
     pod.start_proxy();
