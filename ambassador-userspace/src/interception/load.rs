@@ -102,7 +102,7 @@ pub fn load(opts: &LoadOptions<'_>) -> Result<Ebpf, InterceptError> {
         Some(dir) => m::PINNED.iter().map(|n| (*n, dir.join(n))).collect(),
         None => Vec::new(),
     };
-    drop_changed_pins(&pin_paths);
+    super::layout::drop_changed(&pin_paths, OBJECT);
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -579,30 +579,4 @@ pub fn take_tables(
         PerCpuArray::try_from(counters).map_err(InterceptError::map(m::COUNTERS))?,
         ConnTable::try_from(conns).map_err(InterceptError::map(m::CONNS))?,
     ))
-}
-
-/// A pinned map whose key, value or type differs from this object's (an
-/// upgrade changed its layout) cannot be reused: the new programs would
-/// fail verification. Its pin is removed, so the load makes a fresh map; the
-/// old programs keep theirs until their links move to the new ones.
-fn drop_changed_pins(pins: &[(&'static str, PathBuf)]) {
-    let Ok(obj) = aya_obj::Object::parse(OBJECT) else {
-        return;
-    };
-    for (name, path) in pins {
-        let (Some(want), Ok(have)) = (obj.maps.get(*name), aya::maps::MapInfo::from_pin(path))
-        else {
-            continue;
-        };
-        let same = have.key_size() == want.key_size()
-            && have.value_size() == want.value_size()
-            && have.map_type().ok().map(|t| t as u32) == Some(want.map_type());
-        if !same {
-            tracing::info!(
-                map = name,
-                "the pinned map's layout changed: a new map replaces it"
-            );
-            let _ = std::fs::remove_file(path);
-        }
-    }
 }

@@ -6,6 +6,7 @@ pub mod bpf_log;
 pub mod cgroup;
 pub mod error;
 pub mod inbound;
+mod layout;
 pub mod link;
 pub mod load;
 pub mod pins;
