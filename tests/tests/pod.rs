@@ -523,9 +523,10 @@ fn without_acceleration_bytes_take_loopback_tcp() {
     assert_eq!(stdout(&out).trim(), "ok 5 mismatched 0", "{}", lines(&out));
     let c = pod.counters();
     assert_eq!((c.redirected, c.accelerated), (5, 0), "{c:?}");
-    // Off the shortcut, the app's bytes are spliced once a read fills the buffer.
+    // Off the shortcut, the app's bytes are spliced once a read fills the
+    // buffer; how much is copied first depends on how the echo's reads fall.
     let spliced = spliced_bytes(&pod);
-    assert!(spliced > 8 << 20, "{spliced} bytes spliced of 2 x 5 MiB");
+    assert!(spliced > 5 << 20, "{spliced} bytes spliced of 2 x 5 MiB");
     let out = pod.ambassador(&["status"], None);
     assert!(stdout(&out).contains("sk_msg   off"), "{}", lines(&out));
 }

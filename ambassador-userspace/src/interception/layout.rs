@@ -23,7 +23,14 @@ pub fn drop_changed(pins: &[(&'static str, PathBuf)], object: &[u8]) {
                 map = name,
                 "the pinned map's layout changed: a new map replaces it"
             );
-            let _ = std::fs::remove_file(path);
+            if let Err(e) = std::fs::remove_file(path) {
+                // The load then fails on the old map; this says why.
+                tracing::warn!(
+                    map = name,
+                    "cannot remove the changed map's pin {}: {e}",
+                    path.display()
+                );
+            }
         }
     }
 }
