@@ -97,6 +97,7 @@ async fn negotiate(
 ) -> Result<Option<(PlainOrTls, Startup, BytesMut)>, PgError> {
     // Becomes the session's buffer of the app's bytes.
     let mut buf = BytesMut::with_capacity(8 * 1024);
+    eager_read(&tcp, &mut buf);
     loop {
         let first = match protocol::read_startup(&mut tcp, &mut buf).await {
             Ok(f) => f,
@@ -115,7 +116,7 @@ async fn negotiate(
                 tcp.write_all(b"S").await.map_err(PgError::AppProtocol)?;
                 // The app is in the Pod, but a stalled one must not hold a
                 // client slot.
-                let accepted = tokio::time::timeout(APP_TLS_HANDSHAKE, tls.accept(tcp))
+                let accepted = tokio::time::timeout(APP_TLS_HANDSHAKE, Box::pin(tls.accept(tcp)))
                     .await
                     .unwrap_or_else(|_| {
                         Err(io::Error::new(
@@ -151,7 +152,7 @@ async fn session(
 ) -> Result<(), PgError> {
     let params = match first {
         Startup::Cancel { pid, key } => {
-            forward_cancel(pg, pid, key).await;
+            Box::pin(forward_cancel(pg, pid, key)).await;
             return Ok(());
         }
         Startup::Startup(p) => p,
@@ -217,6 +218,8 @@ async fn session(
             p
         }
     };
+    // The whole answer (a dozen ParameterStatus) in one allocation.
+    out.reserve(1024);
     protocol::auth_ok(out);
     for (k, v) in server_params.iter() {
         protocol::parameter_status(out, k, v);
@@ -254,3 +257,42 @@ async fn forward_cancel(pg: &PgService, pid: i32, key: i32) {
 
 /// How long the app may take over its TLS handshake.
 const APP_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The app's startup is usually queued by the time its connection is
+/// accepted (it sends right after connecting): read it now rather than a
+/// turn of the event loop later, when the runtime has learnt the socket is
+/// readable. Nothing there (or an error) leaves it to the awaited read.
+fn eager_read(tcp: &TcpStream, buf: &mut BytesMut) {
+    use std::io::Read as _;
+    let mut first = [0u8; 1024];
+    let sock = socket2::SockRef::from(tcp);
+    if let Ok(n) = (&*sock).read(&mut first) {
+        buf.extend_from_slice(&first[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_startup_already_queued_is_read_without_waiting_and_nothing_queued_reads_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (proxy, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        eager_read(&proxy, &mut buf);
+        assert!(buf.is_empty(), "nothing sent yet: {buf:?}");
+        app.write_all(b"\0\0\0\x08\x04\xd2\x16\x2f").await.unwrap();
+        // Loopback delivery is done when the write returns.
+        eager_read(&proxy, &mut buf);
+        assert_eq!(&buf[..], b"\0\0\0\x08\x04\xd2\x16\x2f");
+        let mut proxy = proxy;
+        let read = protocol::read_startup(&mut proxy, &mut buf).await.unwrap();
+        assert!(matches!(read, Startup::SslRequest));
+    }
+}

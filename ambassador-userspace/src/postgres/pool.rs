@@ -226,7 +226,9 @@ impl Pool {
         };
         let conn = match self.take_idle(pg) {
             Some(c) => c,
-            None => self.open(pg).await?,
+            // Boxed: a login is rare, and its state would make every
+            // session future that can wait here kilobytes larger.
+            None => Box::pin(self.open(pg)).await?,
         };
         self.stats.in_use.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {

@@ -98,6 +98,9 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Each kind of connection's future is boxed: this one is what every
+    /// accepted connection's task holds and moves when it is spawned, and
+    /// inline it would be the largest branch's size (kilobytes).
     async fn handle(&self, app: TcpStream, peer: SocketAddr) {
         let accepted = tokio::time::Instant::now();
         let dst = match self.original_destination(&app, peer) {
@@ -121,10 +124,13 @@ impl Ctx {
                 };
                 let settings = table.settings.clone();
                 let draining = self.draining.clone();
-                http::serve(app, accepted, dst, route, table, &settings, draining).await
+                Box::pin(http::serve(
+                    app, accepted, dst, route, table, &settings, draining,
+                ))
+                .await
             }
             Plan::Relay { svc, originate } => {
-                self.relay_to_service(app, peer, dst, &svc, originate).await
+                Box::pin(self.relay_to_service(app, peer, dst, &svc, originate)).await
             }
             Plan::RelayNamed { svc, sni } => {
                 if !table.owns(&svc, dst.ip(), Some(&sni)).await {
@@ -135,13 +141,13 @@ impl Ctx {
                     return net::reset(&app);
                 }
                 // The app does TLS itself: relay its bytes, originate nothing.
-                self.relay_to_service(app, peer, dst, &svc, false).await
+                Box::pin(self.relay_to_service(app, peer, dst, &svc, false)).await
             }
             Plan::Postgres { svc, pg } => {
                 let m = &svc.metrics;
                 let _open = m.open();
                 let start = Instant::now();
-                let t = crate::postgres::serve(pg, app, peer, dst).await;
+                let t = Box::pin(crate::postgres::serve(pg, app, peer, dst)).await;
                 let totals = Totals {
                     sent: t.from_app,
                     received: t.to_app,
@@ -149,8 +155,8 @@ impl Ctx {
                 };
                 session_log(m, dst, None, start, totals, t.outcome, None);
             }
-            Plan::Passthrough => self.passthrough(app, peer, dst, &table).await,
-            Plan::Dns => crate::dns::tcp::serve(app, dst, table).await,
+            Plan::Passthrough => Box::pin(self.passthrough(app, peer, dst, &table)).await,
+            Plan::Dns => Box::pin(crate::dns::tcp::serve(app, dst, table)).await,
             Plan::Deny => {
                 info!(%peer, %dst, "denied: no service matches and the default is deny");
                 crate::metrics::get().denied("tcp", "no_service");
