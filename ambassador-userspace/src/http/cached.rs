@@ -66,7 +66,9 @@ pub(super) async fn forward(
                 lookup,
                 adds_auth,
             };
-            f.run(req, upstream, stale, exchange).await
+            // Boxed: a fill's state would make every request's future
+            // (hits and uncached services too) larger.
+            Box::pin(f.run(req, upstream, stale, exchange)).await
         }
     }
 }

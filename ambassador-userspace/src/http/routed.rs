@@ -120,7 +120,9 @@ async fn by_route(
     exchange: &mut Exchange,
 ) -> Response<Body> {
     match to.route.and_then(|r| r.transcoder.as_ref()) {
-        Some(t) => transcoded::forward(req, to, upstream, t, exchange).await,
+        // Boxed: transcoding's state is kilobytes, and every request's
+        // future would carry (and move) it otherwise.
+        Some(t) => Box::pin(transcoded::forward(req, to, upstream, t, exchange)).await,
         None => cached::forward(req, to, upstream, cache, exchange).await,
     }
 }
