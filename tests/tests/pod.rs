@@ -457,7 +457,7 @@ fn app_and_proxy_bytes_take_the_sk_msg_shortcut_intact() {
     assert_eq!(stdout(&out).trim(), "ok 1 mismatched 0", "{}", lines(&out));
     // Both directions of that stream went on by splice(2): the app's after
     // its socket left the shortcut and the proxy had read what came by it.
-    let spliced = spliced_bytes(&pod);
+    let spliced = pod.spliced_bytes_above(24 << 20);
     assert!(spliced > 24 << 20, "{spliced} bytes spliced of 2 x 16 MiB");
     // sendfile(2) takes the kernel's splice path into the same program.
     let out = pod.client(&["echo", SERVER_V4, "7401", "3", "200000", "sendfile"]);
@@ -525,7 +525,7 @@ fn without_acceleration_bytes_take_loopback_tcp() {
     assert_eq!((c.redirected, c.accelerated), (5, 0), "{c:?}");
     // Off the shortcut, the app's bytes are spliced once a read fills the
     // buffer; how much is copied first depends on how the echo's reads fall.
-    let spliced = spliced_bytes(&pod);
+    let spliced = pod.spliced_bytes_above(5 << 20);
     assert!(spliced > 5 << 20, "{spliced} bytes spliced of 2 x 5 MiB");
     let out = pod.ambassador(&["status"], None);
     assert!(stdout(&out).contains("sk_msg   off"), "{}", lines(&out));
@@ -596,13 +596,4 @@ fn tcp_fast_open_bytes_are_never_overtaken_on_the_shortcut() {
             );
         }
     }
-}
-
-/// `relay_spliced_bytes_total` from the proxy's metrics.
-fn spliced_bytes(pod: &Pod) -> u64 {
-    let m = pod.metrics();
-    m.lines()
-        .find_map(|l| l.strip_prefix("ambassador_relay_spliced_bytes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no relay_spliced_bytes_total in\n{m}"))
 }

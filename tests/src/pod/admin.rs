@@ -64,6 +64,25 @@ impl Pod {
         assert_eq!(status, 200, "{body}");
         body
     }
+
+    /// `relay_spliced_bytes_total` once it is above `above`, or as it is
+    /// after 5 s: a session's bytes are counted when the proxy ends it, a
+    /// moment after the client has closed and moved on.
+    pub fn spliced_bytes_above(&self, above: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let m = self.metrics();
+            let n = m
+                .lines()
+                .find_map(|l| l.strip_prefix("ambassador_relay_spliced_bytes_total "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no relay_spliced_bytes_total in\n{m}"));
+            if n > above || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// A whole `connection: close` response: its status and its body.
